@@ -1,0 +1,5 @@
+import sys
+
+from phantomdeq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``phantomdeq`` command.
+
+Each sub-command lives in its own module that exposes ``main(argv: list[str]) -> int`` and
+owns its argument parser; this file only dispatches, importing the module lazily so that
+``phantomdeq --help`` stays fast and heavy optional dependencies load only when needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: command name -> (module path, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("phantomdeq.experiments.demo", "run the demonstration that `make demo` runs"),
+    "synthetic": ("phantomdeq.experiments.synthetic", "paper Fig. 1: phantom vs exact gradient cosine"),
+    "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
+    "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
+    "cost": ("phantomdeq.experiments.cost", "paper Table 2: time and memory of each gradient"),
+    "ablate": ("phantomdeq.experiments.ablation", "paper Table 1 / Fig. 3: grid of training runs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: phantomdeq COMMAND [options]", "", "commands:"]
+    for name, (_, text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    lines.append("")
+    lines.append("Run `phantomdeq COMMAND --help` for the options of one command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(
+            f"phantomdeq: unknown command {name!r}; allowed: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""Multiscale deep equilibrium model (MDEQ; Bai, Koltun & Kolter, 2020).
+
+This is the implicit model the paper trains in its ablation setting (MDEQ-Tiny, 170K
+parameters, Sec. 3 / Table 1) and its large-scale setting (MDEQ on CIFAR-10 with 10M
+parameters and on ImageNet with 18M parameters, Table 3).
+
+Structure (one equilibrium layer ``F``, eq. (1): ``h* = F(h*, x)``):
+
+* ``h`` is a *tuple* of feature maps, one per branch; branch ``i`` has ``channels[i]``
+  channels at half the resolution of branch ``i-1``.
+* Each branch applies residual BASIC block(s): conv3x3 (C -> C*expansion), GroupNorm, ReLU,
+  conv3x3 (back to C), variational dropout, ``+ injection``, GroupNorm, ``+ residual``, ReLU,
+  GroupNorm.  The convolutions are weight-normalised.  The input injection ``x`` (output of
+  the stem) enters branch 0 only; lower-resolution branches receive zero injection.
+* Multiscale fusion (sum): branch ``i`` receives the sum of every branch's block output,
+  resampled to its resolution -- strided 3x3 convolutions (+GroupNorm) to go down, 1x1
+  convolution (+GroupNorm) and interpolation to go up -- followed by ReLU, a 1x1 convolution
+  and GroupNorm.
+* The classification head (outside the equilibrium) turns each branch into ``head_channels[i]*4``
+  channels with a bottleneck block, downsamples-and-adds from high to low resolution, applies a
+  1x1 convolution to ``final_channels``, global average pooling and a linear classifier.
+
+The equilibrium state is solved by :class:`phantomdeq.DEQ` directly on the tuple of feature
+maps (no per-step flattening).  ``mode="unrolled"`` is MDEQ's pretraining stage: ``F`` applied
+``unrolled_steps`` times from zeros with plain autograd (a weight-tied RNN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from phantomdeq.nn.dropout import VariationalDropout2d
+from phantomdeq.nn.jacobian import jacobian_frobenius_hutchinson
+
+__all__ = [
+    "MDEQ",
+    "MDEQCell",
+    "MDEQConfig",
+    "MDEQOutput",
+    "MDEQ_CONFIG_NAMES",
+    "mdeq_config",
+    "with_overrides",
+]
+
+_UPSAMPLE_MODES = ("nearest", "bilinear")
+_MODES = ("deq", "unrolled")
+
+
+@dataclass(frozen=True)
+class MDEQConfig:
+    """Architecture hyper-parameters of an MDEQ (validated on construction).
+
+    Attributes:
+        name: label of the configuration.
+        channels: channels of each branch (one entry per branch; branch ``i`` runs at
+            ``1/2**i`` of the stem's output resolution).
+        num_blocks: residual BASIC blocks per branch inside ``F``.
+        expansion: width multiplier of the first convolution of each block.
+        num_groups: GroupNorm groups (the post-fusion norm uses ``num_groups // 2``).
+        head_channels: bottleneck width of the head per branch (outputs ``4x`` as many channels).
+        final_channels: channels of the last 1x1 convolution before pooling.
+        dropout: variational dropout rate inside ``F`` (one mask per DEQ call).
+        downsample_times: stride-2 convolutions in the stem (0 for CIFAR, 2 for ImageNet).
+        weight_norm: weight-normalise the convolutions of ``F`` (blocks and post-fusion).
+        upsample_mode: interpolation used by the fusion when going up in resolution.
+        spatial_dropout: share the dropout mask across pixels (mask shape ``[N, C, 1, 1]``).
+    """
+
+    name: str
+    channels: tuple[int, ...]
+    head_channels: tuple[int, ...]
+    final_channels: int
+    num_blocks: int = 1
+    expansion: int = 5
+    num_groups: int = 8
+    dropout: float = 0.0
+    downsample_times: int = 0
+    weight_norm: bool = True
+    upsample_mode: str = "nearest"
+    spatial_dropout: bool = True
+
+    def __post_init__(self) -> None:
+        def _positive_ints(field: str, value: object) -> None:
+            if (
+                not isinstance(value, tuple)
+                or len(value) == 0
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            ):
+                raise ValueError(
+                    f"MDEQConfig.{field} must be a non-empty tuple of positive ints, got {value!r}"
+                )
+
+        _positive_ints("channels", self.channels)
+        _positive_ints("head_channels", self.head_channels)
+        if len(self.head_channels) != len(self.channels):
+            raise ValueError(
+                f"MDEQConfig.head_channels must have one entry per branch "
+                f"({len(self.channels)}), got {len(self.head_channels)}"
+            )
+        for field in ("final_channels", "num_blocks", "expansion", "num_groups"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MDEQConfig.{field} must be an int >= 1, got {v!r}")
+        if self.num_groups < 2 or self.num_groups % 2:
+            raise ValueError(
+                f"MDEQConfig.num_groups must be an even int >= 2 (post-fusion GroupNorm uses "
+                f"num_groups // 2), got {self.num_groups}"
+            )
+        for c in self.channels:
+            if c % self.num_groups or (c * self.expansion) % self.num_groups:
+                raise ValueError(
+                    f"MDEQConfig.channels: every entry (and entry * expansion) must be divisible "
+                    f"by num_groups={self.num_groups}, got channels={self.channels}"
+                )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MDEQConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.downsample_times not in (0, 1, 2):
+            raise ValueError(
+                f"MDEQConfig.downsample_times must be 0, 1 or 2, got {self.downsample_times!r}"
+            )
+        if self.upsample_mode not in _UPSAMPLE_MODES:
+            raise ValueError(
+                f"MDEQConfig.upsample_mode must be one of {_UPSAMPLE_MODES}, "
+                f"got {self.upsample_mode!r}"
+            )
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.channels)
+
+
+_CONFIGS: dict[str, MDEQConfig] = {
+    # MDEQ-Tiny, the paper's ablation backbone (Sec. 3, "170K parameters"); ~159K here.
+    "mdeq_tiny": MDEQConfig(
+        name="mdeq_tiny",
+        channels=(24, 24),
+        head_channels=(8, 16),
+        final_channels=200,
+        num_blocks=1,
+        expansion=5,
+        num_groups=8,
+        dropout=0.25,
+    ),
+    # MDEQ for the large-scale CIFAR-10 experiment (Table 3, "10M").  MDEQ-Large's branches and
+    # expansion; the head is slimmed (head 12..96, final 1024) to land at ~10.3M parameters.
+    "mdeq_cifar10m": MDEQConfig(
+        name="mdeq_cifar10m",
+        channels=(32, 64, 128, 256),
+        head_channels=(12, 24, 48, 96),
+        final_channels=1024,
+        num_blocks=1,
+        expansion=5,
+        num_groups=8,
+        dropout=0.3,
+    ),
+    # MDEQ for ImageNet (Table 3, "18M"); stride-4 stem; ~18.6M parameters at 1000 classes.
+    "mdeq_imagenet18m": MDEQConfig(
+        name="mdeq_imagenet18m",
+        channels=(32, 64, 128, 256),
+        head_channels=(28, 56, 112, 224),
+        final_channels=2048,
+        num_blocks=1,
+        expansion=5,
+        num_groups=8,
+        dropout=0.0,
+        downsample_times=2,
+    ),
+}
+
+MDEQ_CONFIG_NAMES: tuple[str, ...] = tuple(_CONFIGS)
+
+
+def mdeq_config(name: str) -> MDEQConfig:
+    """Return the named MDEQ configuration (``mdeq_tiny``, ``mdeq_cifar10m``, ``mdeq_imagenet18m``)."""
+    try:
+        return _CONFIGS[name]
+    except KeyError:
+        raise ValueError(
+            f"mdeq_config: unknown name {name!r}; allowed names: {', '.join(MDEQ_CONFIG_NAMES)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=bias)
+
+
+def _maybe_wn(conv: nn.Conv2d, enabled: bool) -> nn.Conv2d:
+    return weight_norm(conv, name="weight", dim=0) if enabled else conv
+
+
+class BasicBlock(nn.Module):
+    """MDEQ residual block: ``GN(ReLU(GN(drop(conv2(ReLU(GN(conv1 x)))) + inj) + x))``."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        expansion: int,
+        num_groups: int,
+        dropout: float,
+        use_weight_norm: bool,
+        spatial_dropout: bool,
+    ) -> None:
+        super().__init__()
+        inner = channels * expansion
+        self.conv1 = _maybe_wn(_conv3x3(channels, inner), use_weight_norm)
+        self.gn1 = nn.GroupNorm(num_groups, inner)
+        self.conv2 = _maybe_wn(_conv3x3(inner, channels), use_weight_norm)
+        self.gn2 = nn.GroupNorm(num_groups, channels)
+        self.gn3 = nn.GroupNorm(num_groups, channels)
+        self.drop = VariationalDropout2d(dropout, spatial=spatial_dropout)
+
+    def forward(self, x: Tensor, injection: Tensor | None = None) -> Tensor:
+        out = F.relu(self.gn1(self.conv1(x)))
+        out = self.drop(self.conv2(out))
+        if injection is not None:
+            out = out + injection
+        out = self.gn2(out) + x
+        return self.gn3(F.relu(out))
+
+
+class _Downsample(nn.Module):
+    """``levels`` stride-2 3x3 convolutions from branch j to branch i > j (fusion, going down)."""
+
+    def __init__(self, cin: int, cout: int, levels: int, num_groups: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for k in range(levels):
+            last = k == levels - 1
+            c_out = cout if last else cin
+            layers += [_conv3x3(cin, c_out, stride=2), nn.GroupNorm(num_groups, c_out)]
+            if not last:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.net(x)
+
+
+class _Upsample(nn.Module):
+    """1x1 convolution + GroupNorm, then interpolation to the target branch's size."""
+
+    def __init__(self, cin: int, cout: int, num_groups: int, mode: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=1, bias=False)
+        self.gn = nn.GroupNorm(num_groups, cout)
+        self.mode = mode
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        y = self.gn(self.conv(x))
+        if self.mode == "bilinear":
+            return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(y, size=size, mode="nearest")
+
+
+class MDEQCell(nn.Module):
+    """The equilibrium layer ``F(h, x)`` of MDEQ, acting on a tuple of per-branch feature maps.
+
+    ``forward(h, x)`` takes ``h = (h_0, ..., h_{n-1})`` with ``h_i`` of shape
+    ``[B, channels[i], H_i, W_i]`` and the injection ``x`` of shape ``[B, channels[0], H_0, W_0]``
+    and returns a tuple of the same shapes.  Call :meth:`reset` before each DEQ solve to
+    sample the variational-dropout masks shared by every evaluation of ``F`` in that solve.
+    """
+
+    def __init__(self, cfg: MDEQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.num_branches
+        g = cfg.num_groups
+        self.branches = nn.ModuleList(
+            nn.ModuleList(
+                BasicBlock(
+                    c,
+                    expansion=cfg.expansion,
+                    num_groups=g,
+                    dropout=cfg.dropout,
+                    use_weight_norm=cfg.weight_norm,
+                    spatial_dropout=cfg.spatial_dropout,
+                )
+                for _ in range(cfg.num_blocks)
+            )
+            for c in cfg.channels
+        )
+        # fuse[i][j]: resample branch j's block output to branch i (None on the diagonal).
+        fuse: list[nn.ModuleList] = []
+        for i in range(n):
+            row: list[nn.Module] = []
+            for j in range(n):
+                if j == i:
+                    row.append(nn.Identity())
+                elif j > i:
+                    row.append(_Upsample(cfg.channels[j], cfg.channels[i], g, cfg.upsample_mode))
+                else:
+                    row.append(_Downsample(cfg.channels[j], cfg.channels[i], i - j, g))
+            fuse.append(nn.ModuleList(row))
+        self.fuse = nn.ModuleList(fuse)
+        self.post_fuse = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                _maybe_wn(nn.Conv2d(c, c, kernel_size=1, bias=False), cfg.weight_norm),
+                nn.GroupNorm(g // 2, c),
+            )
+            for c in cfg.channels
+        )
+
+    def reset(self, h: Sequence[Tensor], *, generator: torch.Generator | None = None) -> None:
+        """Sample new dropout masks for states shaped like ``h`` (no-op in eval mode)."""
+        for blocks, hi in zip(self.branches, h, strict=True):
+            for block in blocks:
+                block.drop.reset(hi, generator=generator)
+
+    def forward(self, h: Sequence[Tensor], x: Tensor) -> tuple[Tensor, ...]:
+        n = self.cfg.num_branches
+        if len(h) != n:
+            raise ValueError(f"MDEQCell: expected a state tuple of {n} tensors, got {len(h)}")
+        outs: list[Tensor] = []
+        for i, (blocks, hi) in enumerate(zip(self.branches, h, strict=True)):
+            y = hi
+            for k, block in enumerate(blocks):
+                y = block(y, x if (i == 0 and k == 0) else None)
+            outs.append(y)
+        fused: list[Tensor] = []
+        for i in range(n):
+            size = (outs[i].shape[-2], outs[i].shape[-1])
+            acc = outs[i]
+            for j in range(n):
+                if j != i:
+                    acc = acc + self.fuse[i][j](outs[j], size)
+            fused.append(self.post_fuse[i](acc))
+        return tuple(fused)
+
+
+class _Bottleneck(nn.Module):
+    """ResNet bottleneck (expansion 4) with a projection shortcut, used by MDEQ's head."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, planes, kernel_size=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(),
+            _conv3x3(planes, planes),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(),
+            nn.Conv2d(planes, cout, kernel_size=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(cin, cout, kernel_size=1, bias=False), nn.BatchNorm2d(cout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class _Head(nn.Module):
+    """MDEQ classification head: per-branch bottlenecks, downsample-and-add, 1x1, pool, linear."""
+
+    def __init__(self, cfg: MDEQConfig, num_classes: int) -> None:
+        super().__init__()
+        e = _Bottleneck.expansion
+        self.incre = nn.ModuleList(
+            _Bottleneck(c, hc) for c, hc in zip(cfg.channels, cfg.head_channels, strict=True)
+        )
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                _conv3x3(cfg.head_channels[i] * e, cfg.head_channels[i + 1] * e, 2, bias=True),
+                nn.BatchNorm2d(cfg.head_channels[i + 1] * e),
+                nn.ReLU(),
+            )
+            for i in range(cfg.num_branches - 1)
+        )
+        self.final = nn.Sequential(
+            nn.Conv2d(cfg.head_channels[-1] * e, cfg.final_channels, kernel_size=1),
+            nn.BatchNorm2d(cfg.final_channels),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(cfg.final_channels, num_classes)
+
+    def forward(self, h: Sequence[Tensor]) -> Tensor:
+        y = self.incre[0](h[0])
+        for i, down in enumerate(self.down):
+            y = self.incre[i + 1](h[i + 1]) + down(y)
+        y = self.final(y)
+        y = y.mean(dim=(-2, -1))
+        return self.classifier(y)
+
+
+def _make_stem(cfg: MDEQConfig, in_channels: int) -> nn.Sequential:
+    """Two conv3x3-BN-ReLU layers (stride 2 each while ``downsample_times`` allows).
+
+    As in MDEQ, an extra 1x1 conv-BN-ReLU projection is added unless the model is a small
+    (<= 2 branch) full-resolution one, where the stem itself is the injection transform.
+    """
+    c = cfg.channels[0]
+    ds = cfg.downsample_times
+    layers: list[nn.Module] = [
+        _conv3x3(in_channels, c, stride=2 if ds >= 1 else 1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        _conv3x3(c, c, stride=2 if ds >= 2 else 1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+    ]
+    if not (ds == 0 and cfg.num_branches <= 2):
+        layers += [nn.Conv2d(c, c, kernel_size=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class MDEQOutput:
+    """Result of :meth:`MDEQ.forward`.
+
+    Attributes:
+        logits: class scores ``[B, num_classes]``.
+        info: the solver's :class:`phantomdeq.Solution` (None in ``mode="unrolled"``).
+        jac_loss: Hutchinson estimate of ``||dF/dh||_F^2 / numel(h)`` at the final state when
+            ``jac_reg=True`` (a scalar tensor), else None.
+        state: the final per-branch state ``h`` (carrying the DEQ gradient in train mode).
+    """
+
+    logits: Tensor
+    info: object | None = None
+    jac_loss: Tensor | None = None
+    state: tuple[Tensor, ...] | None = None
+
+
+class MDEQ(nn.Module):
+    """Multiscale DEQ classifier: stem -> ``DEQ(F)`` on a tuple state -> head.
+
+    Args:
+        cfg: architecture (see :func:`mdeq_config`).
+        num_classes: output classes.
+        in_channels: image channels (1 for MNIST/digits, 3 for CIFAR/ImageNet).
+        solver / grad / eval_solver: forwarded to :class:`phantomdeq.DEQ` (forward solver in
+            train mode, gradient estimator -- IFT eq. (4), UPG eq. (17), NPG eq. (18), ... --
+            and optional solver used in eval mode).
+
+    Attributes:
+        deq: the :class:`phantomdeq.DEQ` wrapping the equilibrium cell.
+        f: the equilibrium cell :class:`MDEQCell` (the same module object as ``deq``'s).
+    """
+
+    def __init__(
+        self,
+        cfg: MDEQConfig,
+        *,
+        num_classes: int,
+        in_channels: int,
+        solver: object,
+        grad: object,
+        eval_solver: object | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(cfg, MDEQConfig):
+            raise TypeError(f"MDEQ: cfg must be an MDEQConfig, got {type(cfg).__name__}")
+        for field, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MDEQ: {field} must be an int >= 1, got {v!r}")
+        from phantomdeq.deq import DEQ
+
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.stem = _make_stem(cfg, in_channels)
+        self.deq = DEQ(MDEQCell(cfg), solver=solver, grad=grad, eval_solver=eval_solver)
+        self.head = _Head(cfg, num_classes)
+
+    @property
+    def f(self) -> MDEQCell:
+        """The equilibrium cell ``F`` (owned by :attr:`deq`, registered once in state_dict)."""
+        cell = self.deq.f
+        if not isinstance(cell, MDEQCell):
+            raise TypeError(f"MDEQ.f: expected the DEQ to own an MDEQCell, got {type(cell).__name__}")
+        return cell
+
+    def initial_state(self, injection: Tensor) -> tuple[Tensor, ...]:
+        """Zeros per branch; branch ``i`` has ``ceil(H/2**i) x ceil(W/2**i)`` pixels."""
+        b, _, h, w = injection.shape
+        zs = []
+        for c in self.cfg.channels:
+            zs.append(injection.new_zeros((b, c, h, w)))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return tuple(zs)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mode: str = "deq",
+        unrolled_steps: int = 0,
+        jac_reg: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> MDEQOutput:
+        """Classify ``x`` ``[B, in_channels, H, W]``.
+
+        ``mode="deq"`` solves ``h* = F(h*, x)`` with the DEQ (gradient per the chosen estimator);
+        ``mode="unrolled"`` applies ``F`` ``unrolled_steps`` times from zeros with plain
+        autograd (MDEQ's pretraining stage).  ``jac_reg=True`` adds the Hutchinson estimate of
+        ``||dF/dh||_F^2 / numel(h)`` at the final state (one extra tracked ``F`` evaluation).
+        ``generator`` (optional) drives the dropout masks.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"MDEQ.forward: mode must be one of {_MODES}, got {mode!r}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"MDEQ.forward: x must have shape [B, {self.in_channels}, H, W], "
+                f"got {tuple(x.shape)}"
+            )
+        inj = self.stem(x)
+        z0 = self.initial_state(inj)
+        self.f.reset(z0, generator=generator)
+        info = None
+        if mode == "unrolled":
+            if not isinstance(unrolled_steps, int) or unrolled_steps < 1:
+                raise ValueError(
+                    f"MDEQ.forward: unrolled_steps must be an int >= 1 with mode='unrolled', "
+                    f"got {unrolled_steps!r}"
+                )
+            z: tuple[Tensor, ...] = z0
+            for _ in range(unrolled_steps):
+                z = self.f(z, inj)
+        else:
+            zz, info = self.deq(z0, inj)
+            z = tuple(zz) if isinstance(zz, (tuple, list)) else (zz,)
+        jac_loss = None
+        if jac_reg:
+            track = torch.is_grad_enabled() and self.training
+            with torch.enable_grad():
+                hs = tuple(t.detach().requires_grad_(True) for t in z)
+                fh = self.f(hs, inj if track else inj.detach())
+                jac_loss = jacobian_frobenius_hutchinson(fh, hs, 1, create_graph=track)
+            if not track:
+                jac_loss = jac_loss.detach()
+        logits = self.head(z)
+        return MDEQOutput(logits=logits, info=info, jac_loss=jac_loss, state=z)
+
+
+def with_overrides(cfg: MDEQConfig, **changes: object) -> MDEQConfig:
+    """Copy of ``cfg`` with some fields replaced (validated again)."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(MDEQConfig)}
+    if unknown:
+        raise ValueError(
+            f"with_overrides: unknown MDEQConfig field(s) {sorted(unknown)}; allowed: "
+            f"{[f.name for f in dataclasses.fields(MDEQConfig)]}"
+        )
+    return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]

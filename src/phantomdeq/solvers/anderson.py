@@ -1,0 +1,98 @@
+"""Anderson acceleration (type-II, with mixing ``beta`` and Tikhonov regularisation ``lam``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .base import Solver, _check_float, _check_int, _Tracker
+
+
+class Anderson(Solver):
+    """Anderson acceleration of ``z = g(z)`` with a memory of ``m`` past iterates.
+
+    Each step picks weights α (Σα = 1) minimising ``||Σ α_i (g(x_i) - x_i)||² + lam ||α||²`` and
+    sets ``x = Σ α_i (beta g(x_i) + (1 - beta) x_i)``. Histories live in ring buffers of shape
+    ``(B, m, D)``; the Gram matrix is updated by one row per step (``m`` inner products per sample
+    instead of ``m²``). A singular or ill-posed small system never raises: ``solve_ex`` reports
+    it per sample and that sample falls back to a plain (damped) fixed-point step.
+    """
+
+    name = "anderson"
+
+    def __init__(
+        self,
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        stop: str = "rel",
+        m: int = 5,
+        beta: float = 1.0,
+        lam: float = 1e-4,
+        *,
+        check_every: int | None = None,
+    ) -> None:
+        super().__init__(max_iter, tol, stop, check_every=check_every)
+        self.m = _check_int("m", m, minimum=1, owner="Anderson")
+        self.beta = _check_float("beta", beta, owner="Anderson", low=0.0, high=1.0, low_open=True)
+        self.lam = _check_float("lam", lam, owner="Anderson", low=0.0)
+
+    def _options(self) -> dict[str, object]:
+        return {**super()._options(), "m": self.m, "beta": self.beta, "lam": self.lam}
+
+    def _solve(self, gf: Callable[[Tensor], Tensor], x0: Tensor, tracker: _Tracker) -> None:
+        b, d = x0.shape
+        m, beta = self.m, self.beta
+        dtype, dev = x0.dtype, x0.device
+        # G: residual history g(x_i) - x_i ; Y: mixed images beta*g(x_i) + (1-beta)*x_i
+        G = torch.empty(b, m, d, dtype=dtype, device=dev)
+        Y = torch.empty(b, m, d, dtype=dtype, device=dev)
+        gram = torch.zeros(b, m, m, dtype=dtype, device=dev)
+        x = x0
+        n = 0  # number of valid history slots
+        k = 0  # insertion counter
+        while True:
+            fx = gf(x)
+            if tracker.update(x, fx):
+                return
+            slot = k % m
+            k += 1
+            n = min(n + 1, m)
+            torch.sub(fx, x, out=G[:, slot])
+            if beta == 1.0:
+                Y[:, slot].copy_(fx)
+            else:
+                torch.lerp(x, fx, beta, out=Y[:, slot])
+            # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots
+            row = torch.bmm(G[:, :n], G[:, slot].unsqueeze(-1)).squeeze(-1)  # (B, n)
+            gram[:, slot, :n] = row
+            gram[:, :n, slot] = row
+            if n == 1:
+                x = Y[:, slot].clone()
+                continue
+            alpha = self._weights(gram[:, :n, :n], slot)  # (B, n)
+            x = torch.bmm(alpha.unsqueeze(1), Y[:, :n]).squeeze(1)
+
+    def _weights(self, gram: Tensor, newest_slot: int) -> Tensor:
+        """Solve the bordered system [[0, 1ᵀ], [1, H + lam·s·I]] [μ; α] = [1; 0] per sample.
+
+        ``s`` is the mean of diag(H), so ``lam`` is relative to the residuals' scale.
+        """
+        b, n, _ = gram.shape
+        dtype, dev = gram.dtype, gram.device
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(dtype).tiny)
+        H = torch.zeros(b, n + 1, n + 1, dtype=dtype, device=dev)
+        H[:, 0, 1:] = 1.0
+        H[:, 1:, 0] = 1.0
+        H[:, 1:, 1:] = gram
+        H[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_(self.lam * scale[:, None])
+        rhs = torch.zeros(b, n + 1, 1, dtype=dtype, device=dev)
+        rhs[:, 0] = 1.0
+        sol, info = torch.linalg.solve_ex(H, rhs)
+        alpha = sol[:, 1:, 0]
+        bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
+        # fall back to the newest iterate alone (a plain fixed-point step) where the solve failed
+        newest = torch.zeros_like(alpha)
+        newest[:, newest_slot] = 1.0
+        return torch.where(bad[:, None], newest, alpha)

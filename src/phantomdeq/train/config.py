@@ -1,0 +1,503 @@
+"""Typed training configuration, parsed once from YAML at the command-line edge.
+
+A config file is a mapping with the sections of :class:`Config` (``model``, ``data``,
+``solver``, ``eval_solver``, ``grad``, ``optim``, ``train``, ``log``). Every section is a
+dataclass; unknown keys and values of the wrong type are errors (:class:`ConfigError`) that name
+the dotted key and the expected type or the allowed values. ``--set key=value`` overrides are
+applied to the raw mapping before parsing, so they are checked the same way.
+
+New options are added by adding a field with a default to a section dataclass (for example a
+future ``train.monitor_every: int = 0`` for the gradient-quality monitor); the parser, the
+``--set`` overrides and the saved ``config.yaml`` pick it up without further changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "GradConfig",
+    "LogConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "resolve_data_root",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the dotted key and what is allowed."""
+
+
+SolverName = Literal["fixed_point", "anderson", "broyden"]
+GradName = Literal["ift", "upg", "npg", "onestep", "bptt"]
+DatasetName = Literal["digits", "mnist", "cifar10", "imagefolder"]
+
+
+@dataclass
+class SolverConfig:
+    """A forward (or IFT backward) fixed-point solver, built with ``pdq.solvers.from_name``.
+
+    ``m``, ``beta`` and ``lam`` apply to Anderson acceleration, ``damping`` to the fixed-point
+    iteration and ``memory`` to Broyden's method; each is passed only to the solver it belongs to.
+    """
+
+    name: SolverName = "anderson"
+    max_iter: int = 22
+    tol: float = 1e-4
+    stop: Literal["rel", "abs"] = "rel"
+    m: int = 5
+    beta: float = 1.0
+    lam: float = 1e-4
+    damping: float = 1.0
+    memory: int | None = None
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.max_iter, f"{prefix}.max_iter")
+        _nonneg_float(self.tol, f"{prefix}.tol")
+        _positive_int(self.m, f"{prefix}.m")
+        if not 0.0 < self.damping <= 1.0:
+            raise ConfigError(f"{prefix}.damping: must be in (0, 1], got {self.damping!r}")
+        if self.memory is not None:
+            _positive_int(self.memory, f"{prefix}.memory")
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pdq.solvers.from_name(self.name, **kwargs)``."""
+        out: dict[str, Any] = {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
+        if self.name == "anderson":
+            out.update(m=self.m, beta=self.beta, lam=self.lam)
+        elif self.name == "fixed_point":
+            out.update(damping=self.damping)
+        elif self.name == "broyden":
+            out.update(memory=self.memory)
+        return out
+
+
+def _ift_backward_default() -> SolverConfig:
+    return SolverConfig(name="fixed_point", max_iter=30, tol=1e-6)
+
+
+@dataclass
+class GradConfig:
+    """The gradient estimator (paper Sec. 2): ``ift`` (eq. 4), ``upg`` (unrolled phantom
+    gradient A^unr_{k,λ}, eq. 17), ``npg`` (Neumann phantom gradient A^neu_{k,λ}, eq. 18),
+    ``onestep`` (= UPG(1, 1)) or ``bptt``. ``k`` and ``lam`` apply to upg/npg, ``checkpoint`` to
+    upg, ``backward_solver`` to ift."""
+
+    name: GradName = "upg"
+    k: int = 5
+    lam: float = 0.5
+    checkpoint: bool = False
+    backward_solver: SolverConfig = field(default_factory=_ift_backward_default)
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.k, f"{prefix}.k")
+        if not 0.0 < self.lam <= 1.0:
+            raise ConfigError(f"{prefix}.lam: must be in (0, 1], got {self.lam!r}")
+        self.backward_solver.validate(f"{prefix}.backward_solver")
+
+
+@dataclass
+class ModelConfig:
+    """Which model ``phantomdeq.models.build_model`` builds (e.g. ``mdeq_tiny``)."""
+
+    name: str = "mdeq_tiny"
+
+
+@dataclass
+class DataConfig:
+    """Data set and batching. ``batch_size`` is the *global* batch (split over DDP ranks).
+
+    ``root`` may be relative: it is looked up from the working directory, the config file's
+    directory and the repository root (see :func:`resolve_data_root`). ``augment`` turns on
+    the batched random crop (``crop_padding`` pixels) and horizontal flip (``flip``).
+    """
+
+    name: DatasetName = "digits"
+    root: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    augment: bool = False
+    crop_padding: int = 4
+    flip: bool = True
+    drop_last: bool = True
+    num_workers: int = 0
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.batch_size, f"{prefix}.batch_size")
+        _positive_int(self.eval_batch_size, f"{prefix}.eval_batch_size")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            if value is not None:
+                _positive_int(value, f"{prefix}.{key}")
+        if self.crop_padding < 0:
+            raise ConfigError(f"{prefix}.crop_padding: must be >= 0, got {self.crop_padding!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers!r}")
+        if self.name in ("mnist", "cifar10", "imagefolder") and self.root is None:
+            raise ConfigError(f"{prefix}.root: required for data set {self.name!r}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and per-iteration learning-rate schedule.
+
+    The schedule is linear warm-up over ``warmup_steps`` iterations from 0 to ``lr``, then (for
+    ``schedule: cosine``) a cosine decay to ``min_lr`` at the last iteration; ``constant`` keeps
+    ``lr``. ``grad_clip`` is the max global gradient norm (0 disables clipping).
+    """
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _pos_float(self.lr, f"{prefix}.lr")
+        _nonneg_float(self.momentum, f"{prefix}.momentum")
+        _nonneg_float(self.weight_decay, f"{prefix}.weight_decay")
+        _nonneg_float(self.min_lr, f"{prefix}.min_lr")
+        _nonneg_float(self.grad_clip, f"{prefix}.grad_clip")
+        _pos_float(self.eps, f"{prefix}.eps")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps: must be >= 0, got {self.warmup_steps!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas: must be two numbers in [0, 1), got {self.betas!r}")
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0.0):
+            raise ConfigError(f"{prefix}.nesterov: needs name 'sgd' and momentum > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Training loop options.
+
+    ``pretrain_steps`` iterations of plain unrolled training (``model(x, mode="unrolled",
+    unrolled_steps=unrolled_steps)``, the MDEQ pre-training stage) come before the DEQ stage.
+    Jacobian regularisation adds ``jac_reg_weight * jac_loss`` every ``jac_reg_every``
+    iterations (weight 0 disables it). ``eval_every`` is in epochs. ``device``: ``auto``
+    picks CUDA when available. ``num_threads`` > 0 sets ``torch.set_num_threads``.
+    """
+
+    epochs: int = 10
+    seed: int = 0
+    pretrain_steps: int = 0
+    unrolled_steps: int = 0
+    jac_reg_weight: float = 0.0
+    jac_reg_every: int = 1
+    eval_every: int = 1
+    device: str = "auto"
+    num_threads: int = 0
+    label_smoothing: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.epochs, f"{prefix}.epochs")
+        _positive_int(self.eval_every, f"{prefix}.eval_every")
+        _positive_int(self.jac_reg_every, f"{prefix}.jac_reg_every")
+        for key in ("pretrain_steps", "unrolled_steps", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)!r}")
+        if self.pretrain_steps > 0 and self.unrolled_steps < 1:
+            raise ConfigError(
+                f"{prefix}.unrolled_steps: must be >= 1 when pretrain_steps > 0, "
+                f"got {self.unrolled_steps!r}"
+            )
+        _nonneg_float(self.jac_reg_weight, f"{prefix}.jac_reg_weight")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{prefix}.label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ConfigError(f"{prefix}.device: allowed 'auto', 'cpu', 'cuda', 'cuda:N'; got {self.device!r}")
+
+
+@dataclass
+class LogConfig:
+    """What the run writes: a tqdm progress bar on stderr, a ``kind: step`` record in
+    ``metrics.jsonl`` every ``every`` iterations, TensorBoard logs (when installed) and
+    ``curves.png`` at the end."""
+
+    progress: bool = True
+    every: int = 1
+    tensorboard: bool = True
+    plot: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _positive_int(self.every, f"{prefix}.every")
+
+
+@dataclass
+class Config:
+    """A whole training run. ``eval_solver: null`` evaluates with the training ``solver``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    eval_solver: SolverConfig | None = None
+    grad: GradConfig = field(default_factory=GradConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks beyond the types (ranges, required combinations)."""
+        for name in ("data", "solver", "grad", "optim", "train", "log"):
+            getattr(self, name).validate(name)
+        if self.eval_solver is not None:
+            self.eval_solver.validate("eval_solver")
+        if not self.model.name:
+            raise ConfigError("model.name: must be a non-empty model name (e.g. 'mdeq_tiny')")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _positive_int(value: int, key: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{key}: must be an integer >= 1, got {value!r}")
+
+
+def _pos_float(value: float, key: str) -> None:
+    if not (math.isfinite(value) and value > 0.0):
+        raise ConfigError(f"{key}: must be a finite number > 0, got {value!r}")
+
+
+def _nonneg_float(value: float, key: str) -> None:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+# YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept such strings for float fields.
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        (item,) = get_args(tp)
+        return f"list of {_type_name(item)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{key}: allowed values are {', '.join(map(repr, allowed))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_mapping(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    else:  # pragma: no cover - only reached if a field uses an unsupported annotation
+        raise TypeError(f"{key}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _from_mapping(cls: Any, raw: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key; allowed keys in {where}: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Build and validate a :class:`Config` from a plain mapping (e.g. parsed YAML)."""
+    cfg = _from_mapping(Config, raw, "")
+    cfg.validate()
+    return typing.cast(Config, cfg)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested mapping (YAML / checkpoint friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; the value is read as YAML (``0.1``, ``true``, ``null``...)."""
+    import yaml
+
+    out: list[tuple[str, Any]] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set: expected key=value (e.g. optim.lr=0.05), got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {text!r}: {exc}") from exc
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in a raw config mapping (returns a new mapping; unknown keys are caught
+    when the result is parsed)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for key, value in overrides:
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section; cannot set {key}")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply ``key=value`` overrides, parse and validate it.
+
+    A relative ``data.root`` is resolved to an existing directory (:func:`resolve_data_root`).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
+    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    cfg = config_from_dict(raw)
+    if cfg.data.root is not None:
+        cfg.data.root = str(resolve_data_root(cfg.data.root, config_dir=p.resolve().parent))
+    return cfg
+
+
+def _repo_root(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
+            return d
+    return None
+
+
+def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
+    """Find the data directory ``root``.
+
+    An absolute path must exist. A relative one is tried against the working directory, the
+    config file's directory, the repository root (found above the config file, the working
+    directory or this package) and the repository's parent (so ``../shared/data/mnist-t10k``
+    and ``shared/data/mnist-t10k`` both find a ``shared`` folder next to the repository).
+    Raises :class:`ConfigError` naming ``data.root`` and every path tried.
+    """
+    p = Path(root).expanduser()
+    if p.is_absolute():
+        if p.is_dir():
+            return p
+        raise ConfigError(f"data.root: directory {str(p)!r} does not exist")
+    bases: list[Path] = [Path.cwd()]
+    if config_dir is not None:
+        bases.append(config_dir)
+    for start in (config_dir, Path.cwd(), Path(__file__).resolve().parent):
+        if start is None:
+            continue
+        repo = _repo_root(start)
+        if repo is not None:
+            bases += [repo, repo.parent]
+    tried: list[str] = []
+    for base in bases:
+        cand = (base / p).resolve()
+        if str(cand) in tried:
+            continue
+        tried.append(str(cand))
+        if cand.is_dir():
+            return cand
+    raise ConfigError(f"data.root: directory {root!r} not found (tried: {', '.join(tried)})")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable by :func:`load_config`)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

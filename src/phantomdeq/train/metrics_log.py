@@ -1,0 +1,153 @@
+"""What a training run writes for people: ``metrics.jsonl``, TensorBoard logs and ``curves.png``.
+
+``metrics.jsonl`` has one JSON object per line, each with ``"kind": "step"`` (one training
+iteration) or ``"kind": "epoch"`` (end of an epoch, with the evaluation). TensorBoard and
+matplotlib are optional and imported lazily; TensorBoard is skipped silently when it is not
+installed or cannot be imported cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "plot_curves", "read_metrics"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class MetricsLogger:
+    """Append records to ``out_dir/metrics.jsonl`` and mirror scalars to TensorBoard.
+
+    Only the main process (rank 0) should construct an enabled logger; ``enabled=False`` makes
+    every method a no-op.
+    """
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._fh = None
+        self._tb: Any = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a", encoding="utf-8")
+        if tensorboard:
+            self._tb = _make_writer(Path(out_dir) / "tensorboard")
+
+    @property
+    def tensorboard_enabled(self) -> bool:
+        return self._tb is not None
+
+    def log(self, kind: str, record: dict[str, Any]) -> None:
+        if not self.enabled or self._fh is None:
+            return
+        row = {"kind": kind, **{k: _clean(v) for k, v in record.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if key in ("step", "epoch", "kind") or isinstance(value, bool):
+                    continue
+                if isinstance(value, int | float) and math.isfinite(float(value)):
+                    self._tb.add_scalar(f"{kind}/{key}", float(value), step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._tb.close()
+            self._tb = None
+
+
+def _make_writer(log_dir: Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter``, or None when TensorBoard is unavailable."""
+    try:
+        with warnings.catch_warnings():
+            # TensorBoard and its protobuf/pkg_resources dependencies may emit deprecation
+            # warnings on import; they must not break runs under ``-W error``.
+            warnings.simplefilter("ignore")
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=str(log_dir))
+    except Exception:
+        return None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Parse a ``metrics.jsonl`` file."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Draw loss, accuracy and forward residual against the step into ``out_path`` (PNG).
+
+    Returns None (and draws nothing) when matplotlib is missing or there are no records.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    rows = read_metrics(metrics_path)
+    steps = [r for r in rows if r.get("kind") == "step"]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    if not steps and not epochs:
+        return None
+
+    def series(rs: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for r in rs:
+            v = r.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                xs.append(float(r["step"]))
+                ys.append(float(v))
+        return xs, ys
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ax = axes[0]
+    ax.plot(*series(steps, "train_loss"), lw=0.8, label="train (step)")
+    ax.plot(*series(epochs, "test_loss"), "o-", label="test (epoch)")
+    ax.set_title("loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(*series(steps, "train_acc"), lw=0.8, alpha=0.6, label="train (step)")
+    ax.plot(*series(epochs, "test_acc"), "o-", label="test (epoch)")
+    ax.set_title("accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend()
+    ax = axes[2]
+    xs, ys = series(steps, "fwd_residual")
+    if xs:
+        ax.semilogy(xs, [max(y, 1e-12) for y in ys], lw=0.8, label="train forward")
+    xs, ys = series(epochs, "test_fwd_residual")
+    if xs:
+        ax.semilogy(xs, [max(y, 1e-12) for y in ys], "o-", label="test forward")
+    ax.set_title("relative residual ||F(h)-h||/||h||")
+    ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
