@@ -99,7 +99,9 @@ class StateSpec:
         if self.is_tuple:
             if not isinstance(out, tuple) or len(out) != len(self.shapes):
                 got = (
-                    f"a tuple of {len(out)} tensors" if isinstance(out, tuple) else type(out).__name__
+                    f"a tuple of {len(out)} tensors"
+                    if isinstance(out, tuple)
+                    else type(out).__name__
                 )
                 raise ValueError(
                     f"{who} must return a tuple of {len(self.shapes)} tensors like z0, got {got}"
@@ -107,9 +109,7 @@ class StateSpec:
             parts: tuple[object, ...] = out
         else:
             if not isinstance(out, Tensor):
-                raise ValueError(
-                    f"{who} must return a Tensor like z0, got {type(out).__name__}"
-                )
+                raise ValueError(f"{who} must return a Tensor like z0, got {type(out).__name__}")
             parts = (out,)
         for i, (p, shape) in enumerate(zip(parts, self.shapes)):
             where = f"{who} output[{i}]" if self.is_tuple else f"{who} output"
@@ -152,12 +152,13 @@ def detach(z: State) -> State:
     return tree_map(lambda t: t.detach(), z)
 
 
-def make_flat_fn(g: Callable[[State], object], spec: StateSpec, *, who: str = "f") -> Callable[[Tensor], Tensor]:
+def make_flat_fn(
+    g: Callable[[State], object], spec: StateSpec, *, who: str = "f"
+) -> Callable[[Tensor], Tensor]:
     """Wrap a structured map ``g`` into ``(B, D) -> (B, D)``.
 
-    Tuple outputs are copied into one reused buffer; single tensors are reshaped (free).
-    The returned buffer is overwritten by the next call: callers must not keep it across calls
-    unless they copy it.
+    Single tensors are reshaped (free). Tuple outputs are copied into a fresh flat buffer (one
+    copy of the state, no concatenation): solvers may keep the returned tensor as an iterate.
     """
     if not spec.is_tuple:
 
@@ -168,13 +169,10 @@ def make_flat_fn(g: Callable[[State], object], spec: StateSpec, *, who: str = "f
 
         return flat_single
 
-    buffers: list[Tensor] = []
-
     def flat_tuple(x: Tensor) -> Tensor:
-        out = g(spec.unflatten(x))
-        parts = spec.check(out, who=who)
-        if not buffers:
-            buffers.append(torch.empty(spec.batch, spec.dim, dtype=spec.dtype, device=spec.device))
-        return spec.flatten(parts, out=buffers[0])
+        parts = spec.check(g(spec.unflatten(x)), who=who)
+        return spec.flatten(
+            parts, out=torch.empty(spec.batch, spec.dim, dtype=spec.dtype, device=spec.device)
+        )
 
     return flat_tuple

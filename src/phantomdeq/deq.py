@@ -46,7 +46,9 @@ class DEQ(nn.Module):
         if not isinstance(solver, Solver):
             raise ValueError(f"DEQ: solver must be a phantomdeq solver, got {solver!r}")
         if eval_solver is not None and not isinstance(eval_solver, Solver):
-            raise ValueError(f"DEQ: eval_solver must be a phantomdeq solver or None, got {eval_solver!r}")
+            raise ValueError(
+                f"DEQ: eval_solver must be a phantomdeq solver or None, got {eval_solver!r}"
+            )
         if not isinstance(grad, GradientEstimator):
             raise ValueError(
                 f"DEQ: grad must be a phantomdeq.grad estimator (IFT, UPG, NPG, OneStep, BPTT), got {grad!r}"
@@ -57,7 +59,9 @@ class DEQ(nn.Module):
                 f"solver=FixedPoint(...), got {type(solver).__name__}"
             )
         if on_nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"DEQ: on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+            raise ValueError(
+                f"DEQ: on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}"
+            )
         self.f = f
         self.solver = solver
         self.eval_solver = eval_solver

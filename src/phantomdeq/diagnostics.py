@@ -177,7 +177,14 @@ def descent_condition(A: Tensor, dFdh: Tensor, dFdtheta: Tensor) -> dict[str, fl
     smax, smin = _singular_range(dFdtheta)
     rhs = smin**2 / smax if smax > 0 else 0.0
     kappa = smax / smin if smin > 0 else float("inf")
-    return {"lhs": lhs, "rhs": rhs, "holds": lhs <= rhs, "sigma_max": smax, "sigma_min": smin, "kappa": kappa}
+    return {
+        "lhs": lhs,
+        "rhs": rhs,
+        "holds": lhs <= rhs,
+        "sigma_max": smax,
+        "sigma_min": smin,
+        "kappa": kappa,
+    }
 
 
 def remark1_condition(D: Tensor, dFdh: Tensor, dFdtheta: Tensor) -> dict[str, float | bool]:

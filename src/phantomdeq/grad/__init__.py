@@ -26,7 +26,9 @@ def from_name(name: str, **options: Any) -> GradientEstimator:
     if key not in ESTIMATORS:
         raise ValueError(f"unknown gradient estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
     cls = ESTIMATORS[key]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    allowed = [
+        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")
+    ]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(

@@ -98,7 +98,9 @@ class _ImplicitBackward(torch.autograd.Function):
         return (None, None, *parts)
 
 
-def attach_rule(rule: BackwardRule, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
+def attach_rule(
+    rule: BackwardRule, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec
+) -> State:
     """Output ``y = f(z*)`` (tracked to θ and inputs) whose incoming gradient is mapped by ``rule``."""
     z_req = tuple(t.detach().requires_grad_() for t in as_tuple(z_star))
     with torch.enable_grad():

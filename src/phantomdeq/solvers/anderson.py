@@ -54,12 +54,12 @@ class Anderson(Solver):
         k = 0  # insertion counter
         while True:
             fx = gf(x)
-            if tracker.update(x, fx):
-                return
             slot = k % m
+            torch.sub(fx, x, out=G[:, slot])
+            if tracker.update(x, fx, diff=G[:, slot]):
+                return
             k += 1
             n = min(n + 1, m)
-            torch.sub(fx, x, out=G[:, slot])
             if beta == 1.0:
                 Y[:, slot].copy_(fx)
             else:

@@ -111,7 +111,9 @@ class Solver:
             raise ValueError(f"{owner}: stop must be one of {STOP_MODES}, got {stop!r}")
         self.stop = stop
         self.check_every = (
-            None if check_every is None else _check_int("check_every", check_every, minimum=1, owner=owner)
+            None
+            if check_every is None
+            else _check_int("check_every", check_every, minimum=1, owner=owner)
         )
 
     def __repr__(self) -> str:
@@ -134,8 +136,9 @@ class Solver:
     def solve_flat(self, gf: Callable[[Tensor], Tensor], x0: Tensor) -> tuple[Tensor, _Tracker]:
         """Flat-level entry used by the IFT backward pass: returns the best iterate (B, D)."""
         with torch.no_grad():
-            tracker = _Tracker(self, x0.detach().clone())
-            self._solve(gf, tracker.best, tracker)
+            x = x0.detach().clone()
+            tracker = _Tracker(self, x)
+            self._solve(gf, x, tracker)
             return tracker.best, tracker
 
     def _solve(self, gf: Callable[[Tensor], Tensor], x0: Tensor, tracker: _Tracker) -> None:
@@ -143,40 +146,59 @@ class Solver:
 
 
 class _Tracker:
-    """Per-sample residuals, best iterate, step counts and stopping, with few host syncs."""
+    """Per-sample residuals, best iterate, step counts and stopping, with few host syncs.
+
+    Contract with the solvers: a tensor passed as ``x`` to :meth:`update` is never modified
+    afterwards (the best iterate may be kept by reference instead of copied).
+    """
 
     def __init__(self, solver: Solver, x0: Tensor) -> None:
         self.solver = solver
         b = x0.shape[0]
         dev = x0.device
-        self.best = x0.clone()
+        self.best = x0
         self.best_res = torch.full((b,), math.inf, dtype=x0.dtype, device=dev)
         self.best_abs = torch.full((b,), math.inf, dtype=x0.dtype, device=dev)
         self.best_rel = torch.full((b,), math.inf, dtype=x0.dtype, device=dev)
         self.nstep = torch.zeros(b, dtype=torch.long, device=dev)
         self._trace: list[Tensor] = []
+        self._diff: Tensor | None = None
         self.niter = 0
         self.result = "max_iter"
         every = solver.check_every
         self.check_every = every if every is not None else (4 if dev.type == "cuda" else 1)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
 
-    def update(self, x: Tensor, fx: Tensor) -> bool:
-        """Record iterate ``x`` with image ``fx = g(x)``. Returns True when the solve must stop."""
+    def update(self, x: Tensor, fx: Tensor, diff: Tensor | None = None) -> bool:
+        """Record iterate ``x`` with image ``fx = g(x)`` (``diff = fx - x`` if the solver has it).
+        Returns True when the solve must stop."""
         self.niter += 1
-        diff = fx - x
+        if diff is None:
+            if self._diff is None:
+                self._diff = torch.empty_like(x)
+            diff = torch.sub(fx, x, out=self._diff)
         abs_res = torch.linalg.vector_norm(diff, dim=1)
         rel_res = abs_res / (torch.linalg.vector_norm(x, dim=1) + REL_EPS)
         res = rel_res if self.solver.stop == "rel" else abs_res
-        self._nonfinite |= ~torch.isfinite(res).all()
         improved = res < self.best_res
         self.best_res = torch.where(improved, res, self.best_res)
         self.best_abs = torch.where(improved, abs_res, self.best_abs)
         self.best_rel = torch.where(improved, rel_res, self.best_rel)
-        self.nstep = torch.where(improved, torch.full_like(self.nstep, self.niter), self.nstep)
-        torch.where(improved[:, None], x, self.best, out=self.best)
-        self._trace.append(res.max())
-        if self.niter % self.check_every == 0 or self.niter >= self.solver.max_iter:
+        self.nstep = torch.where(improved, self.niter, self.nstep)
+        batch_max = res.max()
+        self._trace.append(batch_max)
+        self._nonfinite |= ~torch.isfinite(batch_max)
+        check = self.niter % self.check_every == 0 or self.niter >= self.solver.max_iter
+        if self.check_every == 1:
+            # host sync every step is free on CPU: keep the best iterate by reference when the
+            # whole batch improved (the usual case), copy per sample only otherwise
+            if bool(improved.all()):
+                self.best = x
+            elif bool(improved.any()):
+                self.best = torch.where(improved[:, None], x, self.best)
+        else:
+            self.best = torch.where(improved[:, None], x, self.best)
+        if check:
             if bool(self._nonfinite):
                 self.result = "nonfinite"
                 return True

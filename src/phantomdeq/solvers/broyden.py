@@ -32,7 +32,9 @@ class Broyden(Solver):
         check_every: int | None = None,
     ) -> None:
         super().__init__(max_iter, tol, stop, check_every=check_every)
-        self.memory = None if memory is None else _check_int("memory", memory, minimum=1, owner="Broyden")
+        self.memory = (
+            None if memory is None else _check_int("memory", memory, minimum=1, owner="Broyden")
+        )
 
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "memory": self.memory}
@@ -46,9 +48,9 @@ class Broyden(Solver):
         tiny = torch.finfo(dtype).eps ** 2
         x = x0
         fx = gf(x)
-        if tracker.update(x, fx):
-            return
         r = fx - x
+        if tracker.update(x, fx, diff=r):
+            return
         Ua = torch.zeros_like(r)  # U (V r) for the current pairs
         p = r.clone()  # -J⁻¹ r with J⁻¹ = -I
         n = 0
@@ -56,11 +58,13 @@ class Broyden(Solver):
         while True:
             x = x + p
             fx = gf(x)
-            if tracker.update(x, fx):
-                return
             r_new = fx - x
+            if tracker.update(x, fx, diff=r_new):
+                return
             a_new = torch.bmm(V[:, :n], r_new.unsqueeze(-1)).squeeze(-1) if n else None  # (B, n)
-            Ua_new = torch.bmm(a_new.unsqueeze(1), U[:, :n]).squeeze(1) if n else torch.zeros_like(r)
+            Ua_new = (
+                torch.bmm(a_new.unsqueeze(1), U[:, :n]).squeeze(1) if n else torch.zeros_like(r)
+            )
             y = r_new - r
             jy = Ua_new - Ua - y  # J⁻¹ y
             if n:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._state import State, StateSpec, make_flat_fn
+from .._state import State, StateSpec
 from .base import Solution, Solver, _check_float, _Tracker
 
 
@@ -42,12 +42,12 @@ class FixedPoint(Solver):
             fx = gf(x)
             if tracker.update(x, fx):
                 return
-            if self.damping == 1.0:
-                x.copy_(fx)
-            else:
-                x.lerp_(fx, self.damping)
+            # new tensors each step: the tracker may hold the previous iterate as the best one
+            x = fx if self.damping == 1.0 else torch.lerp(x, fx, self.damping)
 
-    def unroll(self, g: Callable[[State], object], z0: State, spec: StateSpec) -> tuple[State, Solution]:
+    def unroll(
+        self, g: Callable[[State], object], z0: State, spec: StateSpec
+    ) -> tuple[State, Solution]:
         """Differentiable run of the same iteration (for BPTT): records the autograd graph of every
         step and returns the *last* iterate plus the solve statistics (computed without graph).
 
@@ -63,7 +63,9 @@ class FixedPoint(Solver):
             fz_parts = spec.check(g(z), who="f")
             fz = like(spec, fz_parts)
             with torch.no_grad():
-                stop = tracker.update(spec.flatten(z).detach().clone(), spec.flatten(fz).detach().clone())
+                stop = tracker.update(
+                    spec.flatten(z).detach().clone(), spec.flatten(fz).detach().clone()
+                )
             if stop:
                 break
             if lam == 1.0:

@@ -1,0 +1,88 @@
+"""Helpers shared by the benchmark scripts: timing, the reference conv cell, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ConvCell(nn.Module):
+    """The residual block of MDEQ-Tiny at one resolution, as a DEQ cell:
+    f(z, x) = GN(relu(z + GN(conv(relu(GN(conv(z))))) + x)), conv 3x3 C -> 5C -> C.
+    """
+
+    def __init__(self, channels: int = 24, expansion: int = 5, groups: int = 8) -> None:
+        super().__init__()
+        hidden = channels * expansion
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(groups, hidden)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(groups, channels)
+        self.gn3 = nn.GroupNorm(groups, channels)
+        with torch.no_grad():  # keep it contractive-ish so solvers behave as in training
+            self.conv1.weight.mul_(0.5)
+            self.conv2.weight.mul_(0.5)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.gn2(self.conv2(torch.relu(self.gn1(self.conv1(z)))))
+        return self.gn3(torch.relu(z + y + x))
+
+
+def timeit(fn: Callable[[], object], *, sync: bool = False) -> float:
+    if sync:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1, sync: bool = False
+) -> dict[str, float]:
+    """Run each callable ``warmup`` times, then ``repeats`` rounds alternating between them;
+    return the median time of each (seconds). Alternation spreads machine noise evenly."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timeit(fn, sync=sync))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine() -> dict[str, object]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str | Path, payload: dict[str, object]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload, indent=2))
+
+
+def print_table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(h) for h in headers]] + [
+        [f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,77 @@
+"""Diagnostics against independent linear algebra."""
+
+from __future__ import annotations
+
+import torch
+
+import phantomdeq as pdq
+from core_problems import make_problem
+from phantomdeq import diagnostics as D
+
+
+def test_dense_jacobians_match_torch_autograd_functional(tuple_state):
+    cell, x = make_problem(False)
+    z = torch.randn(3, 6, dtype=torch.float64)
+    J_h, J_x = D.dense_jacobians(cell, z, (x,), [x])
+    ref_h = torch.autograd.functional.jacobian(lambda zz: cell(zz, x), z).reshape(18, 18)
+    ref_x = torch.autograd.functional.jacobian(lambda xx: cell(z, xx), x.detach()).reshape(18, 9)
+    assert torch.allclose(J_h, ref_h, atol=1e-14)
+    assert torch.allclose(J_x, ref_x, atol=1e-14)
+
+
+def test_exact_gradient_matches_bptt_through_many_iterations():
+    cell, x = make_problem(False)
+    z = torch.zeros(3, 6, dtype=torch.float64)
+    params = list(cell.parameters())
+    for _ in range(200):
+        z = cell(z, x)
+    t = torch.randn(3, 6, dtype=torch.float64)
+    ref = torch.autograd.grad((z * t).sum(), params)
+    exact = D.exact_gradient(cell, z.detach(), (x,), params, t)
+    assert D.relative_error(exact, ref) < 1e-10
+
+
+def test_descent_condition_and_remark1():
+    cell, x = make_problem(False)
+    sol = pdq.FixedPoint(max_iter=300, tol=1e-13)(
+        lambda z: cell(z, x), torch.zeros(3, 6, dtype=torch.float64)
+    )
+    params = [cell.W]
+    J_h, J_w = D.dense_jacobians(cell, sol.z, (x,), params)
+    dFdh, dFdth = D.paper_layout(J_h), D.paper_layout(J_w)
+    eye = torch.eye(18, dtype=torch.float64)
+    exact_A = dFdth @ torch.linalg.inv(eye - dFdh)
+    res = D.descent_condition(exact_A, dFdh, dFdth)
+    assert res["lhs"] < 1e-10 and res["holds"]
+    s = torch.linalg.svdvals(dFdth)
+    assert abs(res["kappa"] - float(s.max() / s.min())) < 1e-8 * res["kappa"]
+    # a terrible A (negative of the exact) violates (6) and is an ascent direction
+    bad = D.descent_condition(-exact_A, dFdh, dFdth)
+    assert not bad["holds"]
+    r1 = D.remark1_condition(torch.linalg.inv(eye - dFdh), dFdh, dFdth)
+    assert r1["holds"] and r1["lhs"] < 1e-10
+    # Theorem 1 promise: whenever (6) holds, <A g, exact g> >= 0 (checked on NPG over k, λ)
+    g = torch.randn(18, dtype=torch.float64)
+    for k in (1, 2, 5, 20):
+        for lam in (0.3, 1.0):
+            A = D.neumann_matrix(dFdh, dFdth, k, lam)
+            if D.descent_condition(A, dFdh, dFdth)["holds"]:
+                assert float((A @ g) @ (exact_A @ g)) >= 0
+
+
+def test_spectral_radius_matches_eigenvalues(tuple_state):
+    cell, x = make_problem(False, batch=2)
+    z = torch.randn(2, 6, dtype=torch.float64)
+    rho = D.spectral_radius(cell, z, x, iters=200, generator=torch.Generator().manual_seed(0))
+    J_h, _ = D.dense_jacobians(cell, z, (x,), [])
+    for b in range(2):
+        block = J_h[6 * b : 6 * b + 6, 6 * b : 6 * b + 6]
+        ref = torch.linalg.eigvals(block).abs().max()
+        assert abs(float(rho[b]) - float(ref)) < 2e-2 * float(ref)
+
+
+def test_cosine_similarity_handles_sequences_and_none():
+    a = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    b = [torch.tensor([1.0, 0.0]), None]
+    assert abs(D.cosine_similarity(a, b) - 1.0) < 1e-12
+    assert abs(D.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))) < 1e-12
