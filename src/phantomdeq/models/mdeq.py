@@ -30,14 +30,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from phantomdeq.deq import DEQ
+from phantomdeq.grad.base import GradientEstimator
 from phantomdeq.nn.dropout import VariationalDropout2d
 from phantomdeq.nn.jacobian import jacobian_frobenius_hutchinson
+from phantomdeq.solvers.base import Solution, Solver
 
 __all__ = [
     "MDEQ",
@@ -190,8 +194,25 @@ def mdeq_config(name: str) -> MDEQConfig:
 # --------------------------------------------------------------------------- building blocks
 
 
+_INIT_STD = 0.01
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """Convolution initialised as in MDEQ: weights ~ N(0, 0.01^2), zero bias.
+
+    Every convolution is followed by a normalisation, so the small scale only matters where a
+    convolution's output is added to an unnormalised signal -- in the block, ``conv2(...)`` is
+    added to the injection, which makes ``F`` close to contractive at initialisation.
+    """
+    conv = nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=bias)
+    nn.init.normal_(conv.weight, mean=0.0, std=_INIT_STD)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=bias)
+    return _conv(cin, cout, 3, stride, bias)
 
 
 def _maybe_wn(conv: nn.Conv2d, enabled: bool) -> nn.Conv2d:
@@ -252,7 +273,7 @@ class _Upsample(nn.Module):
 
     def __init__(self, cin: int, cout: int, num_groups: int, mode: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size=1, bias=False)
+        self.conv = _conv(cin, cout, 1)
         self.gn = nn.GroupNorm(num_groups, cout)
         self.mode = mode
 
@@ -307,16 +328,24 @@ class MDEQCell(nn.Module):
         self.post_fuse = nn.ModuleList(
             nn.Sequential(
                 nn.ReLU(),
-                _maybe_wn(nn.Conv2d(c, c, kernel_size=1, bias=False), cfg.weight_norm),
+                _maybe_wn(_conv(c, c, 1), cfg.weight_norm),
                 nn.GroupNorm(g // 2, c),
             )
             for c in cfg.channels
         )
 
+    def blocks(self, branch: int) -> list[BasicBlock]:
+        """The residual blocks of ``branch``."""
+        return [cast(BasicBlock, b) for b in cast(nn.ModuleList, self.branches[branch])]
+
     def reset(self, h: Sequence[Tensor], *, generator: torch.Generator | None = None) -> None:
         """Sample new dropout masks for states shaped like ``h`` (no-op in eval mode)."""
-        for blocks, hi in zip(self.branches, h, strict=True):
-            for block in blocks:
+        if len(h) != self.cfg.num_branches:
+            raise ValueError(
+                f"MDEQCell.reset: expected {self.cfg.num_branches} tensors, got {len(h)}"
+            )
+        for i, hi in enumerate(h):
+            for block in self.blocks(i):
                 block.drop.reset(hi, generator=generator)
 
     def forward(self, h: Sequence[Tensor], x: Tensor) -> tuple[Tensor, ...]:
@@ -324,18 +353,19 @@ class MDEQCell(nn.Module):
         if len(h) != n:
             raise ValueError(f"MDEQCell: expected a state tuple of {n} tensors, got {len(h)}")
         outs: list[Tensor] = []
-        for i, (blocks, hi) in enumerate(zip(self.branches, h, strict=True)):
+        for i, hi in enumerate(h):
             y = hi
-            for k, block in enumerate(blocks):
+            for k, block in enumerate(self.blocks(i)):
                 y = block(y, x if (i == 0 and k == 0) else None)
             outs.append(y)
         fused: list[Tensor] = []
         for i in range(n):
             size = (outs[i].shape[-2], outs[i].shape[-1])
             acc = outs[i]
+            row = cast(nn.ModuleList, self.fuse[i])
             for j in range(n):
                 if j != i:
-                    acc = acc + self.fuse[i][j](outs[j], size)
+                    acc = acc + row[j](outs[j], size)
             fused.append(self.post_fuse[i](acc))
         return tuple(fused)
 
@@ -349,18 +379,16 @@ class _Bottleneck(nn.Module):
         super().__init__()
         cout = planes * self.expansion
         self.body = nn.Sequential(
-            nn.Conv2d(cin, planes, kernel_size=1, bias=False),
+            _conv(cin, planes, 1),
             nn.BatchNorm2d(planes),
             nn.ReLU(),
             _conv3x3(planes, planes),
             nn.BatchNorm2d(planes),
             nn.ReLU(),
-            nn.Conv2d(planes, cout, kernel_size=1, bias=False),
+            _conv(planes, cout, 1),
             nn.BatchNorm2d(cout),
         )
-        self.shortcut = nn.Sequential(
-            nn.Conv2d(cin, cout, kernel_size=1, bias=False), nn.BatchNorm2d(cout)
-        )
+        self.shortcut = nn.Sequential(_conv(cin, cout, 1), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
@@ -384,7 +412,7 @@ class _Head(nn.Module):
             for i in range(cfg.num_branches - 1)
         )
         self.final = nn.Sequential(
-            nn.Conv2d(cfg.head_channels[-1] * e, cfg.final_channels, kernel_size=1),
+            _conv(cfg.head_channels[-1] * e, cfg.final_channels, 1, bias=True),
             nn.BatchNorm2d(cfg.final_channels),
             nn.ReLU(),
         )
@@ -416,7 +444,7 @@ def _make_stem(cfg: MDEQConfig, in_channels: int) -> nn.Sequential:
         nn.ReLU(),
     ]
     if not (ds == 0 and cfg.num_branches <= 2):
-        layers += [nn.Conv2d(c, c, kernel_size=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        layers += [_conv(c, c, 1), nn.BatchNorm2d(c), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -436,7 +464,7 @@ class MDEQOutput:
     """
 
     logits: Tensor
-    info: object | None = None
+    info: Solution | None = None
     jac_loss: Tensor | None = None
     state: tuple[Tensor, ...] | None = None
 
@@ -463,9 +491,9 @@ class MDEQ(nn.Module):
         *,
         num_classes: int,
         in_channels: int,
-        solver: object,
-        grad: object,
-        eval_solver: object | None = None,
+        solver: Solver,
+        grad: GradientEstimator,
+        eval_solver: Solver | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cfg, MDEQConfig):
@@ -473,8 +501,6 @@ class MDEQ(nn.Module):
         for field, v in (("num_classes", num_classes), ("in_channels", in_channels)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"MDEQ: {field} must be an int >= 1, got {v!r}")
-        from phantomdeq.deq import DEQ
-
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -487,7 +513,9 @@ class MDEQ(nn.Module):
         """The equilibrium cell ``F`` (owned by :attr:`deq`, registered once in state_dict)."""
         cell = self.deq.f
         if not isinstance(cell, MDEQCell):
-            raise TypeError(f"MDEQ.f: expected the DEQ to own an MDEQCell, got {type(cell).__name__}")
+            raise TypeError(
+                f"MDEQ.f: expected the DEQ to own an MDEQCell, got {type(cell).__name__}"
+            )
         return cell
 
     def initial_state(self, injection: Tensor) -> tuple[Tensor, ...]:

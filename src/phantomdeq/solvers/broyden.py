@@ -40,6 +40,11 @@ class Broyden(Solver):
         return {**super()._options(), "memory": self.memory}
 
     def _solve(self, gf: Callable[[Tensor], Tensor], x0: Tensor, tracker: _Tracker) -> None:
+        # Notation: r = g(x) - x, J⁻¹ = -I + U Vᵀ (rows of U, V stored per sample), step p = -J⁻¹ r.
+        # With q = r_new - U Vᵀ r_new = -J⁻¹ r_new (before the update), the good-Broyden pair is
+        #   v = J⁻ᵀ s = -s + V (Uᵀ s),  u = (s - J⁻¹ y) / (vᵀ y) = q / (vᵀ y)   (s = p, y = r_new - r)
+        # because s + J⁻¹ r = 0; and the next step is p = q - u (vᵀ r_new) = q (1 - vᵀr_new / vᵀy).
+        # Per iteration: four passes over the stored pairs and a dozen vector passes.
         b, d = x0.shape
         m = self.memory if self.memory is not None else self.max_iter
         dtype, dev = x0.dtype, x0.device
@@ -51,8 +56,7 @@ class Broyden(Solver):
         r = fx - x
         if tracker.update(x, fx, diff=r):
             return
-        Ua = torch.zeros_like(r)  # U (V r) for the current pairs
-        p = r.clone()  # -J⁻¹ r with J⁻¹ = -I
+        p = r  # J⁻¹ = -I initially
         n = 0
         k = 0
         while True:
@@ -61,28 +65,24 @@ class Broyden(Solver):
             r_new = fx - x
             if tracker.update(x, fx, diff=r_new):
                 return
-            a_new = torch.bmm(V[:, :n], r_new.unsqueeze(-1)).squeeze(-1) if n else None  # (B, n)
-            Ua_new = (
-                torch.bmm(a_new.unsqueeze(1), U[:, :n]).squeeze(1) if n else torch.zeros_like(r)
-            )
-            y = r_new - r
-            jy = Ua_new - Ua - y  # J⁻¹ y
-            if n:
-                c = torch.bmm(U[:, :n], p.unsqueeze(-1))  # (B, n, 1): Uᵀ s
-                vt = torch.bmm(c.transpose(1, 2), V[:, :n]).squeeze(1) - p  # sᵀ J⁻¹
-            else:
-                vt = -p
-            denom = (vt * y).sum(dim=1, keepdim=True)
-            ok = denom.abs() > tiny
-            u = torch.where(ok, (p - jy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-            vt = torch.where(ok, vt, 0.0)
             slot = k % m
             k += 1
-            if n == m and a_new is not None:  # evict the oldest pair from the cached product
-                Ua_new -= U[:, slot] * a_new[:, slot : slot + 1]
-            U[:, slot] = u
-            V[:, slot] = vt
+            if n:
+                a_new = torch.bmm(V[:, :n], r_new.unsqueeze(-1))  # (B, n, 1) = Vᵀ r_new
+                q = torch.baddbmm(r_new.unsqueeze(1), a_new.transpose(1, 2), U[:, :n], alpha=-1.0).squeeze(1)
+                if n == m:  # the pair in `slot` is evicted: drop its share of U Vᵀ r_new
+                    q.addcmul_(U[:, slot], a_new[:, slot])
+                c = torch.bmm(U[:, :n], p.unsqueeze(-1))  # (B, n, 1) = Uᵀ s
+                vt = torch.baddbmm(p.unsqueeze(1), c.transpose(1, 2), V[:, :n], beta=-1.0).squeeze(1)
+            else:
+                q = r_new
+                vt = -p
+            vr_new = torch.einsum("bd,bd->b", vt, r_new).unsqueeze(1)
+            denom = vr_new - torch.einsum("bd,bd->b", vt, r).unsqueeze(1)  # vᵀ y
+            ok = denom.abs() > tiny
+            safe = torch.where(ok, denom, torch.ones_like(denom))
+            torch.mul(q, torch.where(ok, 1.0 / safe, 0.0), out=U[:, slot])
+            torch.mul(vt, ok, out=V[:, slot])
             n = min(n + 1, m)
-            Ua_new += u * (vt * r_new).sum(dim=1, keepdim=True)
-            p = r_new - Ua_new
-            Ua, r = Ua_new, r_new
+            p = q * torch.where(ok, 1.0 - vr_new / safe, 1.0)
+            r = r_new

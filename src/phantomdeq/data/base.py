@@ -1,0 +1,129 @@
+"""In-memory image datasets shared by the loaders (digits, MNIST, CIFAR-10, image folders)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["DataInfo", "ImageTensorDataset", "iterate_batches"]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model and trainer need to know about a data set.
+
+    Attributes:
+        num_classes: number of label classes (labels are ``0 .. num_classes-1``).
+        in_channels: image channels (1 grayscale, 3 RGB).
+        image_size: ``(height, width)`` of every image.
+        mean, std: per-channel normalisation constants applied to images scaled to ``[0, 1]``.
+        name: data set name.
+        classes: class names (index = label), when known.
+    """
+
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+    classes: tuple[str, ...] = ()
+
+
+class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):
+    """Images and labels held as CPU tensors; items are ``(normalised float image, label)``.
+
+    Args:
+        images: ``[N, C, H, W]`` tensor, ``uint8`` (0..255) or floating point in ``[0, 1]``.
+        labels: ``[N]`` integer tensor.
+        mean, std: per-channel constants; an item is ``(image01 - mean) / std``.
+
+    The raw tensors are exposed as :attr:`images` and :attr:`labels` for fast full-batch
+    evaluation; use :meth:`normalize` on a batch (on any device) to get model inputs.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        if images.dim() != 4:
+            raise ValueError(
+                f"ImageTensorDataset: images must be [N, C, H, W], got {tuple(images.shape)}"
+            )
+        if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
+            raise ValueError(
+                f"ImageTensorDataset: images must be uint8 or float, got {images.dtype}"
+            )
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"ImageTensorDataset: labels must be [N] with N={images.shape[0]}, got {tuple(labels.shape)}"
+            )
+        c = images.shape[1]
+        if len(mean) != c or len(std) != c:
+            raise ValueError(
+                f"ImageTensorDataset: mean/std need one entry per channel ({c}), got {len(mean)}/{len(std)}"
+            )
+        if any(s <= 0 for s in std):
+            raise ValueError(f"ImageTensorDataset: std entries must be > 0, got {tuple(std)}")
+        self.images = images
+        self.labels = labels.to(torch.long)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.normalize(self.images[index]), self.labels[index]
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Map raw images (``uint8`` or ``[0, 1]`` float, ``[..., C, H, W]``) to model inputs."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def subset(self, indices: Tensor) -> ImageTensorDataset:
+        """A new dataset with the rows ``indices`` (tensors are indexed, i.e. copied)."""
+        return ImageTensorDataset(self.images[indices], self.labels[indices], self.mean, self.std)
+
+
+def iterate_batches(
+    dataset: ImageTensorDataset,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    sampler: Iterable[int] | None = None,
+    drop_last: bool = False,
+    *,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield normalised ``(images, labels)`` batches by slicing the in-memory tensors.
+
+    The order is ``sampler``'s when given (e.g. a ``DistributedSampler``), otherwise a
+    permutation drawn from ``generator`` when ``shuffle``, otherwise ``0..N-1``.  Batches are
+    moved to ``device`` before normalisation.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"iterate_batches: batch_size must be an int >= 1, got {batch_size!r}")
+    if sampler is not None:
+        order = torch.as_tensor(list(sampler), dtype=torch.long)
+    elif shuffle:
+        order = torch.randperm(len(dataset), generator=generator)
+    else:
+        order = torch.arange(len(dataset))
+    n = order.numel()
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        x = dataset.images[idx]
+        y = dataset.labels[idx]
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+        yield dataset.normalize(x), y

@@ -1,0 +1,34 @@
+"""Models built on :class:`phantomdeq.DEQ`: the multiscale DEQ (MDEQ) and its configurations."""
+
+from __future__ import annotations
+
+from phantomdeq.grad.base import GradientEstimator
+from phantomdeq.solvers.base import Solver
+
+from .mdeq import MDEQ, MDEQ_CONFIG_NAMES, MDEQConfig, MDEQOutput, mdeq_config
+
+__all__ = ["MDEQ", "MDEQ_CONFIG_NAMES", "MDEQConfig", "MDEQOutput", "build_model", "mdeq_config"]
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    solver: Solver,
+    grad: GradientEstimator,
+    eval_solver: Solver | None = None,
+) -> MDEQ:
+    """Build a named model (one of :data:`MDEQ_CONFIG_NAMES`) around ``pdq.DEQ(solver, grad)``."""
+    if name not in MDEQ_CONFIG_NAMES:
+        raise ValueError(
+            f"build_model: unknown name {name!r}; allowed names: {', '.join(MDEQ_CONFIG_NAMES)}"
+        )
+    return MDEQ(
+        mdeq_config(name),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        solver=solver,
+        grad=grad,
+        eval_solver=eval_solver,
+    )

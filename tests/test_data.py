@@ -1,0 +1,278 @@
+"""Data loaders against files written in the real on-disk formats, and batch augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from phantomdeq.data import (
+    ImageTensorDataset,
+    augment_batch,
+    iterate_batches,
+    load_dataset,
+    random_crop,
+    random_hflip,
+)
+
+REAL_MNIST = Path("/work/shared/data/mnist-t10k")
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
+    magic = 0x00000800 | arr.ndim  # 0x08 = unsigned byte
+    payload = struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    payload += arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def _mnist_like(
+    root: Path, prefix: str, n: int, seed: int, gz: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
+    _write_idx(root / f"{prefix}-images-idx3-ubyte", images, gz)
+    _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, gz)
+    return images, labels
+
+
+def _cifar_like(root: Path, n_per_batch: int = 4) -> dict[str, tuple[np.ndarray, list[int]]]:
+    bdir = root / "cifar-10-batches-py"
+    bdir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    out = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        with open(bdir / name, "wb") as fh:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, fh)
+        out[name] = (data, labels)
+    return out
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_round_trip_train_and_test(tmp_path: Path, gz: bool) -> None:
+    xtr, ytr = _mnist_like(tmp_path, "train", 12, 0, gz)
+    xte, yte = _mnist_like(tmp_path, "t10k", 5, 1, gz)
+    train, test, info = load_dataset("mnist", str(tmp_path))
+    assert (len(train), len(test)) == (12, 5)
+    assert train.images.dtype == torch.uint8 and train.images.shape == (12, 1, 28, 28)
+    assert np.array_equal(train.images[:, 0].numpy(), xtr)
+    assert np.array_equal(test.labels.numpy(), yte.astype(np.int64))
+    assert info.num_classes == 10 and info.in_channels == 1 and info.image_size == (28, 28)
+    img, lab = train[3]
+    expected = (torch.from_numpy(xtr[3]).float() / 255 - info.mean[0]) / info.std[0]
+    assert torch.allclose(img[0], expected) and int(lab) == int(ytr[3])
+
+
+def test_mnist_t10k_only_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    images, _ = _mnist_like(tmp_path, "t10k", 50, 2)
+    a_tr, a_te, _ = load_dataset("mnist", tmp_path, seed=3)
+    b_tr, _, _ = load_dataset("mnist", tmp_path, seed=3)
+    c_tr, _, _ = load_dataset("mnist", tmp_path, seed=4)
+    assert (len(a_tr), len(a_te)) == (40, 10)
+    assert torch.equal(a_tr.images, b_tr.images)
+    assert not torch.equal(a_tr.images, c_tr.images)
+    # together the two splits are exactly the 50 written images
+    rows = {bytes(r) for r in images.reshape(50, -1)}
+    got = [bytes(r) for r in torch.cat([a_tr.images, a_te.images]).reshape(50, -1).numpy()]
+    assert set(got) == rows and len(got) == 50
+
+
+def test_mnist_bad_magic_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_dataset("mnist", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_dataset("mnist", tmp_path)
+    _mnist_like(tmp_path, "t10k", 10, 0)
+    labels = np.zeros(10, dtype=np.uint8)
+    payload = struct.pack(">II", 0x00000803, 10) + labels.tobytes()  # images magic on labels
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(payload)
+    with pytest.raises(ValueError, match="magic"):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="real MNIST t10k files not present")
+def test_real_mnist_t10k_split() -> None:
+    train, test, info = load_dataset("mnist", REAL_MNIST)
+    assert (len(train), len(test)) == (8000, 2000)
+    assert train.images.shape == (8000, 1, 28, 28) and info.image_size == (28, 28)
+    assert set(train.labels.unique().tolist()) == set(range(10))
+    # MNIST pixel statistics: mean ~0.13, std ~0.31 in [0, 1] units
+    x = train.images.float() / 255
+    assert 0.11 < float(x.mean()) < 0.15 and 0.28 < float(x.std()) < 0.34
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar10_pickled_batches_round_trip(tmp_path: Path) -> None:
+    written = _cifar_like(tmp_path)
+    train, test, info = load_dataset("cifar10", tmp_path)
+    assert (len(train), len(test)) == (20, 4)
+    assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8
+    data, labels = written["data_batch_2"]
+    # row layout: 1024 red, 1024 green, 1024 blue values, each row-major 32x32
+    assert int(train.images[4, 1, 2, 5]) == int(data[0, 1024 + 32 * 2 + 5])
+    assert int(train.images[4, 2, 31, 0]) == int(data[0, 2048 + 32 * 31])
+    assert train.labels[4:8].tolist() == labels
+    assert test.labels.tolist() == written["test_batch"][1]
+    assert info.num_classes == 10 and info.in_channels == 3 and len(info.mean) == 3
+    # passing the batch directory itself works too
+    t2, _, _ = load_dataset("cifar10", tmp_path / "cifar-10-batches-py")
+    assert torch.equal(t2.images, train.images)
+
+
+def test_cifar10_missing_and_malformed(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*cifar-10-python.tar.gz"):
+        load_dataset("cifar10", tmp_path)
+    _cifar_like(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_dataset("cifar10", tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 100), dtype=np.uint8), b"labels": [0, 1]}, fh)
+    with pytest.raises(ValueError, match="3072"):
+        load_dataset("cifar10", tmp_path)
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def _image_folder(root: Path, size: tuple[int, int] = (6, 5)) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in ("cat", "ant"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+                arrays[f"{split}/{cls}/{i}"] = arr
+    return arrays
+
+
+def test_imagefolder_round_trip_and_resize(tmp_path: Path) -> None:
+    arrays = _image_folder(tmp_path)
+    train, val, info = load_dataset("imagefolder", tmp_path)
+    assert info.classes == ("ant", "cat") and info.num_classes == 2
+    assert train.images.shape == (6, 3, 6, 5) and val.images.shape == (2, 3, 6, 5)
+    assert info.image_size == (6, 5)
+    # sorted classes, sorted files: train[0] is ant/0.png, label 0; train[3] is cat/0.png
+    assert np.array_equal(train.images[0].permute(1, 2, 0).numpy(), arrays["train/ant/0"])
+    assert np.array_equal(train.images[3].permute(1, 2, 0).numpy(), arrays["train/cat/0"])
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and val.labels.tolist() == [0, 1]
+    expected_mean = train.images.float().div(255).mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(info.mean), expected_mean, atol=1e-6)
+    small, _, info4 = load_dataset("imagefolder", tmp_path, image_size=4)
+    assert small.images.shape == (6, 3, 4, 4) and info4.image_size == (4, 4)
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_dataset("imagefolder", tmp_path)
+    _image_folder(tmp_path)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((9, 9, 3), dtype=np.uint8)).save(tmp_path / "train" / "cat" / "9.png")
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("imagefolder", tmp_path)
+
+
+# ----------------------------------------------------------------------------- digits & options
+
+
+def test_digits_split_and_scaling() -> None:
+    train, test, info = load_dataset("digits", None, seed=0)
+    assert (len(train), len(test)) == (1438, 359)
+    assert train.images.shape == (1438, 1, 8, 8) and info.image_size == (8, 8)
+    assert float(train.images.min()) == 0.0 and float(train.images.max()) == 1.0
+    # the normalised training images have zero mean and unit std
+    x = train.normalize(train.images)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    again, _, _ = load_dataset("digits", None, seed=0)
+    other, _, _ = load_dataset("digits", None, seed=1)
+    assert torch.equal(again.images, train.images) and not torch.equal(other.images, train.images)
+
+
+def test_subsets_and_option_validation(tmp_path: Path) -> None:
+    train, test, _ = load_dataset("digits", None, train_size=100, test_size=50)
+    assert (len(train), len(test)) == (100, 50)
+    with pytest.raises(ValueError, match="train_size"):
+        load_dataset("digits", None, train_size=5000)
+    with pytest.raises(ValueError, match="digits, mnist, cifar10, imagefolder"):
+        load_dataset("svhn", tmp_path)
+    with pytest.raises(ValueError, match="root"):
+        load_dataset("cifar10", None)
+
+
+def test_iterate_batches_and_dataloader() -> None:
+    images = torch.arange(10 * 2 * 2, dtype=torch.uint8).view(10, 1, 2, 2)
+    ds = ImageTensorDataset(images, torch.arange(10), (0.0,), (1.0,))
+    seen = torch.cat([y for _, y in iterate_batches(ds, 3, True, torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(10))
+    sizes = [len(y) for _, y in iterate_batches(ds, 3, False, drop_last=True)]
+    assert sizes == [3, 3, 3]
+    order = [int(v) for _, y in iterate_batches(ds, 4, False, sampler=[9, 0, 5]) for v in y]
+    assert order == [9, 0, 5]
+    x, y = next(iter(DataLoader(ds, batch_size=4)))
+    assert x.shape == (4, 1, 2, 2) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert torch.allclose(x, images[:4].float() / 255)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_random_crop_is_a_window_of_the_padded_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 5, 6)
+    pad = 2
+    out = random_crop(x, pad, generator=g)
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    offsets = set()
+    for b in range(16):
+        hits = [
+            (oy, ox)
+            for oy in range(2 * pad + 1)
+            for ox in range(2 * pad + 1)
+            if torch.equal(out[b], padded[b, :, oy : oy + 5, ox : ox + 6])
+        ]
+        assert hits, f"sample {b} is not a crop of its padded image"
+        offsets.add(hits[0])
+    assert len(offsets) > 1  # offsets vary per sample
+    same = random_crop(x, pad, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)
+
+
+def test_random_hflip_and_augment() -> None:
+    x = torch.randn(32, 2, 4, 4)
+    assert torch.equal(random_hflip(x, p=1.0), x.flip(-1))
+    assert torch.equal(random_hflip(x, p=0.0), x)
+    y = random_hflip(x, generator=torch.Generator().manual_seed(1))
+    flipped = [torch.equal(y[b], x[b].flip(-1)) for b in range(32)]
+    assert all(f or torch.equal(y[b], x[b]) for b, f in enumerate(flipped))
+    assert 0 < sum(flipped) < 32
+    z = augment_batch(x, crop_padding=1, generator=torch.Generator().manual_seed(2))
+    assert z.shape == x.shape
+    with pytest.raises(ValueError, match="padding"):
+        random_crop(x, -1)
