@@ -83,16 +83,16 @@ class SyntheticF(nn.Module):
         self.activation = activation
         self._act, act_lip = ACTIVATIONS[activation]
         lead = () if batch is None else (int(batch),)
-        gen_kw = {"generator": generator, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.randn(*lead, hidden, hidden, **gen_kw) / math.sqrt(hidden)
-        )
-        self.input_weight = nn.Parameter(
-            torch.randn(*lead, hidden, input_dim, **gen_kw) / math.sqrt(input_dim)
-        )
-        self.bias = nn.Parameter(torch.randn(*lead, hidden, **gen_kw) * bias_std)
+        w = torch.randn(*lead, hidden, hidden, generator=generator, dtype=dtype)
+        u = torch.randn(*lead, hidden, input_dim, generator=generator, dtype=dtype)
+        b = torch.randn(*lead, hidden, generator=generator, dtype=dtype)
+        self.weight = nn.Parameter(w / math.sqrt(hidden))
+        self.input_weight = nn.Parameter(u / math.sqrt(input_dim))
+        self.bias = nn.Parameter(b * bias_std)
         # ‖F(h) − F(h')‖ ≤ c ‖W‖₂ ‖h − h'‖  ⇒  ‖W‖₂ = L_h / c gives Lipschitz constant L_h.
-        spectral_norm(self, "weight", lipschitz=lipschitz / act_lip, exact=True, batch_dims=len(lead))
+        spectral_norm(
+            self, "weight", lipschitz=lipschitz / act_lip, exact=True, batch_dims=len(lead)
+        )
         if not trainable_norm:
             parametrize.remove_parametrizations(self, "weight", leave_parametrized=True)
 

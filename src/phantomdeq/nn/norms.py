@@ -198,4 +198,4 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
             f"dim must be None or in [{-weight.dim()}, {weight.dim() - 1}] for a weight of "
             f"shape {tuple(weight.shape)}, got {dim!r}"
         )
-    return nn.utils.parametrizations.weight_norm(module, name=name, dim=dim)
+    return nn.utils.parametrizations.weight_norm(module, name=name, dim=dim)  # type: ignore[arg-type]

@@ -1,0 +1,203 @@
+"""Spectral normalisation to a target Lipschitz constant, the weight-norm helper, and the
+synthetic layer's Lipschitz constant (paper Sec. 3, L_h = 0.9)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from phantomdeq.models.synthetic import SyntheticF
+from phantomdeq.nn import SpectralNorm, spectral_norm, weight_norm
+
+D = torch.float64
+
+
+def _sigma(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(w.detach().reshape(w.shape[0], -1), ord=2)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 3.0])
+def test_exact_mode_sets_the_spectral_norm(target):
+    torch.manual_seed(0)
+    lin = spectral_norm(nn.Linear(7, 5, dtype=D), lipschitz=target, exact=True)
+    assert float(_sigma(lin.weight)) == pytest.approx(target, rel=1e-12)
+    # the layer x -> W x + b is target-Lipschitz: ||W(x-y)|| <= target ||x - y||, with equality
+    # along the top right singular vector
+    _, _, vh = torch.linalg.svd(lin.weight.detach())
+    v = vh[0]
+    assert float((lin.weight.detach() @ v).norm()) == pytest.approx(target, rel=1e-12)
+
+
+def test_power_iteration_converges_to_target_in_training_mode():
+    torch.manual_seed(1)
+    lin = spectral_norm(nn.Linear(30, 20, dtype=D), lipschitz=0.9, n_power_iterations=1)
+    lin.train()
+    for _ in range(50):
+        w = lin.weight
+    assert float(_sigma(w)) == pytest.approx(0.9, rel=1e-6)
+    # eval mode reuses the stored vectors; training mode advances them
+    fresh = spectral_norm(nn.Linear(30, 20, dtype=D), lipschitz=0.9, n_power_iterations=1)
+    u = fresh.parametrizations.weight[0].u
+    u0 = u.clone()
+    fresh.eval()
+    _ = fresh.weight
+    assert torch.equal(u, u0)
+    fresh.train()
+    _ = fresh.weight
+    assert not torch.equal(u, u0)
+
+
+def test_bound_mode_only_shrinks():
+    small = nn.Linear(4, 4, bias=False, dtype=D)
+    with torch.no_grad():
+        small.weight.copy_(0.3 * torch.eye(4, dtype=D))
+    before = small.weight.detach().clone()
+    spectral_norm(small, lipschitz=0.9, exact=True, mode="bound")
+    assert torch.allclose(small.weight, before)
+    big = nn.Linear(4, 4, bias=False, dtype=D)
+    with torch.no_grad():
+        big.weight.copy_(torch.diag(torch.tensor([5.0, 2.0, 1.0, 0.5], dtype=D)))
+    spectral_norm(big, lipschitz=0.9, exact=True, mode="bound")
+    expected = torch.diag(torch.tensor([0.9, 0.36, 0.18, 0.09], dtype=D))
+    assert torch.allclose(big.weight, expected, atol=1e-12)
+
+
+def test_batched_matrices_are_normalised_independently():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            scales = torch.tensor([0.1, 1.0, 10.0], dtype=D)[:, None, None]
+            self.weight = nn.Parameter(torch.randn(3, 6, 4, dtype=D) * scales)
+
+    torch.manual_seed(2)
+    for exact in (True, False):
+        m = spectral_norm(Holder(), lipschitz=0.7, exact=exact, n_power_iterations=10, batch_dims=1)
+        for _ in range(30):
+            w = m.weight
+        sig = torch.linalg.matrix_norm(w.detach(), ord=2)
+        assert torch.allclose(sig, torch.full((3,), 0.7, dtype=D), rtol=1e-6), (exact, sig)
+
+
+def test_conv_weight_is_read_as_out_by_rest_matrix():
+    torch.manual_seed(3)
+    conv = spectral_norm(nn.Conv2d(3, 8, 3, dtype=D), lipschitz=1.5, exact=True)
+    assert float(_sigma(conv.weight)) == pytest.approx(1.5, rel=1e-12)
+
+
+def test_gradient_reaches_the_raw_weight_and_matches_finite_differences():
+    torch.manual_seed(4)
+    w = torch.randn(4, 3, dtype=D)
+    param = SpectralNorm(w, target=0.9, exact=True)
+    assert torch.autograd.gradcheck(param, (w.clone().requires_grad_(),))
+    lin = spectral_norm(nn.Linear(3, 4, dtype=D), lipschitz=0.9, exact=True)
+    lin(torch.randn(5, 3, dtype=D)).pow(2).sum().backward()
+    raw = lin.parametrizations.weight.original
+    assert raw.grad is not None and float(raw.grad.norm()) > 0
+    # rescaling the raw weight does not change the normalised weight: the gradient is orthogonal
+    # to the raw weight (d/ds f(s W) = <grad, W> = 0)
+    assert float((raw.grad * raw.detach()).sum()) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_state_dict_and_deepcopy_round_trip():
+    torch.manual_seed(5)
+    a = spectral_norm(nn.Linear(6, 6, dtype=D), lipschitz=0.9, n_power_iterations=2)
+    a.train()
+    _ = a.weight
+    b = spectral_norm(nn.Linear(6, 6, dtype=D), lipschitz=0.9, n_power_iterations=2)
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    assert torch.allclose(a.weight, b.weight)
+    c = copy.deepcopy(a)
+    assert torch.allclose(c.weight, a.weight)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"lipschitz": 0.0}, "lipschitz"),
+        ({"lipschitz": float("inf")}, "lipschitz"),
+        ({"n_power_iterations": 0}, "n_power_iterations"),
+        ({"mode": "clip"}, "mode"),
+        ({"batch_dims": -1}, "batch_dims"),
+        ({"batch_dims": 1}, "batch_dims"),
+    ],
+)
+def test_invalid_spectral_norm_options_raise(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        spectral_norm(nn.Linear(3, 3, dtype=D), **kwargs)
+
+
+def test_missing_weight_name_raises():
+    with pytest.raises(ValueError, match="name"):
+        spectral_norm(nn.Linear(3, 3, dtype=D), "kernel")
+
+
+def test_weight_norm_helper():
+    torch.manual_seed(6)
+    lin = nn.Linear(5, 4, dtype=D)
+    w0 = lin.weight.detach().clone()
+    weight_norm(lin)
+    assert torch.allclose(lin.weight, w0)
+    g = lin.parametrizations.weight.original0
+    v = lin.parametrizations.weight.original1
+    assert torch.allclose(g.squeeze(1), w0.norm(dim=1))
+    with torch.no_grad():
+        g.mul_(2.0)
+    assert torch.allclose(lin.weight, 2.0 * w0)  # magnitude scales, direction is kept
+    assert torch.allclose(v, w0)
+    with pytest.raises(ValueError, match="dim"):
+        weight_norm(nn.Linear(3, 3, dtype=D), dim=5)
+    whole = weight_norm(nn.Linear(3, 2, dtype=D), dim=None)
+    g_all = whole.parametrizations.weight.original0
+    assert float(g_all.detach()) == pytest.approx(float(whole.weight.detach().norm()))  # Frobenius
+
+
+@pytest.mark.parametrize(("activation", "w_norm"), [("tanh", 0.9), ("sigmoid", 3.6), ("relu", 0.9)])
+def test_synthetic_layer_is_lipschitz_0_9(activation, w_norm):
+    gen = torch.Generator().manual_seed(7)
+    f = SyntheticF(12, 5, lipschitz=0.9, activation=activation, generator=gen)
+    assert float(torch.linalg.matrix_norm(f.weight.detach(), ord=2)) == pytest.approx(w_norm)
+    x = torch.randn(400, 5, generator=gen, dtype=D)
+    h1 = torch.randn(400, 12, generator=gen, dtype=D) * 0.3
+    h2 = h1 + torch.randn(400, 12, generator=gen, dtype=D) * 1e-3
+    with torch.no_grad():
+        ratio = (f(h1, x) - f(h2, x)).norm(dim=1) / (h1 - h2).norm(dim=1)
+    assert float(ratio.max()) <= 0.9 + 1e-12
+    assert float(ratio.max()) > 0.3  # and not trivially smaller
+
+
+def test_synthetic_batched_draws_and_trainable_norm():
+    gen = torch.Generator().manual_seed(8)
+    f = SyntheticF(6, 3, batch=5, generator=gen)
+    sig = torch.linalg.matrix_norm(f.weight.detach(), ord=2)
+    assert torch.allclose(sig, torch.full((5,), 0.9, dtype=D))
+    h, x = torch.randn(5, 6, dtype=D), torch.randn(5, 3, dtype=D)
+    # sample i uses problem i
+    single = SyntheticF(6, 3)
+    with torch.no_grad():
+        single.weight.copy_(f.weight[2])
+        single.input_weight.copy_(f.input_weight[2])
+        single.bias.copy_(f.bias[2])
+        assert torch.allclose(f(h, x)[2], single(h[2:3], x[2:3])[0])
+    t = SyntheticF(6, 3, trainable_norm=True)
+    with torch.no_grad():
+        t.parametrizations.weight.original.mul_(7.0)
+    assert float(torch.linalg.matrix_norm(t.weight.detach(), ord=2)) == pytest.approx(0.9)
+    t(h, x).sum().backward()
+    assert t.parametrizations.weight.original.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"lipschitz": 1.0}, "lipschitz"),
+        ({"lipschitz": 0.0}, "lipschitz"),
+        ({"activation": "gelu"}, "activation"),
+        ({"batch": 0}, "batch"),
+    ],
+)
+def test_synthetic_invalid_options(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        SyntheticF(4, 2, **kwargs)
