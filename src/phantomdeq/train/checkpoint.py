@@ -121,10 +121,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has format {found!r}; expected {FORMAT!r}"
-        )
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {found!r}; expected {FORMAT!r}")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}"
+        )
     return state

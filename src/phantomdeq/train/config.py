@@ -116,9 +116,19 @@ class GradConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model ``phantomdeq.models.build_model`` builds (e.g. ``mdeq_tiny``)."""
+    """Which model ``phantomdeq.models.build_model`` builds (``mdeq_tiny``, ``mdeq_cifar10m``,
+    ``mdeq_imagenet18m``). ``dropout`` replaces the configuration's variational-dropout rate
+    (null keeps it); ``overrides`` replaces other architecture fields (e.g. ``channels``)."""
 
     name: str = "mdeq_tiny"
+    dropout: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, prefix: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{prefix}.name: must be a non-empty model name (e.g. 'mdeq_tiny')")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout: must be in [0, 1) or null, got {self.dropout!r}")
 
 
 @dataclass
@@ -126,7 +136,8 @@ class DataConfig:
     """Data set and batching. ``batch_size`` is the *global* batch (split over DDP ranks).
 
     ``root`` may be relative: it is looked up from the working directory, the config file's
-    directory and the repository root (see :func:`resolve_data_root`). ``augment`` turns on
+    directory and the repository root (see :func:`resolve_data_root`). ``image_size`` resizes
+    ``imagefolder`` images (square). ``augment`` turns on
     the batched random crop (``crop_padding`` pixels) and horizontal flip (``flip``).
     """
 
@@ -135,6 +146,7 @@ class DataConfig:
     download: bool = False
     train_size: int | None = None
     test_size: int | None = None
+    image_size: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 500
     augment: bool = False
@@ -154,6 +166,12 @@ class DataConfig:
             raise ConfigError(f"{prefix}.crop_padding: must be >= 0, got {self.crop_padding!r}")
         if self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers!r}")
+        if self.image_size is not None:
+            _positive_int(self.image_size, f"{prefix}.image_size")
+            if self.name != "imagefolder":
+                raise ConfigError(f"{prefix}.image_size: applies to name 'imagefolder' only")
+        if self.download and self.name != "cifar10":
+            raise ConfigError(f"{prefix}.download: only name 'cifar10' can be downloaded")
         if self.name in ("mnist", "cifar10", "imagefolder") and self.root is None:
             raise ConfigError(f"{prefix}.root: required for data set {self.name!r}")
 
@@ -202,7 +220,10 @@ class TrainConfig:
     unrolled_steps=unrolled_steps)``, the MDEQ pre-training stage) come before the DEQ stage.
     Jacobian regularisation adds ``jac_reg_weight * jac_loss`` every ``jac_reg_every``
     iterations (weight 0 disables it). ``eval_every`` is in epochs. ``device``: ``auto``
-    picks CUDA when available. ``num_threads`` > 0 sets ``torch.set_num_threads``.
+    picks CUDA when available. ``num_threads`` > 0 sets ``torch.set_num_threads``. With
+    several processes ``sync_bn`` makes BatchNorm layers use global-batch statistics (so N
+    processes with global batch B train like one process with batch B). ``dtype`` is the
+    parameter / activation precision (``float64`` for reference and reproducibility runs).
     """
 
     epochs: int = 10
@@ -214,6 +235,8 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     num_threads: int = 0
+    sync_bn: bool = True
+    dtype: Literal["float32", "float64"] = "float32"
     label_smoothing: float = 0.0
 
     def validate(self, prefix: str) -> None:
@@ -230,9 +253,13 @@ class TrainConfig:
             )
         _nonneg_float(self.jac_reg_weight, f"{prefix}.jac_reg_weight")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"{prefix}.label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
+            raise ConfigError(
+                f"{prefix}.label_smoothing: must be in [0, 1), got {self.label_smoothing!r}"
+            )
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
-            raise ConfigError(f"{prefix}.device: allowed 'auto', 'cpu', 'cuda', 'cuda:N'; got {self.device!r}")
+            raise ConfigError(
+                f"{prefix}.device: allowed 'auto', 'cpu', 'cuda', 'cuda:N'; got {self.device!r}"
+            )
 
 
 @dataclass
@@ -265,12 +292,10 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks beyond the types (ranges, required combinations)."""
-        for name in ("data", "solver", "grad", "optim", "train", "log"):
+        for name in ("model", "data", "solver", "grad", "optim", "train", "log"):
             getattr(self, name).validate(name)
         if self.eval_solver is not None:
             self.eval_solver.validate("eval_solver")
-        if not self.model.name:
-            raise ConfigError("model.name: must be a non-empty model name (e.g. 'mdeq_tiny')")
 
 
 # --------------------------------------------------------------------------- checks
@@ -303,6 +328,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is dict:
+        return "mapping"
     if origin is list:
         (item,) = get_args(tp)
         return f"list of {_type_name(item)}"
@@ -332,12 +359,23 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed or isinstance(value, bool):
-            raise ConfigError(f"{key}: allowed values are {', '.join(map(repr, allowed))}; got {value!r}")
+            raise ConfigError(
+                f"{key}: allowed values are {', '.join(map(repr, allowed))}; got {value!r}"
+            )
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(
+                f"{key}: expected a mapping with string keys, got {type(value).__name__} {value!r}"
+            )
+        _, item = get_args(tp)
+        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+            )
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _from_mapping(tp, value, key)
@@ -451,7 +489,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = apply_overrides(raw, parse_overrides(overrides or []))
     cfg = config_from_dict(raw)
     if cfg.data.root is not None:
-        cfg.data.root = str(resolve_data_root(cfg.data.root, config_dir=p.resolve().parent))
+        try:
+            cfg.data.root = str(resolve_data_root(cfg.data.root, config_dir=p.resolve().parent))
+        except ConfigError as exc:
+            if not cfg.data.download:
+                hint = " (or --set data.download=true)" if cfg.data.name == "cifar10" else ""
+                raise ConfigError(f"{exc}; set data.root to the data directory{hint}") from exc
+            cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # the loader fills it
     return cfg
 
 

@@ -27,10 +27,17 @@ class MetricsLogger:
     """Append records to ``out_dir/metrics.jsonl`` and mirror scalars to TensorBoard.
 
     Only the main process (rank 0) should construct an enabled logger; ``enabled=False`` makes
-    every method a no-op.
+    every method a no-op. ``append=False`` starts a new ``metrics.jsonl`` (a fresh run).
     """
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        append: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._fh = None
@@ -38,7 +45,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = self.path.open("a" if append else "w", encoding="utf-8")
         if tensorboard:
             self._tb = _make_writer(Path(out_dir) / "tensorboard")
 

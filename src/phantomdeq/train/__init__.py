@@ -1,0 +1,47 @@
+"""Training of DEQ image classifiers: typed YAML configs, the training loop, checkpoints,
+metrics logging and multi-process data parallelism.
+
+``phantomdeq train --config configs/X.yaml`` (see :mod:`phantomdeq.train.commands`) and
+:func:`run_training` are the entry points. Heavy optional dependencies (PyYAML, tqdm,
+matplotlib, TensorBoard) are imported only when used.
+"""
+
+from __future__ import annotations
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    GradConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    SolverConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+)
+from .trainer import LRSchedule, Trainer, TrainingError, evaluate, run_training
+
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "GradConfig",
+    "LRSchedule",
+    "LogConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "config_from_dict",
+    "evaluate",
+    "load_checkpoint",
+    "load_config",
+    "run_training",
+    "save_checkpoint",
+]
