@@ -152,27 +152,28 @@ def detach(z: State) -> State:
     return tree_map(lambda t: t.detach(), z)
 
 
-def make_flat_fn(
-    g: Callable[[State], object], spec: StateSpec, *, who: str = "f"
-) -> Callable[[Tensor], Tensor]:
-    """Wrap a structured map ``g`` into ``(B, D) -> (B, D)``.
+FlatFn = Callable[..., Tensor]
 
-    Single tensors are reshaped (free). Tuple outputs are copied into a fresh flat buffer (one
-    copy of the state, no concatenation): solvers may keep the returned tensor as an iterate.
+
+def make_flat_fn(g: Callable[[State], object], spec: StateSpec, *, who: str = "f") -> FlatFn:
+    """Wrap a structured map ``g`` into ``gf(x, out=None)``: ``(B, D) -> (B, D)``.
+
+    Single tensors are reshaped (free; ``out`` is ignored and ``g``'s own output returned).
+    Tuple outputs are copied into ``out`` when given (a solver's history slot) or into a fresh
+    flat buffer: one copy of the state, no concatenation. Solvers may keep the result.
     """
     if not spec.is_tuple:
 
-        def flat_single(x: Tensor) -> Tensor:
-            out = g(spec.unflatten(x))
-            (o,) = spec.check(out, who=who)
+        def flat_single(x: Tensor, out: Tensor | None = None) -> Tensor:
+            (o,) = spec.check(g(spec.unflatten(x)), who=who)
             return o.reshape(spec.batch, -1)
 
         return flat_single
 
-    def flat_tuple(x: Tensor) -> Tensor:
+    def flat_tuple(x: Tensor, out: Tensor | None = None) -> Tensor:
         parts = spec.check(g(spec.unflatten(x)), who=who)
-        return spec.flatten(
-            parts, out=torch.empty(spec.batch, spec.dim, dtype=spec.dtype, device=spec.device)
-        )
+        if out is None:
+            out = torch.empty(spec.batch, spec.dim, dtype=spec.dtype, device=spec.device)
+        return spec.flatten(parts, out=out)
 
     return flat_tuple

@@ -20,8 +20,8 @@ class _ImplicitRule(BackwardRule):
         self.spec = spec
 
     def __call__(self, g: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
-        def backward_map(v: Tensor) -> Tensor:
-            return vjp(v) + g
+        def backward_map(v: Tensor, out: Tensor | None = None) -> Tensor:
+            return vjp(v).add_(g)
 
         v, tracker = self.owner.solver.solve_flat(backward_map, g)
         sol = tracker.solution(self.spec)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from .._state import FlatFn
 from .base import Solver, _check_float, _check_int, _Tracker
 
 
@@ -41,7 +40,7 @@ class Anderson(Solver):
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "m": self.m, "beta": self.beta, "lam": self.lam}
 
-    def _solve(self, gf: Callable[[Tensor], Tensor], x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         b, d = x0.shape
         m, beta = self.m, self.beta
         dtype, dev = x0.dtype, x0.device
@@ -53,17 +52,19 @@ class Anderson(Solver):
         n = 0  # number of valid history slots
         k = 0  # insertion counter
         while True:
-            fx = gf(x)
             slot = k % m
+            # with beta = 1 the mixed image is g(x) itself: tuple states are written straight
+            # into the history slot (single tensors come back as f's own output)
+            fx = gf(x, out=Y[:, slot]) if beta == 1.0 else gf(x)
             torch.sub(fx, x, out=G[:, slot])
             if tracker.update(x, fx, diff=G[:, slot]):
                 return
             k += 1
             n = min(n + 1, m)
-            if beta == 1.0:
-                Y[:, slot].copy_(fx)
-            else:
+            if beta != 1.0:
                 torch.lerp(x, fx, beta, out=Y[:, slot])
+            elif fx.data_ptr() != Y[:, slot].data_ptr():
+                Y[:, slot].copy_(fx)
             # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots
             row = torch.bmm(G[:, :n], G[:, slot].unsqueeze(-1)).squeeze(-1)  # (B, n)
             gram[:, slot, :n] = row

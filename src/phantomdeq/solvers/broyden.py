@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from .._state import FlatFn
 from .base import Solver, _check_int, _Tracker
 
 
@@ -39,7 +38,7 @@ class Broyden(Solver):
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "memory": self.memory}
 
-    def _solve(self, gf: Callable[[Tensor], Tensor], x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         # Notation: r = g(x) - x, J⁻¹ = -I + U Vᵀ (rows of U, V stored per sample), step p = -J⁻¹ r.
         # With q = r_new - U Vᵀ r_new = -J⁻¹ r_new (before the update), the good-Broyden pair is
         #   v = J⁻ᵀ s = -s + V (Uᵀ s),  u = (s - J⁻¹ y) / (vᵀ y) = q / (vᵀ y)   (s = p, y = r_new - r)
@@ -69,11 +68,15 @@ class Broyden(Solver):
             k += 1
             if n:
                 a_new = torch.bmm(V[:, :n], r_new.unsqueeze(-1))  # (B, n, 1) = Vᵀ r_new
-                q = torch.baddbmm(r_new.unsqueeze(1), a_new.transpose(1, 2), U[:, :n], alpha=-1.0).squeeze(1)
+                q = torch.baddbmm(
+                    r_new.unsqueeze(1), a_new.transpose(1, 2), U[:, :n], alpha=-1.0
+                ).squeeze(1)
                 if n == m:  # the pair in `slot` is evicted: drop its share of U Vᵀ r_new
                     q.addcmul_(U[:, slot], a_new[:, slot])
                 c = torch.bmm(U[:, :n], p.unsqueeze(-1))  # (B, n, 1) = Uᵀ s
-                vt = torch.baddbmm(p.unsqueeze(1), c.transpose(1, 2), V[:, :n], beta=-1.0).squeeze(1)
+                vt = torch.baddbmm(p.unsqueeze(1), c.transpose(1, 2), V[:, :n], beta=-1.0).squeeze(
+                    1
+                )
             else:
                 q = r_new
                 vt = -p

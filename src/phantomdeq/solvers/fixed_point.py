@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._state import State, StateSpec
+from .._state import FlatFn, State, StateSpec
 from .base import Solution, Solver, _check_float, _Tracker
 
 
@@ -36,7 +36,7 @@ class FixedPoint(Solver):
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "damping": self.damping}
 
-    def _solve(self, gf: Callable[[Tensor], Tensor], x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         x = x0
         while True:
             fx = gf(x)
