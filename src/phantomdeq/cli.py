@@ -13,7 +13,10 @@ import sys
 #: command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("phantomdeq.experiments.demo", "run the demonstration that `make demo` runs"),
-    "synthetic": ("phantomdeq.experiments.synthetic", "paper Fig. 1: phantom vs exact gradient cosine"),
+    "synthetic": (
+        "phantomdeq.experiments.synthetic",
+        "paper Fig. 1: phantom vs exact gradient cosine",
+    ),
     "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
     "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
     "cost": ("phantomdeq.experiments.cost", "paper Table 2: time and memory of each gradient"),
