@@ -249,7 +249,7 @@ def timed_solver(solver: pdq.Solver, clock: Any) -> pdq.Solver:
 
         namespace["unroll"] = unroll
     cls = type(f"Timed{base.__name__}", (base,), namespace)
-    copy = object.__new__(cls)
+    copy: Any = object.__new__(cls)
     copy.__dict__.update(solver.__dict__)
     return copy  # type: ignore[return-value]
 
@@ -463,7 +463,8 @@ def run(
         for name in names:
             clock = _Clock(bench.dev, profile_marks=True)
             prof = cpu_peak_memory(
-                lambda name=name, clock=clock: bench.step(name, clock), marks=("fwd_end",)
+                lambda name=name, clock=clock: bench.step(name, clock),  # type: ignore[misc]
+                marks=("fwd_end",),
             )
             samples[name]["peak_mb"].append(prof.peak_bytes / 2**20)
             samples[name]["graph_mb"].append(prof.at_marks.get("fwd_end", 0) / 2**20)

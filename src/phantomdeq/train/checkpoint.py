@@ -40,7 +40,7 @@ class CheckpointError(RuntimeError):
 
 def capture_rng_state() -> dict[str, Any]:
     """The global RNG states as tensors / plain Python values (``weights_only`` loadable)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    result = {
+    report: dict[str, object] = {
         "checkpoint": str(args.checkpoint),
         "epoch": int(state["epoch"]),
         "step": int(state["step"]),
         **result,
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(report, indent=2))
     return 0
 
 
