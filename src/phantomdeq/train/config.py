@@ -6,8 +6,8 @@ dataclass; unknown keys and values of the wrong type are errors (:class:`ConfigE
 the dotted key and the expected type or the allowed values. ``--set key=value`` overrides are
 applied to the raw mapping before parsing, so they are checked the same way.
 
-New options are added by adding a field with a default to a section dataclass (for example a
-future ``train.monitor_every: int = 0`` for the gradient-quality monitor); the parser, the
+New options are added by adding a field with a default to a section dataclass (for example
+``train.monitor_every: int = 0`` for the gradient-quality monitor); the parser, the
 ``--set`` overrides and the saved ``config.yaml`` pick it up without further changes.
 """
 
@@ -212,6 +212,10 @@ class OptimConfig:
             raise ConfigError(f"{prefix}.nesterov: needs name 'sgd' and momentum > 0")
 
 
+def _monitor_solver_default() -> SolverConfig:
+    return SolverConfig(name="broyden", max_iter=60, tol=1e-6)
+
+
 @dataclass
 class TrainConfig:
     """Training loop options.
@@ -224,6 +228,14 @@ class TrainConfig:
     several processes ``sync_bn`` makes BatchNorm layers use global-batch statistics (so N
     processes with global batch B train like one process with batch B). ``dtype`` is the
     parameter / activation precision (``float64`` for reference and reproducibility runs).
+
+    Gradient-quality monitor (:mod:`phantomdeq.train.monitor`): every ``monitor_every`` DEQ-stage
+    steps (0 = off) the gradient the step uses and the exact implicit gradient (eq. 4, IFT with
+    the tight ``monitor_solver``) are computed on the same batch, forward solution and dropout
+    mask, w.r.t. the equilibrium cell's parameters (``monitor_params: cell``) or all parameters
+    (``all``); their cosine and norm ratio are logged as ``monitor_cos`` /
+    ``monitor_norm_ratio`` (its cost as ``monitor_time_s``, excluded from the step timing). It
+    changes no update, so these fields may differ on resume.
     """
 
     epochs: int = 10
@@ -238,9 +250,17 @@ class TrainConfig:
     sync_bn: bool = True
     dtype: Literal["float32", "float64"] = "float32"
     label_smoothing: float = 0.0
+    monitor_every: int = 0
+    monitor_params: Literal["cell", "all"] = "cell"
+    monitor_solver: SolverConfig = field(default_factory=_monitor_solver_default)
 
     def validate(self, prefix: str) -> None:
         _positive_int(self.epochs, f"{prefix}.epochs")
+        if self.monitor_every < 0:
+            raise ConfigError(
+                f"{prefix}.monitor_every: must be >= 0 (0 = off), got {self.monitor_every!r}"
+            )
+        self.monitor_solver.validate(f"{prefix}.monitor_solver")
         _positive_int(self.eval_every, f"{prefix}.eval_every")
         _positive_int(self.jac_reg_every, f"{prefix}.jac_reg_every")
         for key in ("pretrain_steps", "unrolled_steps", "num_threads"):

@@ -102,7 +102,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Draw loss, accuracy and forward residual against the step into ``out_path`` (PNG).
+    """Draw loss, accuracy and forward residual against the step into ``out_path`` (PNG), plus
+    the gradient-quality monitor's cosine (``monitor_cos``) when the run recorded it.
 
     Returns None (and draws nothing) when matplotlib is missing or there are no records.
     """
@@ -128,7 +129,8 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
                 ys.append(float(v))
         return xs, ys
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    monitor = series(steps, "monitor_cos")
+    fig, axes = plt.subplots(1, 4 if monitor[0] else 3, figsize=(18.5 if monitor[0] else 14, 3.8))
     ax = axes[0]
     ax.plot(*series(steps, "train_loss"), lw=0.8, label="train (step)")
     ax.plot(*series(epochs, "test_loss"), "o-", label="test (epoch)")
@@ -153,6 +155,15 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     ax.set_xlabel("step")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    if monitor[0]:
+        # the gradient-quality monitor (paper Fig. 2): cosine of the used vs the exact gradient
+        ax = axes[3]
+        ax.plot(*monitor, "o-", ms=3, label="cos(used, exact)")
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set_ylim(min(-0.05, min(monitor[1]) - 0.05), 1.02)
+        ax.set_title("gradient cosine vs exact (monitor)")
+        ax.set_xlabel("step")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=100)

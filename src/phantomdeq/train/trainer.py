@@ -452,6 +452,15 @@ class Trainer:
             self._load_resume()
         if self.dist.is_main:
             dump_config(cfg, self.out_dir / "config.yaml")
+        self.monitor = None
+        if cfg.train.monitor_every > 0:
+            from phantomdeq.grad import IFT
+
+            from .monitor import GradientMonitor
+
+            self.monitor = GradientMonitor(
+                IFT(build_solver(cfg.train.monitor_solver)), params=cfg.train.monitor_params
+            )
         self.logger = MetricsLogger(
             self.out_dir,
             enabled=self.dist.is_main,
@@ -484,7 +493,7 @@ class Trainer:
         if differ:
             raise ConfigError(
                 f"cannot resume from {str(path)!r}: the config differs from the checkpoint's in "
-                f"{', '.join(differ)} (only log.* and train.device may change on resume)"
+                f"{', '.join(differ)} (only log.*, train.device and train.monitor_* may change on resume)"
             )
         try:
             self.net.load_state_dict(state["model"])
@@ -551,6 +560,9 @@ class Trainer:
             and cfg.train.jac_reg_weight > 0
             and self.step % cfg.train.jac_reg_every == 0
         )
+        monitor_rec: dict[str, float] = {}
+        if self.monitor is not None and not pretrain and self.step % cfg.train.monitor_every == 0:
+            monitor_rec = self._measure_gradient(x, y, gen)
         error = ""
         loss = torch.zeros((), device=self.device)
         ce = loss
@@ -604,7 +616,34 @@ class Trainer:
         }
         if jac_loss is not None:
             rec["jac_loss"] = float(jac_loss.detach())
+        rec.update(monitor_rec)
         return rec
+
+    def _measure_gradient(self, x: Tensor, y: Tensor, gen: torch.Generator) -> dict[str, float]:
+        """The gradient-quality monitor on this step's batch (before the update, same dropout
+        mask: ``gen`` is restored afterwards). A failed exact solve is logged, never raised."""
+        from phantomdeq import DEQError
+
+        assert self.monitor is not None
+        t0 = time.perf_counter()
+        try:
+            res = self.monitor.measure_classifier(
+                self.net, x, y, generator=gen, label_smoothing=self.config.train.label_smoothing
+            )
+        except DEQError:
+            return {
+                "monitor_cos": math.nan,
+                "monitor_norm_ratio": math.nan,
+                "monitor_time_s": time.perf_counter() - t0,
+            }
+        out = {
+            "monitor_cos": res["cosine"],
+            "monitor_norm_ratio": res["norm_ratio"],
+            "monitor_time_s": res["time_s"],
+        }
+        if "exact_bwd_residual" in res:
+            out["monitor_exact_residual"] = res["exact_bwd_residual"]
+        return out
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.config
@@ -630,6 +669,7 @@ class Trainer:
             "res": 0.0,
             "conv": 0.0,
             "deq_n": 0.0,
+            "monitor_time": 0.0,
         }
         t_epoch = time.perf_counter()
         elapsed0 = self.elapsed
@@ -639,7 +679,10 @@ class Trainer:
                 rec = self._train_step(x, y, epoch, i)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
+                # the gradient-quality monitor is reported separately, not as training time
+                monitor_time = float(rec.get("monitor_time_s", 0.0))
+                sums["monitor_time"] += monitor_time
+                dt = time.perf_counter() - t0 - monitor_time
                 self.train_time += dt
                 rec["step_time_s"] = dt
                 rec["time_s"] = elapsed0 + (time.perf_counter() - t_epoch)
@@ -676,7 +719,8 @@ class Trainer:
             "fwd_nstep": sums["nstep"] / deq_n if deq_n else math.nan,
             "fwd_residual": sums["res"] / deq_n if deq_n else math.nan,
             "fwd_converged": sums["conv"] / deq_n if deq_n else math.nan,
-            "epoch_time_s": time.perf_counter() - t_epoch,
+            "epoch_time_s": time.perf_counter() - t_epoch - sums["monitor_time"],
+            **({"monitor_time_s": sums["monitor_time"]} if self.monitor is not None else {}),
         }
 
     def fit(self) -> dict[str, Any]:
@@ -796,7 +840,7 @@ def _config_differences(a: Config, b: Config) -> list[str]:
         sa, sb = da[section], db[section]
         if isinstance(sa, dict) and isinstance(sb, dict):
             for key in sa:
-                if section == "train" and key == "device":
+                if section == "train" and (key == "device" or key.startswith("monitor_")):
                     continue
                 if sa[key] != sb.get(key):
                     out.append(f"{section}.{key}")

@@ -1,0 +1,684 @@
+"""Ablation grids of training runs (paper Sec. 3, Table 1 and Fig. 3), as the command
+
+    phantomdeq ablate --config configs/X.yaml [--config configs/Y.yaml ...]
+                      --grid "grad=ift,upg,npg" --grid "k=1,3,5,7,9" --grid "lam=0.5,1.0"
+                      --seeds 3 --out DIR [--jobs J] [--set key=value ...]
+
+Every ``--config`` (a preset, e.g. a Table 1 row from ``configs/ablation/``) is combined with
+the cartesian product of the ``--grid`` axes and trained once per seed (``train.seed`` = the
+config's seed + 0, 1, ..., seeds - 1).  ``--set`` overrides apply to every run, before the grid.
+
+Grid keys.  Short names map to config fields -- ``grad`` -> ``grad.name``, ``k`` -> ``grad.k``,
+``lam`` -> ``grad.lam``, ``optim`` -> ``optim.name``, ``lr`` -> ``optim.lr``, ``dropout`` ->
+``model.dropout``, ``pretrain`` -> ``train.pretrain_steps``, ``unrolled`` ->
+``train.unrolled_steps``, ``fwd`` -> ``solver.max_iter``, ``epochs`` -> ``train.epochs``,
+``batch`` -> ``data.batch_size``, ``train_size`` -> ``data.train_size`` -- and any dotted config key
+(``optim.name``, ``model.dropout``, ``train.pretrain_steps``, ...) is used as is.  Values are
+comma-separated and read as YAML scalars (``0.5``, ``true``, ``null``).  Every resulting config
+is parsed and validated before the first run starts; a bad key or value exits with status 2.
+
+Collapsing.  Options that do not apply to a run are reset to their defaults before runs are
+identified: ``grad.k``/``grad.lam`` unless the estimator is ``upg``/``npg``, ``grad.checkpoint``
+unless ``upg``, ``grad.backward_solver`` unless ``ift``, ``train.unrolled_steps`` without
+pretraining.  Runs whose resulting configs are equal (ignoring ``log.*``, ``train.device``,
+``train.num_threads``, ``data.num_workers`` and ``train.monitor_*``, which do not change what is
+trained) are run once,
+so ``grad=ift`` does not repeat across the ``k``/``lam`` axes.
+
+Resuming.  Run ``i`` of a config lives in ``DIR/runs/<label>-<hash>-s<seed>/``; it is finished
+when its ``result.json`` exists (written after training ends, also for a run that diverged, whose
+status is ``failed``), and finished runs are skipped when the command is started again; an
+interrupted run continues from its ``last.pt``.
+
+Outputs in ``DIR`` (covering every finished run under ``DIR/runs``, so several invocations
+with different presets can fill one study): ``ablation.json`` (per-run results and per-config
+aggregates), ``table.md`` (Table-1 style: mean (best) test accuracy over seeds, time per
+training epoch, forward steps; also printed) and ``fig3.png`` (test accuracy vs ``k``, one
+curve per method and ``λ``, estimators without ``k`` as horizontal lines).
+
+Exit status: 0 when every run finished (diverged runs count as finished and are reported),
+1 when a run crashed, 2 for a bad command line / grid / config, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs", "summarize"]
+
+PROG = "phantomdeq ablate"
+
+#: short grid keys -> dotted config keys
+GRID_ALIASES: dict[str, str] = {
+    "grad": "grad.name",
+    "k": "grad.k",
+    "lam": "grad.lam",
+    "optim": "optim.name",
+    "lr": "optim.lr",
+    "dropout": "model.dropout",
+    "pretrain": "train.pretrain_steps",
+    "unrolled": "train.unrolled_steps",
+    "fwd": "solver.max_iter",
+    "epochs": "train.epochs",
+    "batch": "data.batch_size",
+    "train_size": "data.train_size",
+}
+
+#: config fields that do not change what is trained (left out of a run's identity)
+_NOT_IDENTITY = (
+    ("train", "device"),
+    ("train", "num_threads"),
+    ("data", "num_workers"),
+    # the gradient-quality monitor only observes (it changes no update)
+    ("train", "monitor_every"),
+    ("train", "monitor_params"),
+    ("train", "monitor_solver"),
+)
+_METHOD_NAMES = {"ift": "IFT", "upg": "UPG", "npg": "NPG", "onestep": "OneStep", "bptt": "BPTT"}
+
+
+class GridError(ValueError):
+    """A bad ``--grid`` specification (the message names the key / value and what is allowed)."""
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class RunSpec:
+    """One training run of the study."""
+
+    label: str  # readable configuration label (no seed)
+    key: str  # hash of the canonical configuration (no seed)
+    seed: int
+    config: dict[str, Any]  # canonical, resolved config mapping (seed included)
+    source: str  # the preset file
+    assignment: dict[str, Any] = field(default_factory=dict)  # grid values that apply
+
+    @property
+    def name(self) -> str:
+        return f"{_slug(self.label)}-{self.key[:8]}-s{self.seed}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=]+", "_", text).strip("_")[:80] or "run"
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
+    """``["grad=ift,upg", "k=1,3"]`` -> ``[("grad.name", ["ift", "upg"]), ("grad.k", [1, 3])]``."""
+    import yaml
+
+    out: list[tuple[str, list[Any]]] = []
+    seen: set[str] = set()
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise GridError(f"--grid: expected KEY=V1,V2,... (e.g. k=1,3,5), got {item!r}")
+        dotted = GRID_ALIASES.get(key, key)
+        if "." not in dotted:
+            raise GridError(
+                f"--grid: unknown key {key!r}; use a dotted config key (e.g. optim.name) or one of "
+                f"{', '.join(GRID_ALIASES)}"
+            )
+        if dotted in seen:
+            raise GridError(f"--grid: key {key!r} ({dotted}) given twice")
+        seen.add(dotted)
+        values: list[Any] = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                raise GridError(f"--grid {key}: empty value in {text!r}")
+            try:
+                value = yaml.safe_load(part)
+            except yaml.YAMLError as exc:
+                raise GridError(f"--grid {key}: cannot parse value {part!r}: {exc}") from exc
+            if value in values:
+                raise GridError(f"--grid {key}: value {part!r} given twice")
+            values.append(value)
+        out.append((dotted, values))
+    return out
+
+
+def _canonical(cfg: Any) -> Any:
+    """Reset options that do not apply to this run to their defaults (see module docstring)."""
+    from phantomdeq.train.config import GradConfig, TrainConfig
+
+    cfg = copy.deepcopy(cfg)
+    g, default_g = cfg.grad, GradConfig()
+    if g.name not in ("upg", "npg"):
+        g.k, g.lam = default_g.k, default_g.lam
+    if g.name != "upg":
+        g.checkpoint = default_g.checkpoint
+    if g.name != "ift":
+        g.backward_solver = default_g.backward_solver
+    if cfg.train.pretrain_steps == 0:
+        cfg.train.unrolled_steps = TrainConfig().unrolled_steps
+    return cfg
+
+
+def _identity(cfg_dict: dict[str, Any]) -> str:
+    d = copy.deepcopy(cfg_dict)
+    d.pop("log", None)
+    d["train"].pop("seed", None)
+    for section, key in _NOT_IDENTITY:
+        d[section].pop(key, None)
+    text = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _irrelevant(cfg: dict[str, Any], dotted: str) -> bool:
+    """Whether the option ``dotted`` has no effect on this run (see :func:`_canonical`)."""
+    grad = cfg["grad"]["name"]
+    if dotted in ("grad.k", "grad.lam"):
+        return grad not in ("upg", "npg")
+    if dotted == "grad.checkpoint":
+        return grad != "upg"
+    if dotted.startswith("grad.backward_solver"):
+        return grad != "ift"
+    if dotted == "train.unrolled_steps":
+        return cfg["train"]["pretrain_steps"] == 0
+    return False
+
+
+def plan_runs(
+    configs: list[Path],
+    grid: list[tuple[str, list[Any]]],
+    *,
+    seeds: int,
+    overrides: list[str] | None = None,
+) -> list[RunSpec]:
+    """Every (config, grid point, seed) as a :class:`RunSpec`, validated and de-duplicated.
+
+    Raises :class:`phantomdeq.train.config.ConfigError` (naming the config file, the grid point
+    and the offending key) for any invalid combination, before anything is run.
+    """
+    from phantomdeq.train.config import ConfigError, config_to_dict, load_config
+
+    if seeds < 1:
+        raise GridError(f"--seeds: must be >= 1, got {seeds}")
+    keys = [k for k, _ in grid]
+    points = list(itertools.product(*[vals for _, vals in grid])) if grid else [()]
+    specs: list[RunSpec] = []
+    seen: set[tuple[str, int]] = set()
+    for path in configs:
+        for point in points:
+            assignment = dict(zip(keys, point))
+            sets = list(overrides or []) + [f"{k}={json.dumps(v)}" for k, v in assignment.items()]
+            where = f"{path}" + (
+                " with " + ", ".join(f"{k}={v}" for k, v in assignment.items())
+                if assignment
+                else ""
+            )
+            try:
+                cfg = _canonical(load_config(path, sets))
+                cfg.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
+            cfg_dict = config_to_dict(cfg)
+            key = _identity(cfg_dict)
+            # keep only the grid values that still apply after collapsing
+            applied = {k: v for k, v in assignment.items() if not _irrelevant(cfg_dict, k)}
+            short = {v: k for k, v in GRID_ALIASES.items()}
+            label = " ".join([path.stem] + [f"{short.get(k, k)}={v}" for k, v in applied.items()])
+            base_seed = cfg.train.seed
+            for i in range(seeds):
+                seed = base_seed + i
+                if (key, seed) in seen:
+                    continue
+                seen.add((key, seed))
+                run_cfg = copy.deepcopy(cfg_dict)
+                run_cfg["train"]["seed"] = seed
+                specs.append(
+                    RunSpec(
+                        label, key, seed, run_cfg, str(path), {k: v for k, v in applied.items()}
+                    )
+                )
+    return specs
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _find_finished(out: Path, spec: RunSpec) -> Path | None:
+    for p in sorted((out / "runs").glob(f"*-{spec.key[:8]}-s{spec.seed}/result.json")):
+        return p.parent
+    return None
+
+
+def _epoch_stats(run_dir: Path) -> dict[str, float]:
+    """Mean training-epoch time (evaluation and monitor excluded) and mean training forward
+    steps of the DEQ stage, from ``metrics.jsonl``."""
+    from phantomdeq.train.metrics_log import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = read_metrics(path)
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    steps = [r for r in rows if r.get("kind") == "step" and r.get("stage") == "deq"]
+    out: dict[str, float] = {}
+    times = [r["epoch_time_s"] for r in epochs if isinstance(r.get("epoch_time_s"), int | float)]
+    if times:
+        out["epoch_time_s"] = sum(times) / len(times)
+    ns = [r["fwd_nstep"] for r in steps if isinstance(r.get("fwd_nstep"), int | float)]
+    if ns:
+        out["train_fwd_nstep"] = sum(ns) / len(ns)
+    accs = [r["test_acc"] for r in epochs if isinstance(r.get("test_acc"), int | float)]
+    if accs:
+        out["acc_curve"] = accs  # type: ignore[assignment]
+    return out
+
+
+def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str, Any]:
+    """Train one run into ``run_dir`` and write its ``result.json`` (status ``ok`` or
+    ``failed`` for a diverged run). Resumes from ``last.pt`` when present."""
+    import torch
+
+    from phantomdeq.errors import DEQError
+    from phantomdeq.train.config import config_from_dict
+    from phantomdeq.train.trainer import TrainingError, run_training
+
+    out = Path(run_dir)
+    cfg = config_from_dict(config)
+    cfg.log.progress = False
+    if threads > 0 and cfg.train.num_threads == 0:
+        torch.set_num_threads(threads)
+    resume = (out / "last.pt").is_file()
+    t0 = time.perf_counter()
+    try:
+        metrics = run_training(cfg, out, resume=resume, progress=False)
+        status, message = "ok", ""
+    except (TrainingError, DEQError) as exc:
+        metrics, status, message = {}, "failed", str(exc)
+    result: dict[str, Any] = {
+        "status": status,
+        "message": message,
+        "wall_s": time.perf_counter() - t0,
+        **{k: v for k, v in metrics.items() if k != "out_dir"},
+        **_epoch_stats(out),
+    }
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
+    }
+    tmp = out / "result.json.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(clean, indent=2))
+    os.replace(tmp, out / "result.json")
+    return clean
+
+
+def _run_worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
+    return run_one(*args)
+
+
+def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
+    """Run the unfinished specs; returns (ran, crashed)."""
+    # seed-major order: every configuration gets its first seed before any gets its second
+    todo = sorted(
+        (s for s in specs if _find_finished(out, s) is None),
+        key=lambda s: (s.seed, specs.index(s)),
+    )
+    skipped = len(specs) - len(todo)
+    print(
+        f"{PROG}: {len(specs)} runs planned, {skipped} already finished, {len(todo)} to run"
+        + (f" ({jobs} at a time)" if jobs > 1 and todo else ""),
+        file=sys.stderr,
+    )
+    crashed = 0
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+
+    def report(i: int, spec: RunSpec, res: dict[str, Any] | None, err: str = "") -> None:
+        if res is None:
+            print(f"[{i}/{len(todo)}] {spec.name}: crashed: {err}", file=sys.stderr)
+            return
+        acc = res.get("test_acc")
+        acc_s = f"test acc {100 * acc:.2f}%" if isinstance(acc, float) else res["status"]
+        print(f"[{i}/{len(todo)}] {spec.name}: {acc_s} ({res['wall_s']:.0f}s)", file=sys.stderr)
+
+    if jobs <= 1:
+        for i, spec in enumerate(todo, 1):
+            res = run_one(spec.config, str(out / "runs" / spec.name))
+            report(i, spec, res)
+        return len(todo), 0
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_run_worker, (s.config, str(out / "runs" / s.name), threads)): s
+            for s in todo
+        }
+        for i, fut in enumerate(as_completed(futures), 1):
+            spec = futures[fut]
+            try:
+                report(i, spec, fut.result())
+            except Exception as exc:  # a crashed run must not stop the others
+                crashed += 1
+                report(i, spec, None, f"{type(exc).__name__}: {exc}")
+    return len(todo), crashed
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _method(cfg: dict[str, Any]) -> str:
+    g = cfg["grad"]
+    name = _METHOD_NAMES.get(g["name"], g["name"])
+    if g["name"] in ("upg", "npg"):
+        return f"{name} A_{{{g['k']},{g['lam']:g}}}"
+    return name
+
+
+def _row_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    m = cfg["model"]
+    dropout = m.get("dropout")
+    if dropout is None:
+        from phantomdeq.models.mdeq import mdeq_config
+
+        try:
+            dropout = mdeq_config(m["name"]).dropout
+        except ValueError:
+            dropout = None
+    return {
+        "method": _method(cfg),
+        "grad": cfg["grad"]["name"],
+        "k": cfg["grad"]["k"] if cfg["grad"]["name"] in ("upg", "npg") else None,
+        "lam": cfg["grad"]["lam"] if cfg["grad"]["name"] in ("upg", "npg") else None,
+        "pretrain_steps": cfg["train"]["pretrain_steps"],
+        "dropout": dropout,
+        "optimizer": cfg["optim"]["name"],
+        "fwd_max_iter": cfg["solver"]["max_iter"],
+    }
+
+
+def _collect(out: Path) -> list[dict[str, Any]]:
+    """Every finished run under ``out/runs`` with its config and result."""
+    import yaml
+
+    runs = []
+    for res_path in sorted((out / "runs").glob("*/result.json")):
+        run_dir = res_path.parent
+        meta_path = run_dir / "ablation_run.json"
+        if not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        result = json.loads(res_path.read_text())
+        cfg = meta.get("config")
+        if cfg is None and (run_dir / "config.yaml").is_file():
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        runs.append({**meta, "config": cfg, "result": result, "dir": run_dir.name})
+    return runs
+
+
+def _fmt(x: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x * scale, spec)
+
+
+def summarize(out: Path) -> dict[str, Any]:
+    """Aggregate the finished runs under ``out`` into rows (one per configuration)."""
+    import statistics
+
+    runs = _collect(out)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["key"], []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        rs.sort(key=lambda r: r["seed"])
+        ok = [
+            r
+            for r in rs
+            if r["result"].get("status") == "ok" and r["result"].get("test_acc") is not None
+        ]
+        accs = [float(r["result"]["test_acc"]) for r in ok]
+        bests = [float(r["result"].get("best_test_acc") or r["result"]["test_acc"]) for r in ok]
+        times = [
+            r["result"]["epoch_time_s"] for r in ok if r["result"].get("epoch_time_s") is not None
+        ]
+        nsteps = [
+            r["result"]["train_fwd_nstep"]
+            for r in ok
+            if r["result"].get("train_fwd_nstep") is not None
+        ]
+        row = {
+            "key": key,
+            "label": rs[0]["label"],
+            "source": rs[0]["source"],
+            **_row_of(rs[0]["config"]),
+            "seeds": [r["seed"] for r in rs],
+            "n_runs": len(rs),
+            "n_failed": len(rs) - len(ok),
+            "acc": accs,
+            "acc_mean": statistics.fmean(accs) if accs else None,
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
+            "acc_best": max(accs) if accs else None,
+            "best_epoch_acc_mean": statistics.fmean(bests) if bests else None,
+            "epoch_time_s": statistics.fmean(times) if times else None,
+            "train_fwd_nstep": statistics.fmean(nsteps) if nsteps else None,
+            "failures": [r["result"].get("message", "") for r in rs if r not in ok],
+        }
+        rows.append(row)
+    rows.sort(key=lambda r: (r["source"], r["grad"], r["lam"] or 0.0, r["k"] or 0, r["label"]))
+    return {"runs": runs, "rows": rows}
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The Table-1-style table: accuracy as mean (best) over seeds, in percent."""
+    head = (
+        "| Configuration | Method | Pretrain steps | Dropout | Optimizer | Forward steps (max / mean) "
+        "| Time/epoch (s) | Acc % mean (best) | ± std | Runs (failed) |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        acc = (
+            f"{_fmt(r['acc_mean'], '.2f', 100)} ({_fmt(r['acc_best'], '.2f', 100)})"
+            if r["acc_mean"] is not None
+            else "diverged"
+        )
+        fwd = f"{r['fwd_max_iter']} / {_fmt(r['train_fwd_nstep'], '.1f')}"
+        lines.append(
+            f"| {r['label']} | {r['method']} | {r['pretrain_steps']} | {_fmt(r['dropout'], 'g')} "
+            f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} | {acc} "
+            f"| {_fmt(r['acc_std'], '.2f', 100)} | {r['n_runs']} ({r['n_failed']}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_fig3(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Test accuracy vs k (mean ± std over seeds; × marks the best seed), one curve per
+    (method, λ, preset); estimators without k (IFT, ...) as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    curves: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    flat: list[dict[str, Any]] = []
+    for r in rows:
+        if r["acc_mean"] is None and r["k"] is None:
+            continue
+        if r["k"] is None:
+            flat.append(r)
+        else:
+            curves.setdefault((r["grad"], r["lam"], r["source"]), []).append(r)
+    if not curves and not flat:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sources = {key[2] for key in curves}
+    markers = {"upg": "o", "npg": "s"}
+    ordered = sorted(curves)
+    for (grad, lam, source), rs in sorted(
+        curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
+    ):
+        rs = sorted(rs, key=lambda r: r["k"])
+        # a small horizontal offset per curve keeps error bars at the same k apart
+        dx = 0.06 * (ordered.index((grad, lam, source)) - (len(ordered) - 1) / 2)
+        ks = [r["k"] + dx for r in rs if r["acc_mean"] is not None]
+        ys = [100 * r["acc_mean"] for r in rs if r["acc_mean"] is not None]
+        es = [100 * (r["acc_std"] or 0.0) for r in rs if r["acc_mean"] is not None]
+        label = f"{_METHOD_NAMES.get(grad, grad)} λ={lam:g}"
+        if len(sources) > 1:
+            label += f" ({Path(source).stem})"
+        line = ax.errorbar(ks, ys, yerr=es, marker=markers.get(grad, "^"), capsize=3, label=label)
+        bk = [r["k"] + dx for r in rs if r["acc_best"] is not None]
+        bb = [100 * r["acc_best"] for r in rs if r["acc_best"] is not None]
+        ax.plot(bk, bb, "x", color=line[0].get_color(), alpha=0.7)
+        for r in rs:
+            if r["n_failed"]:
+                ax.text(
+                    r["k"],
+                    0.03,
+                    f"{r['n_failed']}/{r['n_runs']} diverged",
+                    transform=ax.get_xaxis_transform(),
+                    fontsize=7,
+                    rotation=90,
+                    color=line[0].get_color(),
+                    clip_on=True,
+                )
+    styles = ["--", ":", "-.", (0, (5, 1))]
+    for i, r in enumerate(flat):
+        if r["acc_mean"] is None:
+            continue
+        ax.axhline(
+            100 * r["acc_mean"],
+            ls=styles[i % len(styles)],
+            color="k" if i == 0 else f"C{(i + 5) % 10}",
+            lw=1.2,
+            label=f"{r['label']} ({r['method']})",
+        )
+    ax.set_xlabel("k (unrolled / Neumann steps)")
+    ax.set_ylabel("test accuracy % (mean ± std over seeds; × best)")
+    ax.set_title("Accuracy vs k and λ (paper Fig. 3)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(out: Path, argv: list[str]) -> dict[str, Any]:
+    """Write ``ablation.json``, ``table.md`` and ``fig3.png`` from every finished run."""
+    summary = summarize(out)
+    table = table_markdown(summary["rows"])
+    (out / "table.md").write_text(table)
+    doc = {
+        "command": "phantomdeq ablate " + " ".join(argv),
+        "rows": summary["rows"],
+        "runs": summary["runs"],
+    }
+    tmp = out / "ablation.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, out / "ablation.json")
+    plot_fig3(summary["rows"], out / "fig3.png")
+    print(table, end="")
+    return doc
+
+
+# --------------------------------------------------------------------------- command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a grid of configurations x seeds and tabulate them (paper Table 1, Fig. 3).",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=[],
+        help="YAML config (a preset, e.g. configs/ablation/*.yaml); repeatable; required "
+        "unless --report-only",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help=f"grid axis; KEY is a dotted config key or one of {', '.join(GRID_ALIASES)} (repeatable)",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
+    p.add_argument("--out", type=Path, required=True, help="study directory")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every run (repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the reports")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from phantomdeq.train.config import ConfigError
+
+    def error(msg: str, code: int = 2) -> int:
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return code
+
+    if args.jobs < 1:
+        return error(f"--jobs: must be >= 1, got {args.jobs}")
+    if args.seeds < 1:
+        return error(f"--seeds: must be >= 1, got {args.seeds}")
+    out: Path = args.out
+    if not args.report_only and not args.config:
+        return error("--config: at least one config file is required (unless --report-only)")
+    if not args.report_only:
+        try:
+            grid = parse_grid(args.grid)
+            specs = plan_runs(args.config, grid, seeds=args.seeds, overrides=args.overrides)
+        except (GridError, ConfigError) as exc:
+            return error(str(exc))
+        if args.dry_run:
+            for s in specs:
+                done = "done" if _find_finished(out, s) else "todo"
+                print(f"{done}  {s.name}")
+            return 0
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        for s in specs:
+            run_dir = out / "runs" / s.name
+            if _find_finished(out, s) is None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                meta = dataclasses.asdict(s)
+                (run_dir / "ablation_run.json").write_text(json.dumps(meta, indent=2, default=str))
+        t0 = time.perf_counter()
+        try:
+            ran, crashed = _execute(specs, out, args.jobs)
+        except KeyboardInterrupt:
+            return error("interrupted; run the same command again to continue", 130)
+        print(f"{PROG}: {ran} runs in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    else:
+        crashed = 0
+    if not (out / "runs").is_dir():
+        return error(f"--out: no runs under {str(out)!r}")
+    write_reports(out, argv)
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Live gradient-quality monitor: the gradient being used for training vs the exact gradient.
+
+The paper measures the precision of a phantom gradient by its cosine similarity with the
+exact gradient (Sec. 3, "Precision of the Phantom Gradient"; Fig. 1 in the synthetic setting,
+Fig. 2 during real training).  :class:`GradientMonitor` makes that measurement on a live
+training step: on the current batch, with the current parameters and the *same* forward
+solution ``h*`` and dropout mask, it computes
+
+* ``g_used``  -- the gradient of the loss produced by the model's own estimator
+  (UPG eq. 17, NPG eq. 18, IFT eq. 4 with the training backward solver, ...), and
+* ``g_exact`` -- the implicit-function-theorem gradient of eq. (4),
+  ``dL/dθ = (∂L/∂h*) (I - ∂F/∂h*)^{-1} ∂F/∂θ``, obtained with a tightly converged backward
+  solve (``IFT(Broyden(max_iter=60, tol=1e-6))`` by default),
+
+and returns their cosine similarity and norm ratio ``||g_used|| / ||g_exact||``.
+
+By default both gradients are taken with respect to the parameters ``θ`` of the equilibrium
+cell ``F`` only (``params="cell"``), which is the quantity the paper's cosine is about; the
+stem (input injection) and head gradients are identical up to the estimator's effect on
+``h`` and would inflate the similarity.  ``params="all"`` uses every trainable parameter.
+
+Side effects are undone: ``.grad`` fields are not touched (``torch.autograd.grad`` is used),
+module buffers (BatchNorm running statistics) are restored, the global torch RNG (CPU and
+CUDA) and the optional dropout ``generator`` are put back to their states on entry, and the
+model's estimator, solver and train/eval mode are restored -- so enabling the monitor does not
+change the training trajectory (nor resume determinism).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradientMonitor", "cosine_and_ratio", "find_deq", "plot_monitor"]
+
+MONITOR_PARAMS = ("cell", "all")
+
+
+def find_deq(model: nn.Module) -> Any:
+    """The first :class:`phantomdeq.DEQ` inside ``model`` (``model`` itself if it is one)."""
+    from phantomdeq.deq import DEQ
+
+    for m in model.modules():
+        if isinstance(m, DEQ):
+            return m
+    raise ValueError(
+        f"GradientMonitor: model {type(model).__name__} contains no phantomdeq.DEQ module"
+    )
+
+
+def cosine_and_ratio(a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[float, float, float, float]:
+    """``(cos(a, b), ||a|| / ||b||, ||a||, ||b||)`` of two lists of tensors, flattened and
+    concatenated, in float64."""
+    if len(a) != len(b):
+        raise ValueError(f"cosine_and_ratio: got {len(a)} and {len(b)} tensors")
+    dot = torch.zeros((), dtype=torch.float64)
+    na = torch.zeros((), dtype=torch.float64)
+    nb = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(a, b):
+        x64 = x.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
+        y64 = y.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
+        dot += x64 @ y64
+        na += x64 @ x64
+        nb += y64 @ y64
+    norm_a, norm_b = float(na.sqrt()), float(nb.sqrt())
+    denom = norm_a * norm_b
+    cos = float(dot) / denom if denom > 0 else float("nan")
+    ratio = norm_a / norm_b if norm_b > 0 else float("nan")
+    return cos, ratio, norm_a, norm_b
+
+
+class _ReplaySolver:
+    """Runs the wrapped solver on the first pass and returns the recorded solutions, in call
+    order, on the next passes -- so both gradients are taken at the bit-identical ``h*``."""
+
+    def __init__(self, solver: Any) -> None:
+        self.solver = solver
+        self.recorded: list[Any] = []
+        self.replaying = False
+        self.position = 0
+
+    def __call__(self, g: Callable[..., Any], z0: Any) -> Any:
+        if not self.replaying:
+            sol = self.solver(g, z0)
+            self.recorded.append(sol)
+            return sol
+        if self.position >= len(self.recorded):
+            raise RuntimeError(
+                "GradientMonitor: the loss closure called the DEQ more often on the second pass "
+                "than on the first; it must be deterministic"
+            )
+        sol = self.recorded[self.position]
+        self.position += 1
+        return sol
+
+    def replay(self) -> None:
+        self.replaying = True
+        self.position = 0
+
+
+class _Restore:
+    """Snapshot of the state a gradient pass may change (RNGs, generator, buffers)."""
+
+    def __init__(self, model: nn.Module, generator: torch.Generator | None) -> None:
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.generator = generator
+        self.gen_state = generator.get_state() if generator is not None else None
+        self.buffers = [(b, b.detach().clone()) for b in _buffers(model)]
+
+    def __call__(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        if self.generator is not None and self.gen_state is not None:
+            self.generator.set_state(self.gen_state)
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+
+
+def _buffers(model: nn.Module) -> Iterator[Tensor]:
+    seen: set[int] = set()
+    for buf in model.buffers():
+        if id(buf) not in seen:
+            seen.add(id(buf))
+            yield buf
+
+
+class GradientMonitor:
+    """Cosine similarity and norm ratio of the training gradient against the exact one.
+
+    Args:
+        exact: the reference estimator; default ``IFT(Broyden(max_iter=60, tol=1e-6))``
+            (eq. 4 with a tight backward solve).  Its backward-solve statistics are reported.
+        params: ``"cell"`` (default: the parameters ``θ`` of the equilibrium cell ``F``) or
+            ``"all"`` (every trainable parameter of the model).
+
+    Use :meth:`measure` with any loss closure, or :meth:`measure_classifier` for an MDEQ-style
+    classifier called as ``model(x, mode="deq", generator=...)``.
+    """
+
+    def __init__(self, exact: Any = None, *, params: Literal["cell", "all"] = "cell") -> None:
+        from phantomdeq.grad.base import GradientEstimator
+
+        if exact is None:
+            from phantomdeq.grad import IFT
+            from phantomdeq.solvers import Broyden
+
+            exact = IFT(Broyden(max_iter=60, tol=1e-6))
+        if not isinstance(exact, GradientEstimator):
+            raise ValueError(
+                f"GradientMonitor: exact must be a phantomdeq.grad estimator (usually IFT), got {exact!r}"
+            )
+        if exact.tracks_forward:
+            raise ValueError(
+                "GradientMonitor: exact=BPTT() is not supported; use IFT(tight solver)"
+            )
+        if params not in MONITOR_PARAMS:
+            raise ValueError(
+                f"GradientMonitor: params must be one of {MONITOR_PARAMS}, got {params!r}"
+            )
+        self.exact = exact
+        self.params = params
+
+    def __repr__(self) -> str:
+        return f"GradientMonitor(exact={self.exact!r}, params={self.params!r})"
+
+    def parameters_of(self, model: nn.Module, deq: Any = None) -> list[nn.Parameter]:
+        """The parameters the gradients are compared on (see ``params``)."""
+        if self.params == "cell":
+            deq = find_deq(model) if deq is None else deq
+            source = deq.f.parameters()
+        else:
+            source = model.parameters()
+        out, seen = [], set()
+        for p in source:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        if not out:
+            raise ValueError(f"GradientMonitor: no trainable parameters for params={self.params!r}")
+        return out
+
+    def gradients(
+        self,
+        model: nn.Module,
+        loss_closure: Callable[[], Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        deq: Any = None,
+    ) -> tuple[list[Tensor], list[Tensor], dict[str, float]]:
+        """``(g_used, g_exact, extra)``: both gradient lists (aligned with
+        :meth:`parameters_of`) and the loss / exact backward-solve statistics.
+
+        ``loss_closure()`` must run the model forward in train mode on the batch (drawing its
+        dropout masks from ``generator`` if given) and return the scalar loss.  It is called
+        twice; the forward solve is run once and replayed, and the RNGs, ``generator`` and
+        buffers are reset before the second call and restored at the end.
+        """
+        deq = find_deq(model) if deq is None else deq
+        params = self.parameters_of(model, deq)
+        used_grad, used_solver = deq.grad, deq.solver
+        was_training = model.training
+        restore = _Restore(model, generator)
+        # BPTT records the forward iterations itself: recompute (deterministically) instead.
+        replay = None if used_grad.tracks_forward else _ReplaySolver(used_solver)
+        extra: dict[str, float] = {}
+        try:
+            model.train()
+            with torch.enable_grad():
+                if replay is not None:
+                    deq.solver = replay
+                loss = loss_closure()
+                g_used = _grad(loss, params)
+                extra["loss"] = float(loss.detach())
+                del loss
+                restore()
+                if replay is not None:
+                    replay.replay()
+                else:
+                    deq.solver = used_solver
+                deq.grad = self.exact
+                if hasattr(self.exact, "last_backward"):
+                    self.exact.last_backward = None
+                loss = loss_closure()
+                g_exact = _grad(loss, params)
+                del loss
+            last = getattr(self.exact, "last_backward", None)
+            if last is not None:
+                extra["exact_bwd_residual"] = float(last.residual.float().max())
+                extra["exact_bwd_niter"] = float(last.niter)
+        finally:
+            deq.grad, deq.solver = used_grad, used_solver
+            restore()
+            model.train(was_training)
+        return g_used, g_exact, extra
+
+    def measure(
+        self,
+        model: nn.Module,
+        loss_closure: Callable[[], Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        deq: Any = None,
+    ) -> dict[str, float]:
+        """Compare the model's gradient with the exact one on one batch.
+
+        Returns ``cosine`` (cos ∠(g_used, g_exact)), ``norm_ratio`` (||g_used|| / ||g_exact||),
+        ``used_norm``, ``exact_norm``, ``loss``, ``time_s`` (wall time of the whole
+        measurement) and, for an IFT reference, ``exact_bwd_residual`` (batch-max residual of
+        the backward solve, in its stop mode) and ``exact_bwd_niter``.
+        """
+        t0 = time.perf_counter()
+        g_used, g_exact, extra = self.gradients(model, loss_closure, generator=generator, deq=deq)
+        cos, ratio, n_used, n_exact = cosine_and_ratio(g_used, g_exact)
+        device = g_used[0].device if g_used else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {
+            "cosine": cos,
+            "norm_ratio": ratio,
+            "used_norm": n_used,
+            "exact_norm": n_exact,
+            **extra,
+            "time_s": time.perf_counter() - t0,
+        }
+
+    def measure_classifier(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        label_smoothing: float = 0.0,
+    ) -> dict[str, float]:
+        """:meth:`measure` with the cross-entropy loss of ``model(x, mode="deq",
+        generator=generator).logits`` (an MDEQ classifier)."""
+        import torch.nn.functional as F
+
+        def closure() -> Tensor:
+            out = model(x, mode="deq", generator=generator)
+            return F.cross_entropy(out.logits, y, label_smoothing=label_smoothing)
+
+        return self.measure(model, closure, generator=generator)
+
+
+def _grad(loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "GradientMonitor: the loss does not require grad; the closure must run the model in "
+            "train mode with gradients enabled"
+        )
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+
+
+def plot_monitor(
+    metrics_path: Any, out_path: Any, *, title: str | None = None, unconverged: float = 1e-3
+) -> Any:
+    """Draw the monitor's records of ``metrics.jsonl`` (``monitor_cos``, ``monitor_norm_ratio``
+    against the training step) into ``out_path`` -- the paper's Fig. 2 for one training run.
+    Measurements whose exact backward solve ended above ``unconverged`` (residual in the
+    monitor solver's stop mode) are marked: there the "exact" gradient is not exact.
+
+    Returns the path, or None when matplotlib is missing or there are no monitor records.
+    """
+    from pathlib import Path
+
+    from .metrics_log import read_metrics
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    rows = [
+        r
+        for r in read_metrics(metrics_path)
+        if r.get("kind") == "step" and isinstance(r.get("monitor_cos"), int | float)
+    ]
+    if not rows:
+        return None
+    steps = [float(r["step"]) for r in rows]
+    cos = [float(r["monitor_cos"]) for r in rows]
+    ratio = [
+        float(r["monitor_norm_ratio"])
+        if isinstance(r.get("monitor_norm_ratio"), int | float)
+        else math.nan
+        for r in rows
+    ]
+    res = [
+        float(r["monitor_exact_residual"])
+        if isinstance(r.get("monitor_exact_residual"), int | float)
+        else math.nan
+        for r in rows
+    ]
+    bad = [i for i, v in enumerate(res) if v > unconverged]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax.plot(steps, cos, "o-", ms=3, label="cos(g_used, g_exact)")
+    if bad:
+        ax.plot(
+            [steps[i] for i in bad],
+            [cos[i] for i in bad],
+            "rx",
+            ms=8,
+            label=f"exact backward solve not converged (residual > {unconverged:g})",
+        )
+        ax.legend(loc="lower right", fontsize=7)
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cos(g_used, g_exact)")
+    ax.set_ylim(min(-0.05, min(cos) - 0.05), 1.02)
+    ax.set_title(title or "cosine vs the exact (IFT) gradient", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax2.semilogy(steps, ratio, "o-", ms=3, color="C1")
+    ax2.axhline(1.0, color="k", lw=0.6)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("||g_used|| / ||g_exact||")
+    ax2.set_title("norm ratio")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out_path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
