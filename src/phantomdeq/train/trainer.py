@@ -169,7 +169,8 @@ def _seed_of(*parts: int) -> int:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)  # DistributedDataParallel wraps the model
+    return inner if isinstance(inner, nn.Module) else model
 
 
 # --------------------------------------------------------------------------- schedule
