@@ -150,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         from phantomdeq.train.config import load_config
 
         print("== 3. MDEQ-Tiny on digits with UPG(5, 0.5) ==")
-        cfg_path = Path(__file__).resolve().parents[3] / "configs" / "mdeq_tiny_digits.yaml"
+        candidates = [
+            Path("configs/mdeq_tiny_digits.yaml"),  # run from the repository root (make demo)
+            Path(__file__).resolve().parents[3] / "configs" / "mdeq_tiny_digits.yaml",  # editable
+        ]
+        cfg_path = next((c for c in candidates if c.is_file()), None)
+        if cfg_path is None:
+            print("demo: configs/mdeq_tiny_digits.yaml not found; run from the repository root")
+            return 2
         cfg = load_config(cfg_path)
         res = run_training(cfg, out / "mdeq_tiny_digits", progress=True)
         print(
