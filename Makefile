@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,tensorboard]'
+	# TorchDEQ, the peer library of the side-by-side tests, without its own dependencies
+	$(PY) -m pip install -q --no-deps torchdeq==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)
