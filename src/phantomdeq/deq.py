@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -81,8 +81,7 @@ class DEQ(nn.Module):
             return f(z, *inputs)
 
         if attach and self.grad.tracks_forward:
-            assert isinstance(solver, FixedPoint)  # checked in __init__
-            z, sol = solver.unroll(g, z0, spec)
+            z, sol = cast(FixedPoint, solver).unroll(g, z0, spec)  # checked in __init__
             self._check(sol, "forward (BPTT)")
             return z, sol
         sol = solver(g, detach(z0))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._state import FlatFn, State, StateSpec
+from .._state import FlatFn, State, StateSpec, as_tuple, like
 from .base import Solution, Solver, _check_float, _Tracker
 
 
@@ -54,8 +54,6 @@ class FixedPoint(Solver):
         Stops at the same point as :meth:`__call__` would (``tol`` reached by every sample, or
         ``max_iter``); the returned state is differentiable w.r.t. everything ``g`` uses.
         """
-        from .._state import as_tuple, like
-
         z = z0
         tracker = _Tracker(self, spec.flatten(z0).detach().clone())
         lam = self.damping
