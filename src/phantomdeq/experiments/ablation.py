@@ -597,6 +597,8 @@ def write_reports(out: Path, argv: list[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from phantomdeq.train.config import add_set_argument
+
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train a grid of configurations x seeds and tabulate them (paper Table 1, Fig. 3).",
@@ -619,14 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
     p.add_argument("--out", type=Path, required=True, help="study directory")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value in every run (repeatable)",
-    )
+    add_set_argument(p, "override a config value in every run (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite the reports")
     return p

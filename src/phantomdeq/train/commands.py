@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import ConfigError, add_set_argument, load_config
 
 PROG = "phantomdeq train"
 
@@ -35,13 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default: runs/<config name>); holds config.yaml, metrics.jsonl, "
         "last.pt, best.pt, curves.png, tensorboard/",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=0.05 --set grad.name=ift (repeatable)",
+    add_set_argument(
+        p, "override a config value, e.g. --set optim.lr=0.05 --set grad.name=ift (repeatable)"
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / epoch lines")

@@ -565,3 +565,16 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def add_set_argument(parser: Any, help_text: str) -> None:
+    """The ``--set KEY=VALUE`` option (repeatable) shared by the train, eval and ablate commands;
+    values are parsed and checked by :func:`load_config`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_text,
+    )

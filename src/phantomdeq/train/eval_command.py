@@ -17,6 +17,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (
     ConfigError,
+    add_set_argument,
     apply_overrides,
     config_from_dict,
     parse_overrides,
@@ -29,14 +30,7 @@ PROG = "phantomdeq eval"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Evaluate a training checkpoint.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a last.pt / best.pt file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the stored config (repeatable)",
-    )
+    add_set_argument(p, "override a value of the stored config (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     return p
