@@ -236,6 +236,13 @@ class TrainConfig:
     (``all``); their cosine and norm ratio are logged as ``monitor_cos`` /
     ``monitor_norm_ratio`` (its cost as ``monitor_time_s``, excluded from the step timing). It
     changes no update, so these fields may differ on resume.
+
+    ``bn_recalibration_batches`` > 0 recomputes the BatchNorm running statistics before each
+    evaluation ("precise BN") from that many training batches (fixed order, no augmentation)
+    passed through the model in eval mode -- eval solver, no dropout, no phantom unroll -- with
+    only the BatchNorm layers collecting statistics. Early in DEQ training the states seen in
+    training and in evaluation differ (the fixed point is not reached yet), and running statistics
+    lagging behind fast-moving weights then ruin eval-mode accuracy; training itself is unchanged.
     """
 
     epochs: int = 10
@@ -251,11 +258,17 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     label_smoothing: float = 0.0
     monitor_every: int = 0
+    bn_recalibration_batches: int = 0
     monitor_params: Literal["cell", "all"] = "cell"
     monitor_solver: SolverConfig = field(default_factory=_monitor_solver_default)
 
     def validate(self, prefix: str) -> None:
         _positive_int(self.epochs, f"{prefix}.epochs")
+        if self.bn_recalibration_batches < 0:
+            raise ConfigError(
+                f"{prefix}.bn_recalibration_batches: must be >= 0 (0 = off), "
+                f"got {self.bn_recalibration_batches!r}"
+            )
         if self.monitor_every < 0:
             raise ConfigError(
                 f"{prefix}.monitor_every: must be >= 0 (0 = off), got {self.monitor_every!r}"

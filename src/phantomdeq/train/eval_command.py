@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .trainer import _build_model, _load_data, _resolve_device, evaluate
+    from .trainer import _build_model, _load_data, _resolve_device, evaluate, recalibrate_batchnorm
 
     try:
         state = load_checkpoint(args.checkpoint)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import DistInfo
 
         device = _resolve_device(cfg.train.device, DistInfo())
-        _, test_ds, info = _load_data(cfg)
+        train_ds, test_ds, info = _load_data(cfg)
         get = (lambda k: info[k]) if isinstance(info, dict) else (lambda k: getattr(info, k))
         model = _build_model(cfg, int(get("num_classes")), int(get("in_channels")))
         try:
@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"checkpoint {str(args.checkpoint)!r} does not match model {cfg.model.name!r}: {exc}"
             ) from exc
         model.to(device, getattr(torch, cfg.train.dtype))
+        # precise BatchNorm as in training (train.bn_recalibration_batches; --set to change it)
+        recalibrate_batchnorm(
+            model,
+            train_ds,
+            batches=cfg.train.bn_recalibration_batches,
+            batch_size=cfg.data.batch_size,
+            device=device,
+        )
         with torch.no_grad():
             result = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device)
     except ConfigError as exc:

@@ -292,6 +292,53 @@ def _forward_stats(info: Any) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batches: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dist_info: DistInfo | None = None,
+    num_workers: int = 0,
+) -> int:
+    """Precise BatchNorm: reset the running statistics and recompute them as the plain average
+    over ``batches`` batches of ``dataset`` (first samples, fixed order) run in eval mode -- the
+    eval solver's states, no dropout -- with only the BatchNorm layers in training mode. Every
+    rank takes its shard of each batch, so synced BatchNorm layers see the global batch.
+    Returns the number of batches used (0 when the model has no BatchNorm)."""
+    dist_info = dist_info or DistInfo()
+    net = _unwrap(model)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batches <= 0 or not norms:
+        return 0
+    was_training = net.training
+    momenta = [m.momentum for m in norms]
+    source = _Batches(dataset, num_workers)
+    n = min(len(source), batches * batch_size)
+    order = torch.arange(n)
+    chunks = [
+        order[i : i + batch_size][dist_info.rank :: dist_info.world_size]
+        for i in range(0, n, batch_size)
+    ]
+    chunks = [c for c in chunks if c.numel() > 0]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+        m.train()
+    try:
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        for x, _ in source.iterate(chunks, torch.device(device), dtype):
+            net(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        net.train(was_training)
+    return len(chunks)
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: Any,
@@ -743,6 +790,15 @@ class Trainer:
                 eval_rec: dict[str, float] = {}
                 if (epoch + 1) % cfg.train.eval_every == 0 or last:
                     t_eval = time.perf_counter()
+                    recalibrate_batchnorm(
+                        self.net,
+                        self.train_data.dataset,
+                        batches=cfg.train.bn_recalibration_batches,
+                        batch_size=cfg.data.batch_size,
+                        device=self.device,
+                        dist_info=self.dist,
+                        num_workers=cfg.data.num_workers,
+                    )
                     eval_rec = evaluate(
                         self.net,
                         self.test_ds,
