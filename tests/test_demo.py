@@ -13,10 +13,16 @@ def test_demo_gradient_table_agrees_with_the_mathematics():
     assert rows["UPG k=10 lam=1"]["rel_error"] < 1e-3
     assert rows["UPG k=1 lam=1 (one-step)"]["rel_error"] == rows["OneStep"]["rel_error"]
     assert rows["UPG k=5 lam=0.5"]["cosine"] > rows["OneStep"]["cosine"]
-    assert abs(rows["UPG k=5 lam=0.5 ckpt"]["rel_error"] - rows["UPG k=5 lam=0.5"]["rel_error"]) < 1e-12
+    assert (
+        abs(rows["UPG k=5 lam=0.5 ckpt"]["rel_error"] - rows["UPG k=5 lam=0.5"]["rel_error"])
+        < 1e-12
+    )
 
 
 def test_cli_rejects_unknown_command(capsys):
     assert main(["fly"]) == 2
-    assert "unknown command 'fly'; allowed: demo, synthetic, train, eval, cost, ablate" in capsys.readouterr().err
+    assert (
+        "unknown command 'fly'; allowed: demo, synthetic, train, eval, cost, ablate"
+        in capsys.readouterr().err
+    )
     assert main([]) == 2
