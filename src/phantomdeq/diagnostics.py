@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._state import State, StateSpec, as_tuple, detach, like
+from .grad.base import _VJPAt
 
 TensorOrSeq = Tensor | Sequence[Tensor]
 
@@ -223,11 +224,9 @@ def spectral_radius(
     v = torch.randn(spec.batch, spec.dim, dtype=spec.dtype, device=spec.device, generator=generator)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     logs = []
+    vjp = _VJPAt(ys, z_req, spec)
     for i in range(iters):
-        ws = as_tuple(spec.unflatten(v))
-        grads = torch.autograd.grad(ys, z_req, ws, retain_graph=True, allow_unused=True)
-        parts = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, z_req)]
-        w = spec.flatten(like(spec, parts)).detach()
+        w = vjp(v)
         norm = torch.linalg.vector_norm(w, dim=1)
         if i >= iters // 2:
             logs.append(torch.log(norm.clamp_min(1e-300)))
