@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, add_set_argument, load_config
+from .distributed import DistributedError
 
 PROG = "phantomdeq train"
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_training(cfg, out, resume=args.resume, progress=not args.no_progress)
     except ConfigError as exc:
         return _error(str(exc), 2)
-    except (CheckpointError, TrainingError) as exc:
+    except (CheckpointError, TrainingError, DistributedError) as exc:
         return _error(str(exc), 1)
     except KeyboardInterrupt:
         return _error(f"interrupted; continue with: {PROG} --out {out} --resume", 130)

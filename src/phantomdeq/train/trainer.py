@@ -59,10 +59,12 @@ from .distributed import (
     convert_batchnorm,
     epoch_permutation,
     init_distributed,
+    rank0_first,
     shard_batches,
 )
 from .evaluation import evaluate, forward_stats, recalibrate_batchnorm
 from .metrics_log import MetricsLogger, plot_curves, read_metrics, truncate_metrics
+from .precision import MixedPrecision, check_precision
 from .schedule import LRSchedule
 
 __all__ = ["Trainer", "TrainingError", "run_training"]
@@ -109,10 +111,14 @@ class Trainer:
         )
         self.dist = init_distributed(device_type)
         self.device = resolve_device(wanted, self.dist)
+        problem = check_precision(cfg.train.precision, cfg.train.dtype, self.device.type)
+        if problem is not None:
+            raise ConfigError(problem)
+        self.amp = MixedPrecision(cfg.train.precision, self.device.type)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        train_ds, test_ds, info = load_data(cfg)
+        train_ds, test_ds, info = rank0_first(lambda: load_data(cfg), self.dist)
         self.train_data = Batches(train_ds, cfg.data.num_workers)
         self.test_ds = test_ds
         self.num_classes = int(info_get(info, "num_classes"))
@@ -205,6 +211,7 @@ class Trainer:
                 f"checkpoint {str(path)!r} does not match the model: {exc}"
             ) from exc
         self.schedule.load_state_dict(state["scheduler"])
+        self._load_extra_state(state, path)
         restore_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
@@ -215,8 +222,25 @@ class Trainer:
         if self.dist.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.epoch, self.step)
 
+    def _extra_state(self) -> dict[str, Any]:
+        """Checkpoint entries beyond model / optimiser / schedule / RNG / position: the mixed-
+        precision state under ``"precision"`` (``train.precision`` and, for fp16, the
+        ``GradScaler``'s scale and growth tracker). Restored by :meth:`_load_extra_state`."""
+        return {"precision": self.amp.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any], path: Path) -> None:
+        """Inverse of :meth:`_extra_state`. A checkpoint without ``"precision"`` (written before
+        the option existed) was an fp32 run; the config check has already refused a change of
+        ``train.precision`` on resume."""
+        saved = state.get("precision", {"precision": "fp32", "scaler": {}})
+        try:
+            self.amp.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
+
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
+            **self._extra_state(),
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
@@ -272,13 +296,15 @@ class Trainer:
         info = None
         correct = 0.0
         try:
-            if pretrain:
-                out = model(
-                    x, mode="unrolled", unrolled_steps=cfg.train.unrolled_steps, generator=gen
-                )
-            else:
-                out = model(x, mode="deq", jac_reg=use_jac, generator=gen)
-            ce = F.cross_entropy(out.logits, y, label_smoothing=cfg.train.label_smoothing)
+            with self.amp.autocast():
+                if pretrain:
+                    out = model(
+                        x, mode="unrolled", unrolled_steps=cfg.train.unrolled_steps, generator=gen
+                    )
+                else:
+                    out = model(x, mode="deq", jac_reg=use_jac, generator=gen)
+            # the loss in fp32 whatever the compute precision of the logits
+            ce = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.train.label_smoothing)
             loss = ce
             if use_jac and out.jac_loss is not None:
                 jac_loss = out.jac_loss
@@ -297,11 +323,14 @@ class Trainer:
         if float(stats[6]) < float(stats[7]):
             raise self._fail(error or f"non-finite loss ({float(loss.detach())})", epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.amp.backward(loss)
         if cfg.optim.grad_clip > 0:
+            self.amp.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
         lr = self.schedule.set_step(self.step)
-        self.optimizer.step()
+        # fp16: an overflow of the scaled gradients makes the GradScaler skip this update and
+        # lower the scale -- the normal way the scale is found, not a divergence (counted)
+        applied = self.amp.step(self.optimizer)
         self.step += 1
         total = max(float(stats[2]), 1.0)
         rec: dict[str, Any] = {
@@ -316,6 +345,9 @@ class Trainer:
             "fwd_converged": float(stats[5]) / total,
             "n": total,
         }
+        if self.amp.scaling:
+            rec["grad_scale"] = self.amp.scale
+            rec["scaler_skipped"] = 0 if applied else 1
         if jac_loss is not None:
             rec["jac_loss"] = float(jac_loss.detach())
         rec.update(monitor_rec)
@@ -329,9 +361,14 @@ class Trainer:
         assert self.monitor is not None
         t0 = time.perf_counter()
         try:
-            res = self.monitor.measure_classifier(
-                self.net, x, y, generator=gen, label_smoothing=self.config.train.label_smoothing
-            )
+            with self.amp.autocast():  # the gradient in use, in the run's compute precision
+                res = self.monitor.measure_classifier(
+                    self.net,
+                    x,
+                    y,
+                    generator=gen,
+                    label_smoothing=self.config.train.label_smoothing,
+                )
         except DEQError:
             return {
                 "monitor_cos": math.nan,
@@ -372,6 +409,7 @@ class Trainer:
             "conv": 0.0,
             "deq_n": 0.0,
             "monitor_time": 0.0,
+            "scaler_skipped": 0.0,
         }
         t_epoch = time.perf_counter()
         elapsed0 = self.elapsed
@@ -392,6 +430,7 @@ class Trainer:
                 sums["loss"] += rec["train_loss"] * n
                 sums["acc"] += rec["train_acc"] * n
                 sums["n"] += n
+                sums["scaler_skipped"] += float(rec.get("scaler_skipped", 0))
                 if rec["stage"] == "deq" and math.isfinite(rec["fwd_nstep"]):
                     sums["nstep"] += rec["fwd_nstep"] * n
                     sums["res"] += rec["fwd_residual"] * n
@@ -423,13 +462,18 @@ class Trainer:
             "fwd_converged": sums["conv"] / deq_n if deq_n else math.nan,
             "epoch_time_s": time.perf_counter() - t_epoch - sums["monitor_time"],
             **({"monitor_time_s": sums["monitor_time"]} if self.monitor is not None else {}),
+            **({"scaler_skipped_steps": sums["scaler_skipped"]} if self.amp.scaling else {}),
         }
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.epochs`` (continuing a resumed run) and return the final metrics."""
-        self._setup()
+        """Train to ``train.epochs`` (continuing a resumed run) and return the final metrics.
+
+        Setup, training and teardown share one ``try``/``finally``: whatever fails (a bad config
+        found on a rank, a missing checkpoint, a diverged run, an interrupt), the metrics files
+        are closed and the process group is left (:meth:`_teardown`)."""
         cfg = self.config
         try:
+            self._setup()
             if self.dist.is_main and self.epoch >= cfg.train.epochs:
                 print(
                     f"phantomdeq: run in {str(self.out_dir)!r} already finished "
@@ -452,6 +496,7 @@ class Trainer:
                         device=self.device,
                         dist_info=self.dist,
                         num_workers=cfg.data.num_workers,
+                        precision=cfg.train.precision,
                     )
                     eval_rec = evaluate(
                         self.net,
@@ -460,6 +505,7 @@ class Trainer:
                         device=self.device,
                         dist_info=self.dist,
                         num_workers=cfg.data.num_workers,
+                        precision=cfg.train.precision,
                     )
                     eval_rec["eval_time_s"] = time.perf_counter() - t_eval
                     self.elapsed += eval_rec["eval_time_s"]
@@ -488,18 +534,36 @@ class Trainer:
                     self._report(rec, time.perf_counter() - t_start)
                 barrier(self.dist)
         finally:
-            self.logger.close()
-            if (
-                self.dist.is_main
-                and self.config.log.plot
-                and (self.out_dir / "metrics.jsonl").is_file()
-            ):
-                try:
-                    plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-                except Exception as exc:  # a plot must never hide the training outcome
-                    print(f"phantomdeq: could not draw curves.png: {exc}", file=sys.stderr)
-            cleanup(self.dist)
+            self._teardown()
         return self._final_metrics()
+
+    def _teardown(self) -> None:
+        """Close the metrics files, draw the curves (rank 0) and leave the process group.
+
+        Leaving is more than ``destroy_process_group``: the DDP wrapper (its C++ reducer) keeps
+        the gloo process group -- and with it the gloo worker and TCP-loop threads -- alive
+        until the wrapper is garbage-collected, which for the wrapper's reference cycles can be
+        during interpreter shutdown; native threads that outlive the interpreter can abort the
+        process at exit ("terminate called without an active exception"). So the wrapper is
+        dropped and collected here, while the interpreter is fully alive."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        dist_info = getattr(self, "dist", None)
+        if (
+            dist_info is not None
+            and dist_info.is_main
+            and self.config.log.plot
+            and (self.out_dir / "metrics.jsonl").is_file()
+        ):
+            try:
+                plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+            except Exception as exc:  # a plot must never hide the training outcome
+                print(f"phantomdeq: could not draw curves.png: {exc}", file=sys.stderr)
+        if dist_info is not None:
+            if self.model is not None and self.model is not getattr(self, "net", None):
+                self.model = getattr(self, "net", None)  # drop the DDP wrapper
+            cleanup(dist_info)
 
     def _report(self, rec: dict[str, Any], seconds: float) -> None:
         if not self.progress:
