@@ -78,7 +78,7 @@ def _machine(device: str) -> dict[str, Any]:
 def time_steps(args: argparse.Namespace) -> dict[str, Any]:
     records = []
     base = [
-        f"data.root={args.data}",
+        *([f"data.root={args.data}"] if args.data is not None else []),
         f"data.batch_size={args.batch}",
         f"data.train_size={args.batch * args.steps}",
         f"data.test_size={args.batch}",
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--test", type=int, default=2000)
     s = sub.add_parser("steps", help="time training steps per precision")
     s.add_argument("--config", type=Path, required=True)
-    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--data", type=Path, help="data.root (e.g. make-cifar's DIR)")
     s.add_argument("--precisions", default="fp32,bf16")
     s.add_argument("--steps", type=int, default=12)
     s.add_argument("--batch", type=int, default=128)

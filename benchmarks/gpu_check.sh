@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 9, item 6); everything lands under $OUT (default ./gpu_check_out):
-#   (a) tests/test_cuda.py                       -> a_test_cuda.txt
+#   (a) tests/test_cuda.py and the 2-epoch digits bf16-vs-fp32 accuracy test -> a_test_cuda.txt
 #   (b) fp32 vs bf16 (and fp16) training steps of mdeq_cifar10m, real trainer, batch 128
 #                                                -> b_steps_cifar10m.{txt,json}
 #   (c) a 2-epoch mdeq_tiny_cifar10 run in bf16 on CIFAR-shaped generated data written in the
@@ -58,8 +58,11 @@ else
 fi
 COMMON=(--set "train.device=$DEV" --set log.progress=false --set log.tensorboard=false --set log.plot=false)
 
-# (a) the CUDA tests (on CPU only the CPU-runnable one runs, the rest skip)
-run a_test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# (a) the CUDA tests (on CPU only the CPU-runnable one runs, the rest skip); on the GPU also the
+#     full 2-epoch digits bf16-vs-fp32 accuracy test, too slow for CPUs without native bf16
+FULL=1; [ $SMOKE = 1 ] && FULL=0
+run a_test_cuda 200 env PHANTOMDEQ_FULL_PRECISION_TEST=$FULL "$PY" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_cuda.py tests/test_precision.py::test_bf16_digits_two_epochs_within_two_points_of_fp32
 
 # (b) + (c) CIFAR-shaped data in the real format
 "$PY" benchmarks/gpu_check.py make-cifar "$WORK/cifar" --train-per-batch "$PER_BATCH" --test "$TEST" >> "$LOG" 2>&1 || status=1

@@ -5,6 +5,7 @@ gradient scaler surviving a checkpoint round trip."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,27 +154,53 @@ def test_bf16_model_output_is_close_to_fp32() -> None:
 # --------------------------------------------------------------------------- training runs
 
 
-def test_bf16_digits_run_reaches_fp32_accuracy(tmp_path: Path) -> None:
-    """The digits recipe (configs/mdeq_tiny_digits.yaml) for 2 epochs on a 320-image subset,
-    evaluated on the full 360-image test split, in fp32 and in bf16: within 2 points.
+DIGITS_RUN = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
-    The full 2-epoch digits run is 95.5 % (fp32) vs 97.5 % (bf16) (README); it is not run here
-    because bf16 convolutions on CPUs without AVX512-BF16 fall back to a reference kernel ~10x
-    slower than fp32 (~25 min for the full run on 2 cores)."""
+
+def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
+    """The digits recipe (configs/mdeq_tiny_digits.yaml) for one epoch of 8 steps on 128
+    images, batch 16, in fp32 and in bf16 from the same initial weights: the first loss (before
+    any update: forward precision only) agrees to 0.01, the epoch's mean loss to 0.08 (measured
+    over 40 steps of this recipe: per-step differences of 0.0003 at step 1 and below ~0.15
+    later, the trajectories drifting apart slowly), and both runs lower the loss."""
     over = [
-        "train.epochs=2",
-        "train.eval_every=2",
-        "data.train_size=320",
+        *DIGITS_RUN,
+        "train.epochs=1",
+        "data.train_size=128",
+        "data.test_size=64",
+        "data.batch_size=16",
         "optim.warmup_steps=2",
-        "log.progress=false",
-        "log.tensorboard=false",
-        "log.plot=false",
+        "train.bn_recalibration_batches=1",
     ]
+    losses = {}
+    for p in ("fp32", "bf16"):
+        run_training(
+            load_config(DIGITS, [*over, f"train.precision={p}"]), tmp_path / p, progress=False
+        )
+        rows = [r for r in read_metrics(tmp_path / p / "metrics.jsonl") if r["kind"] == "step"]
+        losses[p] = [float(r["train_loss"]) for r in rows]
+    a, b = losses["fp32"], losses["bf16"]
+    assert len(a) == len(b) == 8
+    assert a != b  # bf16 really computed something else
+    assert abs(a[0] - b[0]) < 0.01, (a, b)
+    assert abs(sum(a) / 8 - sum(b) / 8) < 0.08, (a, b)
+    for run in (a, b):
+        assert sum(run[-2:]) / 2 < run[0] - 0.1, run
+
+
+@pytest.mark.skipif(
+    os.environ.get("PHANTOMDEQ_FULL_PRECISION_TEST") != "1",
+    reason="25 min of bf16 on CPUs without AVX512-BF16; run by benchmarks/gpu_check.sh on a GPU "
+    "or with PHANTOMDEQ_FULL_PRECISION_TEST=1",
+)
+def test_bf16_digits_two_epochs_within_two_points_of_fp32(tmp_path: Path) -> None:
+    """The full digits recipe, 2 epochs (train.device auto: the GPU when there is one). On the
+    project's 2-core CPU: 95.54 % (fp32) vs 97.49 % (bf16)."""
     acc = {}
     for p in ("fp32", "bf16"):
-        cfg = load_config(DIGITS, [*over, f"train.precision={p}"])
+        cfg = load_config(DIGITS, [*DIGITS_RUN, "train.epochs=2", f"train.precision={p}"])
         acc[p] = run_training(cfg, tmp_path / p, progress=False)["test_acc"]
-    assert acc["fp32"] > 0.6, acc  # the comparison is between trained models
+    assert acc["fp32"] > 0.9, acc
     assert abs(acc["bf16"] - acc["fp32"]) <= 0.02, acc
 
 
