@@ -198,7 +198,8 @@ import json, os, sys, time
 from pathlib import Path
 import torch.distributed as dist
 import phantomdeq.train.trainer as trainer_module
-from phantomdeq.train import CheckpointError, Trainer, config_from_dict
+from phantomdeq.train import CheckpointError, ConfigError, Trainer, config_from_dict
+from phantomdeq.train.distributed import DistributedError
 
 out = Path(sys.argv[1])
 raw = json.loads(sys.argv[2])
@@ -245,6 +246,21 @@ Trainer(config_from_dict(raw), out / "run", progress=False).fit()
 #    interpreter shutdown, where their destruction aborted the process)
 report["initialized_after_fit"] = dist.is_initialized()
 report["threads_after_fit"] = gloo_threads()
+
+
+# 4. rank 0 fails to prepare the data: it reports its error, the others stop instead of waiting
+def failing_load(cfg):
+    if rank == 0:
+        raise ConfigError("data.root: no such directory (test)")
+    raise AssertionError("rank 1 must not load after rank 0 failed")
+
+
+trainer_module.load_data = failing_load
+try:
+    Trainer(config_from_dict(raw), out / "failed", progress=False).fit()
+except (ConfigError, DistributedError) as exc:
+    report["prepare_error"] = f"{type(exc).__name__}: {exc}"
+report["initialized_after_prepare_error"] = dist.is_initialized()
 print("REPORT " + json.dumps(report))
 """
 
@@ -261,8 +277,12 @@ def test_process_group_left_after_setup_error_and_after_fit(tmp_path: Path) -> N
         assert rep["threads_after_setup_error"] == [], rep
         assert rep["initialized_after_fit"] is False, rep
         assert rep["threads_after_fit"] == [], rep
+        assert rep["initialized_after_prepare_error"] is False, rep
+        if rank == 0:
+            assert rep["prepare_error"] == "ConfigError: data.root: no such directory (test)"
         if rank == 1:
             assert rep["rank0_done_before_me"] is True, rep
+            assert rep["prepare_error"].startswith("DistributedError: rank 0 failed"), rep
 
 
 BATCHNORM = r"""

@@ -16,8 +16,8 @@ uninterrupted one.
 The pieces around the loop live in their own modules: building from the config
 (:mod:`.build`), batches, seeds and augmentation (:mod:`.batches`), the learning-rate schedule
 (:mod:`.schedule`), evaluation and precise BatchNorm (:mod:`.evaluation`), processes and
-collectives (:mod:`.distributed`), checkpoints (:mod:`.checkpoint`) and metrics files
-(:mod:`.metrics_log`).
+collectives (:mod:`.distributed`), mixed precision -- autocast and the fp16 gradient scaler --
+(:mod:`.precision`), checkpoints (:mod:`.checkpoint`) and metrics files (:mod:`.metrics_log`).
 """
 
 from __future__ import annotations
