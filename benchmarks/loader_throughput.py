@@ -1,0 +1,185 @@
+"""Question: how many images per second does the data path deliver on this machine?
+
+Streaming image folders (``BatchLoader`` over ``ImageFolderDataset``): generated JPEGs read,
+decoded with Pillow, transformed (ImageNet train: random resized crop + flip; eval: resize the
+shorter side + centre crop) and normalised, for ``num_workers`` 0, 1, 2, at 256x256 -> 224 and
+64x64 -> 56. The files are in the page cache after the first pass: this measures decoding and
+transforms, not the disk. In-memory tensors (CIFAR-shaped uint8): the loader's fast path (slice,
+normalise, batched crop + flip) against a ``DataLoader`` doing the same per item in 0 or 2
+worker processes -- the measurement behind keeping the tensor sets off the ``DataLoader``.
+
+Each cell: a fresh loader, one warm-up pass (starts the persistent workers), then the median
+images/s of ``--repeats`` timed passes over the whole set (batch ``--batch``, every pass a new
+epoch seed).
+
+    python benchmarks/loader_throughput.py [--n224 256] [--n56 1024] [--repeats 3]
+        [--out benchmarks/results/loader_throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table, write_json  # noqa: E402
+from phantomdeq.data import (  # noqa: E402
+    BatchLoader,
+    ImageTensorDataset,
+    augment_batch,
+    load_dataset,
+)
+
+
+def write_jpegs(root: Path, n: int, size: int, classes: int = 8, seed: int = 0) -> None:
+    """``n`` smooth random RGB JPEGs (quality 90) of ``size x size`` in ``root/train/<class>``
+    and one per class in ``root/val`` -- photograph-like entropy, unlike white noise."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", classes)):
+        for i in range(count):
+            d = root / split / f"c{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            coarse = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+            im = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.int16) + rng.integers(-6, 7, size=(size, size, 3))
+            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
+
+
+def timed_passes(run_pass: Callable[[int], int], repeats: int) -> tuple[float, float, list[float]]:
+    """(first-pass seconds, median images/s of the timed passes, all rates)."""
+    t0 = time.perf_counter()
+    run_pass(0)
+    first = time.perf_counter() - t0
+    rates = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        n = run_pass(r + 1)
+        rates.append(n / (time.perf_counter() - t0))
+    return first, statistics.median(rates), rates
+
+
+def epoch_batches(n: int, batch: int, epoch: int) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+    return list(order.split(batch))
+
+
+def bench_stream(
+    root: Path, out_size: int, workers: int, batch: int, repeats: int, train: bool
+) -> dict[str, Any]:
+    ds, _, _ = load_dataset("imagefolder", root, image_size=out_size, augment=train)
+    loader = BatchLoader(ds, num_workers=workers)
+
+    def run_pass(epoch: int) -> int:
+        count = 0
+        it = loader.iterate(
+            epoch_batches(len(ds), batch, epoch), "cpu", epoch=epoch if train else None
+        )
+        for x, _ in it:
+            count += x.shape[0]
+        return count
+
+    first, rate, rates = timed_passes(run_pass, repeats)
+    loader.close()
+    return {"images": len(ds), "first_pass_s": first, "images_per_s": rate, "rates": rates}
+
+
+def _tensor_set(n: int) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return ImageTensorDataset(images, labels, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+
+
+def bench_tensors(n: int, batch: int, repeats: int, workers: int | None) -> dict[str, Any]:
+    """``workers=None``: the fast path; otherwise a DataLoader over items."""
+    ds = _tensor_set(n)
+    gen = torch.Generator().manual_seed(1)
+
+    def batches_of(epoch: int) -> Iterator[torch.Tensor]:
+        if workers is None:
+            for x, _ in BatchLoader(ds).iterate(epoch_batches(n, batch, epoch), "cpu"):
+                yield x
+            return
+        loader = DataLoader(
+            ds,
+            batch_sampler=[b.tolist() for b in epoch_batches(n, batch, epoch)],
+            num_workers=workers,
+        )
+        for x, _ in loader:
+            yield x
+
+    def run_pass(epoch: int) -> int:
+        count = 0
+        for x in batches_of(epoch):
+            count += augment_batch(x, crop_padding=4, generator=gen).shape[0]
+        return count
+
+    first, rate, rates = timed_passes(run_pass, repeats)
+    return {"images": n, "first_pass_s": first, "images_per_s": rate, "rates": rates}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n224", type=int, default=256, help="generated 256x256 JPEGs")
+    ap.add_argument("--n56", type=int, default=1024, help="generated 64x64 JPEGs")
+    ap.add_argument("--ntensor", type=int, default=10000, help="in-memory 3x32x32 images")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/loader_throughput.json")
+    args = ap.parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",")]
+    torch.set_num_threads(1)
+    rows: list[list[object]] = []
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        sets = {
+            (256, 224): (Path(tmp) / "jpeg256", args.n224),
+            (64, 56): (Path(tmp) / "jpeg64", args.n56),
+        }
+        for (src, _), (root, n) in sets.items():
+            write_jpegs(root, n, src)
+        for (src, out), (root, _) in sets.items():
+            for train in (True, False):
+                for w in workers:
+                    r = bench_stream(root, out, w, args.batch, args.repeats, train)
+                    case = f"jpeg {src}->{out} {'train' if train else 'eval'}"
+                    results.append({"case": case, "num_workers": w, **r})
+                    rows.append([case, w, r["images"], r["first_pass_s"], r["images_per_s"]])
+                    print(f"{case} workers={w}: {r['images_per_s']:.0f} img/s", file=sys.stderr)
+    for w in [None, 0, 2]:
+        r = bench_tensors(args.ntensor, 128, args.repeats, w)
+        label = "fast path (slice)" if w is None else "DataLoader per item"
+        case = f"tensors 3x32x32 + crop/flip, {label}"
+        results.append({"case": case, "num_workers": w, **r})
+        rows.append(
+            [case, "-" if w is None else w, r["images"], r["first_pass_s"], r["images_per_s"]]
+        )
+    print_table(["case", "workers", "images", "first pass s", "images/s"], rows)
+    payload = {
+        "machine": machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "results": results,
+    }
+    write_json(args.out, payload)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
