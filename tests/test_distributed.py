@@ -157,10 +157,10 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
         init = torch.load(tmp_path / "ddp" / g / "last.pt", weights_only=True)["model"]
         assert init.keys() == ref.keys()
         from phantomdeq.train import config_from_dict
-        from phantomdeq.train.trainer import _build_model
+        from phantomdeq.train.build import build_model
 
         torch.manual_seed(configs[g]["train"]["seed"])
-        fresh = _build_model(config_from_dict(configs[g]), 10, 1).state_dict()
+        fresh = build_model(config_from_dict(configs[g]), 10, 1).state_dict()
         moved = max(
             float((fresh[k] - ref[k]).abs().max()) for k in ref if ref[k].is_floating_point()
         )

@@ -22,7 +22,9 @@ from .config import (
     config_from_dict,
     load_config,
 )
-from .trainer import LRSchedule, Trainer, TrainingError, evaluate, run_training
+from .evaluation import evaluate
+from .schedule import LRSchedule
+from .trainer import Trainer, TrainingError, run_training
 
 __all__ = [
     "CheckpointError",

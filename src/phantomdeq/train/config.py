@@ -35,6 +35,7 @@ __all__ = [
     "SolverConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_differences",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
@@ -623,3 +624,23 @@ def add_set_argument(parser: Any, help_text: str) -> None:
         metavar="KEY=VALUE",
         help=help_text,
     )
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs, ignoring what may change on resume:
+    ``log.*``, ``train.device`` and ``train.monitor_*``."""
+    da, db = config_to_dict(a), config_to_dict(b)
+    out: list[str] = []
+    for section in da:
+        if section == "log":
+            continue
+        sa, sb = da[section], db[section]
+        if isinstance(sa, dict) and isinstance(sb, dict):
+            for key in sa:
+                if section == "train" and (key == "device" or key.startswith("monitor_")):
+                    continue
+                if sa[key] != sb.get(key):
+                    out.append(f"{section}.{key}")
+        elif sa != sb:
+            out.append(section)
+    return out

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .trainer import _build_model, _load_data, _resolve_device, evaluate, recalibrate_batchnorm
+    from .build import build_model, load_data, resolve_device
+    from .evaluation import evaluate, recalibrate_batchnorm
 
     try:
         state = load_checkpoint(args.checkpoint)
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.eval_batch_size = args.batch_size
         from .distributed import DistInfo
 
-        device = _resolve_device(cfg.train.device, DistInfo())
-        train_ds, test_ds, info = _load_data(cfg)
+        device = resolve_device(cfg.train.device, DistInfo())
+        train_ds, test_ds, info = load_data(cfg)
         get = (lambda k: info[k]) if isinstance(info, dict) else (lambda k: getattr(info, k))
-        model = _build_model(cfg, int(get("num_classes")), int(get("in_channels")))
+        model = build_model(cfg, int(get("num_classes")), int(get("in_channels")))
         try:
             model.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as exc:

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "plot_curves", "read_metrics"]
+__all__ = ["MetricsLogger", "plot_curves", "read_metrics", "truncate_metrics"]
 
 
 def _clean(value: Any) -> Any:
@@ -169,3 +169,16 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def truncate_metrics(path: Path, epoch: int, step: int) -> None:
+    """Drop records written after the checkpoint being resumed from."""
+    if not path.is_file():
+        return
+    keep = [
+        r
+        for r in read_metrics(path)
+        if int(r.get("step", 0)) <= step and int(r.get("epoch", 0)) <= epoch
+    ]
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")

@@ -12,6 +12,12 @@ Hutchinson probes of the Jacobian regulariser) is re-seeded from ``(seed, epoch,
 start of every epoch; checkpoints are written at epoch boundaries and also carry the RNG
 states. Hence a run interrupted and resumed with ``resume=True`` makes the same updates as an
 uninterrupted one.
+
+The pieces around the loop live in their own modules: building from the config
+(:mod:`.build`), batches, seeds and augmentation (:mod:`.batches`), the learning-rate schedule
+(:mod:`.schedule`), evaluation and precise BatchNorm (:mod:`.evaluation`), processes and
+collectives (:mod:`.distributed`), checkpoints (:mod:`.checkpoint`) and metrics files
+(:mod:`.metrics_log`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import Batches, augment, seed_of
+from .build import build_model, build_solver, info_get, load_data, make_optimizer, resolve_device
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -39,15 +46,13 @@ from .checkpoint import (
 from .config import (
     Config,
     ConfigError,
-    GradConfig,
-    SolverConfig,
+    config_differences,
     config_from_dict,
     config_to_dict,
     dump_config,
     load_config,
 )
 from .distributed import (
-    DistInfo,
     all_reduce_sum,
     barrier,
     cleanup,
@@ -56,352 +61,16 @@ from .distributed import (
     init_distributed,
     shard_batches,
 )
-from .metrics_log import MetricsLogger, plot_curves, read_metrics
+from .evaluation import evaluate, forward_stats, recalibrate_batchnorm
+from .metrics_log import MetricsLogger, plot_curves, read_metrics, truncate_metrics
+from .schedule import LRSchedule
 
-__all__ = [
-    "LRSchedule",
-    "Trainer",
-    "TrainingError",
-    "build_grad",
-    "build_solver",
-    "evaluate",
-    "run_training",
-]
+__all__ = ["Trainer", "TrainingError", "run_training"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss or state); the message says where and which
     checkpoint is the last good one."""
-
-
-# --------------------------------------------------------------------------- builders
-
-
-def build_solver(cfg: SolverConfig) -> Any:
-    """``pdq.solvers.from_name`` for a :class:`SolverConfig`."""
-    import phantomdeq.solvers as solvers
-
-    return solvers.from_name(cfg.name, **cfg.kwargs())
-
-
-def build_grad(cfg: GradConfig) -> Any:
-    """``pdq.grad.from_name`` for a :class:`GradConfig` (IFT gets its backward solver)."""
-    import phantomdeq.grad as grad
-
-    if cfg.name == "ift":
-        return grad.from_name("ift", solver=build_solver(cfg.backward_solver))
-    if cfg.name == "upg":
-        return grad.from_name("upg", k=cfg.k, lam=cfg.lam, checkpoint=cfg.checkpoint)
-    if cfg.name == "npg":
-        return grad.from_name("npg", k=cfg.k, lam=cfg.lam)
-    return grad.from_name(cfg.name)
-
-
-def _build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
-    """``phantomdeq.models.build_model``; with ``model.dropout`` / ``model.overrides`` set, the
-    named MDEQ configuration is modified first (``with_overrides``)."""
-    from phantomdeq.models import build_model
-
-    m = cfg.model
-    kwargs: dict[str, Any] = {
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "solver": build_solver(cfg.solver),
-        "grad": build_grad(cfg.grad),
-        "eval_solver": None if cfg.eval_solver is None else build_solver(cfg.eval_solver),
-    }
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in m.overrides.items()}
-    if m.dropout is not None:
-        changes["dropout"] = m.dropout
-    try:
-        if not changes:
-            return build_model(m.name, **kwargs)
-        from phantomdeq.models.mdeq import MDEQ, mdeq_config, with_overrides
-
-        return MDEQ(with_overrides(mdeq_config(m.name), **changes), **kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from exc
-
-
-def _load_data(cfg: Config) -> tuple[Any, Any, Any]:
-    from phantomdeq.data import load_dataset
-
-    d = cfg.data
-    if d.root is not None and not Path(d.root).is_dir() and not d.download:
-        raise ConfigError(f"data.root: directory {d.root!r} does not exist")
-    extra: dict[str, Any] = {} if d.image_size is None else {"image_size": d.image_size}
-    try:
-        return load_dataset(
-            d.name,
-            d.root,
-            download=d.download,
-            seed=cfg.train.seed,
-            train_size=d.train_size,
-            test_size=d.test_size,
-            **extra,
-        )
-    except FileNotFoundError as exc:
-        raise ConfigError(f"data.root: {exc}") from exc
-
-
-def _info_get(info: Any, key: str) -> Any:
-    if isinstance(info, dict):
-        return info[key]
-    return getattr(info, key)
-
-
-def _augment(x: Tensor, cfg: Config, generator: torch.Generator) -> Tensor:
-    """Batched random crop (zero padding of the normalised batch = mean padding) and flip."""
-    from phantomdeq.data.transforms import augment_batch
-
-    return augment_batch(
-        x, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, generator=generator
-    )
-
-
-def _seed_of(*parts: int) -> int:
-    """A 63-bit seed mixing integers (stable across processes and Python versions)."""
-    h = 1469598103934665603
-    for p in parts:
-        h ^= int(p) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "module", None)  # DistributedDataParallel wraps the model
-    return inner if isinstance(inner, nn.Module) else model
-
-
-# --------------------------------------------------------------------------- schedule
-
-
-class LRSchedule:
-    """Per-iteration learning rate: linear warm-up then cosine decay (or constant).
-
-    ``lr(t) = lr * (t + 1) / warmup`` for ``t < warmup``, then
-    ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - warmup) / (total - warmup))) / 2``.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        base_lr: float,
-        total_steps: int,
-        warmup_steps: int = 0,
-        min_lr: float = 0.0,
-        kind: str = "cosine",
-    ) -> None:
-        if kind not in ("cosine", "constant"):
-            raise ValueError(f"LRSchedule: kind must be 'cosine' or 'constant', got {kind!r}")
-        self.optimizer = optimizer
-        self.base_lr = float(base_lr)
-        self.total_steps = max(int(total_steps), 1)
-        self.warmup_steps = int(warmup_steps)
-        self.min_lr = float(min_lr)
-        self.kind = kind
-        self.last_step = -1
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        if self.kind == "constant":
-            return self.base_lr
-        span = max(self.total_steps - self.warmup_steps, 1)
-        t = min(max(step - self.warmup_steps, 0), span) / span
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    def set_step(self, step: int) -> float:
-        """Set the learning rate of every parameter group for iteration ``step``."""
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.last_step = step
-        return lr
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_step": self.last_step,
-            "base_lr": self.base_lr,
-            "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps,
-            "min_lr": self.min_lr,
-            "kind": self.kind,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_step = int(state["last_step"])
-
-
-# --------------------------------------------------------------------------- batches
-
-
-class _Batches:
-    """Deterministic batches from a data set: a fast path for in-memory ``images``/``labels``
-    tensors, a ``DataLoader`` over explicit index lists otherwise."""
-
-    def __init__(self, dataset: Any, num_workers: int = 0) -> None:
-        self.dataset = dataset
-        self.num_workers = num_workers
-        images = getattr(dataset, "images", None)
-        labels = getattr(dataset, "labels", None)
-        self.tensors = isinstance(images, Tensor) and isinstance(labels, Tensor)
-        self.images: Tensor | None = images if self.tensors else None
-        self.labels: Tensor | None = labels if self.tensors else None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def iterate(
-        self, batches: list[Tensor], device: torch.device, dtype: torch.dtype = torch.float32
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch."""
-        if self.tensors and self.images is not None and self.labels is not None:
-            normalize = getattr(self.dataset, "normalize", None)
-            for idx in batches:
-                x = self.images[idx].to(device, non_blocking=True)
-                y = self.labels[idx].to(device, non_blocking=True)
-                x = normalize(x) if callable(normalize) else x
-                yield x.to(dtype), y
-            return
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[b.tolist() for b in batches],
-            num_workers=self.num_workers,
-        )
-        for x, y in loader:
-            x = x.to(device, non_blocking=True).to(dtype)
-            yield x, torch.as_tensor(y).to(device, non_blocking=True)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def _forward_stats(info: Any) -> tuple[float, float, float]:
-    """Sums over the batch of forward steps, relative residual and converged flags."""
-    if info is None:
-        return math.nan, math.nan, math.nan
-    return (
-        float(info.nstep.float().sum()),
-        float(info.rel_residual.float().sum()),
-        float(info.converged.float().sum()),
-    )
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    batches: int,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-    dist_info: DistInfo | None = None,
-    num_workers: int = 0,
-) -> int:
-    """Precise BatchNorm: reset the running statistics and recompute them as the plain average
-    over ``batches`` batches of ``dataset`` (first samples, fixed order) run in eval mode -- the
-    eval solver's states, no dropout -- with only the BatchNorm layers in training mode. Every
-    rank takes its shard of each batch, so synced BatchNorm layers see the global batch.
-    Returns the number of batches used (0 when the model has no BatchNorm)."""
-    dist_info = dist_info or DistInfo()
-    net = _unwrap(model)
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if batches <= 0 or not norms:
-        return 0
-    was_training = net.training
-    momenta = [m.momentum for m in norms]
-    source = _Batches(dataset, num_workers)
-    n = min(len(source), batches * batch_size)
-    order = torch.arange(n)
-    chunks = [
-        order[i : i + batch_size][dist_info.rank :: dist_info.world_size]
-        for i in range(0, n, batch_size)
-    ]
-    chunks = [c for c in chunks if c.numel() > 0]
-    net.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the recalibration batches
-        m.train()
-    try:
-        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
-        for x, _ in source.iterate(chunks, torch.device(device), dtype):
-            net(x)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        net.train(was_training)
-    return len(chunks)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    batch_size: int = 500,
-    device: torch.device | str = "cpu",
-    dist_info: DistInfo | None = None,
-    num_workers: int = 0,
-) -> dict[str, float]:
-    """Accuracy, loss and forward-solver statistics (mean steps, mean relative residual, share
-    of converged samples) of ``model`` in eval mode (the eval solver) on ``dataset``."""
-    dist_info = dist_info or DistInfo()
-    device = torch.device(device)
-    net = _unwrap(model)
-    was_training = net.training
-    net.eval()
-    source = _Batches(dataset, num_workers)
-    order = torch.arange(len(source))
-    batches = [
-        order[i : i + batch_size][dist_info.rank :: dist_info.world_size]
-        for i in range(0, len(source), batch_size)
-    ]
-    batches = [b for b in batches if b.numel() > 0]
-    sums = torch.zeros(6, dtype=torch.float64)
-    try:
-        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
-        for x, y in source.iterate(batches, device, dtype):
-            out = net(x)
-            sums[0] += float(F.cross_entropy(out.logits, y, reduction="sum"))
-            sums[1] += float((out.logits.argmax(1) == y).sum())
-            sums[2] += y.numel()
-            nstep, res, conv = _forward_stats(out.info)
-            sums[3] += nstep
-            sums[4] += res
-            sums[5] += conv
-    finally:
-        net.train(was_training)
-    sums = all_reduce_sum(sums, dist_info)
-    n = max(float(sums[2]), 1.0)
-    return {
-        "test_loss": float(sums[0]) / n,
-        "test_acc": float(sums[1]) / n,
-        "test_fwd_nstep": float(sums[3]) / n,
-        "test_fwd_residual": float(sums[4]) / n,
-        "test_fwd_converged": float(sums[5]) / n,
-        "test_n": float(sums[2]),
-    }
-
-
-# --------------------------------------------------------------------------- trainer
-
-
-def _resolve_device(name: str, dist_info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
-        if name == "cuda":
-            return torch.device(
-                "cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device()
-            )
-    return torch.device(name)
 
 
 class Trainer:
@@ -439,22 +108,22 @@ class Trainer:
             else "cpu"
         )
         self.dist = init_distributed(device_type)
-        self.device = _resolve_device(wanted, self.dist)
+        self.device = resolve_device(wanted, self.dist)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        train_ds, test_ds, info = _load_data(cfg)
-        self.train_data = _Batches(train_ds, cfg.data.num_workers)
+        train_ds, test_ds, info = load_data(cfg)
+        self.train_data = Batches(train_ds, cfg.data.num_workers)
         self.test_ds = test_ds
-        self.num_classes = int(_info_get(info, "num_classes"))
-        self.in_channels = int(_info_get(info, "in_channels"))
+        self.num_classes = int(info_get(info, "num_classes"))
+        self.in_channels = int(info_get(info, "in_channels"))
 
         seed = cfg.train.seed
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         self.dtype = getattr(torch, cfg.train.dtype)
-        model = _build_model(cfg, self.num_classes, self.in_channels).to(self.device, self.dtype)
+        model = build_model(cfg, self.num_classes, self.in_channels).to(self.device, self.dtype)
         self.net = model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -466,7 +135,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        self.optimizer = self._make_optimizer()
+        self.optimizer = make_optimizer(self.net, cfg.optim)
         self.steps_per_epoch = len(
             shard_batches(
                 torch.arange(len(self.train_data)),
@@ -516,28 +185,13 @@ class Trainer:
             append=self.resume,
         )
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        o = self.config.optim
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if o.name == "sgd":
-            return torch.optim.SGD(
-                params,
-                lr=o.lr,
-                momentum=o.momentum,
-                nesterov=o.nesterov,
-                weight_decay=o.weight_decay,
-            )
-        return torch.optim.Adam(
-            params, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.weight_decay
-        )
-
     def _load_resume(self) -> None:
         path = self.out_dir / "last.pt"
         if not path.is_file():
             raise CheckpointError(f"cannot resume: checkpoint {str(path)!r} not found")
         state = load_checkpoint(path, map_location=self.device)
         saved = config_from_dict(state["config"])
-        differ = _config_differences(saved, self.config)
+        differ = config_differences(saved, self.config)
         if differ:
             raise ConfigError(
                 f"cannot resume from {str(path)!r}: the config differs from the checkpoint's in "
@@ -559,7 +213,7 @@ class Trainer:
         self.train_time = float(state.get("train_time_s", 0.0))
         self.last_eval = dict(state.get("last_eval", {}))
         if self.dist.is_main:
-            _truncate_metrics(self.out_dir / "metrics.jsonl", self.epoch, self.step)
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.epoch, self.step)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -599,9 +253,9 @@ class Trainer:
         model = self.model
         model.train()
         gen = torch.Generator(device=x.device)
-        gen.manual_seed(_seed_of(cfg.train.seed, epoch, step_in_epoch, self.dist.rank))
+        gen.manual_seed(seed_of(cfg.train.seed, epoch, step_in_epoch, self.dist.rank))
         if cfg.data.augment:
-            x = _augment(x, cfg, gen)
+            x = augment(x, cfg, gen)
         pretrain = self.step < cfg.train.pretrain_steps
         use_jac = (
             not pretrain
@@ -634,7 +288,7 @@ class Trainer:
         except DEQError as exc:
             error = f"non-finite DEQ state ({exc})"
         n = float(y.numel())
-        nstep, res, conv = _forward_stats(info)
+        nstep, res, conv = forward_stats(info)
         finite = 1.0 if (not error and bool(torch.isfinite(loss.detach()))) else 0.0
         stats = torch.tensor(
             [float(ce.detach()) * n, correct, n, nstep, res, conv, finite, 1.0], dtype=torch.float64
@@ -695,7 +349,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.config
-        torch.manual_seed(_seed_of(cfg.train.seed, epoch, self.dist.rank, 1))
+        torch.manual_seed(seed_of(cfg.train.seed, epoch, self.dist.rank, 1))
         order = epoch_permutation(len(self.train_data), cfg.train.seed, epoch)
         batches = shard_batches(order, cfg.data.batch_size, self.dist, drop_last=cfg.data.drop_last)
         bar = None
@@ -886,39 +540,6 @@ class Trainer:
             "time_per_step_s": self.train_time / max(self.step, 1),
             "out_dir": str(self.out_dir),
         }
-
-
-def _config_differences(a: Config, b: Config) -> list[str]:
-    da, db = config_to_dict(a), config_to_dict(b)
-    out: list[str] = []
-    for section in da:
-        if section == "log":
-            continue
-        sa, sb = da[section], db[section]
-        if isinstance(sa, dict) and isinstance(sb, dict):
-            for key in sa:
-                if section == "train" and (key == "device" or key.startswith("monitor_")):
-                    continue
-                if sa[key] != sb.get(key):
-                    out.append(f"{section}.{key}")
-        elif sa != sb:
-            out.append(section)
-    return out
-
-
-def _truncate_metrics(path: Path, epoch: int, step: int) -> None:
-    """Drop records written after the checkpoint being resumed from."""
-    if not path.is_file():
-        return
-    import json
-
-    keep = [
-        r
-        for r in read_metrics(path)
-        if int(r.get("step", 0)) <= step and int(r.get("epoch", 0)) <= epoch
-    ]
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
 
 def run_training(

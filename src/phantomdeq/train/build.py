@@ -1,0 +1,125 @@
+"""Everything a run builds from its config: solvers, the gradient estimator, the model, the data
+sets, the device and the optimiser. Shared by ``phantomdeq train`` and ``phantomdeq eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, GradConfig, OptimConfig, SolverConfig
+from .distributed import DistInfo
+
+__all__ = [
+    "build_grad",
+    "build_model",
+    "build_solver",
+    "info_get",
+    "load_data",
+    "make_optimizer",
+    "resolve_device",
+]
+
+
+def build_solver(cfg: SolverConfig) -> Any:
+    """``pdq.solvers.from_name`` for a :class:`SolverConfig`."""
+    import phantomdeq.solvers as solvers
+
+    return solvers.from_name(cfg.name, **cfg.kwargs())
+
+
+def build_grad(cfg: GradConfig) -> Any:
+    """``pdq.grad.from_name`` for a :class:`GradConfig` (IFT gets its backward solver)."""
+    import phantomdeq.grad as grad
+
+    if cfg.name == "ift":
+        return grad.from_name("ift", solver=build_solver(cfg.backward_solver))
+    if cfg.name == "upg":
+        return grad.from_name("upg", k=cfg.k, lam=cfg.lam, checkpoint=cfg.checkpoint)
+    if cfg.name == "npg":
+        return grad.from_name("npg", k=cfg.k, lam=cfg.lam)
+    return grad.from_name(cfg.name)
+
+
+def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
+    """``phantomdeq.models.build_model``; with ``model.dropout`` / ``model.overrides`` set, the
+    named MDEQ configuration is modified first (``with_overrides``)."""
+    from phantomdeq.models import build_model
+
+    m = cfg.model
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "solver": build_solver(cfg.solver),
+        "grad": build_grad(cfg.grad),
+        "eval_solver": None if cfg.eval_solver is None else build_solver(cfg.eval_solver),
+    }
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in m.overrides.items()}
+    if m.dropout is not None:
+        changes["dropout"] = m.dropout
+    try:
+        if not changes:
+            return build_model(m.name, **kwargs)
+        from phantomdeq.models.mdeq import MDEQ, mdeq_config, with_overrides
+
+        return MDEQ(with_overrides(mdeq_config(m.name), **changes), **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from exc
+
+
+def load_data(cfg: Config) -> tuple[Any, Any, Any]:
+    from phantomdeq.data import load_dataset
+
+    d = cfg.data
+    if d.root is not None and not Path(d.root).is_dir() and not d.download:
+        raise ConfigError(f"data.root: directory {d.root!r} does not exist")
+    extra: dict[str, Any] = {} if d.image_size is None else {"image_size": d.image_size}
+    try:
+        return load_dataset(
+            d.name,
+            d.root,
+            download=d.download,
+            seed=cfg.train.seed,
+            train_size=d.train_size,
+            test_size=d.test_size,
+            **extra,
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.root: {exc}") from exc
+
+
+def info_get(info: Any, key: str) -> Any:
+    if isinstance(info, dict):
+        return info[key]
+    return getattr(info, key)
+
+
+def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+        if name == "cuda":
+            return torch.device(
+                "cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device()
+            )
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """SGD or Adam over the trainable parameters of ``model`` (``optim.*`` options)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+        )
+    return torch.optim.Adam(
+        params, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.weight_decay
+    )

@@ -1,0 +1,128 @@
+"""Evaluation of a classifier in eval mode and precise-BatchNorm recalibration before it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batches import Batches
+from .distributed import DistInfo, all_reduce_sum
+
+__all__ = ["evaluate", "forward_stats", "recalibrate_batchnorm", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", None)  # DistributedDataParallel wraps the model
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def forward_stats(info: Any) -> tuple[float, float, float]:
+    """Sums over the batch of forward steps, relative residual and converged flags."""
+    if info is None:
+        return math.nan, math.nan, math.nan
+    return (
+        float(info.nstep.float().sum()),
+        float(info.rel_residual.float().sum()),
+        float(info.converged.float().sum()),
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batches: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dist_info: DistInfo | None = None,
+    num_workers: int = 0,
+) -> int:
+    """Precise BatchNorm: reset the running statistics and recompute them as the plain average
+    over ``batches`` batches of ``dataset`` (first samples, fixed order) run in eval mode -- the
+    eval solver's states, no dropout -- with only the BatchNorm layers in training mode. Every
+    rank takes its shard of each batch, so synced BatchNorm layers see the global batch.
+    Returns the number of batches used (0 when the model has no BatchNorm)."""
+    dist_info = dist_info or DistInfo()
+    net = unwrap(model)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batches <= 0 or not norms:
+        return 0
+    was_training = net.training
+    momenta = [m.momentum for m in norms]
+    source = Batches(dataset, num_workers)
+    n = min(len(source), batches * batch_size)
+    order = torch.arange(n)
+    chunks = [
+        order[i : i + batch_size][dist_info.rank :: dist_info.world_size]
+        for i in range(0, n, batch_size)
+    ]
+    chunks = [c for c in chunks if c.numel() > 0]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+        m.train()
+    try:
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        for x, _ in source.iterate(chunks, torch.device(device), dtype):
+            net(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        net.train(was_training)
+    return len(chunks)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    dist_info: DistInfo | None = None,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Accuracy, loss and forward-solver statistics (mean steps, mean relative residual, share
+    of converged samples) of ``model`` in eval mode (the eval solver) on ``dataset``."""
+    dist_info = dist_info or DistInfo()
+    device = torch.device(device)
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    source = Batches(dataset, num_workers)
+    order = torch.arange(len(source))
+    batches = [
+        order[i : i + batch_size][dist_info.rank :: dist_info.world_size]
+        for i in range(0, len(source), batch_size)
+    ]
+    batches = [b for b in batches if b.numel() > 0]
+    sums = torch.zeros(6, dtype=torch.float64)
+    try:
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        for x, y in source.iterate(batches, device, dtype):
+            out = net(x)
+            sums[0] += float(F.cross_entropy(out.logits, y, reduction="sum"))
+            sums[1] += float((out.logits.argmax(1) == y).sum())
+            sums[2] += y.numel()
+            nstep, res, conv = forward_stats(out.info)
+            sums[3] += nstep
+            sums[4] += res
+            sums[5] += conv
+    finally:
+        net.train(was_training)
+    sums = all_reduce_sum(sums, dist_info)
+    n = max(float(sums[2]), 1.0)
+    return {
+        "test_loss": float(sums[0]) / n,
+        "test_acc": float(sums[1]) / n,
+        "test_fwd_nstep": float(sums[3]) / n,
+        "test_fwd_residual": float(sums[4]) / n,
+        "test_fwd_converged": float(sums[5]) / n,
+        "test_n": float(sums[2]),
+    }
