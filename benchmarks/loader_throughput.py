@@ -57,17 +57,25 @@ def write_jpegs(root: Path, n: int, size: int, classes: int = 8, seed: int = 0) 
             Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
 
 
-def timed_passes(run_pass: Callable[[int], int], repeats: int) -> tuple[float, float, list[float]]:
-    """(first-pass seconds, median images/s of the timed passes, all rates)."""
+def timed_passes(run_pass: Callable[[int], int], repeats: int) -> dict[str, Any]:
+    """One warm-up pass (its wall time: ``first_pass_s``), then ``repeats`` timed passes: the
+    median images/s and the median CPU time of *this* process per image (all the decoding
+    when ``num_workers=0``; with workers, what the training process itself still spends)."""
     t0 = time.perf_counter()
     run_pass(0)
     first = time.perf_counter() - t0
-    rates = []
+    rates, cpu = [], []
     for r in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = run_pass(r + 1)
         rates.append(n / (time.perf_counter() - t0))
-    return first, statistics.median(rates), rates
+        cpu.append(1e3 * (time.process_time() - c0) / n)
+    return {
+        "first_pass_s": first,
+        "images_per_s": statistics.median(rates),
+        "main_cpu_ms_per_image": statistics.median(cpu),
+        "rates": rates,
+    }
 
 
 def epoch_batches(n: int, batch: int, epoch: int) -> list[torch.Tensor]:
@@ -90,9 +98,9 @@ def bench_stream(
             count += x.shape[0]
         return count
 
-    first, rate, rates = timed_passes(run_pass, repeats)
+    out = timed_passes(run_pass, repeats)
     loader.close()
-    return {"images": len(ds), "first_pass_s": first, "images_per_s": rate, "rates": rates}
+    return {"images": len(ds), **out}
 
 
 def _tensor_set(n: int) -> ImageTensorDataset:
@@ -126,8 +134,18 @@ def bench_tensors(n: int, batch: int, repeats: int, workers: int | None) -> dict
             count += augment_batch(x, crop_padding=4, generator=gen).shape[0]
         return count
 
-    first, rate, rates = timed_passes(run_pass, repeats)
-    return {"images": n, "first_pass_s": first, "images_per_s": rate, "rates": rates}
+    return {"images": n, **timed_passes(run_pass, repeats)}
+
+
+def _row(case: str, workers: object, r: dict[str, Any]) -> list[object]:
+    return [
+        case,
+        workers,
+        r["images"],
+        r["first_pass_s"],
+        r["images_per_s"],
+        r["main_cpu_ms_per_image"],
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,17 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                     r = bench_stream(root, out, w, args.batch, args.repeats, train)
                     case = f"jpeg {src}->{out} {'train' if train else 'eval'}"
                     results.append({"case": case, "num_workers": w, **r})
-                    rows.append([case, w, r["images"], r["first_pass_s"], r["images_per_s"]])
+                    rows.append(_row(case, w, r))
                     print(f"{case} workers={w}: {r['images_per_s']:.0f} img/s", file=sys.stderr)
     for w in [None, 0, 2]:
         r = bench_tensors(args.ntensor, 128, args.repeats, w)
         label = "fast path (slice)" if w is None else "DataLoader per item"
         case = f"tensors 3x32x32 + crop/flip, {label}"
         results.append({"case": case, "num_workers": w, **r})
-        rows.append(
-            [case, "-" if w is None else w, r["images"], r["first_pass_s"], r["images_per_s"]]
-        )
-    print_table(["case", "workers", "images", "first pass s", "images/s"], rows)
+        rows.append(_row(case, "-" if w is None else w, r))
+    print_table(["case", "workers", "images", "first pass s", "images/s", "main CPU ms/img"], rows)
     payload = {
         "machine": machine(),
         "cpu_count": os.cpu_count(),

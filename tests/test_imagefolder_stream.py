@@ -192,6 +192,21 @@ def test_persistent_workers_serve_several_passes(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loading_leaves_the_global_rng_alone(tmp_path: Path, workers: int) -> None:
+    """The trainer seeds the global torch RNG per epoch for dropout and probes; starting a
+    pass (which starts a DataLoader iterator) must not draw from it."""
+    _jpeg_folder(tmp_path, 2)
+    train, _, _ = load_dataset("imagefolder", tmp_path, image_size=8, augment=True)
+    loader = BatchLoader(train, num_workers=workers)
+    torch.manual_seed(123)
+    for epoch in range(2):
+        list(loader.iterate([torch.arange(4)], "cpu", epoch=epoch))
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_truncated_image_is_one_data_error_naming_it(tmp_path: Path, workers: int) -> None:
     _jpeg_folder(tmp_path, 3)
@@ -260,3 +275,20 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> None:
     batch_small = _peak_bytes(lambda: one_batch(ds_small))
     batch_large = _peak_bytes(lambda: one_batch(ds_large))
     assert batch_large < 1.25 * batch_small + 16 * 1024
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_are_pinned_and_equal_to_cpu(tmp_path: Path) -> None:
+    _jpeg_folder(tmp_path, 4)
+    train, _, _ = load_dataset("imagefolder", tmp_path, image_size=32, augment=True)
+    batches = list(torch.arange(len(train)).split(3))
+    cpu = _epoch(BatchLoader(train, num_workers=2), batches, epoch=1)
+    loader = BatchLoader(train, num_workers=2)
+    gpu = [(x, y) for x, y in loader.iterate(batches, "cuda", epoch=1, seed=7)]
+    assert loader._loader is not None and loader._loader.pin_memory
+    assert all(x.is_cuda and y.is_cuda and x.dtype == torch.float32 for x, y in gpu)
+    # normalisation on the GPU vs the CPU: the same IEEE operations
+    assert all(torch.allclose(a, x.cpu(), atol=1e-6) for a, (x, _) in zip(cpu, gpu))

@@ -169,6 +169,10 @@ class BatchLoader:
             num_workers=workers,
             collate_fn=_collate if self.streaming else None,
             pin_memory=pin,
+            # a DataLoader draws its workers' base seed when an iterator starts: from a private
+            # generator it leaves the global torch RNG (dropout, probes) untouched, so a resumed
+            # run's random streams match the uninterrupted run's
+            generator=torch.Generator().manual_seed(0),
             **extra,
         )
         self._loader_pinned = pin
