@@ -8,11 +8,12 @@ transforms, not the disk. In-memory tensors (CIFAR-shaped uint8): the loader's f
 normalise, batched crop + flip) against a ``DataLoader`` doing the same per item in 0 or 2
 worker processes -- the measurement behind keeping the tensor sets off the ``DataLoader``.
 
-Each cell: a fresh loader, one warm-up pass (starts the persistent workers), then the median
-images/s of ``--repeats`` timed passes over the whole set (batch ``--batch``, every pass a new
-epoch seed).
+Per case, one loader per worker count, each warmed up by one pass (starting its persistent
+workers); then ``--repeats`` rounds of one timed pass per loader, alternating between them so
+machine noise spreads evenly; the median images/s and the median CPU time the calling process
+spends per image (every pass a new epoch: new order, new crops; batch ``--batch``).
 
-    python benchmarks/loader_throughput.py [--n224 256] [--n56 1024] [--repeats 3]
+    python benchmarks/loader_throughput.py [--n224 256] [--n56 1024] [--repeats 5]
         [--out benchmarks/results/loader_throughput.json]
 """
 
@@ -24,14 +25,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
@@ -57,24 +58,35 @@ def write_jpegs(root: Path, n: int, size: int, classes: int = 8, seed: int = 0) 
             Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
 
 
-def timed_passes(run_pass: Callable[[int], int], repeats: int) -> dict[str, Any]:
-    """One warm-up pass (its wall time: ``first_pass_s``), then ``repeats`` timed passes: the
-    median images/s and the median CPU time of *this* process per image (all the decoding
-    when ``num_workers=0``; with workers, what the training process itself still spends)."""
-    t0 = time.perf_counter()
-    run_pass(0)
-    first = time.perf_counter() - t0
-    rates, cpu = [], []
+def interleaved_passes(
+    runs: dict[Any, Callable[[int], int]], repeats: int
+) -> dict[Any, dict[str, Any]]:
+    """One warm-up pass of each run (its wall time: ``first_pass_s``; starts persistent
+    workers), then ``repeats`` rounds of one timed pass per run, alternating so that machine
+    noise spreads evenly. Per run: the median images/s and the median CPU time of *this*
+    process per image (all the decoding when ``num_workers=0``; with workers, what the
+    training process itself still spends)."""
+    first: dict[Any, float] = {}
+    for key, run in runs.items():
+        t0 = time.perf_counter()
+        run(0)
+        first[key] = time.perf_counter() - t0
+    rates: dict[Any, list[float]] = {k: [] for k in runs}
+    cpu: dict[Any, list[float]] = {k: [] for k in runs}
     for r in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = run_pass(r + 1)
-        rates.append(n / (time.perf_counter() - t0))
-        cpu.append(1e3 * (time.process_time() - c0) / n)
+        for key, run in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = run(r + 1)
+            rates[key].append(n / (time.perf_counter() - t0))
+            cpu[key].append(1e3 * (time.process_time() - c0) / n)
     return {
-        "first_pass_s": first,
-        "images_per_s": statistics.median(rates),
-        "main_cpu_ms_per_image": statistics.median(cpu),
-        "rates": rates,
+        k: {
+            "first_pass_s": first[k],
+            "images_per_s": statistics.median(rates[k]),
+            "main_cpu_ms_per_image": statistics.median(cpu[k]),
+            "rates": rates[k],
+        }
+        for k in runs
     }
 
 
@@ -84,57 +96,67 @@ def epoch_batches(n: int, batch: int, epoch: int) -> list[torch.Tensor]:
 
 
 def bench_stream(
-    root: Path, out_size: int, workers: int, batch: int, repeats: int, train: bool
-) -> dict[str, Any]:
+    root: Path, out_size: int, workers: list[int], batch: int, repeats: int, train: bool
+) -> dict[int, dict[str, Any]]:
     ds, _, _ = load_dataset("imagefolder", root, image_size=out_size, augment=train)
-    loader = BatchLoader(ds, num_workers=workers)
+    loaders = {w: BatchLoader(ds, num_workers=w) for w in workers}
 
-    def run_pass(epoch: int) -> int:
-        count = 0
-        it = loader.iterate(
-            epoch_batches(len(ds), batch, epoch), "cpu", epoch=epoch if train else None
-        )
-        for x, _ in it:
-            count += x.shape[0]
-        return count
+    def runner(loader: BatchLoader) -> Callable[[int], int]:
+        def run_pass(epoch: int) -> int:
+            count = 0
+            batches = epoch_batches(len(ds), batch, epoch)
+            for x, _ in loader.iterate(batches, "cpu", epoch=epoch if train else None):
+                count += x.shape[0]
+            return count
 
-    out = timed_passes(run_pass, repeats)
-    loader.close()
-    return {"images": len(ds), **out}
+        return run_pass
+
+    out = interleaved_passes({w: runner(lo) for w, lo in loaders.items()}, repeats)
+    for lo in loaders.values():
+        lo.close()
+    return {w: {"images": len(ds), **r} for w, r in out.items()}
 
 
-def _tensor_set(n: int) -> ImageTensorDataset:
+class _PerItem(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """An in-memory set seen only through ``dataset[i]``: what a DataLoader route would do."""
+
+    def __init__(self, ds: ImageTensorDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ds[i]
+
+
+def bench_tensors(n: int, batch: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """The fast path (slice + normalise the batch) against a persistent-worker DataLoader
+    normalising per item with 0 or 2 workers; both then crop + flip the batch."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
-    return ImageTensorDataset(images, labels, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
-
-
-def bench_tensors(n: int, batch: int, repeats: int, workers: int | None) -> dict[str, Any]:
-    """``workers=None``: the fast path; otherwise a DataLoader over items."""
-    ds = _tensor_set(n)
+    ds = ImageTensorDataset(images, labels, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
     gen = torch.Generator().manual_seed(1)
+    loaders = {
+        "fast path (slice)": BatchLoader(ds),
+        "DataLoader per item, 0 workers": BatchLoader(_PerItem(ds), num_workers=0),
+        "DataLoader per item, 2 workers": BatchLoader(_PerItem(ds), num_workers=2),
+    }
 
-    def batches_of(epoch: int) -> Iterator[torch.Tensor]:
-        if workers is None:
-            for x, _ in BatchLoader(ds).iterate(epoch_batches(n, batch, epoch), "cpu"):
-                yield x
-            return
-        loader = DataLoader(
-            ds,
-            batch_sampler=[b.tolist() for b in epoch_batches(n, batch, epoch)],
-            num_workers=workers,
-        )
-        for x, _ in loader:
-            yield x
+    def runner(loader: BatchLoader) -> Callable[[int], int]:
+        def run_pass(epoch: int) -> int:
+            count = 0
+            for x, _ in loader.iterate(epoch_batches(n, batch, epoch), "cpu"):
+                count += augment_batch(x, crop_padding=4, generator=gen).shape[0]
+            return count
 
-    def run_pass(epoch: int) -> int:
-        count = 0
-        for x in batches_of(epoch):
-            count += augment_batch(x, crop_padding=4, generator=gen).shape[0]
-        return count
+        return run_pass
 
-    return {"images": n, **timed_passes(run_pass, repeats)}
+    out = interleaved_passes({k: runner(lo) for k, lo in loaders.items()}, repeats)
+    for lo in loaders.values():
+        lo.close()
+    return {k: {"images": n, **r} for k, r in out.items()}
 
 
 def _row(case: str, workers: object, r: dict[str, Any]) -> list[object]:
@@ -155,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ntensor", type=int, default=10000, help="in-memory 3x32x32 images")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", default="0,1,2")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/loader_throughput.json")
     args = ap.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
@@ -171,18 +193,16 @@ def main(argv: list[str] | None = None) -> int:
             write_jpegs(root, n, src)
         for (src, out), (root, _) in sets.items():
             for train in (True, False):
-                for w in workers:
-                    r = bench_stream(root, out, w, args.batch, args.repeats, train)
-                    case = f"jpeg {src}->{out} {'train' if train else 'eval'}"
+                case = f"jpeg {src}->{out} {'train' if train else 'eval'}"
+                res = bench_stream(root, out, workers, args.batch, args.repeats, train)
+                for w, r in res.items():
                     results.append({"case": case, "num_workers": w, **r})
                     rows.append(_row(case, w, r))
-                    print(f"{case} workers={w}: {r['images_per_s']:.0f} img/s", file=sys.stderr)
-    for w in [None, 0, 2]:
-        r = bench_tensors(args.ntensor, 128, args.repeats, w)
-        label = "fast path (slice)" if w is None else "DataLoader per item"
+                print(f"{case}: done", file=sys.stderr)
+    for label, r in bench_tensors(args.ntensor, 128, args.repeats).items():
         case = f"tensors 3x32x32 + crop/flip, {label}"
-        results.append({"case": case, "num_workers": w, **r})
-        rows.append(_row(case, "-" if w is None else w, r))
+        results.append({"case": case, **r})
+        rows.append(_row(case, "-", r))
     print_table(["case", "workers", "images", "first pass s", "images/s", "main CPU ms/img"], rows)
     payload = {
         "machine": machine(),
