@@ -211,15 +211,22 @@ class BatchLoader:
             self._sampler.batches = lists
         pin = self.pin_memory if self.pin_memory is not None else device.type == "cuda"
         normalize = getattr(self.dataset, "normalize", None) if self.streaming else None
+        failure: str | None = None
         for batch in self._data_loader(bool(pin)):
             if isinstance(batch, _Failure):
-                raise DataError(batch.message)
+                failure = batch.message
+                break
             x, y = batch
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
             if callable(normalize):
                 x = normalize(x)
             yield x.to(dtype), y
+        if failure is not None:
+            # the pass cannot go on: stop the workers now rather than whenever the traceback
+            # that would keep them referenced is collected
+            self.close()
+            raise DataError(failure)
 
     def _iterate_tensors(
         self, batches: Sequence[Tensor | Sequence[int]], device: torch.device, dtype: torch.dtype
