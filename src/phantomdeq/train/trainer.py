@@ -376,7 +376,10 @@ class Trainer:
         t_epoch = time.perf_counter()
         elapsed0 = self.elapsed
         try:
-            for i, (x, y) in enumerate(self.train_data.iterate(batches, self.device, self.dtype)):
+            stream = self.train_data.iterate(
+                batches, self.device, self.dtype, epoch=epoch, seed=cfg.train.seed
+            )
+            for i, (x, y) in enumerate(stream):
                 t0 = time.perf_counter()
                 rec = self._train_step(x, y, epoch, i)
                 if self.device.type == "cuda":
