@@ -102,6 +102,9 @@ def test_shards_partition_each_global_batch() -> None:
         shard_batches(order, 30, DistInfo(0, world), drop_last=True)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:IFT backward solve did not reach:RuntimeWarning"
+)  # loose IFT budget: intended
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     configs = {g: ddp_config(g) for g in ESTIMATORS}
