@@ -102,7 +102,6 @@ def test_module_plumbing_deepcopy_pickle_state_dict_to():
         (lambda: pdq.NPG(lam=-0.1), "lam must be in (0, 1]"),
         (lambda: pdq.NPG(k=0), "k must be an integer >= 1"),
         (lambda: pdq.NPG(lam=math.nan), "lam must be a number in (0, 1]"),
-        (lambda: pdq.IFT(solver="broyden"), "IFT: solver must be"),
         (
             lambda: pdq.grad.from_name("exact"),
             "unknown gradient estimator 'exact'; allowed: ift, upg, npg, onestep, bptt",
@@ -123,6 +122,20 @@ def test_module_plumbing_deepcopy_pickle_state_dict_to():
 )
 def test_bad_options_are_rejected_with_the_field_name(factory, message):
     with pytest.raises(ValueError) as err:
+        factory()
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "factory,message",
+    [
+        (lambda: pdq.IFT(solver="broyden"), "IFT: solver must be callable as solver(g, z0)"),
+        (lambda: pdq.IFT(solver=lambda g: g), "IFT: solver must be callable as solver(g, z0)"),
+        (lambda: pdq.IFT(warn_unconverged=1), "IFT: warn_unconverged must be True or False"),
+    ],
+)
+def test_wrong_types_are_rejected_with_the_field_name(factory, message):
+    with pytest.raises(TypeError) as err:
         factory()
     assert message in str(err.value)
 

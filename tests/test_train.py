@@ -47,6 +47,9 @@ def steps(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
 
 
+@pytest.mark.filterwarnings(
+    "ignore:IFT backward solve did not reach:RuntimeWarning"
+)  # loose IFT budget: intended
 @pytest.mark.parametrize("grad", ["ift", "upg", "npg", "onestep"])
 def test_training_steps_lower_the_loss(tmp_path: Path, grad: str) -> None:
     """Full-batch steps on the same 64 images: the loss recorded before the 3rd update is below

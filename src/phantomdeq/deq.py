@@ -88,7 +88,7 @@ class DEQ(nn.Module):
         self._check(sol, "forward")
         if not attach:
             return sol.z, sol
-        return self.grad.attach(f, sol.z, inputs, spec), sol
+        return self.grad.attach(f, sol.z, inputs, spec, info=sol), sol
 
     def _check(self, sol: Solution, what: str) -> None:
         if sol.result != "nonfinite":

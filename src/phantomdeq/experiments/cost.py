@@ -101,7 +101,8 @@ class MethodSpec:
             if self.backward_solver is None:
                 raise ValueError(f"MethodSpec {self.name!r}: an IFT method needs backward_solver")
             solver = pdq.solvers.from_name(self.backward_solver, max_iter=cfg.bwd_iters, tol=0.0)
-            return pdq.IFT(solver=solver)
+            # a fixed budget (tol 0) never converges by design: no warning
+            return pdq.IFT(solver=solver, warn_unconverged=False)
         if self.family == "upg":
             return pdq.UPG(k=int(self.k or 1), lam=cfg.lam)
         if self.family == "upg_ckpt":

@@ -1,15 +1,28 @@
-"""The gradient-estimator interface and the shared custom autograd Function used by IFT and NPG."""
+"""The gradient-estimator interface and the shared custom autograd Function used by IFT and NPG.
+
+Second order. The Function's backward runs in two modes. Without grad mode (a plain
+``backward()`` / ``autograd.grad`` call) it maps the incoming gradient ``g`` to ``v = rule(g)``
+with detached vector-Jacobian products; autograd then continues through the tracked
+``y = F(h*)`` to θ and the inputs. Under ``create_graph=True`` (grad mode on in the backward)
+the rule's :meth:`BackwardRule.create_graph_backward` runs instead: explicit formulas (NPG)
+redo the same products with ``create_graph`` so that the result is differentiable w.r.t. θ, the
+inputs and ``g`` (``h*`` held fixed); IFT differentiates the implicit map itself (see
+:mod:`phantomdeq.grad.implicit`).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .._state import State, StateSpec, as_tuple, like
+
+if TYPE_CHECKING:
+    from ..solvers.base import Solution
 
 Cell = Callable[..., Any]
 
@@ -31,16 +44,24 @@ def check_k(k: object, owner: str) -> int:
 class GradientEstimator:
     """How the DEQ output gets its gradient.
 
-    :meth:`attach` receives ``f``, the detached forward solution ``z_star`` and the extra inputs,
-    and returns a state whose autograd graph carries the estimator's gradient to ``f``'s
-    parameters and to the inputs.
+    :meth:`attach` receives ``f``, the detached forward solution ``z_star``, the extra inputs
+    and (keyword ``info``) the forward :class:`~phantomdeq.Solution`, and returns a state whose
+    autograd graph carries the estimator's gradient to ``f``'s parameters and to the inputs.
     """
 
     name = "estimator"
     #: BPTT needs the forward solve itself to be recorded; the DEQ module handles that case.
     tracks_forward = False
 
-    def attach(self, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
+    def attach(
+        self,
+        f: Cell,
+        z_star: State,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        *,
+        info: Solution | None = None,
+    ) -> State:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -51,6 +72,55 @@ class GradientEstimator:
         return {}
 
 
+def flat_cat(spec: StateSpec, parts: Sequence[Tensor]) -> Tensor:
+    """Differentiable ``(B, D)`` concatenation of state parts (``spec.flatten`` copies into a
+    buffer; this one keeps the autograd graph of every part)."""
+    if not spec.is_tuple:
+        return parts[0].reshape(spec.batch, -1)
+    return torch.cat([p.reshape(spec.batch, -1) for p in parts], dim=1)
+
+
+class _VJPAt:
+    """Vector-Jacobian products of ``f`` at ``z*`` on the retained graph of ``y = f(z*)``.
+
+    ``create_graph=False`` (first order): the products are detached. ``create_graph=True``:
+    they are differentiable w.r.t. ``w``, θ and the inputs (``z*`` is a detached leaf, i.e.
+    held fixed).
+    """
+
+    def __init__(
+        self,
+        ys: tuple[Tensor, ...],
+        z_req: tuple[Tensor, ...],
+        spec: StateSpec,
+        *,
+        create_graph: bool = False,
+    ) -> None:
+        self.ys = ys
+        self.z_req = z_req
+        self.spec = spec
+        self.create_graph = create_graph
+
+    def differentiable(self) -> _VJPAt:
+        """The same products with ``create_graph=True``."""
+        return _VJPAt(self.ys, self.z_req, self.spec, create_graph=True)
+
+    def __call__(self, w: Tensor) -> Tensor:
+        ws = as_tuple(self.spec.unflatten(w))
+        grads = torch.autograd.grad(
+            self.ys,
+            self.z_req,
+            ws,
+            retain_graph=True,
+            allow_unused=True,
+            create_graph=self.create_graph,
+        )
+        parts = [torch.zeros_like(z) if gr is None else gr for gr, z in zip(grads, self.z_req)]
+        if self.create_graph:
+            return flat_cat(self.spec, parts)
+        return self.spec.flatten(like(self.spec, parts)).detach()
+
+
 class BackwardRule:
     """Maps the incoming gradient ``g`` (flat, (B, D)) at the DEQ output to the vector ``v`` that
     is then back-propagated through one tracked evaluation ``y = f(z*)``.
@@ -58,53 +128,100 @@ class BackwardRule:
     ``vjp(w)`` returns ``wᵀ ∂f/∂z`` at ``z*`` (flat), reusing the graph of ``y``.
     """
 
+    #: True when :meth:`create_graph_backward` returns gradients for θ and the inputs itself
+    #: (the Function then receives them as extra inputs, see :func:`attach_rule`).
+    needs_point = False
+
     def __call__(self, g: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def create_graph_backward(
+        self, node: _NodeState, grads: tuple[Tensor, ...]
+    ) -> tuple[Tensor | None, ...]:
+        """Backward under ``create_graph=True``; returns one gradient per Function input after
+        the first three (``ys`` then the extras). Default: the explicit formula ``v = rule(g)``
+        built from differentiable products, with ``h*`` held fixed (``z*`` is a detached leaf
+        of ``y``'s graph), returned for ``ys`` so that autograd continues through ``y``."""
+        vjp = node.vjp
+        v = self(flat_cat(vjp.spec, grads), vjp.differentiable())
+        parts = as_tuple(vjp.spec.unflatten(v))
+        return (*parts, *([None] * node.n_extra))
 
-class _VJPAt:
-    """Vector-Jacobian products of ``f`` at ``z*`` on the retained graph of ``y = f(z*)``."""
 
-    def __init__(self, ys: tuple[Tensor, ...], z_req: tuple[Tensor, ...], spec: StateSpec) -> None:
-        self.ys = ys
-        self.z_req = z_req
-        self.spec = spec
+class _NodeState:
+    """What the backward of :class:`_ImplicitBackward` needs, kept on its ``ctx``."""
 
-    def __call__(self, w: Tensor) -> Tensor:
-        ws = as_tuple(self.spec.unflatten(w))
-        grads = torch.autograd.grad(self.ys, self.z_req, ws, retain_graph=True, allow_unused=True)
-        parts = [torch.zeros_like(z) if gr is None else gr for gr, z in zip(grads, self.z_req)]
-        return self.spec.flatten(like(self.spec, parts)).detach()
+    def __init__(
+        self,
+        rule: BackwardRule,
+        vjp: _VJPAt,
+        point: Any,
+        n_extra: int,
+    ) -> None:
+        self.rule = rule
+        self.vjp = vjp
+        self.point = point  # rule-specific (IFT: the re-evaluation point), None otherwise
+        self.n_extra = n_extra
 
 
 class _ImplicitBackward(torch.autograd.Function):
     """Identity in the forward pass on ``y = f(z*)``; in the backward pass, replaces the incoming
-    gradient ``g`` by ``rule(g)`` before autograd continues through ``y`` to ``θ`` and inputs."""
+    gradient ``g`` by ``rule(g)`` before autograd continues through ``y`` to ``θ`` and inputs.
+
+    Inputs: ``(node, n_ys, *ys, *extras)``; ``extras`` are the tensors a rule with
+    ``needs_point`` differentiates w.r.t. directly under ``create_graph`` (IFT: the parameters of
+    ``f`` and the inputs that require grad). In first-order mode they receive no gradient.
+    """
 
     @staticmethod
-    def forward(ctx: Any, rule: BackwardRule, vjp: _VJPAt, *ys: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.rule = rule
-        ctx.vjp = vjp
-        return tuple(y.detach().clone() for y in ys)
+    def forward(ctx: Any, node: _NodeState, n_ys: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.node = node
+        return tuple(y.detach().clone() for y in tensors[:n_ys])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        vjp: _VJPAt = ctx.vjp
+        node: _NodeState = ctx.node
+        if torch.is_grad_enabled():  # create_graph=True
+            return (None, None, *node.rule.create_graph_backward(node, grads))
+        vjp = node.vjp
         spec = vjp.spec
         g = spec.flatten(like(spec, list(grads))).detach()
         with torch.enable_grad():
-            v = ctx.rule(g, vjp)
+            v = node.rule(g, vjp)
         parts = as_tuple(spec.unflatten(v))
-        return (None, None, *parts)
+        return (None, None, *parts, *([None] * node.n_extra))
 
 
 def attach_rule(
-    rule: BackwardRule, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec
+    rule: BackwardRule,
+    f: Cell,
+    z_star: State,
+    inputs: Sequence[Any],
+    spec: StateSpec,
+    *,
+    point_factory: Callable[[_VJPAt], tuple[Any, Sequence[Tensor]]] | None = None,
 ) -> State:
-    """Output ``y = f(z*)`` (tracked to θ and inputs) whose incoming gradient is mapped by ``rule``."""
+    """Output ``y = f(z*)`` (tracked to θ and inputs) whose incoming gradient is mapped by ``rule``.
+
+    ``point_factory(vjp) -> (point, extras)`` (rules with ``needs_point``) supplies the
+    rule-specific state for the ``create_graph`` backward and the extra Function inputs.
+    """
     z_req = tuple(t.detach().requires_grad_() for t in as_tuple(z_star))
     with torch.enable_grad():
         ys = spec.check(f(like(spec, z_req), *inputs))
     vjp = _VJPAt(ys, z_req, spec)
-    out = _ImplicitBackward.apply(rule, vjp, *ys)
+    point: Any = None
+    extras: Sequence[Tensor] = ()
+    if point_factory is not None:
+        point, extras = point_factory(vjp)
+    node = _NodeState(rule, vjp, point, len(extras))
+    out = _ImplicitBackward.apply(node, len(ys), *ys, *extras)
     return like(spec, list(out))
+
+
+def reapply(node: _NodeState, extras: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """A new node with the same backward as ``node`` (same ``y`` graph, same rule), created
+    inside a ``create_graph`` backward: its outputs carry ``h*``'s dependence on θ and the
+    inputs (the implicit map) into the graph being built."""
+    ys = node.vjp.ys
+    return _ImplicitBackward.apply(node, len(ys), *ys, *extras)  # type: ignore[no-any-return]

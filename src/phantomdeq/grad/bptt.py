@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._state import State, StateSpec
+from ..solvers.base import Solution
 from .base import Cell, GradientEstimator
 
 
@@ -20,5 +21,13 @@ class BPTT(GradientEstimator):
     name = "bptt"
     tracks_forward = True
 
-    def attach(self, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
+    def attach(
+        self,
+        f: Cell,
+        z_star: State,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        *,
+        info: Solution | None = None,
+    ) -> State:
         raise RuntimeError("BPTT is applied by DEQ during the forward solve, not after it")

@@ -1,38 +1,159 @@
-"""Exact implicit gradient by the implicit function theorem (paper eq. 4)."""
+"""Exact implicit gradient by the implicit function theorem (paper eq. 4), and its derivative."""
 
 from __future__ import annotations
 
+import inspect
+import os
+import sys
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .._state import State, StateSpec
+from .._state import State, StateSpec, as_tuple
 from ..errors import DEQError
-from ..solvers.base import Solution, Solver
+from ..solvers.base import Solution
 from ..solvers.fixed_point import FixedPoint
-from .base import BackwardRule, Cell, GradientEstimator, attach_rule
+from .base import (
+    BackwardRule,
+    Cell,
+    GradientEstimator,
+    _NodeState,
+    _VJPAt,
+    attach_rule,
+    reapply,
+)
+from .second_order import AdjointSolve, ImplicitPoint, relink
+
+#: a solver in the sense of the protocol: ``solver(g, z0) -> Solution`` (IFT calls it with
+#: ``g: (B, D) -> (B, D)`` and a ``(B, D)`` tensor ``z0``)
+SolverLike = Callable[[Any, Any], Solution]
+
+# frames inside these folders are skipped when a warning picks its location (the user's call)
+_SKIP_DIRS = (
+    os.path.dirname(torch.__file__) + os.sep,
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+)
+
+
+def _warn_at_caller(message: str) -> None:
+    """``RuntimeWarning`` attributed to the first frame outside torch and this package's
+    ``grad`` folder (e.g. the user's ``loss.backward()`` line), so that Python's default filter
+    shows it once per call site (the message text is constant)."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def check_solver(solver: object, owner: str) -> SolverLike:
+    """Structural check of the solver protocol: callable as ``solver(g, z0)``."""
+    if not callable(solver):
+        raise TypeError(
+            f"{owner}: solver must be callable as solver(g, z0) -> Solution (e.g. "
+            f"FixedPoint, Anderson, Broyden), got {type(solver).__name__}: {solver!r}"
+        )
+    try:
+        signature = inspect.signature(solver)
+    except (TypeError, ValueError):  # no introspectable signature (builtin): trust it
+        return solver  # type: ignore[return-value]
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"{owner}: solver must be callable as solver(g, z0) -> Solution, but "
+            f"{solver!r} has signature {signature}"
+        ) from None
+    return solver  # type: ignore[return-value]
 
 
 class _ImplicitRule(BackwardRule):
-    def __init__(self, owner: IFT, spec: StateSpec) -> None:
+    needs_point = True
+
+    def __init__(self, owner: IFT, info: Solution | None) -> None:
         self.owner = owner
-        self.spec = spec
+        # the forward Solution, to publish the backward solve as info.backward (weak: the graph
+        # must not keep the user's info alive)
+        self.info = None if info is None else weakref.ref(info)
 
-    def __call__(self, g: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
-        def backward_map(v: Tensor, out: Tensor | None = None) -> Tensor:
-            return vjp(v).add_(g)
+    # ---------------------------------------------------------------- the linear solves
+    def solve(self, op: Callable[[Tensor], Tensor], rhs: Tensor, *, what: str) -> Tensor:
+        """Solve ``u = op(u) + rhs`` on the flat ``(B, D)`` state with the IFT's solver."""
 
-        v, tracker = self.owner.solver.solve_flat(backward_map, g)
-        sol = tracker.solution(self.spec)
-        self.owner.last_backward = sol
+        def fixed_point_map(u: Tensor) -> Tensor:
+            # out of place: autograd.grad may return the cotangent itself (pass-through or view
+            # cells), i.e. ``op(u)`` can be the solver's iterate
+            return op(u) + rhs
+
+        sol = self.owner.solver(fixed_point_map, rhs)
+        z = getattr(sol, "z", None)
+        if not isinstance(z, Tensor) or z.shape != rhs.shape:
+            raise TypeError(
+                f"IFT: solver {self.owner.solver!r} must return a Solution whose z is a tensor "
+                f"of the shape of z0 {tuple(rhs.shape)}, got {type(sol).__name__} with z="
+                f"{type(z).__name__}"
+            )
+        if what == "backward":
+            self.owner.last_backward = sol
+            info = None if self.info is None else self.info()
+            if info is not None:
+                info.backward = sol  # type: ignore[attr-defined]
+        else:
+            self.owner.last_adjoint = sol
         if sol.result == "nonfinite":
             raise DEQError(
-                "IFT backward solve produced non-finite values after "
+                f"IFT {what} solve produced non-finite values after "
                 f"{sol.niter} iterations (batch-max residual trace tail: {sol.trace[-3:]}); "
                 "the fixed point is probably not attracting (spectral radius of ∂F/∂h >= 1)"
             )
-        return v.clone()
+        if sol.result != "converged" and self.owner.warn_unconverged:
+            _warn_at_caller(
+                f"IFT {what} solve did not reach the solver's tol within max_iter: the "
+                f"gradient is approximate (statistics: info.backward, IFT.last_{what}; "
+                "IFT(..., warn_unconverged=False) silences this)"
+            )
+        return z
+
+    # ---------------------------------------------------------------- first order
+    def __call__(self, g: Tensor, vjp: Callable[[Tensor], Tensor]) -> Tensor:
+        return self.solve(vjp, g, what="backward").clone()
+
+    # ---------------------------------------------------------------- create_graph
+    def create_graph_backward(
+        self, node: _NodeState, grads: tuple[Tensor, ...]
+    ) -> tuple[Tensor | None, ...]:
+        """``θ̄, x̄ = J_{θ,x}(h*, θ, x)ᵀ v`` built as a differentiable function of ``g``, θ, x
+        and ``h*(θ, x)`` (see :mod:`phantomdeq.grad.second_order`); ``y``'s graph gets nothing."""
+        point: ImplicitPoint = node.point
+        extras = point.extras
+        y_r, z_r, x_r = point.evaluate(check=True)
+        # h*(θ, x) as a new node whose backward is this IFT backward (the implicit map)
+        anchors = reapply(node, extras)
+        n = len(grads)
+        v = AdjointSolve.apply(self, node.vjp, point, n, *grads, *anchors, *extras)
+        live = [i for i, y in enumerate(y_r) if y.requires_grad]
+        targets = [*point.params, *x_r]
+        partial: tuple[Tensor | None, ...]
+        if live and targets:
+            partial = torch.autograd.grad(
+                [y_r[i] for i in live],
+                targets,
+                [v[i] for i in live],
+                create_graph=True,
+                allow_unused=True,
+            )
+        else:
+            partial = (None,) * len(targets)
+        params_grads = partial[: len(point.params)]
+        x_grads = partial[len(point.params) :]
+        # partial derivatives at the leaves z_r, x_r -> total derivatives
+        linked = relink([*anchors, *point.xs], [*z_r, *x_r], [*params_grads, *x_grads])
+        return (*([None] * n), *linked)
 
 
 class IFT(GradientEstimator):
@@ -40,28 +161,60 @@ class IFT(GradientEstimator):
     ``solver`` (vector-Jacobian products only), then back-propagate ``v`` through one tracked
     evaluation ``y = F(h*)`` to the parameters and inputs. Memory O(1) in depth.
 
-    The statistics of the latest backward solve are kept in :attr:`last_backward`.
+    ``solver`` is anything callable as ``solver(g, z0) -> Solution``; it is called on the flat
+    ``(B, D)`` state. The latest backward solve's :class:`~phantomdeq.Solution` is kept in
+    :attr:`last_backward` and published on the forward ``info`` as ``info.backward``. A
+    non-finite backward solve raises :class:`~phantomdeq.DEQError`; one that stops without
+    reaching ``tol`` emits a ``RuntimeWarning`` (once per call site) unless
+    ``warn_unconverged=False``.
+
+    Second order (``create_graph=True``): the derivative of the exact implicit gradient, i.e.
+    true second derivatives of ``L(h*(θ, x))``. The backward solve is differentiated as the
+    implicit linear system it is (an adjoint solve ``u = (∂F/∂h) u + c`` with the same
+    ``solver``, statistics in :attr:`last_adjoint`), and ``h*``'s dependence on θ and x by the
+    IFT again. ``f`` is evaluated once more at ``h*`` (it must be deterministic within a step)
+    and may depend only on its state, the DEQ inputs and its own parameters (anything else
+    requiring grad is refused). Third order raises.
     """
 
     name = "ift"
 
-    def __init__(self, solver: Solver | None = None) -> None:
-        if solver is None:
-            solver = FixedPoint(max_iter=30, tol=1e-6)
-        if not isinstance(solver, Solver):
-            raise ValueError(
-                f"IFT: solver must be a phantomdeq solver (FixedPoint, Anderson, Broyden), got {solver!r}"
+    def __init__(self, solver: SolverLike | None = None, *, warn_unconverged: bool = True) -> None:
+        self.solver = check_solver(
+            FixedPoint(max_iter=30, tol=1e-6) if solver is None else solver, "IFT"
+        )
+        if not isinstance(warn_unconverged, bool):
+            raise TypeError(
+                f"IFT: warn_unconverged must be True or False, got {warn_unconverged!r}"
             )
-        self.solver = solver
+        self.warn_unconverged = warn_unconverged
         self.last_backward: Solution | None = None
+        self.last_adjoint: Solution | None = None
 
     def _options(self) -> dict[str, object]:
-        return {"solver": self.solver}
+        return {"solver": self.solver, "warn_unconverged": self.warn_unconverged}
 
-    def attach(self, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
-        return attach_rule(_ImplicitRule(self, spec), f, z_star, inputs, spec)
+    def attach(
+        self,
+        f: Cell,
+        z_star: State,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        *,
+        info: Solution | None = None,
+    ) -> State:
+        if info is not None:
+            info.backward = None  # type: ignore[attr-defined]
+
+        def point_factory(vjp: _VJPAt) -> tuple[ImplicitPoint, list[Tensor]]:
+            point = ImplicitPoint(f, inputs, as_tuple(vjp.z_req), spec)
+            return point, point.extras
+
+        rule = _ImplicitRule(self, info)
+        return attach_rule(rule, f, z_star, inputs, spec, point_factory=point_factory)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["last_backward"] = None
+        state["last_adjoint"] = None
         return state

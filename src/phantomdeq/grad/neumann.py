@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from .._state import State, StateSpec
+from ..solvers.base import Solution
 from .base import BackwardRule, Cell, GradientEstimator, attach_rule, check_k, check_lam
 
 
@@ -44,5 +45,13 @@ class NPG(GradientEstimator):
     def _options(self) -> dict[str, object]:
         return {"k": self.k, "lam": self.lam}
 
-    def attach(self, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
+    def attach(
+        self,
+        f: Cell,
+        z_star: State,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        *,
+        info: Solution | None = None,
+    ) -> State:
         return attach_rule(_NeumannRule(self.k, self.lam), f, z_star, inputs, spec)

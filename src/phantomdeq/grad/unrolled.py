@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .._state import State, StateSpec, as_tuple, detach, like
+from ..solvers.base import Solution
 from .base import Cell, GradientEstimator, check_k, check_lam
 
 
@@ -41,7 +42,15 @@ class UPG(GradientEstimator):
     def _options(self) -> dict[str, object]:
         return {"k": self.k, "lam": self.lam, "checkpoint": self.checkpoint}
 
-    def attach(self, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
+    def attach(
+        self,
+        f: Cell,
+        z_star: State,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        *,
+        info: Solution | None = None,
+    ) -> State:
         h = detach(z_star)
         with torch.enable_grad():
             for _ in range(self.k):
@@ -58,6 +67,14 @@ class OneStep(GradientEstimator):
 
     name = "onestep"
 
-    def attach(self, f: Cell, z_star: State, inputs: Sequence[Any], spec: StateSpec) -> State:
+    def attach(
+        self,
+        f: Cell,
+        z_star: State,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        *,
+        info: Solution | None = None,
+    ) -> State:
         with torch.enable_grad():
             return like(spec, list(spec.check(f(detach(z_star), *inputs))))

@@ -19,6 +19,7 @@ __all__ = [
     "info_get",
     "load_data",
     "make_optimizer",
+    "prepare_data",
     "resolve_device",
 ]
 
@@ -69,21 +70,42 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
         raise ConfigError(f"model: {exc}") from exc
 
 
+def prepare_data(cfg: Config) -> None:
+    """What must happen once before :func:`load_data`: the CIFAR-10 download with
+    ``data.download`` (safe for concurrent callers; a multi-process job calls it on rank 0
+    and lets the other ranks wait at a barrier, so it is fetched once)."""
+    from phantomdeq.data import prepare_dataset
+
+    d = cfg.data
+    prepare_dataset(d.name, d.root, download=d.download)
+
+
 def load_data(cfg: Config) -> tuple[Any, Any, Any]:
+    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`); calls
+    :func:`prepare_data` first (a no-op when the data are present).
+
+    Raises:
+        ConfigError: ``data.root`` is missing or lacks the expected files.
+        phantomdeq.data.DataError: another data problem (one line naming the file or option).
+    """
     from phantomdeq.data import load_dataset
 
     d = cfg.data
     if d.root is not None and not Path(d.root).is_dir() and not d.download:
         raise ConfigError(f"data.root: directory {d.root!r} does not exist")
-    extra: dict[str, Any] = {} if d.image_size is None else {"image_size": d.image_size}
+    extra: dict[str, Any] = {}
+    if d.name == "imagefolder":
+        extra = {"image_size": d.image_size, "augment": d.augment, "flip": d.flip}
     try:
+        prepare_data(cfg)
         return load_dataset(
             d.name,
             d.root,
-            download=d.download,
             seed=cfg.train.seed,
             train_size=d.train_size,
             test_size=d.test_size,
+            mean=d.mean,
+            std=d.std,
             **extra,
         )
     except FileNotFoundError as exc:

@@ -35,7 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batches import Batches, augment, seed_of
-from .build import build_model, build_solver, info_get, load_data, make_optimizer, resolve_device
+from .build import (
+    build_model,
+    build_solver,
+    info_get,
+    load_data,
+    make_optimizer,
+    prepare_data,
+    resolve_device,
+)
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -118,7 +126,9 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        train_ds, test_ds, info = rank0_first(lambda: load_data(cfg), self.dist)
+        # rank 0 prepares (downloads) the data while the other ranks wait, then all load it
+        rank0_first(lambda: prepare_data(cfg), self.dist)
+        train_ds, test_ds, info = load_data(cfg)
         self.train_data = Batches(train_ds, cfg.data.num_workers)
         self.test_ds = test_ds
         self.num_classes = int(info_get(info, "num_classes"))
@@ -414,7 +424,10 @@ class Trainer:
         t_epoch = time.perf_counter()
         elapsed0 = self.elapsed
         try:
-            for i, (x, y) in enumerate(self.train_data.iterate(batches, self.device, self.dtype)):
+            stream = self.train_data.iterate(
+                batches, self.device, self.dtype, epoch=epoch, seed=cfg.train.seed
+            )
+            for i, (x, y) in enumerate(stream):
                 t0 = time.perf_counter()
                 rec = self._train_step(x, y, epoch, i)
                 if self.device.type == "cuda":
@@ -549,6 +562,9 @@ class Trainer:
         logger = getattr(self, "logger", None)
         if logger is not None:
             logger.close()
+        train_data = getattr(self, "train_data", None)
+        if train_data is not None:
+            train_data.close()  # the loader's worker processes
         dist_info = getattr(self, "dist", None)
         if (
             dist_info is not None
