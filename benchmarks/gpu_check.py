@@ -54,7 +54,7 @@ def make_cifar(root: Path, *, train_per_batch: int, test: int, seed: int = 0) ->
             b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
         }
         with open(out / name, "wb") as fh:
-            pickle.dump(payload, fh, protocol=2)
+            pickle.dump(payload, fh, protocol=3)  # bytes as BINBYTES (no _codecs global)
 
     for i in range(1, 6):
         batch(train_per_batch, f"data_batch_{i}")
