@@ -48,9 +48,18 @@ class Batches:
         return len(self.dataset)
 
     def iterate(
-        self, batches: list[Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+        self,
+        batches: list[Tensor],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        seed: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch."""
+        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch.
+
+        The ``DataLoader`` path draws its workers' base seed from a generator seeded with
+        ``seed``, never from the global torch RNG (which the training loop checkpoints and
+        restores: a loader created when a run resumes mid-epoch must not shift it)."""
         if self.tensors and self.images is not None and self.labels is not None:
             normalize = getattr(self.dataset, "normalize", None)
             for idx in batches:
@@ -65,6 +74,7 @@ class Batches:
             self.dataset,
             batch_sampler=[b.tolist() for b in batches],
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(seed),
         )
         for x, y in loader:
             x = x.to(device, non_blocking=True).to(dtype)

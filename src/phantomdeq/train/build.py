@@ -70,6 +70,9 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def load_data(cfg: Config) -> tuple[Any, Any, Any]:
+    """``phantomdeq.data.load_dataset`` for ``cfg.data``; missing or malformed data and options
+    the data set cannot satisfy (e.g. ``data.train_size`` above its size) are one-line
+    :class:`ConfigError` s."""
     from phantomdeq.data import load_dataset
 
     d = cfg.data
@@ -87,7 +90,9 @@ def load_data(cfg: Config) -> tuple[Any, Any, Any]:
             **extra,
         )
     except FileNotFoundError as exc:
-        raise ConfigError(f"data.root: {exc}") from exc
+        raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from exc
+    except ValueError as exc:  # bad data files or options (train_size too large, ...)
+        raise ConfigError(f"data ({d.name}): {' '.join(str(exc).split())}") from exc
 
 
 def info_get(info: Any, key: str) -> Any:
