@@ -4,6 +4,11 @@ reaching a checkpoint, and the final accuracy-at-chance verdict."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,8 @@ import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
+
+import torch.distributed as dist  # noqa: E402
 
 from phantomdeq.train import (  # noqa: E402
     Trainer,
@@ -284,3 +291,95 @@ def test_stop_policy_reports_the_step_and_checkpoint(
 def test_reliability_options_are_validated(train: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         config_from_dict({"train": train})
+
+
+# --------------------------------------------------------------------------- DDP
+
+DDP_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from phantomdeq.train import Trainer, TrainingError, config_from_dict
+
+out, configs = Path(sys.argv[1]), json.loads(sys.argv[2])
+rank = int(os.environ["RANK"])
+real_ce = torch.nn.functional.cross_entropy
+count = {"n": 0}
+
+
+def ce(*args, **kwargs):
+    loss = real_ce(*args, **kwargs)
+    if kwargs.get("reduction", "mean") == "mean":
+        count["n"] += 1
+        if count["n"] == 2 and rank == 1:  # rank 1 only, the 2nd step of each run
+            return loss * float("nan")
+    return loss
+
+
+torch.nn.functional.cross_entropy = ce
+dist.init_process_group("gloo")
+results = {}
+for name, raw in configs.items():
+    count["n"] = 0
+    trainer = Trainer(config_from_dict(raw), out / name, progress=False)
+    try:
+        result = trainer.fit()
+        results[name] = {"steps": result["steps"], "skipped": result["skipped_steps"]}
+    except TrainingError as exc:
+        results[name] = {"error": str(exc)}
+    torch.save(trainer.net.state_dict(), out / name / f"rank{rank}.pt")
+print(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_ranks_agree_on_a_nonfinite_loss_of_one_rank(tmp_path: Path) -> None:
+    """Two gloo processes; only rank 1's loss is NaN at step 2. The finite flag is all-reduced:
+    with ``skip`` both ranks drop that step and go on in lockstep (identical parameters), with
+    ``stop`` both stop at step 2 (no rank left waiting) naming the same checkpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    configs = {
+        policy: tiny_config(
+            data={"test_size": 32}, train={"on_nonfinite": policy, "checkpoint_every_steps": 1}
+        )
+        for policy in ("skip", "stop")
+    }
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, "-c", DDP_CHILD, str(tmp_path), json.dumps(configs)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, out
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for policy in configs:
+        w0 = torch.load(tmp_path / policy / "rank0.pt", weights_only=True)
+        w1 = torch.load(tmp_path / policy / "rank1.pt", weights_only=True)
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), policy
+    assert [r["skip"] for r in results] == [{"steps": 3, "skipped": 1}] * 2
+    rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r.get("skipped", False) for r in rows] == [False, True, False, False]
+    assert rows[1]["skip_reason"] == "non-finite loss on another rank"  # rank 0 writes the log
+    e0, e1 = results[0]["stop"]["error"], results[1]["stop"]["error"]
+    assert "non-finite loss on another rank at epoch 1, step 2" in e0
+    assert "non-finite loss (nan) at epoch 1, step 2" in e1
+    assert "(after epoch 0 + 1 batches, step 1)" in e0 and "(after epoch 0 + 1 batches" in e1

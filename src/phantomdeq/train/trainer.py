@@ -533,8 +533,12 @@ class Trainer:
             "n": total,
         }
         rec.update(monitor_rec)
-        if float(stats[6]) < float(stats[7]):
-            what = error or f"non-finite loss ({float(loss.detach())})"
+        if float(stats[6]) < float(stats[7]):  # some rank's loss is not finite
+            what = error or (
+                f"non-finite loss ({float(loss.detach())})"
+                if not finite
+                else "non-finite loss on another rank"
+            )
             return self._skip_or_stop(what, epoch, snapshot, rec)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
