@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from phantomdeq.data import (
+    DataError,
+    DataFileNotFoundError,
     ImageTensorDataset,
     augment_batch,
     iterate_batches,
@@ -109,6 +111,63 @@ def test_mnist_bad_magic_and_missing_files(tmp_path: Path) -> None:
         load_dataset("mnist", tmp_path)
 
 
+def _assert_one_line_naming(exc: BaseException, path: Path) -> None:
+    msg = str(exc)
+    assert str(path) in msg, msg
+    assert "\n" not in msg, msg
+
+
+def test_mnist_truncated_or_non_gzip_files_are_data_errors_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    _mnist_like(tmp_path, "t10k", 10, 0)
+    images = tmp_path / "t10k-images-idx3-ubyte.gz"
+    good = images.read_bytes()
+    # a gzip stream cut short (an interrupted download): gzip raises EOFError, no file name
+    images.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="truncated") as err:
+        load_dataset("mnist", tmp_path)
+    _assert_one_line_naming(err.value, images)
+    # an uncompressed file named .gz: gzip raises BadGzipFile, no file name
+    images.write_bytes(b"\x00\x00\x08\x03" + bytes(200))
+    with pytest.raises(DataError, match="not a gzip file") as err:
+        load_dataset("mnist", tmp_path)
+    _assert_one_line_naming(err.value, images)
+    # a complete gzip stream of a truncated IDX payload
+    with gzip.open(images, "wb") as fh:
+        fh.write(gzip.decompress(good)[:-7])
+    with pytest.raises(DataError, match="truncated") as err:
+        load_dataset("mnist", tmp_path)
+    _assert_one_line_naming(err.value, images)
+
+
+def test_train_size_larger_than_the_set_is_a_data_error() -> None:
+    with pytest.raises(DataError, match=r"train_size=100000 exceeds the 1438 examples") as err:
+        load_dataset("digits", None, train_size=100000)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="test_size"):
+        load_dataset("digits", None, test_size=360)
+
+
+def test_missing_directories_are_data_errors(tmp_path: Path) -> None:
+    for name in ("mnist", "cifar10", "imagefolder"):
+        with pytest.raises(DataFileNotFoundError) as err:
+            load_dataset(name, tmp_path / "nowhere")
+        assert isinstance(err.value, DataError) and isinstance(err.value, FileNotFoundError)
+        _assert_one_line_naming(err.value, tmp_path / "nowhere")
+
+
+def test_configured_mean_std_replace_the_defaults() -> None:
+    train, test, info = load_dataset("digits", None, mean=(0.25,), std=(0.5,))
+    assert info.mean == (0.25,) and info.std == (0.5,)
+    x, _ = test[0]
+    assert torch.allclose(x, (test.images[0] - 0.25) / 0.5)
+    with pytest.raises(DataError, match="one entry per channel"):
+        load_dataset("digits", None, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    with pytest.raises(DataError, match="both mean and std"):
+        load_dataset("digits", None, mean=(0.1,))
+
+
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="real MNIST t10k files not present")
 def test_real_mnist_t10k_split() -> None:
     train, test, info = load_dataset("mnist", REAL_MNIST)
@@ -172,31 +231,55 @@ def _image_folder(root: Path, size: tuple[int, int] = (6, 5)) -> dict[str, np.nd
     return arrays
 
 
-def test_imagefolder_round_trip_and_resize(tmp_path: Path) -> None:
+def test_imagefolder_items_are_the_centre_crop(tmp_path: Path) -> None:
     arrays = _image_folder(tmp_path)
-    train, val, info = load_dataset("imagefolder", tmp_path)
+    train, val, info = load_dataset("imagefolder", tmp_path, image_size=4)
     assert info.classes == ("ant", "cat") and info.num_classes == 2
-    assert train.images.shape == (6, 3, 6, 5) and val.images.shape == (2, 3, 6, 5)
-    assert info.image_size == (6, 5)
-    # sorted classes, sorted files: train[0] is ant/0.png, label 0; train[3] is cat/0.png
-    assert np.array_equal(train.images[0].permute(1, 2, 0).numpy(), arrays["train/ant/0"])
-    assert np.array_equal(train.images[3].permute(1, 2, 0).numpy(), arrays["train/cat/0"])
+    assert (len(train), len(val)) == (6, 2) and info.image_size == (4, 4)
+    assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
+    # eval transform of a 5 (wide) x 6 (high) image to 4: the shorter side would be resized to
+    # round(4 * 256 / 224) = 5 (it is already 5), then the centre 4x4 crop starts at
+    # left = round(0.5) = 0, top = round(1.0) = 1. Sorted classes, sorted files: train[3] is
+    # cat/0.png, label 1.
+    x, y = train.load(3)
+    assert x.dtype == torch.uint8 and x.shape == (3, 4, 4) and y == 1
+    assert np.array_equal(x.permute(1, 2, 0).numpy(), arrays["train/cat/0"][1:5, 0:4])
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and val.labels.tolist() == [0, 1]
-    expected_mean = train.images.float().div(255).mean(dim=(0, 2, 3))
-    assert torch.allclose(torch.tensor(info.mean), expected_mean, atol=1e-6)
-    small, _, info4 = load_dataset("imagefolder", tmp_path, image_size=4)
-    assert small.images.shape == (6, 3, 4, 4) and info4.image_size == (4, 4)
+    img, lab = val[0]
+    crop = torch.from_numpy(arrays["val/ant/0"][1:5, 0:4]).permute(2, 0, 1).float() / 255
+    mean = torch.tensor(info.mean).view(3, 1, 1)
+    std = torch.tensor(info.std).view(3, 1, 1)
+    assert torch.allclose(img, (crop - mean) / std, atol=1e-6) and int(lab) == 0
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="train"):
+    with pytest.raises(DataFileNotFoundError, match="train"):
         load_dataset("imagefolder", tmp_path)
     _image_folder(tmp_path)
-    from PIL import Image
+    with pytest.raises(DataError, match="image_size"):
+        load_dataset("imagefolder", tmp_path, image_size=0)
+    with pytest.raises(DataError, match="std"):
+        load_dataset("imagefolder", tmp_path, mean=(0.5, 0.5, 0.5), std=(0.2, 0.0, 0.2))
+    with pytest.raises(DataError, match="one entry per channel"):
+        load_dataset("imagefolder", tmp_path, mean=(0.5,), std=(0.2,))
 
-    Image.fromarray(np.zeros((9, 9, 3), dtype=np.uint8)).save(tmp_path / "train" / "cat" / "9.png")
-    with pytest.raises(ValueError, match="image_size"):
+
+def test_imagefolder_empty_class_folder_is_an_error_naming_it(tmp_path: Path) -> None:
+    _image_folder(tmp_path)
+    empty = tmp_path / "train" / "zebra"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError) as err:
         load_dataset("imagefolder", tmp_path)
+    assert str(empty) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_imagefolder_hidden_folders_are_not_classes(tmp_path: Path) -> None:
+    _image_folder(tmp_path)
+    hidden = tmp_path / "train" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    _, _, info = load_dataset("imagefolder", tmp_path)
+    assert info.classes == ("ant", "cat")
 
 
 # ----------------------------------------------------------------------------- digits & options
@@ -276,3 +359,37 @@ def test_random_hflip_and_augment() -> None:
     assert z.shape == x.shape
     with pytest.raises(ValueError, match="padding"):
         random_crop(x, -1)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_data_config_mean_std_validation() -> None:
+    from phantomdeq.train.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"data": {"name": "digits", "mean": [0.2], "std": [0.4]}})
+    assert cfg.data.mean == [0.2] and cfg.data.std == [0.4]
+    bad = [
+        ({"name": "digits", "mean": [0.2]}, "data.std: set both"),
+        ({"name": "cifar10", "root": "x", "mean": [0.5], "std": [0.2]}, r"data.mean: .*\(3\)"),
+        ({"name": "digits", "mean": [0.5], "std": [0.0]}, r"data.std: entries must be > 0"),
+        ({"name": "digits", "mean": [float("nan")], "std": [1.0]}, r"data.mean: .*finite"),
+    ]
+    for data, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({"data": data})
+
+
+def test_imagenet_config_streams_with_imagenet_constants() -> None:
+    import yaml
+
+    from phantomdeq.train.config import config_from_dict
+
+    raw = yaml.safe_load(
+        (Path(__file__).parents[1] / "configs" / "mdeq_imagenet18m.yaml").read_text()
+    )
+    cfg = config_from_dict(raw)
+    d = cfg.data
+    assert d.name == "imagefolder" and d.image_size == 224 and d.num_workers > 0
+    assert tuple(d.mean or ()) == (0.485, 0.456, 0.406)
+    assert tuple(d.std or ()) == (0.229, 0.224, 0.225)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -9,7 +10,46 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["DataInfo", "ImageTensorDataset", "iterate_batches"]
+from .errors import DataError
+
+__all__ = [
+    "DataInfo",
+    "ImageTensorDataset",
+    "check_mean_std",
+    "iterate_batches",
+    "normalize_images",
+]
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float], channels: int, who: str) -> None:
+    """Raise :class:`DataError` (a ``ValueError``) unless ``mean``/``std`` have one finite entry per channel and every
+    ``std`` entry is ``> 0`` (``TypeError`` for non-numbers)."""
+    for name, values in (("mean", mean), ("std", std)):
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+            raise TypeError(f"{who}: {name} must be a sequence of numbers, got {values!r}")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{who}: {name} must be a sequence of numbers, got {values!r}")
+        if len(values) != channels:
+            raise DataError(
+                f"{who}: {name} needs one entry per channel ({channels}), got {len(values)}: "
+                f"{tuple(values)}"
+            )
+        if not all(math.isfinite(float(v)) for v in values):
+            raise DataError(f"{who}: {name} entries must be finite, got {tuple(values)}")
+    if any(float(s) <= 0 for s in std):
+        raise DataError(f"{who}: std entries must be > 0, got {tuple(std)}")
+
+
+def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(images01 - mean) / std`` per channel for ``uint8`` (0..255) or ``[0, 1]`` float images
+    ``[..., C, H, W]`` on any device, as a new ``float32`` tensor (computed in place on one
+    copy: the same rounding as the out-of-place formula, without three temporaries)."""
+    x = images.to(torch.float32, copy=True)
+    if images.dtype == torch.uint8:
+        x.div_(255.0)
+    x.sub_(torch.tensor(mean, device=x.device, dtype=x.dtype).view(-1, 1, 1))
+    x.div_(torch.tensor(std, device=x.device, dtype=x.dtype).view(-1, 1, 1))
+    return x
 
 
 @dataclass(frozen=True)
@@ -61,13 +101,7 @@ class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):
             raise ValueError(
                 f"ImageTensorDataset: labels must be [N] with N={images.shape[0]}, got {tuple(labels.shape)}"
             )
-        c = images.shape[1]
-        if len(mean) != c or len(std) != c:
-            raise ValueError(
-                f"ImageTensorDataset: mean/std need one entry per channel ({c}), got {len(mean)}/{len(std)}"
-            )
-        if any(s <= 0 for s in std):
-            raise ValueError(f"ImageTensorDataset: std entries must be > 0, got {tuple(std)}")
+        check_mean_std(mean, std, int(images.shape[1]), "ImageTensorDataset")
         self.images = images
         self.labels = labels.to(torch.long)
         self.mean = tuple(float(m) for m in mean)
@@ -81,16 +115,15 @@ class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):
 
     def normalize(self, images: Tensor) -> Tensor:
         """Map raw images (``uint8`` or ``[0, 1]`` float, ``[..., C, H, W]``) to model inputs."""
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(-1, 1, 1)
-        return (x - mean) / std
+        return normalize_images(images, self.mean, self.std)
 
     def subset(self, indices: Tensor) -> ImageTensorDataset:
         """A new dataset with the rows ``indices`` (tensors are indexed, i.e. copied)."""
         return ImageTensorDataset(self.images[indices], self.labels[indices], self.mean, self.std)
+
+    def with_normalization(self, mean: Sequence[float], std: Sequence[float]) -> ImageTensorDataset:
+        """The same tensors (shared, not copied) normalised with other constants."""
+        return ImageTensorDataset(self.images, self.labels, mean, std)
 
 
 def iterate_batches(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .base import DataInfo, ImageTensorDataset
+from .errors import DataError, DataFileNotFoundError
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "load_mnist", "read_idx"]
 
@@ -21,27 +23,50 @@ _LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
 
 def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) of unsigned bytes; check magic number and size."""
+    """Read an IDX file (gzipped when the name ends in ``.gz``) of unsigned bytes; check the
+    magic number and that the payload holds exactly the bytes the header's dimensions need.
+
+    Raises:
+        DataError: the file is not gzip although named ``.gz``, is truncated or corrupt, or
+            has the wrong magic number (the message names the file).
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataFileNotFoundError(f"{path}: file not found") from exc
+    except gzip.BadGzipFile as exc:
+        raise DataError(
+            f"{path}: not a gzip file ({exc}); gunzip-ed files must not end in .gz"
+        ) from exc
+    except (EOFError, zlib.error) as exc:
+        raise DataError(
+            f"{path}: truncated or corrupt gzip data ({exc}); download it again"
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from exc
     if len(data) < 4:
-        raise ValueError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+        raise DataError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
     (magic,) = struct.unpack(">I", data[:4])
     if magic != expected_magic:
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
         )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     count = int(np.prod(dims))
     if len(data) - header != count:
-        raise ValueError(
-            f"{path}: IDX payload has {len(data) - header} bytes, dims {dims} need {count}"
+        state = "truncated" if len(data) - header < count else "too long"
+        raise DataError(
+            f"{path}: IDX payload {state}: {len(data) - header} bytes, dimensions {dims} "
+            f"need {count}; download the file again"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -63,18 +88,18 @@ def _load_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor] | 
         return None
     if ip is None or lp is None:
         missing = img_stem if ip is None else lbl_stem
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"MNIST: found one of the {prefix} files but not {missing}(.gz) in {root}; "
             f"download it from {_URL}"
         )
     images = read_idx(ip, _IMAGES_MAGIC)
     labels = read_idx(lp, _LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"MNIST: {ip} has {images.shape[0]} images but {lp} has {labels.shape[0]} labels"
         )
     if labels.size and int(labels.max()) > 9:
-        raise ValueError(f"MNIST: {lp} contains labels > 9")
+        raise DataError(f"MNIST: {lp} contains labels > 9")
     x = torch.from_numpy(images.copy()).unsqueeze(1)  # [N, 1, H, W] uint8
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
@@ -92,14 +117,14 @@ def load_mnist(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"MNIST: directory {root} does not exist; expected t10k-images-idx3-ubyte.gz and "
             f"t10k-labels-idx1-ubyte.gz (optionally train-*-ubyte.gz) there, from {_URL}"
         )
     train = _load_split(root, "train")
     test = _load_split(root, "t10k")
     if test is None:
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"MNIST: expected t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) in "
             f"{root}; download them from {_URL}"
         )
@@ -111,7 +136,7 @@ def load_mnist(
             )
         t10k_train = int(round(t10k_train_fraction * x.shape[0]))
         if not 0 < t10k_train < x.shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"load_mnist: {x.shape[0]} t10k images are too few to split into train and test"
             )
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from phantomdeq.data import BatchLoader, augment_batch
+
 from .config import Config
 
 __all__ = ["Batches", "augment", "seed_of"]
@@ -23,26 +25,32 @@ def seed_of(*parts: int) -> int:
 
 
 def augment(x: Tensor, cfg: Config, generator: torch.Generator) -> Tensor:
-    """Batched random crop (zero padding of the normalised batch = mean padding) and flip."""
-    from phantomdeq.data.transforms import augment_batch
-
+    """Batched random crop (zero padding of the normalised batch = mean padding) and flip of
+    the in-memory data sets. Image folders are returned unchanged: their ``data.augment`` is
+    the per-image random resized crop + flip applied by the loader (:class:`Batches`)."""
+    if cfg.data.name == "imagefolder":
+        return x
     return augment_batch(
         x, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, generator=generator
     )
 
 
 class Batches:
-    """Deterministic batches from a data set: a fast path for in-memory ``images``/``labels``
-    tensors, a ``DataLoader`` over explicit index lists otherwise."""
+    """Deterministic batches of a data set for explicit index lists, through
+    :class:`phantomdeq.data.BatchLoader`: in-memory ``images``/``labels`` tensors are sliced
+    (no worker processes); streamed data sets (image folders) are decoded and transformed in
+    ``num_workers`` persistent ``DataLoader`` workers (pinned memory on CUDA).
+
+    Training passes give :meth:`iterate` the ``epoch`` and the run's ``seed``: each streamed
+    item is then transformed with the seed ``(seed, epoch, index)``, so an epoch's pixels do
+    not depend on ``num_workers`` or on where a resumed run starts. A data error in a worker
+    (a truncated image) reaches the caller as a one-line :class:`phantomdeq.data.DataError`.
+    """
 
     def __init__(self, dataset: Any, num_workers: int = 0) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
-        images = getattr(dataset, "images", None)
-        labels = getattr(dataset, "labels", None)
-        self.tensors = isinstance(images, Tensor) and isinstance(labels, Tensor)
-        self.images: Tensor | None = images if self.tensors else None
-        self.labels: Tensor | None = labels if self.tensors else None
+        self.loader = BatchLoader(dataset, num_workers=num_workers)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -53,29 +61,13 @@ class Batches:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         *,
+        epoch: int | None = None,
         seed: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch.
+        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch;
+        ``epoch``/``seed`` turn on the seeded per-item train transform of streamed data."""
+        return self.loader.iterate(batches, device, dtype, epoch=epoch, seed=seed)
 
-        The ``DataLoader`` path draws its workers' base seed from a generator seeded with
-        ``seed``, never from the global torch RNG (which the training loop checkpoints and
-        restores: a loader created when a run resumes mid-epoch must not shift it)."""
-        if self.tensors and self.images is not None and self.labels is not None:
-            normalize = getattr(self.dataset, "normalize", None)
-            for idx in batches:
-                x = self.images[idx].to(device, non_blocking=True)
-                y = self.labels[idx].to(device, non_blocking=True)
-                x = normalize(x) if callable(normalize) else x
-                yield x.to(dtype), y
-            return
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[b.tolist() for b in batches],
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        for x, y in loader:
-            x = x.to(device, non_blocking=True).to(dtype)
-            yield x, torch.as_tensor(y).to(device, non_blocking=True)
+    def close(self) -> None:
+        """Stop the loader's worker processes (restarted on the next pass)."""
+        self.loader.close()

@@ -19,6 +19,7 @@ __all__ = [
     "info_get",
     "load_data",
     "make_optimizer",
+    "prepare_data",
     "resolve_device",
 ]
 
@@ -69,30 +70,48 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
         raise ConfigError(f"model: {exc}") from exc
 
 
+def prepare_data(cfg: Config) -> None:
+    """What must happen once before :func:`load_data`: the CIFAR-10 download with
+    ``data.download`` (safe for concurrent callers; a multi-process job calls it on rank 0
+    and lets the other ranks wait at a barrier, so it is fetched once)."""
+    from phantomdeq.data import prepare_dataset
+
+    d = cfg.data
+    prepare_dataset(d.name, d.root, download=d.download)
+
+
 def load_data(cfg: Config) -> tuple[Any, Any, Any]:
-    """``phantomdeq.data.load_dataset`` for ``cfg.data``; missing or malformed data and options
-    the data set cannot satisfy (e.g. ``data.train_size`` above its size) are one-line
-    :class:`ConfigError` s."""
+    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`); calls
+    :func:`prepare_data` first (a no-op when the data are present).
+
+    Raises:
+        ConfigError: ``data.root`` is missing or lacks the expected files.
+        phantomdeq.data.DataError: another data problem (one line naming the file or option,
+            e.g. ``data.train_size`` above the size of the set); the commands report it with
+            exit status 2.
+    """
     from phantomdeq.data import load_dataset
 
     d = cfg.data
     if d.root is not None and not Path(d.root).is_dir() and not d.download:
         raise ConfigError(f"data.root: directory {d.root!r} does not exist")
-    extra: dict[str, Any] = {} if d.image_size is None else {"image_size": d.image_size}
+    extra: dict[str, Any] = {}
+    if d.name == "imagefolder":
+        extra = {"image_size": d.image_size, "augment": d.augment, "flip": d.flip}
     try:
+        prepare_data(cfg)
         return load_dataset(
             d.name,
             d.root,
-            download=d.download,
             seed=cfg.train.seed,
             train_size=d.train_size,
             test_size=d.test_size,
+            mean=d.mean,
+            std=d.std,
             **extra,
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from exc
-    except ValueError as exc:  # bad data files or options (train_size too large, ...)
-        raise ConfigError(f"data ({d.name}): {' '.join(str(exc).split())}") from exc
 
 
 def info_get(info: Any, key: str) -> Any:

@@ -9,9 +9,10 @@ A run folder that already holds a run is refused unless ``--resume`` (continue i
 N extends a finished run.
 
 Multi-process: ``torchrun --nproc_per_node=N -m phantomdeq train --config ...``.
-Exit status: 0 on success; 2 for a bad command line, config, data set or run folder (one line
-on stderr); 1 when training fails (divergence, unreadable checkpoint or metrics file); 130 on
-SIGINT and 143 on SIGTERM (the run stops after the current step, writes ``last.pt`` there and
+Exit status: 0 on success; 2 for a bad command line, config, run folder or data (a
+:class:`phantomdeq.data.DataError`, also one met while training), one line on stderr; 1 when
+training fails (divergence, unreadable checkpoint or metrics file); 130 on SIGINT and 143 on
+SIGTERM (the run stops after the current step, writes ``last.pt`` there and
 prints the command that continues it).
 """
 
@@ -23,6 +24,8 @@ import math
 import os
 import sys
 from pathlib import Path
+
+from phantomdeq.data import DataError
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, add_set_argument, load_config
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         return _error(str(exc), 2)
     except (CheckpointError, TrainingError, MetricsFileError) as exc:
         return _error(str(exc), 1)

@@ -24,6 +24,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from phantomdeq import grad as grad_estimators
 from phantomdeq import solvers as solver_classes
+from phantomdeq.data import DATASET_CHANNELS
 
 from .atomic import atomic_write
 
@@ -189,9 +190,17 @@ class DataConfig:
     """Data set and batching. ``batch_size`` is the *global* batch (split over DDP ranks).
 
     ``root`` may be relative: it is looked up from the working directory, the config file's
-    directory and the repository root (see :func:`resolve_data_root`). ``image_size`` resizes
-    ``imagefolder`` images (square). ``augment`` turns on
-    the batched random crop (``crop_padding`` pixels) and horizontal flip (``flip``).
+    directory and the repository root (see :func:`resolve_data_root`). ``mean``/``std`` are the
+    per-channel normalisation constants (one entry per channel: 1 for digits/MNIST, 3 for
+    CIFAR-10/image folders; null keeps the data set's own: digits' train statistics, the
+    standard MNIST/CIFAR-10 constants, the ImageNet ones for image folders).
+
+    Augmentation: for the in-memory sets (digits, MNIST, CIFAR-10) ``augment`` turns on the
+    batched random crop (``crop_padding`` pixels) and horizontal flip (``flip``). ``imagefolder``
+    is streamed from disk by ``num_workers`` loader processes and transformed per image:
+    ``augment`` gives the ImageNet random resized crop to ``image_size`` (default 224) plus the
+    flip (``flip``), evaluation resizes the shorter side to ``image_size * 256/224`` and crops
+    the centre; ``crop_padding`` does not apply.
     """
 
     name: DatasetName = "digits"
@@ -200,6 +209,8 @@ class DataConfig:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     batch_size: int = 128
     eval_batch_size: int = 500
     augment: bool = False
@@ -227,6 +238,26 @@ class DataConfig:
             raise ConfigError(f"{prefix}.download: only name 'cifar10' can be downloaded")
         if self.name in ("mnist", "cifar10", "imagefolder") and self.root is None:
             raise ConfigError(f"{prefix}.root: required for data set {self.name!r}")
+        self._validate_normalization(prefix)
+
+    def _validate_normalization(self, prefix: str) -> None:
+        if self.mean is None and self.std is None:
+            return
+        if self.mean is None or self.std is None:
+            missing = "mean" if self.mean is None else "std"
+            raise ConfigError(f"{prefix}.{missing}: set both mean and std, or neither (null)")
+        channels = DATASET_CHANNELS[self.name]
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != channels:
+                raise ConfigError(
+                    f"{prefix}.{key}: needs one entry per channel of {self.name!r} "
+                    f"({channels}), got {len(values)}: {values!r}"
+                )
+            if not all(math.isfinite(v) for v in values):
+                raise ConfigError(f"{prefix}.{key}: entries must be finite, got {values!r}")
+        if any(v <= 0 for v in self.std):
+            raise ConfigError(f"{prefix}.std: entries must be > 0, got {self.std!r}")
 
 
 @dataclass

@@ -6,7 +6,7 @@ The model, data set and solvers come from the config stored in the checkpoint; `
 changes them (e.g. ``--set eval_solver.max_iter=50`` or ``--set data.root=...``). Prints a JSON
 object with the accuracy and the forward-solver statistics.
 
-Exit status: 0 on success; 2 (one line on stderr) for a bad option, config or data set and for a
+Exit status: 0 on success; 2 (one line on stderr) for a bad option, config or data and for a
 checkpoint that cannot be evaluated -- missing, corrupted or changed since it was written (its
 content hash), holding NaN/inf weights, or of another model than the config asks for (the
 message names the differing config keys); 1 when the evaluation itself produces non-finite
@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from phantomdeq.data import DataError
 from phantomdeq.errors import DEQError
 
 from .checkpoint import CheckpointError, load_checkpoint
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with torch.no_grad():
             result = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DataError) as exc:
         return _error(str(exc), 2)
     except DEQError as exc:
         return _error(

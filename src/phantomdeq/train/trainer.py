@@ -613,12 +613,11 @@ class Trainer:
         every = cfg.train.checkpoint_every_steps
         t_epoch = time.perf_counter()
         elapsed0 = self.elapsed
-        loader_seed = seed_of(cfg.train.seed, epoch, self.dist.rank, 2)
         try:
-            data = self.train_data.iterate(
-                batches[start:], self.device, self.dtype, seed=loader_seed
+            stream = self.train_data.iterate(
+                batches[start:], self.device, self.dtype, epoch=epoch, seed=cfg.train.seed
             )
-            for i, (x, y) in enumerate(data, start):
+            for i, (x, y) in enumerate(stream, start):
                 t0 = time.perf_counter()
                 step_before = self.step
                 rec = self._train_step(x, y, epoch, i)
