@@ -300,7 +300,8 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str,
     resume = (out / "last.pt").is_file()
     t0 = time.perf_counter()
     try:
-        metrics = run_training(cfg, out, resume=resume, progress=False)
+        # a run killed before its first checkpoint is started again from scratch
+        metrics = run_training(cfg, out, resume=resume, overwrite=not resume, progress=False)
         status, message = "ok", ""
     except (TrainingError, DEQError) as exc:
         metrics, status, message = {}, "failed", str(exc)

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             print("demo: configs/mdeq_tiny_digits.yaml not found; run from the repository root")
             return 2
         cfg = load_config(cfg_path)
-        res = run_training(cfg, out / "mdeq_tiny_digits", progress=True)
+        # the demo is meant to be rerun: it replaces its own previous training run
+        res = run_training(cfg, out / "mdeq_tiny_digits", overwrite=True, progress=True)
         print(
             f"MDEQ-Tiny on digits, UPG(5, 0.5): final test accuracy {100 * float(res['test_acc']):.2f} % "
             f"(best {100 * float(res['best_test_acc']):.2f} %), "

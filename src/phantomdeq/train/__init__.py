@@ -24,7 +24,7 @@ from .config import (
 )
 from .evaluation import evaluate
 from .schedule import LRSchedule
-from .trainer import Trainer, TrainingError, run_training
+from .trainer import Trainer, TrainingError, TrainingInterrupted, run_training
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingError",
+    "TrainingInterrupted",
     "config_from_dict",
     "evaluate",
     "load_checkpoint",

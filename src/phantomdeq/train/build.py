@@ -86,7 +86,9 @@ def load_data(cfg: Config) -> tuple[Any, Any, Any]:
 
     Raises:
         ConfigError: ``data.root`` is missing or lacks the expected files.
-        phantomdeq.data.DataError: another data problem (one line naming the file or option).
+        phantomdeq.data.DataError: another data problem (one line naming the file or option,
+            e.g. ``data.train_size`` above the size of the set); the commands report it with
+            exit status 2.
     """
     from phantomdeq.data import load_dataset
 
@@ -109,7 +111,7 @@ def load_data(cfg: Config) -> tuple[Any, Any, Any]:
             **extra,
         )
     except FileNotFoundError as exc:
-        raise ConfigError(f"data.root: {exc}") from exc
+        raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from exc
 
 
 def info_get(info: Any, key: str) -> Any:

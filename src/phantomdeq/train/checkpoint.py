@@ -1,29 +1,53 @@
-"""Atomic, self-describing training checkpoints.
+"""Atomic, self-describing, hashed training checkpoints.
 
 A checkpoint is a ``torch.save`` mapping with the model, optimiser and scheduler states, every
 random-number-generator state that the training loop consumes (torch CPU, CUDA when present,
-Python ``random``, NumPy), the resolved config and the position (epoch, step). Writes go to a
-temporary file in the destination directory, are flushed and ``fsync``-ed, then moved into place
-with ``os.replace`` so a crash never leaves a half-written ``last.pt`` / ``best.pt``. Loading uses
-``weights_only=True`` (no arbitrary code from a file) and any failure is reported as a
-:class:`CheckpointError` naming the file.
+Python ``random``, NumPy), the resolved config and the position (``epoch`` completed epochs,
+``batch`` batches done in the next epoch, ``step`` optimiser steps). Writes go through
+:func:`phantomdeq.train.atomic.atomic_write` (temporary file, ``fsync``, ``os.replace``), so a
+crash never leaves a half-written ``last.pt`` / ``best.pt``; files get the permissions of an
+ordinary ``open()`` (``0o666`` minus the umask).
+
+Integrity: :func:`save_checkpoint` stores ``sha256``, a hash of every value in the mapping
+(:func:`content_hash`: each tensor's dtype, shape and bytes and every other value's ``repr``,
+walked in sorted key order), and :func:`load_checkpoint` recomputes it, so a file whose weights
+were changed after it was written (bit rot, a partial copy, an edited tensor) is refused with a
+:class:`CheckpointError` naming the file. Checkpoints written before hashes existed (no
+``sha256`` entry) still load. Loading uses ``weights_only=True`` (no code runs from a file).
+
+Crash-consistency invariant of a run folder (the trainer writes ``best.pt`` *before*
+``last.pt`` whenever an epoch improves the best test accuracy): after a kill at any instant,
+
+* ``last.pt`` and ``best.pt`` are each a complete checkpoint (old or new version, never torn);
+* ``best.pt`` is never older than the best accuracy ``last.pt`` records
+  (``last.pt["best_acc"] <= best.pt["best_acc"]``);
+* if ``best.pt`` is newer than ``last.pt`` (the kill fell between the two writes), it holds the
+  epoch that ``--resume`` replays next; the trainer then adopts its accuracy as the best so far,
+  so ``best.pt`` always holds the model whose accuracy the run reports as ``best_test_acc``.
+
+Every checkpoint the trainer writes holds finite parameters and buffers only (checked before
+each save), so "the last checkpoint" is always a finite one.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import random
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
+from .atomic import atomic_write
 
 __all__ = [
     "FORMAT",
     "CheckpointError",
     "capture_rng_state",
+    "content_hash",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -78,32 +102,42 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _feed(h: Any, path: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        t = value.detach()
+        h.update(f"T|{path}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            flat = t.cpu().contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy().data)
+    elif isinstance(value, Mapping):
+        h.update(f"D|{path}|{len(value)}\n".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            _feed(h, f"{path}/{key!r}", value[key])
+    elif isinstance(value, list | tuple):
+        h.update(f"L|{path}|{type(value).__name__}|{len(value)}\n".encode())
+        for i, item in enumerate(value):
+            _feed(h, f"{path}[{i}]", item)
+    else:
+        h.update(f"V|{path}|{type(value).__name__}|{value!r}\n".encode())
+
+
+def content_hash(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint mapping without its ``sha256`` entry: every tensor's path,
+    dtype, shape and bytes and every other value's path, type and ``repr``, in sorted key order
+    (so it does not depend on dict order or tensor storage layout)."""
+    h = hashlib.sha256()
+    _feed(h, "", {k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (with the format tag added) to ``path``."""
+    """Atomically write ``state`` with the format tag and its :func:`content_hash` to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, **state}
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dir_fd)
+    payload = {"format": FORMAT, **{k: v for k, v in state.items() if k != "sha256"}}
+    payload["sha256"] = content_hash(payload)
+    with atomic_write(path, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 
@@ -126,5 +160,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}"
+        )
+    recorded = state.get("sha256")
+    if recorded is not None and recorded != content_hash(state):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its content does not match the sha256 hash "
+            f"recorded when it was written (changed or corrupted since); use another checkpoint"
         )
     return state

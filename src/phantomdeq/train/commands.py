@@ -1,11 +1,19 @@
 """``phantomdeq train``: train a model from a YAML config.
 
     phantomdeq train --config configs/mdeq_tiny_digits.yaml [--out RUN_DIR]
-                     [--set key=value ...] [--resume] [--no-progress]
+                     [--set key=value ...] [--resume | --overwrite] [--no-progress]
+
+A run folder that already holds a run is refused unless ``--resume`` (continue it from
+``last.pt``; with no checkpoint yet the run starts from the beginning) or ``--overwrite``
+(delete the old run's files and start afresh). ``--resume --set train.epochs=N`` with a larger
+N extends a finished run.
 
 Multi-process: ``torchrun --nproc_per_node=N -m phantomdeq train --config ...``.
-Exit status: 0 on success, 2 for a bad command line or config, 1 when training fails
-(non-finite loss, unreadable checkpoint), 130 when interrupted.
+Exit status: 0 on success; 2 for a bad command line, config, run folder or data (a
+:class:`phantomdeq.data.DataError`, also one met while training), one line on stderr; 1 when
+training fails (divergence, unreadable checkpoint or metrics file); 130 on SIGINT and 143 on
+SIGTERM (the run stops after the current step, writes ``last.pt`` there and
+prints the command that continues it).
 """
 
 from __future__ import annotations
@@ -17,9 +25,13 @@ import os
 import sys
 from pathlib import Path
 
+from phantomdeq.data import DataError
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, add_set_argument, load_config
 from .distributed import DistributedError
+from .metrics_log import MetricsFileError
+from .run_dir import check_run_folder
 
 PROG = "phantomdeq train"
 
@@ -39,36 +51,59 @@ def build_parser() -> argparse.ArgumentParser:
     add_set_argument(
         p, "override a config value, e.g. --set optim.lr=0.05 --set grad.name=ift (repeatable)"
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from last.pt (exactly where it stopped)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in --out (its config.yaml, metrics.jsonl, last.pt, "
+        "best.pt, curves.png, tensorboard/) and start afresh",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar / epoch lines")
     return p
 
 
 def _error(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .trainer import TrainingError, run_training
+    from .trainer import TrainingError, TrainingInterrupted, run_training
 
     if args.config is None:
         if not args.resume or args.out is None:
             return _error("--config is required (or --resume with --out RUN_DIR)", 2)
         args.config = args.out / "config.yaml"
     out = args.out if args.out is not None else Path("runs") / args.config.stem
+    again = f"{PROG} --out {out} --resume"
     try:
+        if int(os.environ.get("RANK", "0")) == 0:  # other ranks: the trainer shares the verdict
+            check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
         cfg = load_config(args.config, args.overrides)
         if args.no_progress:
             cfg.log.progress = False
-        result = run_training(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except ConfigError as exc:
+        result = run_training(
+            cfg,
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ConfigError, DataError) as exc:
         return _error(str(exc), 2)
-    except (CheckpointError, TrainingError, DistributedError) as exc:
+    except (CheckpointError, TrainingError, MetricsFileError, DistributedError) as exc:
         return _error(str(exc), 1)
+    except TrainingInterrupted as exc:
+        return _error(
+            f"interrupted by {exc.signal_name}: {exc}; continue with: {again}", exc.exit_code
+        )
     except KeyboardInterrupt:
-        return _error(f"interrupted; continue with: {PROG} --out {out} --resume", 130)
+        return _error(f"interrupted; continue with: {again}", 130)
     if int(os.environ.get("RANK", "0")) == 0:
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from phantomdeq import grad as grad_estimators
+from phantomdeq import solvers as solver_classes
 from phantomdeq.data import DATASET_CHANNELS
 
+from .atomic import atomic_write
 from .precision import check_precision
 
 __all__ = [
@@ -52,6 +55,33 @@ class ConfigError(ValueError):
 
 
 SolverName = Literal["fixed_point", "anderson", "broyden"]
+
+#: the options of :class:`SolverConfig` that belong to one solver class only
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "anderson": ("m", "beta", "lam"),
+    "fixed_point": ("damping",),
+    "broyden": ("memory",),
+}
+
+
+def _construct(build: Any, options: dict[str, Any], prefix: str) -> None:
+    """Build an object from ``options`` (the library class validates them); a refusal becomes a
+    :class:`ConfigError` naming the dotted key of the offending option -- found by building
+    with that option alone -- and keeping the class's message (what is allowed)."""
+    try:
+        build(**options)
+    except (TypeError, ValueError) as exc:
+        culprits = []
+        for key, value in options.items():
+            try:
+                build(**{key: value})
+            except (TypeError, ValueError):
+                culprits.append(key)
+        keys = ", ".join(f"{prefix}.{k}" for k in (culprits or options))
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{keys}: {message}") from exc
+
+
 GradName = Literal["ift", "upg", "npg", "onestep", "bptt"]
 DatasetName = Literal["digits", "mnist", "cifar10", "imagefolder"]
 
@@ -82,6 +112,16 @@ class SolverConfig:
             raise ConfigError(f"{prefix}.damping: must be in (0, 1], got {self.damping!r}")
         if self.memory is not None:
             _positive_int(self.memory, f"{prefix}.memory")
+        # the solver classes own their option checks (beta, lam, ...): build every solver that
+        # has options here, so that no value in the config is invalid, used or not
+        common = {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
+        for name, keys in SOLVER_OPTIONS.items():
+            options = {**common, **{k: getattr(self, k) for k in keys}}
+
+            def build(name: str = name, **kw: Any) -> Any:
+                return solver_classes.from_name(name, **kw)
+
+            _construct(build, options, prefix)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pdq.solvers.from_name(self.name, **kwargs)``."""
@@ -117,6 +157,16 @@ class GradConfig:
         if not 0.0 < self.lam <= 1.0:
             raise ConfigError(f"{prefix}.lam: must be in (0, 1], got {self.lam!r}")
         self.backward_solver.validate(f"{prefix}.backward_solver")
+        # the estimator classes own their option checks: build the phantom gradients
+        for name, options in (
+            ("upg", {"k": self.k, "lam": self.lam, "checkpoint": self.checkpoint}),
+            ("npg", {"k": self.k, "lam": self.lam}),
+        ):
+
+            def build(name: str = name, **kw: Any) -> Any:
+                return grad_estimators.from_name(name, **kw)
+
+            _construct(build, options, prefix)
 
 
 @dataclass
@@ -286,6 +336,15 @@ class TrainConfig:
     only the BatchNorm layers collecting statistics. Early in DEQ training the states seen in
     training and in evaluation differ (the fixed point is not reached yet), and running statistics
     lagging behind fast-moving weights then ruin eval-mode accuracy; training itself is unchanged.
+
+    Reliability (:mod:`phantomdeq.train.guard`): the loss and the global gradient norm are checked
+    before every ``optimizer.step`` (all ranks agree), parameters and buffers before every
+    checkpoint. ``on_nonfinite: stop`` ends the run with a divergence report naming the step and
+    the last finite checkpoint; ``skip`` drops the step (no optimiser, schedule or BatchNorm
+    update), counts it in ``metrics.jsonl`` (``skipped``) and the progress bar, and stops after
+    ``max_skipped_steps`` consecutive skips. ``checkpoint_every_steps`` > 0 also writes
+    ``last.pt`` every that many optimiser steps inside an epoch (0 = at epoch ends only);
+    ``--resume`` continues from such a checkpoint exactly where it stopped.
     """
 
     epochs: int = 10
@@ -305,9 +364,18 @@ class TrainConfig:
     bn_recalibration_batches: int = 0
     monitor_params: Literal["cell", "all"] = "cell"
     monitor_solver: SolverConfig = field(default_factory=_monitor_solver_default)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
+    checkpoint_every_steps: int = 0
 
     def validate(self, prefix: str) -> None:
         _positive_int(self.epochs, f"{prefix}.epochs")
+        _positive_int(self.max_skipped_steps, f"{prefix}.max_skipped_steps")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(
+                f"{prefix}.checkpoint_every_steps: must be >= 0 (0 = at epoch ends only), "
+                f"got {self.checkpoint_every_steps!r}"
+            )
         if self.bn_recalibration_batches < 0:
             raise ConfigError(
                 f"{prefix}.bn_recalibration_batches: must be >= 0 (0 = off), "
@@ -621,10 +689,11 @@ def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable by :func:`load_config`)."""
+    """Write the resolved config as YAML (loadable by :func:`load_config`), atomically."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    with atomic_write(path, "w") as fh:
+        fh.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def add_set_argument(parser: Any, help_text: str) -> None:
@@ -640,9 +709,18 @@ def add_set_argument(parser: Any, help_text: str) -> None:
     )
 
 
+#: ``train`` options that may change when a run is resumed (they change no finite update)
+RESUMABLE_TRAIN_KEYS = (
+    "device",
+    "checkpoint_every_steps",
+    "on_nonfinite",
+    "max_skipped_steps",
+)
+
+
 def config_differences(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ between two configs, ignoring what may change on resume:
-    ``log.*``, ``train.device`` and ``train.monitor_*``."""
+    ``log.*``, ``train.monitor_*`` and :data:`RESUMABLE_TRAIN_KEYS`."""
     da, db = config_to_dict(a), config_to_dict(b)
     out: list[str] = []
     for section in da:
@@ -651,7 +729,9 @@ def config_differences(a: Config, b: Config) -> list[str]:
         sa, sb = da[section], db[section]
         if isinstance(sa, dict) and isinstance(sb, dict):
             for key in sa:
-                if section == "train" and (key == "device" or key.startswith("monitor_")):
+                if section == "train" and (
+                    key in RESUMABLE_TRAIN_KEYS or key.startswith("monitor_")
+                ):
                     continue
                 if sa[key] != sb.get(key):
                     out.append(f"{section}.{key}")

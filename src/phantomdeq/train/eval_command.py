@@ -7,6 +7,12 @@ and the evaluation run under the same autocast as training) come from the config
 the checkpoint; ``--set``
 changes them (e.g. ``--set eval_solver.max_iter=50`` or ``--set data.root=...``). Prints a JSON
 object with the accuracy and the forward-solver statistics.
+
+Exit status: 0 on success; 2 (one line on stderr) for a bad option, config or data and for a
+checkpoint that cannot be evaluated -- missing, corrupted or changed since it was written (its
+content hash), holding NaN/inf weights, or of another model than the config asks for (the
+message names the differing config keys); 1 when the evaluation itself produces non-finite
+values.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from phantomdeq.data import DataError
+from phantomdeq.errors import DEQError
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (
@@ -39,15 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
     from .build import build_model, load_data, resolve_device
+    from .distributed import DistInfo
     from .evaluation import evaluate, recalibrate_batchnorm
+    from .model_state import check_finite_weights, load_model_weights
 
+    source = str(args.checkpoint)
     try:
         state = load_checkpoint(args.checkpoint)
+        stored = config_from_dict(state["config"])
         raw = apply_overrides(state["config"], parse_overrides(args.overrides))
         if args.device != "auto":
             raw = apply_overrides(raw, [("train.device", args.device)])
@@ -58,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.batch_size < 1:
                 raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
             cfg.data.eval_batch_size = args.batch_size
-        from .distributed import DistInfo
-
         device = resolve_device(cfg.train.device, DistInfo())
         problem = check_precision(cfg.train.precision, cfg.train.dtype, device.type)
         if problem is not None:
@@ -67,12 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         train_ds, test_ds, info = load_data(cfg)
         get = (lambda k: info[k]) if isinstance(info, dict) else (lambda k: getattr(info, k))
         model = build_model(cfg, int(get("num_classes")), int(get("in_channels")))
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(
-                f"checkpoint {str(args.checkpoint)!r} does not match model {cfg.model.name!r}: {exc}"
-            ) from exc
+        load_model_weights(model, state["model"], source=source, stored=stored, requested=cfg)
+        check_finite_weights(model, source=source)
         model.to(device, getattr(torch, cfg.train.dtype))
         # precise BatchNorm as in training (train.bn_recalibration_batches; --set to change it)
         recalibrate_batchnorm(
@@ -91,14 +103,16 @@ def main(argv: list[str] | None = None) -> int:
                 device=device,
                 precision=cfg.train.precision,
             )
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except CheckpointError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, CheckpointError, DataError) as exc:
+        return _error(str(exc), 2)
+    except DEQError as exc:
+        return _error(
+            f"evaluating {source!r} produced non-finite values ({exc}); try more "
+            f"eval_solver.max_iter or another checkpoint",
+            1,
+        )
     report: dict[str, object] = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": source,
         "epoch": int(state["epoch"]),
         "step": int(state["step"]),
         **result,

@@ -1,7 +1,10 @@
 """What a training run writes for people: ``metrics.jsonl``, TensorBoard logs and ``curves.png``.
 
 ``metrics.jsonl`` has one JSON object per line, each with ``"kind": "step"`` (one training
-iteration) or ``"kind": "epoch"`` (end of an epoch, with the evaluation). TensorBoard and
+iteration; ``batch`` is its 1-based index in the epoch, ``skipped: true`` marks a step dropped
+by ``train.on_nonfinite: skip``) or ``"kind": "epoch"`` (end of an epoch, with the evaluation).
+A process killed while appending can leave a torn last line: readers ignore an unparsable *last*
+line, and a resumed run rewrites the file (atomically) without it. TensorBoard and
 matplotlib are optional and imported lazily; TensorBoard is skipped silently when it is not
 installed or cannot be imported cleanly.
 """
@@ -14,7 +17,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "plot_curves", "read_metrics", "truncate_metrics"]
+from .atomic import atomic_write
+
+__all__ = ["MetricsFileError", "MetricsLogger", "plot_curves", "read_metrics", "truncate_metrics"]
+
+
+class MetricsFileError(RuntimeError):
+    """``metrics.jsonl`` has an unreadable line before its last one (not a torn append)."""
 
 
 def _clean(value: Any) -> Any:
@@ -93,11 +102,28 @@ def _make_writer(log_dir: Path) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a ``metrics.jsonl`` file."""
+    """Parse a ``metrics.jsonl`` file. An unparsable last line (an append torn by a kill) is
+    ignored; an unparsable earlier line raises :class:`MetricsFileError` naming the file and
+    line."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break  # torn by a kill while appending
+            raise MetricsFileError(
+                f"{str(path)!r} line {number} is not a JSON record ({exc.msg}); "
+                f"repair or delete the line"
+            ) from exc
+        if not isinstance(row, dict):
+            raise MetricsFileError(f"{str(path)!r} line {number} is not a JSON object")
+        rows.append(row)
     return rows
 
 
@@ -171,14 +197,29 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     return out_path
 
 
-def truncate_metrics(path: Path, epoch: int, step: int) -> None:
-    """Drop records written after the checkpoint being resumed from."""
+def _position_of(row: dict[str, Any]) -> tuple[int, int] | None:
+    """(completed epochs, batches of the next epoch) right after a record, when it says."""
+    epoch, batch = row.get("epoch"), row.get("batch")
+    if row.get("kind") == "epoch" and isinstance(epoch, int):
+        return epoch, 0
+    if row.get("kind") == "step" and isinstance(epoch, int) and isinstance(batch, int):
+        return epoch - 1, batch
+    return None
+
+
+def truncate_metrics(path: Path, epoch: int, step: int, batch: int = 0) -> None:
+    """Drop the records written after the checkpoint being resumed from (``epoch`` completed
+    epochs, then ``batch`` batches of the next one, ``step`` optimiser steps) and a torn last
+    line; the file is replaced atomically."""
     if not path.is_file():
         return
-    keep = [
-        r
-        for r in read_metrics(path)
-        if int(r.get("step", 0)) <= step and int(r.get("epoch", 0)) <= epoch
-    ]
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+    keep = []
+    for r in read_metrics(path):
+        pos = _position_of(r)
+        if pos is not None:
+            if pos <= (epoch, batch):
+                keep.append(r)
+        elif int(r.get("step", 0)) <= step and int(r.get("epoch", 0)) <= epoch:
+            keep.append(r)  # records of older versions (no batch field)
+    with atomic_write(path, "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in keep))

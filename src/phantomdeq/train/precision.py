@@ -130,18 +130,3 @@ class MixedPrecision:
     def scale(self) -> float:
         """The current loss scale (1.0 without scaling)."""
         return float(self.scaler.get_scale()) if self.scaling else 1.0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The scaler's state (empty without scaling), saved in checkpoints."""
-        return {"precision": self.precision, "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("precision")
-        if saved != self.precision:
-            raise ValueError(
-                f"MixedPrecision: state is for precision {saved!r}, this run uses "
-                f"{self.precision!r}"
-            )
-        scaler = state.get("scaler") or {}
-        if self.scaling and scaler:
-            self.scaler.load_state_dict(scaler)

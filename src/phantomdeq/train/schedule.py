@@ -1,4 +1,10 @@
-"""The per-iteration learning-rate schedule: linear warm-up, then cosine decay or constant."""
+"""The per-iteration learning-rate schedule: linear warm-up, then cosine decay or constant.
+
+When a resumed run changes ``train.epochs`` (extending a finished run), the schedule is
+re-planned over the new total from the current step: ``lr(t)`` is the new plan's value at the
+current step ``t`` (:func:`replan_note` says so on resume). For a cosine schedule that continues
+as the remaining part of a run planned for the new length; continuing at the old plan's end value
+would train at ``min_lr`` (0 by default), i.e. not at all."""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["LRSchedule"]
+from .config import OptimConfig
+
+__all__ = ["LRSchedule", "replan_note"]
 
 
 class LRSchedule:
@@ -66,3 +74,32 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = int(state["last_step"])
+
+
+def replan_note(
+    optim: OptimConfig, steps_per_epoch: int, *, old_epochs: int, new_epochs: int, step: int
+) -> str:
+    """What re-planning the schedule from ``old_epochs`` to ``new_epochs`` means at ``step``
+    (the number of optimiser steps done): the learning rate the next step runs at under each
+    plan and where the new plan ends."""
+    total = steps_per_epoch * new_epochs
+    if optim.schedule == "constant":
+        return f"the learning rate stays at {optim.lr:g} (constant schedule)"
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr)
+
+    def plan(epochs: int) -> LRSchedule:
+        return LRSchedule(
+            opt,
+            base_lr=optim.lr,
+            total_steps=steps_per_epoch * epochs,
+            warmup_steps=optim.warmup_steps,
+            min_lr=optim.min_lr,
+            kind=optim.schedule,
+        )
+
+    return (
+        f"the cosine learning-rate schedule is re-planned over {new_epochs} epochs ({total} "
+        f"steps): step {step + 1} runs at lr {plan(new_epochs).lr_at(step):.3g} (the "
+        f"{old_epochs}-epoch plan had {plan(old_epochs).lr_at(step):.3g}) and it decays to "
+        f"optim.min_lr = {optim.min_lr:g} at step {total}"
+    )

@@ -1,0 +1,100 @@
+"""The run folder (``--out``): never clobbered, never left half-made.
+
+* A folder holding a run (any of :data:`RUN_FILES`) is refused unless the run is continued
+  (``resume``) or explicitly replaced (``overwrite``, which deletes the files a run writes --
+  :data:`OUTPUT_FILES` -- and nothing else, and reports them).
+* A path that exists and is not a folder is refused.
+* Temporary files left by a killed writer (``.last.pt.<random>.tmp`` ...) are removed.
+* :meth:`RunFolder.discard` removes the folders that :func:`prepare_run_folder` created, for a
+  run that fails before training starts.
+
+Errors are :class:`RunFolderError` (a :class:`~phantomdeq.train.config.ConfigError`, so the
+command line reports them on one line with exit status 2).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import sweep_temp_files
+from .config import ConfigError
+
+__all__ = ["OUTPUT_FILES", "RUN_FILES", "RunFolder", "RunFolderError", "prepare_run_folder"]
+
+#: files whose presence means a folder holds a run
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
+#: everything a run writes (what ``overwrite`` deletes)
+OUTPUT_FILES = (*RUN_FILES, "curves.png", "tensorboard")
+
+
+class RunFolderError(ConfigError):
+    """The run folder cannot be used as asked (exists as a file, holds another run, ...)."""
+
+
+@dataclass
+class RunFolder:
+    """A prepared run folder: ``created`` lists the folders made for it (outermost first),
+    ``removed`` the old run's files deleted by ``overwrite``."""
+
+    path: Path
+    created: list[Path] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def discard(self) -> None:
+        """Delete the folders this run created (for a run that failed during setup)."""
+        if not self.created:
+            return
+        shutil.rmtree(self.created[0], ignore_errors=True)
+        self.created = []
+
+
+def existing_run_files(path: Path) -> list[str]:
+    """Which of :data:`RUN_FILES` are present in ``path``."""
+    return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def check_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse what :func:`prepare_run_folder` refuses, without changing anything; returns the
+    run files already present."""
+    path = Path(path)
+    if resume and overwrite:
+        raise RunFolderError(
+            f"--resume and --overwrite exclude each other: --resume continues the run in "
+            f"{str(path)!r}, --overwrite deletes it and starts afresh"
+        )
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(
+            f"--out: {str(path)!r} is a file, not a folder; give a folder path "
+            f"(created when missing)"
+        )
+    found = existing_run_files(path) if path.is_dir() else []
+    if found and not resume and not overwrite:
+        raise RunFolderError(
+            f"--out: folder {str(path)!r} already holds a run ({', '.join(found)}); continue "
+            f"it with --resume or delete it and start afresh with --overwrite"
+        )
+    return found
+
+
+def prepare_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:
+    """Check ``path`` (:func:`check_run_folder`), delete the old run's files when
+    ``overwrite``, create the folder and sweep stale temporary files."""
+    path = Path(path)
+    found = check_run_folder(path, resume=resume, overwrite=overwrite)
+    folder = RunFolder(path)
+    if overwrite and found:
+        for name in OUTPUT_FILES:
+            target = path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+                folder.removed.append(name + "/")
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+                folder.removed.append(name)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    folder.created = list(reversed(missing))
+    sweep_temp_files(path, RUN_FILES)
+    return folder

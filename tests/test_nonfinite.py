@@ -1,0 +1,385 @@
+"""Non-finite guards and divergence reports: the issue's lr = 1e4 runs, NaN losses and
+gradients under ``train.on_nonfinite: stop | skip``, non-finite BatchNorm statistics never
+reaching a checkpoint, and the final accuracy-at-chance verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("yaml")
+
+import torch.distributed as dist  # noqa: E402
+
+from phantomdeq.train import (  # noqa: E402
+    Trainer,
+    TrainingError,
+    commands,
+    config_from_dict,
+    run_training,
+)
+from phantomdeq.train import trainer as trainer_module  # noqa: E402
+from phantomdeq.train.checkpoint import load_checkpoint  # noqa: E402
+from phantomdeq.train.config import ConfigError  # noqa: E402
+from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs" / "mdeq_tiny_digits.yaml")
+QUIET = ["--no-progress", "--set", "log.tensorboard=false", "--set", "log.plot=false"]
+
+
+def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
+    """MDEQ-Tiny on 64 digits images, batch 32 (2 steps per epoch), no dropout."""
+    raw: dict[str, Any] = {
+        "model": {"name": "mdeq_tiny", "dropout": 0.0},
+        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 32},
+        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
+        "grad": {"name": "upg", "k": 2, "lam": 0.5},
+        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "cosine"},
+        "train": {"epochs": 2, "seed": 0, "num_threads": 1, "device": "cpu"},
+        "log": {"progress": False, "tensorboard": False, "plot": False},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def finite_checkpoint(path: Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    for key, value in state["model"].items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+    return state
+
+
+# --------------------------------------------------------------------------- the issue's runs
+
+
+def test_sgd_blow_up_at_an_epoch_end_never_saves_inf_batchnorm_statistics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's run (SGD, lr 1e4, 192 images = 3 steps per epoch): the loss blows up to
+    ~5e10 by the end of epoch 1 and BatchNorm running variances overflow. Before, last.pt and
+    best.pt were saved with inf running variances and called "the last good checkpoint"; now
+    nothing non-finite is saved and the report says no checkpoint was written."""
+    out = tmp_path / "run"
+    code = commands.main(
+        ["--config", DIGITS, "--out", str(out), *QUIET]
+        + ["--set", "optim.name=sgd", "--set", "optim.lr=1e4", "--set", "optim.grad_clip=0"]
+        + ["--set", "data.train_size=192", "--set", "train.epochs=3"]
+        + ["--set", "optim.warmup_steps=0", "--set", "train.num_threads=1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "phantomdeq train: error: training diverged: non-finite values in" in err
+    assert "running_var" in err and "after epoch 1 (step 3)" in err
+    assert "the training loss blew up from" in err
+    assert "no checkpoint was written yet" in err and "last good" not in err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_blow_up_during_precise_bn_recalibration_is_a_divergence_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With 256 images the same run ended in a raw DEQError traceback from BatchNorm
+    recalibration; now it is a one-line divergence report (exit status 1)."""
+    code = commands.main(
+        ["--config", DIGITS, "--out", str(tmp_path / "run"), *QUIET]
+        + ["--set", "optim.name=sgd", "--set", "optim.lr=1e4", "--set", "optim.grad_clip=0"]
+        + ["--set", "data.train_size=256", "--set", "train.epochs=3"]
+        + ["--set", "optim.warmup_steps=0", "--set", "train.num_threads=1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "training diverged: non-finite DEQ state in precise-BN recalibration" in err
+    assert "after epoch 1 (step 4)" in err
+
+
+def test_adam_blow_up_with_chance_accuracy_is_not_a_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adam with lr 1e4 keeps a finite loss near 1e6 and ends at chance accuracy; it used to
+    exit 0 with that model saved as best. Now: exit status 1, reported as a divergence."""
+    code = commands.main(
+        ["--config", DIGITS, "--out", str(tmp_path / "run"), *QUIET]
+        + ["--set", "optim.lr=1e4", "--set", "train.epochs=1", "--set", "data.train_size=256"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "training diverged: after epoch 1 (step 4) the test accuracy" in err
+    assert "is at chance level for 10 classes and the training loss blew up from" in err
+
+
+# --------------------------------------------------------------------------- injected failures
+
+
+def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, calls: set[int] | None) -> None:
+    """Training-step losses (mean reduction) become NaN at the given 1-based calls (every call
+    when ``calls`` is None)."""
+    real_ce = torch.nn.functional.cross_entropy
+    count = {"n": 0}
+
+    def ce(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_ce(*args, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":
+            count["n"] += 1
+            if calls is None or count["n"] in calls:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
+
+
+def _nan_grad_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """A finite loss whose gradient is NaN at the ``call``-th training step (a tensor hook on
+    the first parameter)."""
+    original = Trainer._train_step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        count["n"] += 1
+        if count["n"] != call:
+            return original(self, *args, **kwargs)
+        param = next(self.net.parameters())
+        handle = param.register_hook(lambda g: g * float("nan"))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+def test_nan_gradient_is_caught_before_the_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN gradients at the last step of epoch 1 (finite loss). Before, optimizer.step applied
+    them and the epoch-1 checkpoint held NaN weights; now the run stops before the update and
+    no checkpoint exists (the step came before the first save)."""
+    _nan_grad_at(monkeypatch, 2)
+    with pytest.raises(TrainingError, match=r"non-finite gradient \(norm nan\) at epoch 1, step 2"):
+        run_training(tiny_config(), tmp_path, progress=False)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_non_finite_buffers_name_the_last_finite_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BatchNorm statistics that turn inf in the epoch-2 recalibration: the save is refused,
+    and the report names last.pt of epoch 1 -- which holds finite values only."""
+    real = trainer_module.recalibrate_batchnorm
+    count = {"n": 0}
+
+    def recalibrate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> int:
+        used = real(model, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == 2:
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return used
+
+    monkeypatch.setattr(trainer_module, "recalibrate_batchnorm", recalibrate)
+    raw = tiny_config(train={"bn_recalibration_batches": 1})
+    with pytest.raises(TrainingError) as exc:
+        run_training(raw, tmp_path, progress=False)
+    message = str(exc.value)
+    assert "non-finite values in" in message and "running_var" in message
+    assert "after epoch 2 (step 4)" in message
+    assert f"the last (finite) checkpoint is {str(tmp_path / 'last.pt')!r}" in message
+    assert "(after epoch 1, step 2)" in message
+    assert finite_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def _state_of(trainer: Trainer) -> dict[str, Any]:
+    return {
+        "model": {k: v.clone() for k, v in trainer.net.state_dict().items()},
+        "optimizer": str(trainer.optimizer.state_dict()),
+        "step": trainer.step,
+    }
+
+
+@pytest.mark.parametrize("failure", ["loss", "gradient"])
+def test_skip_drops_the_step_without_side_effects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """``on_nonfinite: skip``: the failed step (the 3rd) leaves parameters, BatchNorm buffers,
+    the optimiser state and the step counter (hence the learning-rate schedule) exactly as
+    they were; it is counted in metrics.jsonl, the epoch record and the result."""
+    if failure == "loss":
+        _nan_loss_at(monkeypatch, {3})
+    else:
+        _nan_grad_at(monkeypatch, 3)
+    inner = Trainer._train_step
+    seen: dict[str, Any] = {}
+    count = {"n": 0}
+
+    def watch(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        count["n"] += 1
+        before = _state_of(self) if count["n"] == 3 else None
+        rec = inner(self, *args, **kwargs)
+        if before is not None:
+            seen["before"], seen["after"], seen["rec"] = before, _state_of(self), rec
+        return rec
+
+    monkeypatch.setattr(Trainer, "_train_step", watch)
+    raw = tiny_config(train={"on_nonfinite": "skip", "bn_recalibration_batches": 1})
+    result = run_training(raw, tmp_path, progress=False)
+    before, after = seen["before"], seen["after"]
+    assert before["step"] == after["step"] == 2 and seen["rec"]["skipped"] is True
+    for key, value in before["model"].items():
+        assert torch.equal(value, after["model"][key]), key
+    assert before["optimizer"] == after["optimizer"]
+    assert result["steps"] == 3 and result["skipped_steps"] == 1
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    step_rows = [r for r in rows if r["kind"] == "step"]
+    assert [(r["batch"], r["step"], r.get("skipped", False)) for r in step_rows] == [
+        (1, 1, False),
+        (2, 2, False),
+        (1, 2, True),
+        (2, 3, False),
+    ]
+    assert step_rows[2]["skip_reason"].startswith(f"non-finite {failure}")
+    # the schedule did not advance: step 3's learning rate is the one the skipped step had
+    cfg = config_from_dict(raw)
+    assert step_rows[3]["lr"] == pytest.approx(
+        cfg.optim.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 4)).item())
+    )
+    assert [r["skipped_steps"] for r in rows if r["kind"] == "epoch"] == [0, 1]
+    finite_checkpoint(tmp_path / "last.pt")
+
+
+def test_too_many_consecutive_skips_stop_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_loss_at(monkeypatch, {2, 3, 4})
+    raw = tiny_config(train={"on_nonfinite": "skip", "max_skipped_steps": 3, "epochs": 3})
+    with pytest.raises(
+        TrainingError, match=r"3 consecutive steps skipped \(train\.max_skipped_steps: 3\)"
+    ):
+        run_training(raw, tmp_path, progress=False)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r.get("skipped", False) for r in rows] == [False, True, True]
+
+
+def test_stop_policy_reports_the_step_and_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_loss_at(monkeypatch, {4})
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2, step 4") as exc:
+        run_training(tiny_config(), tmp_path, progress=False)
+    assert "(after epoch 1, step 2)" in str(exc.value)
+    assert finite_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("train", "pattern"),
+    [
+        ({"on_nonfinite": "ignore"}, r"train\.on_nonfinite: allowed values are 'stop', 'skip'"),
+        ({"max_skipped_steps": 0}, r"train\.max_skipped_steps: must be an integer >= 1"),
+        ({"checkpoint_every_steps": -1}, r"train\.checkpoint_every_steps: must be >= 0"),
+    ],
+)
+def test_reliability_options_are_validated(train: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict({"train": train})
+
+
+# --------------------------------------------------------------------------- DDP
+
+DDP_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from phantomdeq.train import Trainer, TrainingError, config_from_dict
+
+out, configs = Path(sys.argv[1]), json.loads(sys.argv[2])
+rank = int(os.environ["RANK"])
+real_ce = torch.nn.functional.cross_entropy
+count = {"n": 0}
+
+
+def ce(*args, **kwargs):
+    loss = real_ce(*args, **kwargs)
+    if kwargs.get("reduction", "mean") == "mean":
+        count["n"] += 1
+        if count["n"] == 2 and rank == 1:  # rank 1 only, the 2nd step of each run
+            return loss * float("nan")
+    return loss
+
+
+torch.nn.functional.cross_entropy = ce
+dist.init_process_group("gloo")
+results = {}
+for name, raw in configs.items():
+    count["n"] = 0
+    trainer = Trainer(config_from_dict(raw), out / name, progress=False)
+    try:
+        result = trainer.fit()
+        results[name] = {"steps": result["steps"], "skipped": result["skipped_steps"]}
+    except TrainingError as exc:
+        results[name] = {"error": str(exc)}
+    torch.save(trainer.net.state_dict(), out / name / f"rank{rank}.pt")
+print(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_ranks_agree_on_a_nonfinite_loss_of_one_rank(tmp_path: Path) -> None:
+    """Two gloo processes; only rank 1's loss is NaN at step 2. The finite flag is all-reduced:
+    with ``skip`` both ranks drop that step and go on in lockstep (identical parameters), with
+    ``stop`` both stop at step 2 (no rank left waiting) naming the same checkpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    configs = {
+        policy: tiny_config(
+            data={"test_size": 32}, train={"on_nonfinite": policy, "checkpoint_every_steps": 1}
+        )
+        for policy in ("skip", "stop")
+    }
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, "-c", DDP_CHILD, str(tmp_path), json.dumps(configs)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, out
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for policy in configs:
+        w0 = torch.load(tmp_path / policy / "rank0.pt", weights_only=True)
+        w1 = torch.load(tmp_path / policy / "rank1.pt", weights_only=True)
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), policy
+    assert [r["skip"] for r in results] == [{"steps": 3, "skipped": 1}] * 2
+    rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r.get("skipped", False) for r in rows] == [False, True, False, False]
+    assert rows[1]["skip_reason"] == "non-finite loss on another rank"  # rank 0 writes the log
+    e0, e1 = results[0]["stop"]["error"], results[1]["stop"]["error"]
+    assert "non-finite loss on another rank at epoch 1, step 2" in e0
+    assert "non-finite loss (nan) at epoch 1, step 2" in e1
+    assert "(after epoch 0 + 1 batches, step 1)" in e0 and "(after epoch 0 + 1 batches" in e1
