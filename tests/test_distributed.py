@@ -118,8 +118,10 @@ def launch(code: str, *args: str, world: int = 2, timeout: float = 240) -> list[
                 q.kill()
             raise
         outputs.append(out)
-    for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out}"
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * world, "exit statuses " + str(codes) + "".join(
+        f"\n--- rank {r}:\n{out}" for r, out in enumerate(outputs)
+    )
     return outputs
 
 
@@ -201,7 +203,7 @@ import json, os, sys, time
 from pathlib import Path
 import torch.distributed as dist
 import phantomdeq.train.trainer as trainer_module
-from phantomdeq.train import CheckpointError, ConfigError, Trainer, config_from_dict
+from phantomdeq.train import ConfigError, Trainer, config_from_dict
 from phantomdeq.train.distributed import DistributedError
 
 out = Path(sys.argv[1])
@@ -220,17 +222,19 @@ def gloo_threads():
 
 
 report = {}
-# 1. an error inside the setup (resume without a checkpoint) still leaves the process group
+# 1. an error inside the setup (after the process group exists: --out names a file, which rank
+#    0 refuses and every rank learns) still leaves the process group
+(out / "a_file").write_text("not a run folder")
 try:
-    Trainer(config_from_dict(raw), out / "missing", resume=True, progress=False).fit()
-except CheckpointError as exc:
-    report["setup_error"] = str(exc)
+    Trainer(config_from_dict(raw), out / "a_file", progress=False).fit()
+except ConfigError as exc:
+    report["setup_error"] = f"{type(exc).__name__}: {exc}"
 report["initialized_after_setup_error"] = dist.is_initialized()
 report["threads_after_setup_error"] = gloo_threads()
 
-# 2. rank 0 prepares (downloads) the data before any other rank starts to load it
+# 2. rank 0 prepares (downloads) the data before any other rank starts to
 marker = out / "rank0_prepared"
-real_prepare, real_load = trainer_module.prepare_data, trainer_module.load_data
+real_prepare = trainer_module.prepare_data
 
 
 def prepare_data(cfg):
@@ -239,17 +243,11 @@ def prepare_data(cfg):
         real_prepare(cfg)
         marker.write_text("prepared")
         return
-    raise AssertionError("only rank 0 prepares the data")
-
-
-def load_data(cfg):
-    if rank != 0:
-        report["rank0_done_before_me"] = marker.exists()
-    return real_load(cfg)
+    report["rank0_done_before_me"] = marker.exists()
+    real_prepare(cfg)
 
 
 trainer_module.prepare_data = prepare_data
-trainer_module.load_data = load_data
 Trainer(config_from_dict(raw), out / "run", progress=False).fit()
 # 3. after a run the process group is gone and so are the gloo threads (joined now, not at
 #    interpreter shutdown, where their destruction aborted the process)
@@ -261,7 +259,7 @@ report["threads_after_fit"] = gloo_threads()
 def failing_prepare(cfg):
     if rank == 0:
         raise ConfigError("data.root: no such directory (test)")
-    raise AssertionError("only rank 0 prepares the data")
+    raise AssertionError("after rank 0 failed the other ranks must not prepare")
 
 
 trainer_module.prepare_data = failing_prepare
@@ -281,7 +279,7 @@ def test_process_group_left_after_setup_error_and_after_fit(tmp_path: Path) -> N
     outputs = launch(LIFECYCLE, str(tmp_path), json.dumps(raw))
     for rank, out in enumerate(outputs):
         rep = report_of(out)
-        assert "cannot resume" in rep["setup_error"], rep
+        assert rep["setup_error"].startswith("RunFolderError"), rep
         assert rep["initialized_after_setup_error"] is False, rep
         assert rep["threads_after_setup_error"] == [], rep
         assert rep["initialized_after_fit"] is False, rep
