@@ -867,12 +867,13 @@ class Trainer:
     def _teardown(self) -> None:
         """Close the metrics files, draw the curves (rank 0) and leave the process group.
 
-        Leaving is more than ``destroy_process_group``: the DDP wrapper (its C++ reducer) keeps
-        the gloo process group -- and with it the gloo worker and TCP-loop threads -- alive
-        until the wrapper is garbage-collected, which for the wrapper's reference cycles can be
-        during interpreter shutdown; native threads that outlive the interpreter can abort the
-        process at exit ("terminate called without an active exception"). So the wrapper is
-        dropped and collected here, while the interpreter is fully alive."""
+        Leaving is more than ``destroy_process_group``: the gloo process group, and with it its
+        native worker and TCP-loop threads, is freed only when nothing references it any more.
+        The DDP wrapper does (it is dropped here; :func:`~.distributed.cleanup` then collects
+        garbage), and so would ``torch.distributed.nn.functional`` had it been imported after
+        the group was created (:func:`~.distributed.init_distributed` imports it first). A
+        group still alive at exit is destroyed inside the interpreter's shutdown, where its
+        threads can abort the process ("terminate called without an active exception")."""
         logger = getattr(self, "logger", None)
         if logger is not None:
             logger.close()
