@@ -119,8 +119,10 @@ def launch(code: str, *args: str, world: int = 2, timeout: float = 240) -> list[
             raise
         outputs.append(out)
     codes = [p.returncode for p in procs]
-    assert codes == [0] * world, "exit statuses " + str(codes) + "".join(
-        f"\n--- rank {r}:\n{out}" for r, out in enumerate(outputs)
+    assert codes == [0] * world, (
+        "exit statuses "
+        + str(codes)
+        + "".join(f"\n--- rank {r}:\n{out}" for r, out in enumerate(outputs))
     )
     return outputs
 
