@@ -27,6 +27,7 @@ maps (no per-step flattening).  ``mode="unrolled"`` is MDEQ's pretraining stage:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from phantomdeq.deq import DEQ
+from phantomdeq.experiments.cost import AutocastCell
 from phantomdeq.grad.base import GradientEstimator
 from phantomdeq.nn.dropout import VariationalDropout2d
 from phantomdeq.nn.jacobian import jacobian_frobenius_hutchinson
@@ -519,13 +521,24 @@ class MDEQ(nn.Module):
         return cell
 
     def initial_state(self, injection: Tensor) -> tuple[Tensor, ...]:
-        """Zeros per branch; branch ``i`` has ``ceil(H/2**i) x ceil(W/2**i)`` pixels."""
+        """Zeros per branch; branch ``i`` has ``ceil(H/2**i) x ceil(W/2**i)`` pixels. The
+        state has the parameters' dtype even when ``injection`` is a low-precision autocast
+        output (the solver's state, history and residuals stay in the storage precision)."""
         b, _, h, w = injection.shape
+        dtype = self.state_dtype(injection)
         zs = []
         for c in self.cfg.channels:
-            zs.append(injection.new_zeros((b, c, h, w)))
+            zs.append(injection.new_zeros((b, c, h, w), dtype=dtype))
             h, w = (h + 1) // 2, (w + 1) // 2
         return tuple(zs)
+
+    def state_dtype(self, injection: Tensor) -> torch.dtype:
+        """The dtype of the equilibrium state: the cell's parameter dtype (float32 / float64),
+        or ``injection``'s when the cell has no floating parameters."""
+        for p in self.deq.f.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return injection.dtype
 
     def forward(
         self,
@@ -543,6 +556,13 @@ class MDEQ(nn.Module):
         autograd (MDEQ's pretraining stage).  ``jac_reg=True`` adds the Hutchinson estimate of
         ``||dF/dh||_F^2 / numel(h)`` at the final state (one extra tracked ``F`` evaluation).
         ``generator`` (optional) drives the dropout masks.
+
+        Mixed precision: called under ``torch.autocast`` (e.g. bf16), the stem, every
+        evaluation of ``F`` and the head run under that autocast, while the equilibrium state
+        stays in the parameters' dtype and the solver's own arithmetic (norms, residuals,
+        Anderson's mixing and small solve, Broyden's updates, the phantom-gradient damping
+        ``(1 - λ) h + λ F(h)``) runs with autocast off: ``F`` is wrapped in
+        :class:`AutocastCell` (autocast inside, output cast back to the state dtype).
         """
         if mode not in _MODES:
             raise ValueError(f"MDEQ.forward: mode must be one of {_MODES}, got {mode!r}")
@@ -554,28 +574,42 @@ class MDEQ(nn.Module):
         inj = self.stem(x)
         z0 = self.initial_state(inj)
         self.f.reset(z0, generator=generator)
+        device_type = x.device.type
+        amp = torch.is_autocast_enabled(device_type)
+        cell: nn.Module = self.f
+        deq = self.deq
+        if amp:
+            cell = AutocastCell(cell, device_type, torch.get_autocast_dtype(device_type))
+            deq = DEQ(
+                cell,
+                solver=self.deq.solver,
+                grad=self.deq.grad,
+                eval_solver=self.deq.eval_solver,
+                on_nonfinite=self.deq.on_nonfinite,
+            ).train(self.deq.training)
         info = None
-        if mode == "unrolled":
-            if not isinstance(unrolled_steps, int) or unrolled_steps < 1:
-                raise ValueError(
-                    f"MDEQ.forward: unrolled_steps must be an int >= 1 with mode='unrolled', "
-                    f"got {unrolled_steps!r}"
-                )
-            z: tuple[Tensor, ...] = z0
-            for _ in range(unrolled_steps):
-                z = self.f(z, inj)
-        else:
-            zz, info = self.deq(z0, inj)
-            z = tuple(zz) if isinstance(zz, (tuple, list)) else (zz,)
-        jac_loss = None
-        if jac_reg:
-            track = torch.is_grad_enabled() and self.training
-            with torch.enable_grad():
-                hs = tuple(t.detach().requires_grad_(True) for t in z)
-                fh = self.f(hs, inj if track else inj.detach())
-                jac_loss = jacobian_frobenius_hutchinson(fh, hs, 1, create_graph=track)
-            if not track:
-                jac_loss = jac_loss.detach()
+        with torch.autocast(device_type, enabled=False) if amp else contextlib.nullcontext():
+            if mode == "unrolled":
+                if not isinstance(unrolled_steps, int) or unrolled_steps < 1:
+                    raise ValueError(
+                        f"MDEQ.forward: unrolled_steps must be an int >= 1 with mode='unrolled', "
+                        f"got {unrolled_steps!r}"
+                    )
+                z: tuple[Tensor, ...] = z0
+                for _ in range(unrolled_steps):
+                    z = cell(z, inj)
+            else:
+                zz, info = deq(z0, inj)
+                z = tuple(zz) if isinstance(zz, (tuple, list)) else (zz,)
+            jac_loss = None
+            if jac_reg:
+                track = torch.is_grad_enabled() and self.training
+                with torch.enable_grad():
+                    hs = tuple(t.detach().requires_grad_(True) for t in z)
+                    fh = cell(hs, inj if track else inj.detach())
+                    jac_loss = jacobian_frobenius_hutchinson(fh, hs, 1, create_graph=track)
+                if not track:
+                    jac_loss = jac_loss.detach()
         logits = self.head(z)
         return MDEQOutput(logits=logits, info=info, jac_loss=jac_loss, state=z)
 

@@ -29,6 +29,7 @@ from phantomdeq.data import DataError
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, add_set_argument, load_config
+from .distributed import DistributedError
 from .metrics_log import MetricsFileError
 from .run_dir import check_run_folder
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConfigError, DataError) as exc:
         return _error(str(exc), 2)
-    except (CheckpointError, TrainingError, MetricsFileError) as exc:
+    except (CheckpointError, TrainingError, MetricsFileError, DistributedError) as exc:
         return _error(str(exc), 1)
     except TrainingInterrupted as exc:
         return _error(

@@ -27,6 +27,7 @@ from phantomdeq import solvers as solver_classes
 from phantomdeq.data import DATASET_CHANNELS
 
 from .atomic import atomic_write
+from .precision import check_precision
 
 __all__ = [
     "Config",
@@ -310,8 +311,16 @@ class TrainConfig:
     iterations (weight 0 disables it). ``eval_every`` is in epochs. ``device``: ``auto``
     picks CUDA when available. ``num_threads`` > 0 sets ``torch.set_num_threads``. With
     several processes ``sync_bn`` makes BatchNorm layers use global-batch statistics (so N
-    processes with global batch B train like one process with batch B). ``dtype`` is the
-    parameter / activation precision (``float64`` for reference and reproducibility runs).
+    processes with global batch B train like one process with batch B).
+
+    Precision (:mod:`phantomdeq.train.precision`): ``dtype`` is the *storage* precision of the
+    parameters, optimiser state, input batches and the DEQ solver's state (``float64`` for
+    reference and reproducibility runs); ``precision`` is the *compute* precision of the
+    forward pass: ``bf16`` / ``fp16`` run the stem, the equilibrium cell and the head under
+    ``torch.autocast`` (the solver's own arithmetic and the loss stay in fp32; ``fp16`` adds
+    dynamic loss scaling with ``torch.amp.GradScaler``, whose state is checkpointed).
+    Evaluation and precise-BN recalibration use the same precision. Low-precision compute
+    needs ``dtype: float32``.
 
     Gradient-quality monitor (:mod:`phantomdeq.train.monitor`): every ``monitor_every`` DEQ-stage
     steps (0 = off) the gradient the step uses and the exact implicit gradient (eq. 4, IFT with
@@ -349,6 +358,7 @@ class TrainConfig:
     num_threads: int = 0
     sync_bn: bool = True
     dtype: Literal["float32", "float64"] = "float32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     label_smoothing: float = 0.0
     monitor_every: int = 0
     bn_recalibration_batches: int = 0
@@ -391,6 +401,9 @@ class TrainConfig:
             raise ConfigError(
                 f"{prefix}.label_smoothing: must be in [0, 1), got {self.label_smoothing!r}"
             )
+        problem = check_precision(self.precision, self.dtype)
+        if problem is not None:
+            raise ConfigError(problem)
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"{prefix}.device: allowed 'auto', 'cpu', 'cuda', 'cuda:N'; got {self.device!r}"

@@ -2,7 +2,9 @@
 
     phantomdeq eval --checkpoint RUN_DIR/best.pt [--set key=value ...] [--device cpu]
 
-The model, data set and solvers come from the config stored in the checkpoint; ``--set``
+The model, data set, solvers and compute precision (``train.precision``: precise BatchNorm
+and the evaluation run under the same autocast as training) come from the config stored in
+the checkpoint; ``--set``
 changes them (e.g. ``--set eval_solver.max_iter=50`` or ``--set data.root=...``). Prints a JSON
 object with the accuracy and the forward-solver statistics.
 
@@ -32,6 +34,7 @@ from .config import (
     parse_overrides,
     resolve_data_root,
 )
+from .precision import check_precision
 
 PROG = "phantomdeq eval"
 
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
             cfg.data.eval_batch_size = args.batch_size
         device = resolve_device(cfg.train.device, DistInfo())
+        problem = check_precision(cfg.train.precision, cfg.train.dtype, device.type)
+        if problem is not None:
+            raise ConfigError(problem)
         train_ds, test_ds, info = load_data(cfg)
         get = (lambda k: info[k]) if isinstance(info, dict) else (lambda k: getattr(info, k))
         model = build_model(cfg, int(get("num_classes")), int(get("in_channels")))
@@ -87,9 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             batches=cfg.train.bn_recalibration_batches,
             batch_size=cfg.data.batch_size,
             device=device,
+            precision=cfg.train.precision,
         )
         with torch.no_grad():
-            result = evaluate(model, test_ds, batch_size=cfg.data.eval_batch_size, device=device)
+            result = evaluate(
+                model,
+                test_ds,
+                batch_size=cfg.data.eval_batch_size,
+                device=device,
+                precision=cfg.train.precision,
+            )
     except (ConfigError, CheckpointError, DataError) as exc:
         return _error(str(exc), 2)
     except DEQError as exc:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .batches import Batches
 from .distributed import DistInfo, all_reduce_sum
+from .precision import autocast_context
 
 __all__ = ["evaluate", "forward_stats", "recalibrate_batchnorm", "unwrap"]
 
@@ -41,12 +42,20 @@ def recalibrate_batchnorm(
     device: torch.device | str = "cpu",
     dist_info: DistInfo | None = None,
     num_workers: int = 0,
+    precision: str = "fp32",
 ) -> int:
     """Precise BatchNorm: reset the running statistics and recompute them as the plain average
     over ``batches`` batches of ``dataset`` (first samples, fixed order) run in eval mode -- the
-    eval solver's states, no dropout -- with only the BatchNorm layers in training mode. Every
-    rank takes its shard of each batch, so synced BatchNorm layers see the global batch.
-    Returns the number of batches used (0 when the model has no BatchNorm)."""
+    eval solver's states, no dropout -- with only the BatchNorm layers in training mode, in the
+    compute ``precision`` of the run (``fp32`` | ``bf16`` | ``fp16``, autocast).
+
+    Every rank takes an equal, non-empty shard of each batch, so synced BatchNorm layers see
+    the global batch and every rank runs the same number of forwards -- the same sequence of
+    collectives; a rank that ran one forward fewer would leave the others waiting in a
+    SyncBatchNorm all-reduce. Hence with W ranks each batch has a multiple of W samples (the
+    batch size rounded down to one, at least W) and the ``n mod W`` samples left over at the
+    end of the ``min(len(dataset), batches * batch_size)`` used are dropped (none with one
+    process). Returns the number of batches used (0 when the model has no BatchNorm)."""
     dist_info = dist_info or DistInfo()
     net = unwrap(model)
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -55,13 +64,14 @@ def recalibrate_batchnorm(
     was_training = net.training
     momenta = [m.momentum for m in norms]
     source = Batches(dataset, num_workers)
+    world = dist_info.world_size
+    step = max(batch_size - batch_size % world, world)
     n = min(len(source), batches * batch_size)
+    n -= n % world
     order = torch.arange(n)
-    chunks = [
-        order[i : i + batch_size][dist_info.rank :: dist_info.world_size]
-        for i in range(0, n, batch_size)
-    ]
-    chunks = [c for c in chunks if c.numel() > 0]
+    chunks = [order[i : i + step][dist_info.rank :: world] for i in range(0, n, step)]
+    if not chunks:  # fewer samples than ranks: keep the running statistics as they are
+        return 0
     net.eval()
     for m in norms:
         m.reset_running_stats()
@@ -69,8 +79,10 @@ def recalibrate_batchnorm(
         m.train()
     try:
         dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
-        for x, _ in source.iterate(chunks, torch.device(device), dtype):
-            net(x)
+        device = torch.device(device)
+        for x, _ in source.iterate(chunks, device, dtype):
+            with autocast_context(precision, device.type):
+                net(x)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -87,9 +99,11 @@ def evaluate(
     device: torch.device | str = "cpu",
     dist_info: DistInfo | None = None,
     num_workers: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Accuracy, loss and forward-solver statistics (mean steps, mean relative residual, share
-    of converged samples) of ``model`` in eval mode (the eval solver) on ``dataset``."""
+    of converged samples) of ``model`` in eval mode (the eval solver) on ``dataset``, computed
+    in ``precision`` (``fp32`` | ``bf16`` | ``fp16``: autocast; the loss in fp32)."""
     dist_info = dist_info or DistInfo()
     device = torch.device(device)
     net = unwrap(model)
@@ -106,8 +120,9 @@ def evaluate(
     try:
         dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
         for x, y in source.iterate(batches, device, dtype):
-            out = net(x)
-            sums[0] += float(F.cross_entropy(out.logits, y, reduction="sum"))
+            with autocast_context(precision, device.type):
+                out = net(x)
+            sums[0] += float(F.cross_entropy(out.logits.float(), y, reduction="sum"))
             sums[1] += float((out.logits.argmax(1) == y).sum())
             sums[2] += y.numel()
             nstep, res, conv = forward_stats(out.info)

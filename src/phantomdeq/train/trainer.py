@@ -26,8 +26,8 @@ the last (finite) checkpoint.
 The pieces around the loop live in their own modules: building from the config
 (:mod:`.build`), batches, seeds and augmentation (:mod:`.batches`), the learning-rate schedule
 (:mod:`.schedule`), evaluation and precise BatchNorm (:mod:`.evaluation`), processes and
-collectives (:mod:`.distributed`), checkpoints (:mod:`.checkpoint`) and metrics files
-(:mod:`.metrics_log`).
+collectives (:mod:`.distributed`), mixed precision -- autocast and the fp16 gradient scaler --
+(:mod:`.precision`), checkpoints (:mod:`.checkpoint`) and metrics files (:mod:`.metrics_log`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ from torch import Tensor, nn
 from phantomdeq.errors import DEQError
 
 from .batches import Batches, augment, seed_of
-from .build import build_model, build_solver, info_get, load_data, make_optimizer, resolve_device
+from .build import (
+    build_model,
+    build_solver,
+    info_get,
+    load_data,
+    make_optimizer,
+    prepare_data,
+    resolve_device,
+)
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -74,12 +82,14 @@ from .distributed import (
     convert_batchnorm,
     epoch_permutation,
     init_distributed,
+    rank0_first,
     shard_batches,
 )
 from .evaluation import evaluate, forward_stats, recalibrate_batchnorm
 from .guard import BufferSnapshot, chance_divergence, grad_norm, nonfinite_entries
 from .metrics_log import MetricsLogger, plot_curves, read_metrics, truncate_metrics
 from .model_state import check_finite_weights, load_model_weights
+from .precision import MixedPrecision, check_precision
 from .run_dir import RunFolder, RunFolderError, prepare_run_folder
 from .schedule import LRSchedule, replan_note
 from .stop_signals import StopSignals, TrainingInterrupted
@@ -104,6 +114,7 @@ def _fresh_sums() -> dict[str, float]:
         "deq_n": 0.0,
         "monitor_time": 0.0,
         "skipped": 0.0,
+        "scaler_skipped": 0.0,
     }
 
 
@@ -180,6 +191,12 @@ class Trainer:
         )
         self.dist = init_distributed(device_type)
         self.device = resolve_device(wanted, self.dist)
+        problem = check_precision(cfg.train.precision, cfg.train.dtype, self.device.type)
+        if problem is not None:
+            raise ConfigError(problem)
+        self.amp = MixedPrecision(cfg.train.precision, self.device.type)
+        if self.amp.scaling:  # fp16: the loss scale found so far is part of the training state
+            self.extra_state["grad_scaler"] = self.amp.scaler
         self._prepare_folder()
         try:
             self._build()
@@ -191,6 +208,8 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.config
+        # rank 0 prepares (downloads) the data while the other ranks wait, then all load it
+        rank0_first(lambda: prepare_data(cfg), self.dist)
         train_ds, test_ds, info = load_data(cfg)
         self.train_data = Batches(train_ds, cfg.data.num_workers)
         self.test_ds = test_ds
@@ -494,13 +513,15 @@ class Trainer:
         info = None
         correct = 0.0
         try:
-            if pretrain:
-                out = model(
-                    x, mode="unrolled", unrolled_steps=cfg.train.unrolled_steps, generator=gen
-                )
-            else:
-                out = model(x, mode="deq", jac_reg=use_jac, generator=gen)
-            ce = F.cross_entropy(out.logits, y, label_smoothing=cfg.train.label_smoothing)
+            with self.amp.autocast():
+                if pretrain:
+                    out = model(
+                        x, mode="unrolled", unrolled_steps=cfg.train.unrolled_steps, generator=gen
+                    )
+                else:
+                    out = model(x, mode="deq", jac_reg=use_jac, generator=gen)
+            # the loss in fp32 whatever the compute precision of the logits
+            ce = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.train.label_smoothing)
             loss = ce
             if use_jac and out.jac_loss is not None:
                 jac_loss = out.jac_loss
@@ -541,17 +562,25 @@ class Trainer:
             )
             return self._skip_or_stop(what, epoch, snapshot, rec)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.amp.backward(loss)
+        self.amp.unscale_(self.optimizer)  # fp16: gradients in true units for guard and clipping
         params = [p for p in self.net.parameters() if p.requires_grad]
         norm = grad_norm(params)
-        if self._any_rank(not bool(torch.isfinite(norm))):
+        finite_grad = bool(torch.isfinite(norm))
+        # fp16: an overflow of the *scaled* gradients is the GradScaler's business -- it skips
+        # this update and lowers the scale, the normal way the scale is found, not a divergence
+        # (counted as scaler_skipped; every rank sees the same all-reduced gradients)
+        if not self.amp.scaling and self._any_rank(not finite_grad):
             what = f"non-finite gradient (norm {float(norm):.3g})"
             return self._skip_or_stop(what, epoch, snapshot, rec)
-        if cfg.optim.grad_clip > 0:
+        if cfg.optim.grad_clip > 0 and finite_grad:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, norm)
         lr = self.schedule.set_step(self.step)
-        self.optimizer.step()
+        applied = self.amp.step(self.optimizer)
         self.step += 1
+        if self.amp.scaling:
+            rec["grad_scale"] = self.amp.scale
+            rec["scaler_skipped"] = 0 if applied else 1
         self.consecutive_skips = 0
         if self.initial_loss is None:
             self.initial_loss = rec["train_loss"]
@@ -569,9 +598,14 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         try:
-            res = self.monitor.measure_classifier(
-                self.net, x, y, generator=gen, label_smoothing=self.config.train.label_smoothing
-            )
+            with self.amp.autocast():  # the gradient in use, in the run's compute precision
+                res = self.monitor.measure_classifier(
+                    self.net,
+                    x,
+                    y,
+                    generator=gen,
+                    label_smoothing=self.config.train.label_smoothing,
+                )
         except DEQError:
             return {
                 "monitor_cos": math.nan,
@@ -641,6 +675,7 @@ class Trainer:
                     sums["loss"] += rec["train_loss"] * n
                     sums["acc"] += rec["train_acc"] * n
                     sums["n"] += n
+                    sums["scaler_skipped"] += float(rec.get("scaler_skipped", 0))
                     if rec["stage"] == "deq" and math.isfinite(rec["fwd_nstep"]):
                         sums["nstep"] += rec["fwd_nstep"] * n
                         sums["res"] += rec["fwd_residual"] * n
@@ -683,6 +718,7 @@ class Trainer:
             "fwd_converged": sums["conv"] / deq_n if deq_n else math.nan,
             "epoch_time_s": time.perf_counter() - t_epoch - sums["monitor_time"],
             **({"monitor_time_s": sums["monitor_time"]} if self.monitor is not None else {}),
+            **({"scaler_skipped_steps": sums["scaler_skipped"]} if self.amp.scaling else {}),
         }
         if cfg.train.on_nonfinite == "skip":
             out["skipped_steps"] = int(sums["skipped"])
@@ -703,6 +739,7 @@ class Trainer:
                 device=self.device,
                 dist_info=self.dist,
                 num_workers=cfg.data.num_workers,
+                precision=cfg.train.precision,
             )
             stage = "evaluation"
             eval_rec = evaluate(
@@ -712,6 +749,7 @@ class Trainer:
                 device=self.device,
                 dist_info=self.dist,
                 num_workers=cfg.data.num_workers,
+                precision=cfg.train.precision,
             )
         except DEQError as exc:
             raise self._diverged(
@@ -757,20 +795,23 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.epochs`` (continuing a resumed run) and return the final metrics."""
+        """Train to ``train.epochs`` (continuing a resumed run) and return the final metrics.
+
+        Setup, training and teardown share one ``try``/``finally``: whatever fails (a bad config
+        found on a rank, a missing checkpoint, a diverged run, an interrupt), the metrics files
+        are closed, the loader stopped and the process group left (:meth:`_teardown`)."""
         cfg = self.config
         with StopSignals() as stop:
             self._stop = stop
-            self._setup()
-            stop.announce = self.dist.is_main
-            if self._any_rank(stop.requested != 0):  # a signal during the set-up
-                if self.run_folder is not None:
-                    self.run_folder.discard()
-                cleanup(self.dist)
-                raise TrainingInterrupted(
-                    stop.requested or int(signal.SIGTERM), "stopped before training started"
-                )
             try:
+                self._setup()
+                stop.announce = self.dist.is_main
+                if self._any_rank(stop.requested != 0):  # a signal during the set-up
+                    if self.run_folder is not None:
+                        self.run_folder.discard()
+                    raise TrainingInterrupted(
+                        stop.requested or int(signal.SIGTERM), "stopped before training started"
+                    )
                 if self.dist.is_main and self.epoch >= cfg.train.epochs:
                     print(
                         f"phantomdeq: run in {str(self.out_dir)!r} already finished "
@@ -813,25 +854,47 @@ class Trainer:
                 if train_rec is not None:
                     self._check_divergence(train_rec)
             except TrainingInterrupted as exc:
-                if not exc.immediate:
+                if not exc.immediate or not hasattr(self, "last_checkpoint"):
                     raise
                 # a second signal: say which checkpoint the run continues from
                 raise TrainingInterrupted(
                     exc.signum, f"{exc}; {self._checkpoint_text()}", immediate=True
                 ) from None
             finally:
-                self.logger.close()
-                if (
-                    self.dist.is_main
-                    and self.config.log.plot
-                    and (self.out_dir / "metrics.jsonl").is_file()
-                ):
-                    try:
-                        plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-                    except Exception as exc:  # a plot must never hide the training outcome
-                        print(f"phantomdeq: could not draw curves.png: {exc}", file=sys.stderr)
-                cleanup(self.dist)
+                self._teardown()
         return self._final_metrics()
+
+    def _teardown(self) -> None:
+        """Close the metrics files, draw the curves (rank 0) and leave the process group.
+
+        Leaving is more than ``destroy_process_group``: the gloo process group, and with it its
+        native worker and TCP-loop threads, is freed only when nothing references it any more.
+        The DDP wrapper does (it is dropped here; :func:`~.distributed.cleanup` then collects
+        garbage), and so would ``torch.distributed.nn.functional`` had it been imported after
+        the group was created (:func:`~.distributed.init_distributed` imports it first). A
+        group still alive at exit is destroyed inside the interpreter's shutdown, where its
+        threads can abort the process ("terminate called without an active exception")."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        train_data = getattr(self, "train_data", None)
+        if train_data is not None:
+            train_data.close()  # the loader's worker processes
+        dist_info = getattr(self, "dist", None)
+        if (
+            dist_info is not None
+            and dist_info.is_main
+            and self.config.log.plot
+            and (self.out_dir / "metrics.jsonl").is_file()
+        ):
+            try:
+                plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+            except Exception as exc:  # a plot must never hide the training outcome
+                print(f"phantomdeq: could not draw curves.png: {exc}", file=sys.stderr)
+        if dist_info is not None:
+            if self.model is not None and self.model is not getattr(self, "net", None):
+                self.model = getattr(self, "net", None)  # drop the DDP wrapper
+            cleanup(dist_info)
 
     def _report(self, rec: dict[str, Any], seconds: float) -> None:
         if not self.progress:
