@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._state import State, StateSpec
 from ..errors import DEQError
-from ..solvers.base import Solution, Solver
+from ..solvers.base import Solution, SolverBase
 from ..solvers.fixed_point import FixedPoint
 from .base import BackwardRule, Cell, GradientEstimator, attach_rule
 
@@ -45,10 +45,10 @@ class IFT(GradientEstimator):
 
     name = "ift"
 
-    def __init__(self, solver: Solver | None = None) -> None:
+    def __init__(self, solver: SolverBase | None = None) -> None:
         if solver is None:
             solver = FixedPoint(max_iter=30, tol=1e-6)
-        if not isinstance(solver, Solver):
+        if not isinstance(solver, SolverBase):
             raise ValueError(
                 f"IFT: solver must be a phantomdeq solver (FixedPoint, Anderson, Broyden), got {solver!r}"
             )

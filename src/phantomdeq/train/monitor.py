@@ -28,6 +28,7 @@ change the training trajectory (nor resume determinism).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -152,9 +153,9 @@ class GradientMonitor:
             from phantomdeq.grad import IFT
             from phantomdeq.solvers import Broyden
 
-            exact = IFT(Broyden(max_iter=60, tol=1e-6))
+            exact = IFT(solver=Broyden(max_iter=60, tol=1e-6))
         if not isinstance(exact, GradientEstimator):
-            raise ValueError(
+            raise TypeError(
                 f"GradientMonitor: exact must be a phantomdeq.grad estimator (usually IFT), got {exact!r}"
             )
         if exact.tracks_forward:
@@ -205,38 +206,39 @@ class GradientMonitor:
         """
         deq = find_deq(model) if deq is None else deq
         params = self.parameters_of(model, deq)
-        used_grad, used_solver = deq.grad, deq.solver
         was_training = model.training
         restore = _Restore(model, generator)
         # BPTT records the forward iterations itself: recompute (deterministically) instead.
-        replay = None if used_grad.tracks_forward else _ReplaySolver(used_solver)
+        replay = None if deq.grad.tracks_forward else _ReplaySolver(deq.solver)
+        first = contextlib.nullcontext() if replay is None else deq.using(solver=replay)
         extra: dict[str, float] = {}
         try:
             model.train()
             with torch.enable_grad():
-                if replay is not None:
-                    deq.solver = replay
-                loss = loss_closure()
-                g_used = _grad(loss, params)
-                extra["loss"] = float(loss.detach())
-                del loss
+                with first:
+                    loss = loss_closure()
+                    g_used = _grad(loss, params)
+                    extra["loss"] = float(loss.detach())
+                    del loss
                 restore()
                 if replay is not None:
                     replay.replay()
-                else:
-                    deq.solver = used_solver
-                deq.grad = self.exact
                 if hasattr(self.exact, "last_backward"):
                     self.exact.last_backward = None
-                loss = loss_closure()
-                g_exact = _grad(loss, params)
-                del loss
+                second = (
+                    deq.using(grad=self.exact)
+                    if replay is None
+                    else deq.using(solver=replay, grad=self.exact)
+                )
+                with second:
+                    loss = loss_closure()
+                    g_exact = _grad(loss, params)
+                    del loss
             last = getattr(self.exact, "last_backward", None)
             if last is not None:
                 extra["exact_bwd_residual"] = float(last.residual.float().max())
                 extra["exact_bwd_niter"] = float(last.niter)
         finally:
-            deq.grad, deq.solver = used_grad, used_solver
             restore()
             model.train(was_training)
         return g_used, g_exact, extra
