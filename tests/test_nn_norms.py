@@ -264,6 +264,20 @@ def test_synthetic_batched_draws_and_trainable_norm():
 @pytest.mark.parametrize(
     ("kwargs", "word"),
     [
+        ({"hidden": 4.0}, "hidden"),
+        ({"lipschitz": "0.9"}, "lipschitz"),
+        ({"activation": 1}, "activation"),
+    ],
+)
+def test_synthetic_wrong_types(kwargs, word):
+    opts = {"hidden": 4, "input_dim": 2, **kwargs}
+    with pytest.raises(TypeError, match=word):
+        SyntheticF(**opts)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
         ({"lipschitz": 1.0}, "lipschitz"),
         ({"lipschitz": 0.0}, "lipschitz"),
         ({"activation": "gelu"}, "activation"),

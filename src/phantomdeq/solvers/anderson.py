@@ -69,7 +69,9 @@ class Anderson(SolverBase):
             elif fx.data_ptr() != Y[:, slot].data_ptr():
                 Y[:, slot].copy_(fx)
             # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots
-            row = torch.bmm(G[:, :n], G[:, slot].unsqueeze(-1)).squeeze(-1)  # (B, n)
+            # (B, 1, D) @ (B, D, n) on a transposed view of the history: a batched GEMM over
+            # contiguous rows, several times faster on CPU than the (B, n, D) @ (B, D, 1) form
+            row = torch.bmm(G[:, slot].unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)
             gram[:, slot, :n] = row
             gram[:, :n, slot] = row
             if n == 1:

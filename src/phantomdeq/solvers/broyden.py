@@ -72,21 +72,19 @@ class Broyden(SolverBase):
             k += 1
             evicted: Tensor | None = None
             if n:
-                a_new = torch.bmm(V[:, :n], r_new.unsqueeze(-1))  # (B, n, 1) = Vᵀ r_new
-                q = torch.baddbmm(
-                    r_new.unsqueeze(1), a_new.transpose(1, 2), U[:, :n], alpha=-1.0
-                ).squeeze(1)  # -H r_new with every stored pair
-                if n == m:  # the oldest pair (in `slot`) leaves H' : keep its share u_e v_eᵀ r_new
-                    evicted = U[:, slot] * a_new[:, slot]
-                c = torch.bmm(U[:, :n], p.unsqueeze(-1))  # (B, n, 1) = Uᵀ s
-                vt = torch.baddbmm(p.unsqueeze(1), c.transpose(1, 2), V[:, :n], beta=-1.0).squeeze(
-                    1
-                )
+                # products with the stored pairs as (B, 1, D) @ (B, D, n) on transposed views
+                # (batched GEMMs over contiguous rows; the (B, n, D) @ (B, D, 1) form is slow)
+                a_new = torch.bmm(r_new.unsqueeze(1), V[:, :n].transpose(1, 2))  # (B, 1, n) Vᵀr
+                q = torch.baddbmm(r_new.unsqueeze(1), a_new, U[:, :n], alpha=-1.0).squeeze(1)
+                if n == m:  # the oldest pair (in `slot`) leaves H': keep its share u_e v_eᵀ r_new
+                    evicted = U[:, slot] * a_new[:, :, slot]
+                c = torch.bmm(p.unsqueeze(1), U[:, :n].transpose(1, 2))  # (B, 1, n) = Uᵀ s
+                vt = torch.baddbmm(p.unsqueeze(1), c, V[:, :n], beta=-1.0).squeeze(1)
             else:
                 q = r_new
                 vt = -p
-            vr_new = torch.einsum("bd,bd->b", vt, r_new).unsqueeze(1)
-            denom = vr_new - torch.einsum("bd,bd->b", vt, r).unsqueeze(1)  # vᵀ y
+            vr_new = torch.linalg.vecdot(vt, r_new).unsqueeze(1)
+            denom = vr_new - torch.linalg.vecdot(vt, r).unsqueeze(1)  # vᵀ y
             ok = denom.abs() > tiny
             safe = torch.where(ok, denom, torch.ones_like(denom))
             torch.mul(q, torch.where(ok, 1.0 / safe, 0.0), out=U[:, slot])
