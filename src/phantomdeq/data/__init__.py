@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DataInfo, ImageTensorDataset, iterate_batches
+from .base import DataInfo, ImageTensorDataset
 from .transforms import augment_batch, random_crop, random_hflip
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "DataInfo",
     "ImageTensorDataset",
     "augment_batch",
-    "iterate_batches",
     "load_dataset",
     "random_crop",
     "random_hflip",
