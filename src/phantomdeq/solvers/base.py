@@ -348,13 +348,13 @@ class _Tracker:
         return last
 
     def solution(self, spec: StateSpec) -> Solution:
-        # -inf marks an iteration where every sample was non-finite
-        raw = torch.stack(self._trace).tolist() if self._trace else []
+        # one host sync for the trace and the non-finite flag; -inf in the trace marks an
+        # iteration where every sample was non-finite
+        flag = self.bad.any().to(self.best_pair.dtype)
+        *raw, any_bad = torch.stack([*self._trace, flag]).tolist()
         trace = [math.nan if v == -math.inf else v for v in raw]
         converged = (self.best_pair[:, self._col] <= self.solver.tol) & ~self.bad
-        result = self.result
-        if bool(self.bad.any()):
-            result = SolveResult.NONFINITE
+        result = SolveResult.NONFINITE if any_bad else self.result
         return Solution(
             z=spec.unflatten(self.best.to(spec.dtype)),
             nstep=self.nstep,
