@@ -109,18 +109,18 @@ class UnrollingSolver(Solver, Protocol):
     def unroll(self, g: Callable[[State], Any], z0: State) -> tuple[State, Solution]: ...
 
 
-def check_solver(value: object, name: str, *, owner: str, unrolling: bool = False) -> Solver:
-    """Structural check of the solver protocol; ``TypeError`` naming ``name`` otherwise."""
-    want = "unroll(g, z0) and __call__(g, z0) -> Solution" if unrolling else "__call__(g, z0)"
+def check_solver(value: object, name: str, *, owner: str) -> Solver:
+    """Structural check of the :class:`Solver` protocol (callable with two positional
+    arguments); ``TypeError`` naming ``owner`` and ``name`` otherwise."""
     if isinstance(value, type):
         raise TypeError(
             f"{owner}: {name} must be a solver instance, got the class {value.__name__}; "
             f"pass {value.__name__}(...)"
         )
-    if not callable(value) or (unrolling and not callable(getattr(value, "unroll", None))):
+    if not callable(value):
         raise TypeError(
-            f"{owner}: {name} must be a solver (an object with {want}, e.g. "
-            f"phantomdeq.Anderson()), got {type(value).__name__} {value!r}"
+            f"{owner}: {name} must be a solver (an object with __call__(g, z0) -> Solution, "
+            f"e.g. phantomdeq.Anderson()), got {type(value).__name__} {value!r}"
         )
     try:
         sig = inspect.signature(value)
