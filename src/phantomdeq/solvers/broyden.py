@@ -51,8 +51,9 @@ class Broyden(SolverBase):
         b, d = x0.shape
         m = self.memory if self.memory is not None else self.max_iter
         dtype, dev = x0.dtype, x0.device
-        U = torch.zeros(b, m, d, dtype=dtype, device=dev)
-        V = torch.zeros(b, m, d, dtype=dtype, device=dev)
+        # slot i is written before it is read (only [:n] is read): no zero fill of m x (B, D)
+        U = torch.empty(b, m, d, dtype=dtype, device=dev)
+        V = torch.empty(b, m, d, dtype=dtype, device=dev)
         tiny = torch.finfo(dtype).eps ** 2
         x = x0
         fx = gf(x)
