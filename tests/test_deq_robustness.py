@@ -82,8 +82,11 @@ def test_raise_names_the_bad_samples(est):
     x[1, 0] = math.nan  # (an inf input would saturate tanh: a finite, healthy sample)
     x[4, 2] = math.nan
     deq = pdq.DEQ(cell, solver=_forward_solver(est, 1), grad=ESTIMATORS[est]())
-    with pytest.raises(pdq.DEQError, match=r"2 of 5 samples \(indices \[1, 4\]\)"):
+    with pytest.raises(pdq.DEQError, match=r"2 of 5 samples \(indices \[1, 4\]\)") as err:
         deq(cell.z0(5), x)
+    sol = err.value.solution  # the healthy samples can still be read off the failed solve
+    assert sol.nonfinite.tolist() == [False, True, False, False, True]
+    assert sol.converged.tolist() == [True, False, True, True, False]
 
 
 # --------------------------------------------------------------------------- edge sizes

@@ -172,7 +172,10 @@ class DEQ(nn.Module):
             return None
         bad = sol.nonfinite
         if bad is None or bad.shape != (spec.batch,):
-            raise DEQError(f"DEQ {what} solve reported non-finite values without a per-sample mask")
+            raise DEQError(
+                f"DEQ {what} solve reported non-finite values without a per-sample mask",
+                solution=sol,
+            )
         idx = bad.nonzero().flatten().tolist()
         shown = ", ".join(str(i) for i in idx[:20]) + (", ..." if len(idx) > 20 else "")
         healthy = ~bad
@@ -183,7 +186,7 @@ class DEQ(nn.Module):
             f"converged after {sol.niter} iterations (tol {sol.tol:g}, stop {sol.stop!r})"
         )
         if self.on_nonfinite == "raise":
-            raise DEQError(msg)
+            raise DEQError(msg + "; the error's .solution holds the solve", solution=sol)
         warnings.warn(
             msg + "; returning their best finite iterates, cut off from the gradient",
             RuntimeWarning,
