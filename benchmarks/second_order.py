@@ -90,8 +90,8 @@ def make_deq(lib: ModuleType, setup: Setup, grad: Any) -> Any:
 def ift(lib: ModuleType) -> Any:
     solver = lib.Broyden(max_iter=20, tol=0.0)
     if lib is pdq:  # a fixed budget (tol 0) is meant not to converge
-        return lib.IFT(solver, warn_unconverged=False)
-    return lib.IFT(solver)
+        return lib.IFT(solver=solver, warn_unconverged=False)
+    return lib.IFT(solver=solver)
 
 
 class SmallSetup:
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- 2. penalty step
     estimators = {
         "IFT (Broyden x20)": lambda: ift(pdq),
-        "UPG(5, 0.5)": lambda: pdq.UPG(5, 0.5),
-        "NPG(5, 0.5)": lambda: pdq.NPG(5, 0.5),
+        "UPG(5, 0.5)": lambda: pdq.UPG(k=5, lam=0.5),
+        "NPG(5, 0.5)": lambda: pdq.NPG(k=5, lam=0.5),
     }
     step_rows = []
     steps: dict[str, dict[str, float]] = {}

@@ -38,7 +38,7 @@ class SmallCell(nn.Module):
     def forward(self, z, x):
         if self.tuple_state:
             a, c = z
-            af = a.reshape(a.shape[0], -1)
+            af = a.flatten(1)
             na = torch.tanh(af @ self.W1.T + c @ self.P.T + x @ self.U.T + self.b)
             nc = torch.tanh(c @ self.W2.T + af @ self.Q.T)
             return (na.reshape(a.shape), nc)

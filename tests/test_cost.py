@@ -90,7 +90,11 @@ def test_timed_solver_is_the_same_solver_with_marks() -> None:
     marks = Marks()
     base = pdq.FixedPoint(max_iter=40, tol=1e-10, damping=0.7)
     timed = cost.timed_solver(base, marks)
-    assert isinstance(timed, pdq.FixedPoint) and timed.damping == 0.7
+    # a wrapper conforming to the solver protocol (no generated subclass); it unrolls when the
+    # wrapped solver does, so DEQ accepts it for BPTT too
+    assert isinstance(timed, pdq.UnrollingSolver) and timed.solver is base
+    assert not isinstance(cost.timed_solver(pdq.Anderson(), marks), pdq.UnrollingSolver)
+    pdq.DEQ(torch.nn.Identity(), solver=timed, grad=pdq.BPTT())
     z0 = torch.zeros(3, 2, dtype=torch.float64)
     sol = timed(lambda z: 0.5 * torch.cos(z), z0)
     ref = base(lambda z: 0.5 * torch.cos(z), z0)

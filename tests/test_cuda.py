@@ -32,7 +32,7 @@ def _ift_grads(tuple_state: bool, solver: str, check_every: int, backward: pdq.S
     deq = pdq.DEQ(
         cell,
         solver=pdq.solvers.from_name(solver, max_iter=100, tol=1e-11, check_every=check_every),
-        grad=pdq.IFT(backward),
+        grad=pdq.IFT(solver=backward),
     )
     z, info = deq(cell.z0(3), x)
     assert info.result == "converged"
@@ -78,7 +78,7 @@ def test_cuda_matches_cpu(solver, est, tuple_state):
             solver=pdq.solvers.from_name(solver, max_iter=100, tol=1e-11),
             # a tight backward tolerance: on CUDA convergence is checked every 4 iterations, so a
             # loose IFT solve would stop at a different iteration than on CPU
-            grad=pdq.IFT(pdq.FixedPoint(max_iter=300, tol=1e-13))
+            grad=pdq.IFT(solver=pdq.FixedPoint(max_iter=300, tol=1e-13))
             if est == "ift"
             else pdq.grad.from_name(est, k=5, lam=0.5),
         )

@@ -17,7 +17,6 @@ from phantomdeq.data import (
     DataFileNotFoundError,
     ImageTensorDataset,
     augment_batch,
-    iterate_batches,
     load_dataset,
     random_crop,
     random_hflip,
@@ -309,15 +308,9 @@ def test_subsets_and_option_validation(tmp_path: Path) -> None:
         load_dataset("cifar10", None)
 
 
-def test_iterate_batches_and_dataloader() -> None:
+def test_dataset_through_a_dataloader() -> None:
     images = torch.arange(10 * 2 * 2, dtype=torch.uint8).view(10, 1, 2, 2)
     ds = ImageTensorDataset(images, torch.arange(10), (0.0,), (1.0,))
-    seen = torch.cat([y for _, y in iterate_batches(ds, 3, True, torch.Generator().manual_seed(0))])
-    assert sorted(seen.tolist()) == list(range(10))
-    sizes = [len(y) for _, y in iterate_batches(ds, 3, False, drop_last=True)]
-    assert sizes == [3, 3, 3]
-    order = [int(v) for _, y in iterate_batches(ds, 4, False, sampler=[9, 0, 5]) for v in y]
-    assert order == [9, 0, 5]
     x, y = next(iter(DataLoader(ds, batch_size=4)))
     assert x.shape == (4, 1, 2, 2) and x.dtype == torch.float32 and y.dtype == torch.long
     assert torch.allclose(x, images[:4].float() / 255)

@@ -15,9 +15,9 @@ from core_problems import SmallCell, inner, make_problem, state_target
 
 ESTIMATORS = {
     "ift": lambda: pdq.IFT(),
-    "upg": lambda: pdq.UPG(5, 0.5),
-    "upg_ckpt": lambda: pdq.UPG(3, 0.5, checkpoint=True),
-    "npg": lambda: pdq.NPG(5, 0.5),
+    "upg": lambda: pdq.UPG(k=5, lam=0.5),
+    "upg_ckpt": lambda: pdq.UPG(k=3, lam=0.5, checkpoint=True),
+    "npg": lambda: pdq.NPG(k=5, lam=0.5),
     "onestep": lambda: pdq.OneStep(),
     "bptt": lambda: pdq.BPTT(),
 }
@@ -37,7 +37,7 @@ def test_train_mode_gradients_reach_parameters_and_inputs(est, tuple_state):
 
 def test_eval_and_no_grad_return_the_plain_solution(tuple_state):
     cell, x = make_problem(tuple_state)
-    deq = pdq.DEQ(cell, solver=pdq.FixedPoint(max_iter=60, tol=1e-10), grad=pdq.UPG(5, 0.5))
+    deq = pdq.DEQ(cell, solver=pdq.FixedPoint(max_iter=60, tol=1e-10), grad=pdq.UPG(k=5, lam=0.5))
     with torch.no_grad():
         z, info = deq(cell.z0(3), x)
     parts = z if isinstance(z, tuple) else (z,)
@@ -55,7 +55,7 @@ def test_eval_solver_is_used_in_eval_mode():
     deq = pdq.DEQ(
         cell,
         solver=pdq.FixedPoint(max_iter=2, tol=1e-12),
-        grad=pdq.UPG(2, 0.5),
+        grad=pdq.UPG(k=2, lam=0.5),
         eval_solver=pdq.Anderson(max_iter=50, tol=1e-10),
     )
     _, info_train = deq(cell.z0(3), x)
@@ -70,7 +70,7 @@ def test_module_plumbing_deepcopy_pickle_state_dict_to():
     deq = pdq.DEQ(
         cell,
         solver=pdq.Broyden(max_iter=40, tol=1e-10),
-        grad=pdq.IFT(pdq.Anderson(max_iter=40, tol=1e-10)),
+        grad=pdq.IFT(solver=pdq.Anderson(max_iter=40, tol=1e-10)),
     )
     z, _ = deq(cell.z0(3), x)
     inner(z, state_target(z)).backward()  # fills grad.last_backward: must not break pickling
@@ -108,15 +108,10 @@ def test_module_plumbing_deepcopy_pickle_state_dict_to():
         ),
         (lambda: pdq.grad.from_name("upg", kk=3), "unknown option(s) ['kk']"),
         (
-            lambda: pdq.DEQ(SmallCell(False), solver=pdq.Anderson(), grad=pdq.BPTT()),
-            "needs solver=FixedPoint",
-        ),
-        (lambda: pdq.DEQ(SmallCell(False), solver="anderson", grad=pdq.UPG()), "solver must be"),
-        (
             lambda: pdq.DEQ(
                 SmallCell(False), solver=pdq.Anderson(), grad=pdq.UPG(), on_nonfinite="ignore"
             ),
-            "on_nonfinite",
+            "DEQ: on_nonfinite must be one of ('raise', 'warn'), got 'ignore'",
         ),
     ],
 )
@@ -126,15 +121,41 @@ def test_bad_options_are_rejected_with_the_field_name(factory, message):
     assert message in str(err.value)
 
 
+def _deq(**kw):
+    opts = {"solver": pdq.Anderson(), "grad": pdq.UPG()}
+    opts.update(kw)
+    return pdq.DEQ(SmallCell(False), **opts)
+
+
 @pytest.mark.parametrize(
     "factory,message",
     [
-        (lambda: pdq.IFT(solver="broyden"), "IFT: solver must be callable as solver(g, z0)"),
-        (lambda: pdq.IFT(solver=lambda g: g), "IFT: solver must be callable as solver(g, z0)"),
+        (lambda: _deq(grad=pdq.BPTT()), "needs solver=FixedPoint"),
+        (lambda: _deq(solver="anderson"), "DEQ: solver must be a solver"),
+        (lambda: _deq(solver=pdq.Anderson), "pass Anderson(...)"),
+        (lambda: _deq(eval_solver=3), "DEQ: eval_solver must be a solver"),
+        (lambda: _deq(solver=lambda g: g), "DEQ: solver must accept two positional arguments"),
+        (lambda: _deq(grad="upg"), "DEQ: grad must be a phantomdeq.grad estimator"),
+        (lambda: _deq(on_nonfinite=None), "DEQ: on_nonfinite must be one of"),
+        (lambda: _deq(grad_in_eval=1), "DEQ: grad_in_eval must be True or False"),
+        (lambda: pdq.DEQ(3, solver=pdq.Anderson(), grad=pdq.UPG()), "DEQ: f must be callable"),
+        (lambda: pdq.IFT(solver="broyden"), "IFT: solver must be a solver"),
+        (lambda: pdq.IFT(solver=lambda g: g), "IFT: solver must accept two positional arguments"),
         (lambda: pdq.IFT(warn_unconverged=1), "IFT: warn_unconverged must be True or False"),
+        (lambda: pdq.IFT(pdq.FixedPoint()), "positional"),
+        (
+            lambda: pdq.DEQ(
+                SmallCell(False),
+                solver=pdq.FixedPoint(),
+                eval_solver=pdq.Anderson(),
+                grad=pdq.BPTT(),
+                grad_in_eval=True,
+            ),
+            "needs eval_solver=FixedPoint",
+        ),
     ],
 )
-def test_wrong_types_are_rejected_with_the_field_name(factory, message):
+def test_wrong_types_are_type_errors_naming_the_argument(factory, message):
     with pytest.raises(TypeError) as err:
         factory()
     assert message in str(err.value)
@@ -181,7 +202,8 @@ class _Bad(torch.nn.Module):
 @pytest.mark.parametrize("est", ["upg", "ift"])
 def test_f_returning_the_wrong_structure_is_named(kind, z0, message, est):
     deq = pdq.DEQ(_Bad(kind), solver=pdq.FixedPoint(max_iter=3), grad=ESTIMATORS[est]())
-    with pytest.raises(ValueError) as err:
+    error = TypeError if kind == "structure" else ValueError
+    with pytest.raises(error) as err:
         deq(z0, None)
     assert message in str(err.value)
 
@@ -192,6 +214,16 @@ def test_bad_initial_state_is_named():
         deq((torch.zeros(2, 3), torch.zeros(3, 3)), None)
     with pytest.raises(ValueError, match="floating point"):
         deq(torch.zeros(2, 3, dtype=torch.long), None)
+    # a list is refused before it reaches the cell ("too many values to unpack" deep inside)
+    with pytest.raises(TypeError, match=r"z0 must be a Tensor or a tuple of Tensors, got a list"):
+        deq([torch.zeros(2, 3), torch.zeros(2, 1)], None)
+    # a 1-D state is not silently a batch of scalars
+    with pytest.raises(ValueError, match=r"z0 has shape \(5,\).*z0.unsqueeze\(-1\)"):
+        deq(torch.zeros(5), None)
+    with pytest.raises(ValueError, match=r"z0\[1\] has shape \(2,\)"):
+        deq((torch.zeros(2, 3), torch.zeros(2)), None)
+    with pytest.raises(TypeError, match=r"z0\[1\] must be a Tensor, got int"):
+        deq((torch.zeros(2, 3), 4), None)
 
 
 class _Exploding(torch.nn.Module):
@@ -203,14 +235,17 @@ class _Exploding(torch.nn.Module):
 def test_nonfinite_state_raises_deq_error(est):
     deq = pdq.DEQ(_Exploding(), solver=pdq.FixedPoint(max_iter=50), grad=ESTIMATORS[est]())
     x = torch.ones(2, 3, dtype=torch.float64)
-    with pytest.raises(pdq.DEQError, match="non-finite"):
+    with pytest.raises(
+        pdq.DEQError, match=r"non-finite values in 2 of 2 samples \(indices \[0, 1\]\)"
+    ):
         deq(torch.zeros(2, 3, dtype=torch.float64), x)
     deq.on_nonfinite = "warn"
-    if est != "bptt":
+    for mode in ("train", "eval"):
+        getattr(deq, mode)()
         with pytest.warns(RuntimeWarning, match="non-finite"):
-            deq.eval()
             z, info = deq(torch.zeros(2, 3, dtype=torch.float64), x)
-        assert info.result == "nonfinite"
+        assert info.result == "nonfinite" and info.nonfinite.all()
+        assert torch.isfinite(z).all()  # the frozen iterates, never NaN
 
 
 def test_ift_backward_divergence_raises_deq_error():
@@ -227,7 +262,7 @@ def test_ift_backward_divergence_raises_deq_error():
     deq = pdq.DEQ(
         Repel(),
         solver=pdq.Broyden(max_iter=30, tol=1e-10),
-        grad=pdq.IFT(pdq.FixedPoint(max_iter=2000, tol=1e-10)),
+        grad=pdq.IFT(solver=pdq.FixedPoint(max_iter=2000, tol=1e-10)),
     )
     z, info = deq(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
     assert info.result == "converged"

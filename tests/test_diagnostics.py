@@ -9,14 +9,40 @@ from core_problems import make_problem
 from phantomdeq import diagnostics as D
 
 
+def _part_major(z):
+    """Flatten a state the way ``dense_jacobians`` orders it: part by part, each batch-major."""
+    parts = z if isinstance(z, tuple) else (z,)
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def _from_part_major(vec, like):
+    if not isinstance(like, tuple):
+        return vec.view_as(like)
+    out, start = [], 0
+    for p in like:
+        out.append(vec[start : start + p.numel()].view_as(p))
+        start += p.numel()
+    return tuple(out)
+
+
 def test_dense_jacobians_match_torch_autograd_functional(tuple_state):
-    cell, x = make_problem(False)
-    z = torch.randn(3, 6, dtype=torch.float64)
+    cell, x = make_problem(tuple_state)
+    gen = torch.Generator().manual_seed(3)
+    z = tuple(
+        torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in pdq._state.as_tuple(cell.z0(3))
+    )
+    z = z if tuple_state else z[0]
     J_h, J_x = D.dense_jacobians(cell, z, (x,), [x])
-    ref_h = torch.autograd.functional.jacobian(lambda zz: cell(zz, x), z).reshape(18, 18)
-    ref_x = torch.autograd.functional.jacobian(lambda xx: cell(z, xx), x.detach()).reshape(18, 9)
-    assert torch.allclose(J_h, ref_h, atol=1e-14)
-    assert torch.allclose(J_x, ref_x, atol=1e-14)
+    n = _part_major(z).numel()
+    assert J_h.shape == (n, n) and J_x.shape == (n, 9)
+    ref_h = torch.autograd.functional.jacobian(
+        lambda v: _part_major(cell(_from_part_major(v, z), x)), _part_major(z)
+    )
+    ref_x = torch.autograd.functional.jacobian(lambda xx: _part_major(cell(z, xx)), x.detach())
+    assert torch.allclose(J_h, ref_h, rtol=0, atol=1e-14)
+    assert torch.allclose(J_x, ref_x.reshape(n, 9), rtol=0, atol=1e-14)
+    if tuple_state:  # the two parts are coupled both ways: off-diagonal blocks are not zero
+        assert float(J_h[:18, 18:].abs().max()) > 1e-3 and float(J_h[18:, :18].abs().max()) > 1e-3
 
 
 def test_exact_gradient_matches_bptt_through_many_iterations():
@@ -60,12 +86,21 @@ def test_descent_condition_and_remark1():
 
 
 def test_spectral_radius_matches_eigenvalues(tuple_state):
-    cell, x = make_problem(False, batch=2)
-    z = torch.randn(2, 6, dtype=torch.float64)
+    cell, x = make_problem(tuple_state, batch=2)
+    gen = torch.Generator().manual_seed(4)
+    z = tuple(
+        torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in pdq._state.as_tuple(cell.z0(2))
+    )
+    z = z if tuple_state else z[0]
     rho = D.spectral_radius(cell, z, x, iters=200, generator=torch.Generator().manual_seed(0))
-    J_h, _ = D.dense_jacobians(cell, z, (x,), [])
     for b in range(2):
-        block = J_h[6 * b : 6 * b + 6, 6 * b : 6 * b + 6]
+        # the dense Jacobian of sample b's map alone (the cell is per sample)
+        zb = tuple(t[b : b + 1] for t in z) if tuple_state else z[b : b + 1]
+        block = torch.autograd.functional.jacobian(
+            lambda v, zb=zb, b=b: _part_major(cell(_from_part_major(v, zb), x[b : b + 1])),
+            _part_major(zb),
+        )
+        assert block.shape == ((10, 10) if tuple_state else (6, 6))
         ref = torch.linalg.eigvals(block).abs().max()
         assert abs(float(rho[b]) - float(ref)) < 2e-2 * float(ref)
 

@@ -54,7 +54,7 @@ def test_ift_matches_finite_differences(tuple_state):
     cell, x = make_problem(tuple_state)
     solver = pdq.FixedPoint(max_iter=500, tol=1e-14)
     grads, info, t, wrt = _grads(
-        cell, x, pdq.IFT(pdq.FixedPoint(max_iter=500, tol=1e-14)), solver, tuple_state
+        cell, x, pdq.IFT(solver=pdq.FixedPoint(max_iter=500, tol=1e-14)), solver, tuple_state
     )
 
     def loss() -> float:
@@ -82,7 +82,7 @@ def test_ift_matches_finite_differences(tuple_state):
 @pytest.mark.parametrize("k,lam", [(1, 1.0), (3, 0.5), (6, 0.8), (10, 0.3)])
 def test_npg_equals_explicit_neumann_matrix(fwd, k, lam, tuple_state):
     cell, x = make_problem(tuple_state)
-    grads, info, t, wrt = _grads(cell, x, pdq.NPG(k, lam), FORWARD[fwd](), tuple_state)
+    grads, info, t, wrt = _grads(cell, x, pdq.NPG(k=k, lam=lam), FORWARD[fwd](), tuple_state)
     J_h, J_w = D.dense_jacobians(cell, info.z, (x,), wrt)
     A = D.neumann_matrix(D.paper_layout(J_h), D.paper_layout(J_w), k, lam)
     g = torch.cat([p.reshape(-1) for p in (t if isinstance(t, tuple) else (t,))])
@@ -96,7 +96,7 @@ def test_upg_equals_explicit_unrolled_product(fwd, checkpoint, k, lam, tuple_sta
     cell, x = make_problem(tuple_state)
     # a loose forward solve: eq. (17) uses Jacobians along the trajectory, which then differ from h*
     solver = pdq.FixedPoint(max_iter=4, tol=1e-13) if fwd == "fixed_point" else FORWARD[fwd]()
-    deq = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k, lam, checkpoint=checkpoint))
+    deq = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k=k, lam=lam, checkpoint=checkpoint))
     z, info = deq(cell.z0(x.shape[0]), x)
     t = state_target(z)
     wrt = [*cell.parameters(), x]
@@ -110,7 +110,7 @@ def test_onestep_is_jtheta_transpose_g_and_equals_upg_1_1(tuple_state):
     cell, x = make_problem(tuple_state)
     solver = pdq.FixedPoint(max_iter=300, tol=1e-13)
     g1, info, t, wrt = _grads(cell, x, pdq.OneStep(), solver, tuple_state)
-    g2, *_ = _grads(cell, x, pdq.UPG(1, 1.0), solver, tuple_state)
+    g2, *_ = _grads(cell, x, pdq.UPG(k=1, lam=1.0), solver, tuple_state)
     _, J_w = D.dense_jacobians(cell, info.z, (x,), wrt)
     g = torch.cat([p.reshape(-1) for p in (t if isinstance(t, tuple) else (t,))])
     assert D.relative_error(g1, J_w.T @ g) <= 1e-10
@@ -149,7 +149,7 @@ def test_phantom_gradients_converge_to_ift_as_k_grows(name, lam, tuple_state):
     cell, x = make_problem(tuple_state)
     solver = pdq.FixedPoint(max_iter=300, tol=1e-13)
     exact, *_ = _grads(
-        cell, x, pdq.IFT(pdq.FixedPoint(max_iter=300, tol=1e-13)), solver, tuple_state
+        cell, x, pdq.IFT(solver=pdq.FixedPoint(max_iter=300, tol=1e-13)), solver, tuple_state
     )
     errors = []
     for k in (1, 5, 30):
@@ -173,7 +173,7 @@ def test_upg_and_npg_coincide_for_linear_f_at_exact_fixed_point():
     cell.lin = lin
     x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     out = []
-    for est in (pdq.UPG(6, 0.7), pdq.NPG(6, 0.7)):
+    for est in (pdq.UPG(k=6, lam=0.7), pdq.NPG(k=6, lam=0.7)):
         deq = pdq.DEQ(_Wrap(f, lin), solver=pdq.Broyden(max_iter=60, tol=1e-14), grad=est)
         z, _ = deq(torch.zeros(2, 5, dtype=torch.float64), x)
         t = state_target(z)

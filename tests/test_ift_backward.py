@@ -43,7 +43,7 @@ def _function_solver(g, z0):
 def test_ift_accepts_any_solver_with_the_protocol(kind, tuple_state):
     cell, x = make_problem(tuple_state)
     own = _OwnSolver()
-    est = pdq.IFT(own if kind == "object" else _function_solver)
+    est = pdq.IFT(solver=own if kind == "object" else _function_solver)
     deq = pdq.DEQ(cell, solver=_forward_tight(), grad=est)
     z, info = deq(cell.z0(3), x)
     assert isinstance(z, tuple) == tuple_state
@@ -58,7 +58,7 @@ def test_ift_accepts_any_solver_with_the_protocol(kind, tuple_state):
 
 def test_ift_rejects_a_solver_that_returns_something_else():
     cell, x = make_problem(False)
-    deq = pdq.DEQ(cell, solver=_forward_tight(), grad=pdq.IFT(lambda g, z0: "done"))
+    deq = pdq.DEQ(cell, solver=_forward_tight(), grad=pdq.IFT(solver=lambda g, z0: "done"))
     z, _ = deq(cell.z0(3), x)
     with pytest.raises(TypeError, match="must return a Solution whose z is a tensor"):
         z.sum().backward()
@@ -69,7 +69,7 @@ def test_ift_rejects_a_solver_that_returns_something_else():
 
 def test_backward_solution_is_published_on_info(tuple_state):
     cell, x = make_problem(tuple_state)
-    est = pdq.IFT(pdq.FixedPoint(max_iter=400, tol=1e-12))
+    est = pdq.IFT(solver=pdq.FixedPoint(max_iter=400, tol=1e-12))
     deq = pdq.DEQ(cell, solver=_forward_tight(), grad=est)
     z, info = deq(cell.z0(3), x)
     assert info.backward is None  # no backward pass yet
@@ -93,7 +93,7 @@ def _unconverged(deq, cell, x):
 def test_unconverged_backward_warns_once_per_call_site():
     cell, x = make_problem(False)
     deq = pdq.DEQ(
-        cell, solver=_forward_tight(), grad=pdq.IFT(pdq.FixedPoint(max_iter=2, tol=1e-12))
+        cell, solver=_forward_tight(), grad=pdq.IFT(solver=pdq.FixedPoint(max_iter=2, tol=1e-12))
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # Python's default: once per location
@@ -110,7 +110,7 @@ def test_unconverged_backward_warns_once_per_call_site():
 
 def test_unconverged_backward_warning_can_be_switched_off():
     cell, x = make_problem(False)
-    est = pdq.IFT(pdq.FixedPoint(max_iter=2, tol=1e-12), warn_unconverged=False)
+    est = pdq.IFT(solver=pdq.FixedPoint(max_iter=2, tol=1e-12), warn_unconverged=False)
     deq = pdq.DEQ(cell, solver=_forward_tight(), grad=est)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -153,8 +153,8 @@ class _OneStepProbe(pdq.FixedPoint):
 def test_backward_map_does_not_write_into_the_solvers_iterate(view):
     cell = _PassThrough(view)
     x = torch.randn(3, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
-    probe = _OneStepProbe(max_iter=1, tol=0.0)
-    deq = pdq.DEQ(cell, solver=pdq.FixedPoint(max_iter=3, tol=0.0), grad=pdq.IFT(probe))
+    probe = _OneStepProbe(max_iter=2, tol=0.0)  # its _solve stops after one map
+    deq = pdq.DEQ(cell, solver=pdq.FixedPoint(max_iter=3, tol=0.0), grad=pdq.IFT(solver=probe))
     z, info = deq(torch.zeros(3, 6, dtype=DT), x)
     g = state_target(z)
     with warnings.catch_warnings():

@@ -76,6 +76,45 @@ def test_config_lookup_and_validation() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: _small_cfg(channels=[8, 8]), "MDEQConfig.channels must be a non-empty tuple"),
+        (lambda: _small_cfg(channels=(8, 8.0)), "MDEQConfig.channels must be a non-empty tuple"),
+        (lambda: _small_cfg(num_blocks=1.0), "MDEQConfig: num_blocks must be an integer"),
+        (lambda: _small_cfg(dropout="0.1"), "MDEQConfig: dropout must be a finite number"),
+        (lambda: _small_cfg(weight_norm=1), "MDEQConfig: weight_norm must be True or False"),
+        (lambda: _small_cfg(upsample_mode=None), "MDEQConfig: upsample_mode must be one of"),
+        (
+            lambda: build_model(
+                3, num_classes=10, in_channels=3, solver=pdq.FixedPoint(), grad=pdq.OneStep()
+            ),
+            "build_model: name must be a str",
+        ),
+        (
+            lambda: MDEQ(
+                _small_cfg(),
+                num_classes="10",
+                in_channels=1,
+                solver=pdq.FixedPoint(),
+                grad=pdq.OneStep(),
+            ),
+            "MDEQ: num_classes must be an integer",
+        ),
+        (
+            lambda: MDEQ(
+                _small_cfg(), num_classes=10, in_channels=1, solver="fp", grad=pdq.OneStep()
+            ),
+            "DEQ: solver must be a solver",
+        ),
+    ],
+)
+def test_wrong_types_are_type_errors(make, message) -> None:
+    with pytest.raises(TypeError) as err:
+        make()
+    assert message in str(err.value)
+
+
 def test_tiny_forward_shapes_on_cifar_sized_input() -> None:
     torch.manual_seed(0)
     model = build_model(
@@ -209,11 +248,11 @@ def test_jacobian_regulariser_is_a_differentiable_positive_scalar() -> None:
     ids=["upg", "ift"],
 )
 def test_a_few_steps_on_digits_lower_the_loss(grad: pdq.GradientEstimator) -> None:
-    from phantomdeq.data import iterate_batches, load_dataset
+    from phantomdeq.data import load_dataset
 
     torch.manual_seed(0)
     train, _, info = load_dataset("digits", None, train_size=32)
-    x, y = next(iterate_batches(train, 32, False))
+    x, y = train.normalize(train.images[:32]), train.labels[:32]
     model = _model(_small_cfg(), grad=grad, in_channels=info.in_channels, max_iter=8).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 

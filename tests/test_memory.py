@@ -39,8 +39,8 @@ def saved_bytes(estimator) -> int:
 
 def test_upg_memory_grows_with_k_and_checkpoint_keeps_only_step_inputs():
     state = 2 * 4 * 8 * 8 * 4
-    plain = [saved_bytes(pdq.UPG(k, 0.5)) for k in (1, 2, 4, 8)]
-    ckpt = [saved_bytes(pdq.UPG(k, 0.5, checkpoint=True)) for k in (1, 2, 4, 8)]
+    plain = [saved_bytes(pdq.UPG(k=k, lam=0.5)) for k in (1, 2, 4, 8)]
+    ckpt = [saved_bytes(pdq.UPG(k=k, lam=0.5, checkpoint=True)) for k in (1, 2, 4, 8)]
     per_step = plain[1] - plain[0]
     assert per_step > 4 * state  # conv activations of one step (the 16-channel hidden layer)
     assert plain[3] - plain[2] == 4 * per_step  # linear in k
@@ -50,7 +50,7 @@ def test_upg_memory_grows_with_k_and_checkpoint_keeps_only_step_inputs():
 
 
 def test_implicit_estimators_memory_does_not_grow_with_k():
-    npg = [saved_bytes(pdq.NPG(k, 0.5)) for k in (1, 10)]
+    npg = [saved_bytes(pdq.NPG(k=k, lam=0.5)) for k in (1, 10)]
     assert npg[0] == npg[1]
     one = saved_bytes(pdq.OneStep())
     ift = saved_bytes(pdq.IFT())

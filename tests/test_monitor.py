@@ -42,7 +42,7 @@ def _mdeq(grad: pdq.GradientEstimator) -> MDEQ:
 
 
 def _tight_ift() -> pdq.IFT:
-    return pdq.IFT(pdq.Broyden(max_iter=20, tol=1e-9))
+    return pdq.IFT(solver=pdq.Broyden(max_iter=20, tol=1e-9))
 
 
 def _batch() -> tuple[Tensor, Tensor]:
@@ -155,7 +155,7 @@ class _TinyModel(nn.Module):
 def test_monitor_exact_gradient_equals_dense_ift(used: pdq.GradientEstimator) -> None:
     model = _TinyModel(used)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    mon = GradientMonitor(pdq.IFT(pdq.Broyden(max_iter=60, tol=1e-12)))
+    mon = GradientMonitor(pdq.IFT(solver=pdq.Broyden(max_iter=60, tol=1e-12)))
     g_used, g_exact, _ = mon.gradients(model, lambda: model(x))
 
     cell = model.deq.f

@@ -79,6 +79,18 @@ def test_dropout_generator_reproducible_and_reset_helper() -> None:
     assert all(torch.equal(a, b) for a, b in zip(m1, m2))
 
 
+def test_nn_wrong_types_are_type_errors() -> None:
+    with pytest.raises(TypeError, match="VariationalDropout2d: p must be a finite number"):
+        VariationalDropout2d("0.1")
+    with pytest.raises(TypeError, match="VariationalDropout2d: spatial must be True or False"):
+        VariationalDropout2d(0.1, spatial=1)
+    z = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(TypeError, match="n_samples must be an integer"):
+        jacobian_frobenius_hutchinson(z * 2, z, 1.0)
+    with pytest.raises(TypeError, match="distribution must be one of"):
+        jacobian_frobenius_hutchinson(z * 2, z, 1, distribution=0)
+
+
 def test_dropout_reset_rejects_non_4d() -> None:
     with pytest.raises(ValueError, match="4-d"):
         VariationalDropout2d(0.1).reset((3, 4))

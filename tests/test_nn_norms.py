@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+import phantomdeq as pdq
 from phantomdeq.models.synthetic import SyntheticF
-from phantomdeq.nn import SpectralNorm, spectral_norm, weight_norm
+from phantomdeq.nn import SpectralNorm, spectral_norm, update_norms, weight_norm
 
 D = torch.float64
 
@@ -29,23 +30,77 @@ def test_exact_mode_sets_the_spectral_norm(target):
     assert float((lin.weight.detach() @ v).norm()) == pytest.approx(target, rel=1e-12)
 
 
-def test_power_iteration_converges_to_target_in_training_mode():
+def test_power_iteration_converges_to_target_with_updates():
     torch.manual_seed(1)
     lin = spectral_norm(nn.Linear(30, 20, dtype=D), lipschitz=0.9, n_power_iterations=1)
     lin.train()
     for _ in range(50):
-        w = lin.weight
-    assert float(_sigma(w)) == pytest.approx(0.9, rel=1e-6)
-    # eval mode reuses the stored vectors; training mode advances them
+        assert update_norms(lin) == 1
+    assert float(_sigma(lin.weight)) == pytest.approx(0.9, rel=1e-6)
+    # evaluating the weight never advances the iteration, in either mode; update_norms only
+    # advances parametrizations in training mode
     fresh = spectral_norm(nn.Linear(30, 20, dtype=D), lipschitz=0.9, n_power_iterations=1)
     u = fresh.parametrizations.weight[0].u
     u0 = u.clone()
+    for mode in (fresh.eval, fresh.train):
+        mode()
+        _ = fresh.weight
+        assert torch.equal(u, u0)
     fresh.eval()
-    _ = fresh.weight
-    assert torch.equal(u, u0)
+    assert update_norms(fresh) == 0 and torch.equal(u, u0)
     fresh.train()
-    _ = fresh.weight
-    assert not torch.equal(u, u0)
+    assert update_norms(fresh) == 1 and not torch.equal(u, u0)
+
+
+def _one_power_step(w, u):
+    v = nn.functional.normalize(w.T @ u, dim=0, eps=1e-12)
+    return nn.functional.normalize(w @ v, dim=0, eps=1e-12), v
+
+
+def test_the_weight_holds_still_during_a_deq_solve():
+    """Width 256, ||W||_2 target 0.9, Anderson: the DEQ forward advances the power iteration
+    exactly once, before the solve, and the solve converges in the same iterations to the same
+    residuals as with that normalised matrix held fixed (before, the map moved at every cell
+    call and the solve stopped at max_iter)."""
+    torch.manual_seed(0)
+    width = 256
+    lin = spectral_norm(nn.Linear(width, width, bias=False, dtype=D), lipschitz=0.9)
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, z, x):
+            return torch.tanh(self.lin(z) + x)
+
+    cell = Cell()
+    x = torch.randn(8, width, dtype=D)
+    solver = pdq.Anderson(max_iter=50, tol=1e-8)
+    deq = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k=3, lam=0.5)).train()
+    sn = lin.parametrizations.weight[0]
+    raw = lin.parametrizations.weight.original.detach()
+    for _ in range(2):
+        u_before = sn.u.clone()
+        z, info = deq(torch.zeros(8, width, dtype=D), x)
+        u1, v1 = _one_power_step(raw, u_before)
+        assert torch.allclose(sn.u, u1, rtol=0, atol=1e-14)  # one step, not one per call
+        assert torch.allclose(sn.v, v1, rtol=0, atol=1e-14)
+        w_fixed = (0.9 / (u1 @ raw @ v1)) * raw
+        ref = solver(lambda h, w=w_fixed: torch.tanh(h @ w.T + x), torch.zeros(8, width, dtype=D))
+        assert info.result == ref.result == "converged"
+        assert info.niter == ref.niter
+        assert torch.allclose(info.residual, ref.residual, rtol=1e-6, atol=1e-15)
+        assert torch.allclose(info.z, ref.z, rtol=0, atol=1e-12)
+        # the gradient pass and any later evaluation (an IFT backward) see the same weight
+        u_after = sn.u.clone()
+        z.sum().backward()
+        assert torch.allclose(lin.weight, w_fixed, rtol=0, atol=1e-14)
+        assert torch.equal(sn.u, u_after)
+    deq.eval()
+    u_eval = sn.u.clone()
+    deq(torch.zeros(8, width, dtype=D), x)
+    assert torch.equal(sn.u, u_eval)  # no update in eval mode
 
 
 def test_bound_mode_only_shrinks():
@@ -74,8 +129,8 @@ def test_batched_matrices_are_normalised_independently():
     for exact in (True, False):
         m = spectral_norm(Holder(), lipschitz=0.7, exact=exact, n_power_iterations=10, batch_dims=1)
         for _ in range(30):
-            w = m.weight
-        sig = torch.linalg.matrix_norm(w.detach(), ord=2)
+            update_norms(m)
+        sig = torch.linalg.matrix_norm(m.weight.detach(), ord=2)
         assert torch.allclose(sig, torch.full((3,), 0.7, dtype=D), rtol=1e-6), (exact, sig)
 
 
@@ -127,6 +182,23 @@ def test_state_dict_and_deepcopy_round_trip():
 def test_invalid_spectral_norm_options_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):
         spectral_norm(nn.Linear(3, 3, dtype=D), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"lipschitz": "0.9"}, "lipschitz"),
+        ({"n_power_iterations": 1.5}, "n_power_iterations"),
+        ({"mode": None}, "mode"),
+        ({"batch_dims": 0.0}, "batch_dims"),
+        ({"exact": 1}, "exact"),
+    ],
+)
+def test_wrongly_typed_spectral_norm_options_raise_type_error(kwargs, word):
+    with pytest.raises(TypeError, match=word):
+        spectral_norm(nn.Linear(3, 3, dtype=D), **kwargs)
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        update_norms("lin")
 
 
 def test_missing_weight_name_raises():
@@ -187,6 +259,20 @@ def test_synthetic_batched_draws_and_trainable_norm():
     assert float(torch.linalg.matrix_norm(t.weight.detach(), ord=2)) == pytest.approx(0.9)
     t(h, x).sum().backward()
     assert t.parametrizations.weight.original.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"hidden": 4.0}, "hidden"),
+        ({"lipschitz": "0.9"}, "lipschitz"),
+        ({"activation": 1}, "activation"),
+    ],
+)
+def test_synthetic_wrong_types(kwargs, word):
+    opts = {"hidden": 4, "input_dim": 2, **kwargs}
+    with pytest.raises(TypeError, match=word):
+        SyntheticF(**opts)
 
 
 @pytest.mark.parametrize(

@@ -158,15 +158,17 @@ DIGITS_RUN = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
 
 def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
-    """The digits recipe (configs/mdeq_tiny_digits.yaml) for one epoch of 8 steps on 128
+    """The digits recipe (configs/mdeq_tiny_digits.yaml) for one epoch of 16 steps on 256
     images, batch 16, in fp32 and in bf16 from the same initial weights: the first loss (before
-    any update: forward precision only) agrees to 0.01, the epoch's mean loss to 0.08 (measured
-    over 40 steps of this recipe: per-step differences of 0.0003 at step 1 and below ~0.15
-    later, the trajectories drifting apart slowly), and both runs lower the loss."""
+    any update: forward precision only) agrees to 0.01, the epoch's mean loss to 0.1 (measured:
+    1.946 fp32 vs 1.880 bf16, the trajectories drifting apart slowly), and both runs lower the
+    loss (last four steps' mean about 0.75 below the first loss in both; asserted: 0.3). Eight
+    steps were too few: single batches of 16 are noisy enough that a correct bf16 run ended
+    within 0.001 of an 0.1 decrease."""
     over = [
         *DIGITS_RUN,
         "train.epochs=1",
-        "data.train_size=128",
+        "data.train_size=256",
         "data.test_size=64",
         "data.batch_size=16",
         "optim.warmup_steps=2",
@@ -180,12 +182,12 @@ def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
         rows = [r for r in read_metrics(tmp_path / p / "metrics.jsonl") if r["kind"] == "step"]
         losses[p] = [float(r["train_loss"]) for r in rows]
     a, b = losses["fp32"], losses["bf16"]
-    assert len(a) == len(b) == 8
+    assert len(a) == len(b) == 16
     assert a != b  # bf16 really computed something else
     assert abs(a[0] - b[0]) < 0.01, (a, b)
-    assert abs(sum(a) / 8 - sum(b) / 8) < 0.08, (a, b)
+    assert abs(sum(a) / 16 - sum(b) / 16) < 0.1, (a, b)
     for run in (a, b):
-        assert sum(run[-2:]) / 2 < run[0] - 0.1, run
+        assert sum(run[-4:]) / 4 < run[0] - 0.3, run
 
 
 @pytest.mark.skipif(

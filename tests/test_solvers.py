@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -73,26 +74,46 @@ def test_reports_max_iter_on_a_problem_it_cannot_solve(name):
     assert not bool(sol.converged.any())
 
 
+def recording(g):
+    """``g`` that records every point it is evaluated at (the solver's iterates, in order)."""
+    seen = []
+
+    def wrapped(z):
+        seen.append(z.clone())
+        return g(z)
+
+    return wrapped, seen
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_returns_per_sample_best_iterate(name):
-    """Sample 0 converges; sample 1 is an expanding oscillation: its best iterate is its first."""
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_returns_per_sample_best_iterate(name, check_every):
+    """Sample 0 converges; sample 1 is an expanding oscillation. For every sample the returned
+    iterate is the one, among all points g was evaluated at, with the smallest true residual;
+    ``residual`` is that residual and ``nstep`` its (1-based) evaluation index."""
     scale = torch.tensor([0.5, -1.7], dtype=torch.float64)[:, None]
 
     def g(z):
         return scale * z + 1.0
 
     z0 = torch.full((2, 3), 0.1, dtype=torch.float64)
-    sol = ALL[name](max_iter=40, tol=1e-9, stop="abs")(g, z0)
-    true = torch.linalg.vector_norm(g(sol.z) - sol.z, dim=1)
-    assert torch.allclose(true, sol.abs_residual)
+    gr, seen = recording(g)
+    sol = ALL[name](max_iter=40, tol=1e-9, stop="abs", check_every=check_every)(gr, z0)
+    xs = torch.stack(seen)  # (niter, B, D)
+    assert xs.shape[0] == sol.niter
+    true = torch.linalg.vector_norm(g(xs) - xs, dim=2)  # (niter, B)
+    best = true.argmin(dim=0)
+    for b in range(2):
+        assert torch.equal(sol.z[b], xs[best[b], b])
+        assert float(sol.abs_residual[b]) == pytest.approx(float(true[best[b], b]), rel=1e-12)
+        assert int(sol.nstep[b]) == int(best[b]) + 1
     if name == "fixed_point":
-        # sample 1 diverges under plain iteration: the first iterate is the best
+        # sample 1 diverges under plain iteration: the starting point is its best iterate
         assert torch.equal(sol.z[1], z0[1])
         assert int(sol.nstep[1]) == 1
-    # whatever the path, the returned iterate has the lowest residual seen for each sample
+        assert sol.converged.tolist() == [True, False]
+        assert sol.result == "max_iter" and sol.niter == 40
     assert float(sol.residual[0]) <= 1e-9
-    assert sol.converged.tolist()[0] is True
-    assert min(sol.trace) >= float(sol.residual.max()) - 1e-12
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -103,6 +124,80 @@ def test_nonfinite_values_stop_the_solver(name):
     sol = ALL[name](max_iter=20, tol=1e-6)(g, torch.ones(2, 3))
     assert sol.result == "nonfinite"
     assert sol.niter <= 2
+    assert sol.nonfinite.tolist() == [True, True]
+    assert not bool(sol.converged.any())
+    assert torch.equal(sol.z, torch.ones(2, 3))  # no finite residual was ever measured
+    assert math.isnan(sol.trace[-1])
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_a_nonfinite_sample_is_frozen_and_the_others_converge(name, check_every):
+    """One sample's input is NaN: it is marked and frozen, the others reach their own fixed
+    points exactly as in a batch without it (same iterates: every product is per sample)."""
+    g_all, _ = contractive_problem(batch=5, d=16, seed=3)
+    c = torch.zeros(5, 16, dtype=torch.float64)
+    c[2, 7] = float("nan")
+
+    def g(z):
+        return g_all(z) + c
+
+    keep = [0, 1, 3, 4]
+
+    def g_healthy(z):
+        full = torch.zeros(5, 16, dtype=torch.float64)
+        full[keep] = z
+        return g_all(full)[keep]
+
+    z0 = torch.zeros(5, 16, dtype=torch.float64)
+    solver = ALL[name](max_iter=100, tol=1e-10, check_every=check_every)
+    sol = solver(g, z0)
+    ref = solver(g_healthy, z0[keep])
+    assert sol.result == "nonfinite"
+    assert sol.nonfinite.tolist() == [False, False, True, False, False]
+    assert sol.converged.tolist() == [True, True, False, True, True]
+    assert ref.result == "converged"
+    assert torch.allclose(sol.z[keep], ref.z, rtol=0, atol=1e-13)
+    assert torch.equal(sol.z[2], z0[2]) and math.isinf(float(sol.residual[2]))
+    assert sol.niter == ref.niter
+    assert torch.equal(sol.nstep[keep], ref.nstep)
+    assert all(math.isfinite(t) for t in sol.trace)  # the trace excludes the marked sample
+
+
+def test_a_sample_that_converged_before_turning_nonfinite_keeps_its_solution():
+    """Sample 0 converges at once, then blows up while sample 1 is still iterating."""
+    calls = []
+
+    def g(z):
+        calls.append(1)
+        out = torch.stack((torch.full_like(z[0], 1.0), 0.9 * z[1] + 0.1))
+        if len(calls) > 4:
+            out[0] = float("inf")
+        return out
+
+    sol = pdq.FixedPoint(max_iter=200, tol=1e-6, stop="abs")(g, torch.zeros(2, 2))
+    assert sol.result == "converged"
+    assert sol.nonfinite.tolist() == [False, False]
+    assert torch.equal(sol.z[0], torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_check_every_4_checks_convergence_every_4_steps(name):
+    """The CUDA default, run on CPU: the stop test (converged or non-finite) runs on iterations
+    4, 8, ... only; the best iterate is still tracked every iteration."""
+    g, z0 = contractive_problem(batch=3, d=20, rho=0.5, seed=1)
+    every = ALL[name](max_iter=100, tol=1e-8, check_every=4)(g, z0)
+    each = ALL[name](max_iter=100, tol=1e-8, check_every=1)(g, z0)
+    assert every.result == each.result == "converged"
+    assert every.niter % 4 == 0 and each.niter <= every.niter < each.niter + 4
+    assert every.trace[: each.niter] == each.trace
+    # the returned iterate is the best of all niter iterates, per sample
+    assert bool((every.residual <= each.residual).all())
+    true = torch.linalg.vector_norm(g(every.z) - every.z, dim=1)
+    assert torch.allclose(every.abs_residual, true, rtol=1e-10, atol=0)
+    # a run cut by max_iter between two checks stops at max_iter
+    cut = ALL[name](max_iter=6, tol=0.0, check_every=4)(g, z0)
+    assert cut.niter == 6 and cut.result == "max_iter"
 
 
 def test_anderson_survives_a_singular_least_squares_system():
@@ -163,7 +258,8 @@ def test_solver_does_not_record_a_graph_and_does_not_touch_z0():
 @pytest.mark.parametrize(
     "factory,message",
     [
-        (lambda: pdq.FixedPoint(max_iter=0), "max_iter"),
+        (lambda: pdq.FixedPoint(max_iter=0), "max_iter must be an integer >= 2"),
+        (lambda: pdq.FixedPoint(max_iter=1), "max_iter must be an integer >= 2"),
         (lambda: pdq.FixedPoint(tol=-1.0), "tol"),
         (lambda: pdq.FixedPoint(stop="max"), "stop"),
         (lambda: pdq.FixedPoint(damping=0.0), "damping"),
@@ -173,6 +269,7 @@ def test_solver_does_not_record_a_graph_and_does_not_touch_z0():
         (lambda: pdq.Anderson(lam=-1.0), "lam"),
         (lambda: pdq.Broyden(memory=0), "memory"),
         (lambda: pdq.Anderson(tol=math.nan), "tol"),
+        (lambda: pdq.Anderson(check_every=0), "check_every"),
         (
             lambda: from_name("newton"),
             "unknown solver 'newton'; allowed: fixed_point, anderson, broyden",
@@ -180,13 +277,215 @@ def test_solver_does_not_record_a_graph_and_does_not_touch_z0():
         (lambda: from_name("anderson", window=3), "unknown option(s) ['window']"),
     ],
 )
-def test_bad_solver_options_name_the_field(factory, message):
+def test_bad_solver_values_raise_value_error_naming_the_field(factory, message):
     with pytest.raises(ValueError) as err:
         factory()
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "factory,message",
+    [
+        (lambda: pdq.FixedPoint(max_iter=2.0), "FixedPoint: max_iter must be an integer"),
+        (lambda: pdq.FixedPoint(max_iter=True), "FixedPoint: max_iter must be an integer"),
+        (lambda: pdq.Anderson(tol="1e-4"), "Anderson: tol must be a finite number"),
+        (lambda: pdq.Anderson(stop=1), "Anderson: stop must be one of ('abs', 'rel')"),
+        (lambda: pdq.Anderson(m=2.5), "Anderson: m must be an integer"),
+        (lambda: pdq.Broyden(memory="4"), "Broyden: memory must be an integer"),
+        (lambda: pdq.FixedPoint(damping=None), "FixedPoint: damping must be a finite number"),
+        (lambda: from_name(3), "solver name must be a str"),
+    ],
+)
+def test_bad_solver_types_raise_type_error_naming_the_field(factory, message):
+    with pytest.raises(TypeError) as err:
+        factory()
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cls", [pdq.FixedPoint, pdq.Anderson, pdq.Broyden])
+def test_solver_options_are_keyword_only(cls):
+    with pytest.raises(TypeError, match="positional"):
+        cls(30, 1e-4)
 
 
 def test_from_name_builds_each_solver():
     assert isinstance(from_name("fixed_point", damping=0.5), pdq.FixedPoint)
     assert isinstance(from_name("Anderson", m=3), pdq.Anderson)
     assert isinstance(from_name("broyden", memory=4), pdq.Broyden)
+
+
+def test_result_is_a_str_enum():
+    g, z0 = contractive_problem(batch=2, d=5)
+    sol = pdq.Anderson(max_iter=50, tol=1e-8)(g, z0)
+    assert sol.result is pdq.SolveResult.CONVERGED
+    assert sol.result == "converged" and sol.result != "max_iter"
+    assert f"{sol.result}" == "converged" and str(sol.result) == "converged"
+    assert json.dumps({"result": sol.result}) == '{"result": "converged"}'
+    assert {r.value for r in pdq.SolveResult} == {"converged", "max_iter", "nonfinite"}
+    with pytest.raises(ValueError, match="Solution.result must be one of"):
+        pdq.Solution(
+            z=z0, nstep=sol.nstep, residual=sol.residual, abs_residual=sol.residual,
+            rel_residual=sol.residual, converged=sol.converged, result="done",
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_max_iter_2_returns_the_image_of_z0(name):
+    """The smallest budget: the solver evaluates g at z0 and at g(z0) and returns g(z0) when its
+    residual is the smaller one, with that true residual (never z0 with the map ignored)."""
+    g, z0 = contractive_problem(batch=3, d=10)
+    sol = ALL[name](max_iter=2, tol=0.0)(g, z0)
+    gz0 = g(z0)
+    assert sol.niter == 2 and sol.result == "max_iter"
+    assert torch.allclose(sol.z, gz0, rtol=0, atol=1e-15)
+    true = torch.linalg.vector_norm(g(gz0) - gz0, dim=1)
+    assert torch.allclose(sol.abs_residual, true, rtol=1e-12, atol=0)
+    assert sol.nstep.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
+def test_empty_batch_returns_empty_results(name, tuple_state):
+    calls = []
+
+    def g(z):
+        calls.append(1)
+        return z
+
+    z0 = (torch.zeros(0, 2, 3), torch.zeros(0, 4)) if tuple_state else torch.zeros(0, 5)
+    sol = ALL[name](max_iter=10, tol=1e-6)(g, z0)
+    if tuple_state:
+        assert sol.z[0].shape == (0, 2, 3) and sol.z[1].shape == (0, 4)
+    else:
+        assert sol.z.shape == (0, 5)
+    for t in (sol.nstep, sol.residual, sol.abs_residual, sol.converged, sol.nonfinite):
+        assert t.shape == (0,)
+    assert sol.result == "converged" and sol.niter == 0 and sol.trace == []
+    assert calls == []
+
+
+@pytest.mark.parametrize("memory", [1, 3])
+def test_limited_memory_broyden_matches_a_dense_reference_iterate_by_iterate(memory):
+    """Against a plain implementation of limited-memory good Broyden: per sample, a dense
+    inverse-Jacobian estimate H = -I + Σ u vᵀ over the last `memory` pairs; step p = -H r; after
+    each step the pair v = Hᵀ s, u = (s - H y) / (vᵀ y) of the current H is appended and the
+    oldest dropped. 14 iterations with memory 1 or 3 evict many times."""
+    g, z0 = contractive_problem(batch=3, d=8, rho=0.95, seed=4)
+    z0 = z0 + 0.3
+    n_iter = 14
+    gr, seen = recording(g)
+    sol = pdq.Broyden(max_iter=n_iter, tol=0.0, memory=memory)(gr, z0)
+    assert sol.niter == n_iter
+
+    for b in range(3):
+
+        def gb(x, b=b):
+            full = torch.zeros_like(z0)
+            full[b] = x
+            return g(full)[b]
+
+        d = z0.shape[1]
+        eye = torch.eye(d, dtype=torch.float64)
+        pairs = []
+
+        def H(pairs=pairs, eye=eye):
+            return eye.neg() + sum((torch.outer(u, v) for u, v in pairs), torch.zeros_like(eye))
+
+        x = z0[b].clone()
+        r = gb(x) - x
+        ref = [x.clone()]
+        p = -H() @ r
+        for _ in range(n_iter - 1):
+            x = x + p
+            ref.append(x.clone())
+            r_new = gb(x) - x
+            s, y = p, r_new - r
+            Hk = H()
+            v = Hk.T @ s
+            u = (s - Hk @ y) / (v @ y)
+            pairs.append((u, v))
+            if len(pairs) > memory:
+                pairs.pop(0)
+            p = -H() @ r_new
+            r = r_new
+        got = torch.stack([xs[b] for xs in seen])
+        want = torch.stack(ref)
+        err = (got - want).norm(dim=1) / want.norm(dim=1)
+        assert float(err.max()) < 1e-10, err
+
+
+# ---------------------------------------------------------------------- low precision
+
+
+class LinearCell(torch.nn.Module):
+    """tanh(W z + x) with ||W||_2 = 0.8 (a contraction)."""
+
+    def __init__(self, d=32, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(d, d, generator=gen)
+        self.lin = torch.nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(0.8 * w / torch.linalg.matrix_norm(w, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_low_precision_state_converges_from_zero(name, dtype):
+    """fp16/bf16 states from the zero start: the tolerance is the dtype's machine epsilon
+    (relative), the floor set by rounding the state itself."""
+    cell = LinearCell().to(dtype)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tol = torch.finfo(dtype).eps
+    sol = ALL[name](max_iter=60, tol=tol)(lambda z: cell(z, x), torch.zeros(4, 32, dtype=dtype))
+    assert sol.result == "converged", (sol.result, sol.rel_residual)
+    assert sol.z.dtype == dtype and sol.residual.dtype == torch.float32
+    # the residual is that of the returned state, evaluated in float32
+    z = sol.z
+    true = torch.linalg.vector_norm((cell(z, x) - z).float(), dim=1) / z.float().norm(dim=1)
+    assert torch.allclose(sol.rel_residual, true, rtol=1e-3, atol=1e-7)
+    ref = pdq.Anderson(max_iter=100, tol=1e-10)(
+        lambda z: LinearCell()(z, x.double().float()), torch.zeros(4, 32)
+    ).z
+    assert float((z.float() - ref).norm() / ref.norm()) < 20 * tol
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_fp32_state_with_an_autocast_cell_converges(name, dtype):
+    cell = pdq.AutocastCell(LinearCell(), dtype=dtype)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    sol = ALL[name](max_iter=60, tol=torch.finfo(dtype).eps)(
+        lambda z: cell(z, x), torch.zeros(4, 32)
+    )
+    assert sol.result == "converged"
+    assert sol.z.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_solver_arithmetic_ignores_the_callers_autocast(name):
+    """Under an outer bf16 autocast the state stays float32 (Anderson's mixing is a bmm, which
+    autocast would run in bf16), while f still runs under the caller's autocast."""
+    inner = LinearCell()
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, z, x):
+            seen.append((z.dtype, torch.is_autocast_enabled("cpu")))
+            return inner(z, x).to(z.dtype)
+
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = ALL[name](max_iter=60, tol=1e-2)(lambda z: Probe()(z, x), torch.zeros(4, 32))
+    assert sol.result == "converged"
+    assert sol.z.dtype == torch.float32
+    assert set(seen) == {(torch.float32, True)}

@@ -6,31 +6,52 @@ Public API::
     deq = pdq.DEQ(f, solver=pdq.solvers.Anderson(max_iter=30, tol=1e-4),
                   grad=pdq.grad.UPG(k=5, lam=0.5))
     z, info = deq(z0, x)
+
+A solver is any object with ``__call__(g, z0) -> Solution`` (:class:`Solver`); the library's
+solvers share :class:`SolverBase`. Submodules: ``solvers``, ``grad``, ``diagnostics``, ``nn``,
+``models``, ``precision``.
 """
 
-from . import diagnostics, grad, solvers
+from . import diagnostics, grad, models, nn, precision, solvers
 from .deq import DEQ
 from .errors import DEQError
 from .grad import BPTT, IFT, NPG, UPG, GradientEstimator, OneStep
-from .solvers import Anderson, Broyden, FixedPoint, Solution, Solver
+from .precision import AutocastCell
+from .solvers import (
+    Anderson,
+    Broyden,
+    FixedPoint,
+    Solution,
+    Solver,
+    SolverBase,
+    SolveResult,
+    UnrollingSolver,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BPTT",
     "DEQ",
-    "DEQError",
     "IFT",
     "NPG",
     "UPG",
     "Anderson",
+    "AutocastCell",
     "Broyden",
+    "DEQError",
     "FixedPoint",
     "GradientEstimator",
     "OneStep",
     "Solution",
+    "SolveResult",
     "Solver",
+    "SolverBase",
+    "UnrollingSolver",
     "diagnostics",
     "grad",
+    "models",
+    "nn",
+    "precision",
     "solvers",
 ]

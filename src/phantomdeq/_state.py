@@ -39,31 +39,44 @@ class StateSpec:
 
     @staticmethod
     def of(z: State, *, name: str = "z0") -> StateSpec:
+        """The structure of ``z``: a tensor or a non-empty tuple of tensors, each with a leading
+        batch dimension and at least one feature dimension (shape ``(B, ...)``, ``dim() >= 2``),
+        of one floating dtype and one device. Wrong types raise ``TypeError``, wrong shapes,
+        dtypes or devices ``ValueError``."""
+        if isinstance(z, list):
+            raise TypeError(
+                f"{name} must be a Tensor or a tuple of Tensors, got a list of {len(z)} "
+                f"items; pass tuple({name})"
+            )
         parts = as_tuple(z, name=name)
         if len(parts) == 0:
             raise ValueError(f"{name} must be a tensor or a non-empty tuple of tensors, got ()")
         first = parts[0]
-        if first.dim() < 1:
-            raise ValueError(f"{name} must have a leading batch dimension, got a 0-d tensor")
-        batch = first.shape[0]
         for i, p in enumerate(parts):
-            if p.dim() < 1 or p.shape[0] != batch:
+            where = f"{name}[{i}]" if isinstance(z, tuple) else name
+            if p.dim() < 2:
                 raise ValueError(
-                    f"{name}[{i}] has shape {tuple(p.shape)}: every part needs the same leading "
-                    f"batch size {batch}"
+                    f"{where} has shape {tuple(p.shape)}: a state needs a leading batch "
+                    "dimension and at least one feature dimension, shape (B, ...); for a batch "
+                    f"of scalars pass {where}.unsqueeze(-1) (shape {(*p.shape, 1)})"
                 )
+            if p.shape[0] != first.shape[0]:
+                raise ValueError(
+                    f"{where} has shape {tuple(p.shape)}: every part needs the same leading "
+                    f"batch size {first.shape[0]}"
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"{where} has dtype {p.dtype}; a state must be floating point")
             if p.dtype != first.dtype:
                 raise ValueError(
-                    f"{name}[{i}] has dtype {p.dtype}, expected {first.dtype} like {name}[0]"
+                    f"{where} has dtype {p.dtype}, expected {first.dtype} like {name}[0]"
                 )
             if p.device != first.device:
-                raise ValueError(f"{name}[{i}] is on {p.device}, expected {first.device}")
-            if not p.is_floating_point():
-                raise ValueError(f"{name}[{i}] has dtype {p.dtype}; a state must be floating point")
+                raise ValueError(f"{where} is on {p.device}, expected {first.device}")
         return StateSpec(
             is_tuple=isinstance(z, tuple),
             shapes=tuple(p.shape[1:] for p in parts),
-            batch=batch,
+            batch=first.shape[0],
             dtype=first.dtype,
             device=first.device,
         )
@@ -73,7 +86,7 @@ class StateSpec:
         """Copy ``z`` into a ``(B, D)`` buffer (``out`` if given). One copy, no concatenation."""
         parts = as_tuple(z)
         if not self.is_tuple and out is None:
-            return parts[0].reshape(self.batch, -1)
+            return parts[0].reshape(self.batch, self.dim)
         if out is None:
             out = torch.empty(self.batch, self.dim, dtype=self.dtype, device=self.device)
         start = 0
@@ -103,18 +116,19 @@ class StateSpec:
                     if isinstance(out, tuple)
                     else type(out).__name__
                 )
-                raise ValueError(
+                error = ValueError if isinstance(out, tuple) else TypeError
+                raise error(
                     f"{who} must return a tuple of {len(self.shapes)} tensors like z0, got {got}"
                 )
             parts: tuple[object, ...] = out
         else:
             if not isinstance(out, Tensor):
-                raise ValueError(f"{who} must return a Tensor like z0, got {type(out).__name__}")
+                raise TypeError(f"{who} must return a Tensor like z0, got {type(out).__name__}")
             parts = (out,)
         for i, (p, shape) in enumerate(zip(parts, self.shapes)):
             where = f"{who} output[{i}]" if self.is_tuple else f"{who} output"
             if not isinstance(p, Tensor):
-                raise ValueError(f"{where} must be a Tensor, got {type(p).__name__}")
+                raise TypeError(f"{where} must be a Tensor, got {type(p).__name__}")
             if p.shape[1:] != shape or p.shape[0] != self.batch:
                 raise ValueError(
                     f"{where} has shape {tuple(p.shape)}, expected {(self.batch, *shape)} "
@@ -131,9 +145,9 @@ def as_tuple(z: State | Sequence[Tensor], *, name: str = "z") -> tuple[Tensor, .
     if isinstance(z, tuple | list):
         for i, p in enumerate(z):
             if not isinstance(p, Tensor):
-                raise ValueError(f"{name}[{i}] must be a Tensor, got {type(p).__name__}")
+                raise TypeError(f"{name}[{i}] must be a Tensor, got {type(p).__name__}")
         return tuple(z)
-    raise ValueError(f"{name} must be a Tensor or a tuple of Tensors, got {type(z).__name__}")
+    raise TypeError(f"{name} must be a Tensor or a tuple of Tensors, got {type(z).__name__}")
 
 
 def like(spec: StateSpec, parts: Sequence[Tensor]) -> State:
@@ -166,7 +180,7 @@ def make_flat_fn(g: Callable[[State], object], spec: StateSpec, *, who: str = "f
 
         def flat_single(x: Tensor, out: Tensor | None = None) -> Tensor:
             (o,) = spec.check(g(spec.unflatten(x)), who=who)
-            return o.reshape(spec.batch, -1)
+            return o.reshape(spec.batch, spec.dim)
 
         return flat_single
 

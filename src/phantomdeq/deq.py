@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, cast
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ._state import State, StateSpec, detach
+from ._state import State, StateSpec, detach, tree_map
+from ._validate import check_bool, check_choice
 from .errors import DEQError
 from .grad.base import GradientEstimator
-from .solvers.base import Solution, Solver
-from .solvers.fixed_point import FixedPoint
+from .nn.norms import update_norms
+from .solvers.base import Solution, Solver, SolveResult, UnrollingSolver, check_solver
 
 NONFINITE_MODES = ("raise", "warn")
+
+_KEEP: Any = object()
 
 
 class DEQ(nn.Module):
     """Deep equilibrium layer around a cell ``f(z, *inputs) -> z``.
 
     ``forward(z0, *inputs)`` returns ``(z, info)``. The forward ``solver`` (or ``eval_solver`` in
-    eval mode, when given) solves the fixed point without recording a graph. In ``train()`` mode
-    with gradients enabled, ``z`` carries the gradient chosen by ``grad`` to ``f``'s parameters
-    and to every input that requires grad: ``F(z*)`` for IFT/NPG/OneStep, the unrolled ``h_k``
-    for UPG, the last iterate for BPTT. In ``eval()`` mode or under ``torch.no_grad()``, ``z`` is
-    the solver's (best) solution. ``info`` is the forward :class:`~phantomdeq.Solution`.
+    eval mode, when given) solves the fixed point without recording a graph; ``info`` is its
+    :class:`~phantomdeq.Solution`. A solver is any object with ``__call__(g, z0) -> Solution``
+    (the :class:`~phantomdeq.solvers.Solver` protocol); ``grad=BPTT()`` needs one that can also
+    ``unroll(g, z0)`` (``FixedPoint``).
 
-    Non-finite values stop the solver; with ``on_nonfinite="raise"`` (default) :class:`DEQError`
-    is raised, with ``"warn"`` a warning is emitted and the best finite iterates are returned.
+    Gradients. In ``train()`` mode with gradients enabled, ``z`` carries the gradient chosen by
+    ``grad`` to ``f``'s parameters and to every input that requires grad: ``F(z*)`` for
+    IFT/NPG/OneStep, the unrolled ``h_k`` for UPG, the (best) iterate of the recorded forward
+    iteration for BPTT. In ``eval()`` mode ``z`` is the solver's (best) solution without a
+    graph — unless ``grad_in_eval=True``, which attaches the same estimator in eval mode too
+    (with the eval solver for the forward solve), e.g. for saliency maps or adversarial
+    evaluation of a trained model. Under ``torch.no_grad()`` nothing is attached.
+
+    Weight norms. In training mode every :class:`~phantomdeq.nn.SpectralNorm` inside ``f``
+    advances its power iteration once per forward pass, before the solve
+    (:func:`~phantomdeq.nn.update_norms`); the solve, the gradient's unroll and the backward
+    pass all see that one weight.
+
+    Non-finite values. A sample whose iterate turns inf/NaN is frozen at its best finite iterate
+    and marked in ``info.nonfinite`` while the rest of the batch keeps iterating. With
+    ``on_nonfinite="raise"`` (default) :class:`DEQError` is raised, naming the samples; with
+    ``"warn"`` a warning is emitted and the healthy samples' solutions are returned, with their
+    gradients. The marked samples are returned at their frozen iterate and cut off from the
+    gradient: their state is held constant and the rows of every floating-point tensor input
+    whose leading dimension is the batch size are replaced by zeros for the gradient pass, so
+    no NaN reaches a parameter gradient through them (for cells that treat samples
+    independently, the parameter gradient is that of the healthy samples alone).
     """
 
     def __init__(
@@ -39,66 +64,180 @@ class DEQ(nn.Module):
         grad: GradientEstimator,
         eval_solver: Solver | None = None,
         on_nonfinite: str = "raise",
+        grad_in_eval: bool = False,
     ) -> None:
         super().__init__()
         if not callable(f):
-            raise ValueError(f"DEQ: f must be callable (an nn.Module), got {type(f).__name__}")
-        if not isinstance(solver, Solver):
-            raise ValueError(f"DEQ: solver must be a phantomdeq solver, got {solver!r}")
-        if eval_solver is not None and not isinstance(eval_solver, Solver):
-            raise ValueError(
-                f"DEQ: eval_solver must be a phantomdeq solver or None, got {eval_solver!r}"
-            )
-        if not isinstance(grad, GradientEstimator):
-            raise ValueError(
-                f"DEQ: grad must be a phantomdeq.grad estimator (IFT, UPG, NPG, OneStep, BPTT), got {grad!r}"
-            )
-        if grad.tracks_forward and not isinstance(solver, FixedPoint):
-            raise ValueError(
-                f"DEQ: grad=BPTT() back-propagates through the forward iterations and needs "
-                f"solver=FixedPoint(...), got {type(solver).__name__}"
-            )
-        if on_nonfinite not in NONFINITE_MODES:
-            raise ValueError(
-                f"DEQ: on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}"
-            )
+            raise TypeError(f"DEQ: f must be callable (an nn.Module), got {type(f).__name__}")
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES, owner="DEQ")
+        self.grad_in_eval = check_bool("grad_in_eval", grad_in_eval, owner="DEQ")
         self.f = f
-        self.solver = solver
-        self.eval_solver = eval_solver
-        self.grad = grad
-        self.on_nonfinite = on_nonfinite
+        self.solver, self.eval_solver, self.grad = self._validated(solver, eval_solver, grad)
+
+    def _validated(
+        self, solver: object, eval_solver: object, grad: object
+    ) -> tuple[Solver, Solver | None, GradientEstimator]:
+        if not isinstance(grad, GradientEstimator):
+            raise TypeError(
+                "DEQ: grad must be a phantomdeq.grad estimator (IFT, UPG, NPG, OneStep, BPTT), "
+                f"got {type(grad).__name__} {grad!r}"
+            )
+        solver = check_solver(solver, "solver", owner="DEQ")
+        if eval_solver is not None:
+            eval_solver = check_solver(eval_solver, "eval_solver", owner="DEQ")
+        if grad.tracks_forward:
+            needed = [("solver", solver)]
+            if self.grad_in_eval and eval_solver is not None:
+                needed.append(("eval_solver", eval_solver))
+            for name, s in needed:
+                if not isinstance(s, UnrollingSolver):
+                    raise TypeError(
+                        f"DEQ: grad=BPTT() back-propagates through the forward iterations and "
+                        f"needs {name}=FixedPoint(...) (a solver with an unroll(g, z0) method), "
+                        f"got {type(s).__name__}"
+                    )
+        return solver, eval_solver, grad
+
+    @contextlib.contextmanager
+    def using(
+        self, *, solver: Any = _KEEP, eval_solver: Any = _KEEP, grad: Any = _KEEP
+    ) -> Iterator[DEQ]:
+        """Temporarily replace the solver, eval solver and/or gradient estimator (validated as in
+        the constructor); the previous ones are restored on exit."""
+        saved = (self.solver, self.eval_solver, self.grad)
+        new = self._validated(
+            saved[0] if solver is _KEEP else solver,
+            saved[1] if eval_solver is _KEEP else eval_solver,
+            saved[2] if grad is _KEEP else grad,
+        )
+        self.solver, self.eval_solver, self.grad = new
+        try:
+            yield self
+        finally:
+            self.solver, self.eval_solver, self.grad = saved
 
     def extra_repr(self) -> str:
-        return f"solver={self.solver!r}, grad={self.grad!r}, eval_solver={self.eval_solver!r}"
+        return (
+            f"solver={self.solver!r}, grad={self.grad!r}, eval_solver={self.eval_solver!r}, "
+            f"grad_in_eval={self.grad_in_eval}"
+        )
 
     def forward(self, z0: State, *inputs: Any) -> tuple[State, Solution]:
         spec = StateSpec.of(z0)
-        attach = self.training and torch.is_grad_enabled()
+        attach = torch.is_grad_enabled() and (self.training or self.grad_in_eval)
         solver = self.solver if (self.training or self.eval_solver is None) else self.eval_solver
         f = self.f
+        if self.training and isinstance(f, nn.Module):
+            update_norms(f)
 
         def g(z: State) -> Any:
             return f(z, *inputs)
 
         if attach and self.grad.tracks_forward:
-            z, sol = cast(FixedPoint, solver).unroll(g, z0, spec)  # checked in __init__
-            self._check(sol, "forward (BPTT)")
+            if not isinstance(solver, UnrollingSolver):  # replaced after construction
+                raise TypeError(
+                    f"DEQ: grad=BPTT() needs a solver with unroll(g, z0), got "
+                    f"{type(solver).__name__}"
+                )
+            z, sol = solver.unroll(g, z0)
+            bad = self._check(sol, spec, "forward (BPTT)")
+            if bad is not None:
+                # rerun with the marked samples held still: the first run's graph holds NaNs
+                frozen = _finite(sol.z)
+                fm = _Frozen(f, bad, frozen)
+                cut = _cut_inputs(inputs, bad, spec.batch)
+                start = _hold(z0, bad, frozen)
+                z, _ = solver.unroll(lambda s: fm(s, *cut), start)
             return z, sol
-        sol = solver(g, detach(z0))
-        self._check(sol, "forward")
+        # the weights hold still during the solve: compute each parametrization once
+        caching = (
+            contextlib.nullcontext()
+            if getattr(parametrize, "_cache_enabled", 0)
+            else parametrize.cached()
+        )
+        with caching:
+            sol = solver(g, detach(z0))
+        bad = self._check(sol, spec, "forward")
         if not attach:
             return sol.z, sol
-        return self.grad.attach(f, sol.z, inputs, spec, info=sol), sol
+        if bad is None:
+            return self.grad.attach(f, sol.z, inputs, spec, info=sol), sol
+        frozen = _finite(sol.z)
+        cut = _cut_inputs(inputs, bad, spec.batch)
+        return self.grad.attach(_Frozen(f, bad, frozen), frozen, cut, spec, info=sol), sol
 
-    def _check(self, sol: Solution, what: str) -> None:
-        if sol.result != "nonfinite":
-            return
+    def _check(self, sol: Solution, spec: StateSpec, what: str) -> Tensor | None:
+        """None when every sample is finite; else raise or warn and return the mask."""
+        if sol.result != SolveResult.NONFINITE:
+            return None
+        bad = sol.nonfinite
+        if bad is None or bad.shape != (spec.batch,):
+            raise DEQError(
+                f"DEQ {what} solve reported non-finite values without a per-sample mask",
+                solution=sol,
+            )
+        idx = bad.nonzero().flatten().tolist()
+        shown = ", ".join(str(i) for i in idx[:20]) + (", ..." if len(idx) > 20 else "")
+        healthy = ~bad
+        n_ok = int((sol.converged & healthy).sum())
         msg = (
-            f"DEQ {what} solve hit non-finite values at iteration {sol.niter}: "
-            f"batch-max residual {sol.trace[-1] if sol.trace else float('nan')} "
-            f"({sol.stop}); best finite residuals kept for "
-            f"{int(torch.isfinite(sol.residual).sum())}/{sol.residual.numel()} samples"
+            f"DEQ {what} solve hit non-finite values in {len(idx)} of {spec.batch} samples "
+            f"(indices [{shown}]); the other {spec.batch - len(idx)} kept iterating: {n_ok} "
+            f"converged after {sol.niter} iterations (tol {sol.tol:g}, stop {sol.stop!r})"
         )
         if self.on_nonfinite == "raise":
-            raise DEQError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            raise DEQError(msg + "; the error's .solution holds the solve", solution=sol)
+        warnings.warn(
+            msg + "; returning their best finite iterates, cut off from the gradient",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return bad
+
+
+class _Frozen(nn.Module):
+    """``f`` with the samples in ``bad`` held at ``frozen``: the gradient pass of a batch with
+    non-finite samples differentiates only through the healthy ones."""
+
+    def __init__(self, f: Any, bad: Tensor, frozen: State) -> None:
+        super().__init__()
+        self.f = f
+        self.bad = bad
+        self.frozen = frozen
+
+    def forward(self, z: State, *inputs: Any) -> Any:
+        return _hold(self.f(z, *inputs), self.bad, self.frozen)
+
+
+def _hold(out: Any, bad: Tensor, frozen: State) -> Any:
+    """``out`` with the rows ``bad`` replaced by ``frozen``'s (a constant: zero gradient)."""
+    if isinstance(out, Tensor) != isinstance(frozen, Tensor):
+        return out  # wrong structure: the DEQ's output check names it
+
+    def hold(o: Tensor, fr: Tensor) -> Tensor:
+        return torch.where(bad.view(-1, *([1] * (o.dim() - 1))), fr.to(o.dtype), o)
+
+    return tree_map(hold, out, frozen)
+
+
+def _finite(z: State) -> State:
+    return tree_map(lambda t: torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), z)
+
+
+def _cut_inputs(inputs: Sequence[Any], bad: Tensor, batch: int) -> tuple[Any, ...]:
+    """Zero the rows ``bad`` of every floating tensor (in tuples/lists too) with leading size
+    ``batch``; their gradient is zero, not NaN."""
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            if v.is_floating_point() and v.dim() >= 1 and v.shape[0] == batch:
+                mask = bad.view(-1, *([1] * (v.dim() - 1)))
+                return torch.where(mask, torch.zeros((), dtype=v.dtype, device=v.device), v)
+            return v
+        if isinstance(v, tuple):
+            return tuple(cut(u) for u in v)
+        if isinstance(v, list):
+            return [cut(u) for u in v]
+        return v
+
+    return tuple(cut(v) for v in inputs)

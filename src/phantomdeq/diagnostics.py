@@ -126,9 +126,6 @@ def neumann_matrix(dFdh: Tensor, dFdtheta: Tensor, k: int, lam: float) -> Tensor
     return lam * dFdtheta @ S
 
 
-npg_matrix = neumann_matrix
-
-
 def unrolled_matrix(
     f: Callable[..., Any],
     z_star: State,
@@ -158,9 +155,6 @@ def unrolled_matrix(
         A = A + lam * dFdth_t @ tail
         tail = (lam * dFdh_t + (1.0 - lam) * eye) @ tail
     return A
-
-
-upg_matrix = unrolled_matrix
 
 
 def _singular_range(dFdtheta: Tensor) -> tuple[float, float]:

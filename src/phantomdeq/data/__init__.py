@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import DataInfo, ImageTensorDataset, check_mean_std, iterate_batches, normalize_images
+from .base import DataInfo, ImageTensorDataset, check_mean_std, normalize_images
 from .errors import DataError, DataFileNotFoundError
 from .loader import BatchLoader, item_seed
 from .transforms import augment_batch, random_crop, random_hflip
@@ -39,7 +39,6 @@ __all__ = [
     "ImageTensorDataset",
     "augment_batch",
     "item_seed",
-    "iterate_batches",
     "load_dataset",
     "normalize_images",
     "prepare_dataset",

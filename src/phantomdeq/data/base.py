@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,6 @@ __all__ = [
     "DataInfo",
     "ImageTensorDataset",
     "check_mean_std",
-    "iterate_batches",
     "normalize_images",
 ]
 
@@ -124,39 +123,3 @@ class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):
     def with_normalization(self, mean: Sequence[float], std: Sequence[float]) -> ImageTensorDataset:
         """The same tensors (shared, not copied) normalised with other constants."""
         return ImageTensorDataset(self.images, self.labels, mean, std)
-
-
-def iterate_batches(
-    dataset: ImageTensorDataset,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    sampler: Iterable[int] | None = None,
-    drop_last: bool = False,
-    *,
-    device: torch.device | str | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield normalised ``(images, labels)`` batches by slicing the in-memory tensors.
-
-    The order is ``sampler``'s when given (e.g. a ``DistributedSampler``), otherwise a
-    permutation drawn from ``generator`` when ``shuffle``, otherwise ``0..N-1``.  Batches are
-    moved to ``device`` before normalisation.
-    """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"iterate_batches: batch_size must be an int >= 1, got {batch_size!r}")
-    if sampler is not None:
-        order = torch.as_tensor(list(sampler), dtype=torch.long)
-    elif shuffle:
-        order = torch.randperm(len(dataset), generator=generator)
-    else:
-        order = torch.arange(len(dataset))
-    n = order.numel()
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        x = dataset.images[idx]
-        y = dataset.labels[idx]
-        if device is not None:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-        yield dataset.normalize(x), y

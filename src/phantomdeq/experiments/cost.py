@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 import phantomdeq as pdq
 
@@ -157,8 +157,8 @@ class CostConfig:
             raise ValueError(f"CostConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name, low in (
             ("batch", 1),
-            ("fwd_iters", 1),
-            ("bwd_iters", 1),
+            ("fwd_iters", 2),
+            ("bwd_iters", 2),
             ("repeats", 1),
             ("warmup", 0),
             ("image_size", 4),
@@ -228,31 +228,41 @@ class _Clock:
         return (self.marks[b] - self.marks[a]) * 1e3
 
 
-def timed_solver(solver: pdq.Solver, clock: Any) -> pdq.Solver:
-    """A copy of ``solver`` (same class, so ``DEQ``'s checks still apply) whose calls set the
-    marks ``solve_start``/``solve_end`` on ``clock`` (anything with a ``mark(name)`` method)."""
-    base = type(solver)
+class _TimedSolver:
+    """``solver`` with the marks ``solve_start``/``solve_end`` set on ``clock`` around each call
+    (a wrapper conforming to the :class:`phantomdeq.Solver` protocol)."""
 
-    def call(self: Any, g: Any, z0: Any) -> Any:
-        clock.mark("solve_start")
-        sol = base.__call__(self, g, z0)
-        clock.mark("solve_end")
+    def __init__(self, solver: pdq.Solver, clock: Any) -> None:
+        self.solver = solver
+        self.clock = clock
+
+    def __call__(self, g: Any, z0: Any) -> pdq.Solution:
+        self.clock.mark("solve_start")
+        sol = self.solver(g, z0)
+        self.clock.mark("solve_end")
         return sol
 
-    namespace: dict[str, Any] = {"__call__": call}
-    if hasattr(base, "unroll"):
+    def __repr__(self) -> str:
+        return f"timed({self.solver!r})"
 
-        def unroll(self: Any, g: Any, z0: Any, spec: Any) -> Any:
-            clock.mark("solve_start")
-            out = base.unroll(self, g, z0, spec)  # type: ignore[attr-defined]
-            clock.mark("solve_end")
-            return out
 
-        namespace["unroll"] = unroll
-    cls = type(f"Timed{base.__name__}", (base,), namespace)
-    copy: Any = object.__new__(cls)
-    copy.__dict__.update(solver.__dict__)
-    return copy  # type: ignore[return-value]
+class _TimedUnrollingSolver(_TimedSolver):
+    """:class:`_TimedSolver` of a solver that also unrolls (BPTT's forward)."""
+
+    def unroll(self, g: Any, z0: Any) -> tuple[Any, pdq.Solution]:
+        self.clock.mark("solve_start")
+        out = self.solver.unroll(g, z0)  # type: ignore[attr-defined]
+        self.clock.mark("solve_end")
+        return out  # type: ignore[no-any-return]
+
+
+def timed_solver(solver: pdq.Solver, clock: Any) -> pdq.Solver:
+    """A wrapper of ``solver`` whose calls (and ``unroll`` calls, when ``solver`` has them) set
+    the marks ``solve_start``/``solve_end`` on ``clock`` (anything with a ``mark(name)``
+    method). It satisfies the solver protocol, so ``DEQ`` accepts it like ``solver`` itself."""
+    if isinstance(solver, pdq.UnrollingSolver):
+        return _TimedUnrollingSolver(solver, clock)
+    return _TimedSolver(solver, clock)
 
 
 @dataclass
@@ -308,26 +318,6 @@ def cpu_peak_memory(fn: Callable[[], object], *, marks: Sequence[str] = ()) -> M
     return MemoryProfile(peak_bytes=peak, at_marks=at, events=len(mem))
 
 
-class AutocastCell(nn.Module):
-    """Runs ``cell`` under ``torch.autocast(dtype)`` and casts its output back to the state's
-    dtype, so the solver's state, history and residuals stay in fp32 while ``f`` runs in bf16."""
-
-    def __init__(
-        self, cell: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16
-    ) -> None:
-        super().__init__()
-        self.cell = cell
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, z: Any, *inputs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.cell(z, *inputs)
-        if isinstance(out, Tensor):
-            return out.to(z.dtype)
-        return tuple(o.to(zi.dtype) for o, zi in zip(out, z))
-
-
 # --------------------------------------------------------------------------- the experiment
 
 
@@ -357,7 +347,7 @@ class _Bench:
         self.x, self.y = x.to(self.dev), y.to(self.dev)
         cell: nn.Module = self.model.f
         if cfg.amp == "bf16":
-            cell = AutocastCell(cell, cfg.device)
+            cell = pdq.AutocastCell(cell, dtype=torch.bfloat16, device_type=cfg.device)
         self.cell = cell
         self.specs = {m.name: m for m in method_specs(cfg.ks)}
         self.fwd_solver = fwd
@@ -709,11 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=d.device)
     p.add_argument("--solver", choices=FORWARD_SOLVERS, default=d.solver, help="forward solver")
     p.add_argument(
-        "--fwd-iters", type=_pos_int(1), default=d.fwd_iters, help="forward solver budget (tol=0)"
+        "--fwd-iters", type=_pos_int(2), default=d.fwd_iters, help="forward solver budget (tol=0)"
     )
     p.add_argument(
         "--bwd-iters",
-        type=_pos_int(1),
+        type=_pos_int(2),
         default=d.bwd_iters,
         help="IFT backward solver budget (tol=0)",
     )

@@ -49,14 +49,14 @@ class _ConvCell(nn.Module):
 
 def estimators() -> dict[str, pdq.GradientEstimator]:
     return {
-        "IFT (FixedPoint backward)": pdq.IFT(pdq.FixedPoint(max_iter=100, tol=1e-10)),
-        "IFT (Broyden backward)": pdq.IFT(pdq.Broyden(max_iter=40, tol=1e-10)),
-        "UPG k=1 lam=1 (one-step)": pdq.UPG(1, 1.0),
-        "UPG k=5 lam=0.5": pdq.UPG(5, 0.5),
-        "UPG k=5 lam=0.5 ckpt": pdq.UPG(5, 0.5, checkpoint=True),
-        "UPG k=10 lam=1": pdq.UPG(10, 1.0),
-        "NPG k=5 lam=0.5": pdq.NPG(5, 0.5),
-        "NPG k=10 lam=1": pdq.NPG(10, 1.0),
+        "IFT (FixedPoint backward)": pdq.IFT(solver=pdq.FixedPoint(max_iter=100, tol=1e-10)),
+        "IFT (Broyden backward)": pdq.IFT(solver=pdq.Broyden(max_iter=40, tol=1e-10)),
+        "UPG k=1 lam=1 (one-step)": pdq.UPG(k=1, lam=1.0),
+        "UPG k=5 lam=0.5": pdq.UPG(k=5, lam=0.5),
+        "UPG k=5 lam=0.5 ckpt": pdq.UPG(k=5, lam=0.5, checkpoint=True),
+        "UPG k=10 lam=1": pdq.UPG(k=10, lam=1.0),
+        "NPG k=5 lam=0.5": pdq.NPG(k=5, lam=0.5),
+        "NPG k=10 lam=1": pdq.NPG(k=10, lam=1.0),
         "OneStep": pdq.OneStep(),
         "BPTT (60 iterations)": pdq.BPTT(),
     }
@@ -96,11 +96,11 @@ def backward_times(repeats: int = 5, seed: int = 0) -> dict[str, float]:
     solver = pdq.FixedPoint(max_iter=20, tol=1e-4)
     out: dict[str, list[float]] = {}
     ests = {
-        "IFT, FixedPoint 20 it.": pdq.IFT(pdq.FixedPoint(max_iter=20, tol=1e-6)),
-        "IFT, Broyden 20 it.": pdq.IFT(pdq.Broyden(max_iter=20, tol=1e-6)),
-        "UPG k=5 lam=0.5": pdq.UPG(5, 0.5),
-        "UPG k=5 lam=0.5 ckpt": pdq.UPG(5, 0.5, checkpoint=True),
-        "NPG k=5 lam=0.5": pdq.NPG(5, 0.5),
+        "IFT, FixedPoint 20 it.": pdq.IFT(solver=pdq.FixedPoint(max_iter=20, tol=1e-6)),
+        "IFT, Broyden 20 it.": pdq.IFT(solver=pdq.Broyden(max_iter=20, tol=1e-6)),
+        "UPG k=5 lam=0.5": pdq.UPG(k=5, lam=0.5),
+        "UPG k=5 lam=0.5 ckpt": pdq.UPG(k=5, lam=0.5, checkpoint=True),
+        "NPG k=5 lam=0.5": pdq.NPG(k=5, lam=0.5),
         "OneStep": pdq.OneStep(),
     }
     for _ in range(repeats):

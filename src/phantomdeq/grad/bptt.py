@@ -13,8 +13,9 @@ from .base import Cell, GradientEstimator
 class BPTT(GradientEstimator):
     """Back-propagate through every forward iteration (eq. 11 / eq. 14 with T = solver steps).
 
-    The DEQ module runs its forward ``FixedPoint`` solver with autograd recording and returns the
-    last iterate; memory grows linearly with the number of iterations. Only differentiable
+    The DEQ module runs its forward ``FixedPoint`` solver with autograd recording and returns, per
+    sample, the best iterate (the solution in ``info.z``); memory grows linearly with the number
+    of iterations. Only differentiable
     solvers qualify: the fixed-point iteration (with any damping).
     """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import warnings
@@ -15,7 +14,7 @@ from torch import Tensor
 
 from .._state import State, StateSpec, as_tuple
 from ..errors import DEQError
-from ..solvers.base import Solution
+from ..solvers.base import Solution, Solver, check_solver
 from ..solvers.fixed_point import FixedPoint
 from .base import (
     BackwardRule,
@@ -27,10 +26,6 @@ from .base import (
     reapply,
 )
 from .second_order import AdjointSolve, ImplicitPoint, relink
-
-#: a solver in the sense of the protocol: ``solver(g, z0) -> Solution`` (IFT calls it with
-#: ``g: (B, D) -> (B, D)`` and a ``(B, D)`` tensor ``z0``)
-SolverLike = Callable[[Any, Any], Solution]
 
 # frames inside these folders are skipped when a warning picks its location (the user's call)
 _SKIP_DIRS = (
@@ -51,27 +46,6 @@ def _warn_at_caller(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
-def check_solver(solver: object, owner: str) -> SolverLike:
-    """Structural check of the solver protocol: callable as ``solver(g, z0)``."""
-    if not callable(solver):
-        raise TypeError(
-            f"{owner}: solver must be callable as solver(g, z0) -> Solution (e.g. "
-            f"FixedPoint, Anderson, Broyden), got {type(solver).__name__}: {solver!r}"
-        )
-    try:
-        signature = inspect.signature(solver)
-    except (TypeError, ValueError):  # no introspectable signature (builtin): trust it
-        return solver  # type: ignore[return-value]
-    try:
-        signature.bind(None, None)
-    except TypeError:
-        raise TypeError(
-            f"{owner}: solver must be callable as solver(g, z0) -> Solution, but "
-            f"{solver!r} has signature {signature}"
-        ) from None
-    return solver  # type: ignore[return-value]
-
-
 class _ImplicitRule(BackwardRule):
     needs_point = True
 
@@ -85,7 +59,11 @@ class _ImplicitRule(BackwardRule):
     def solve(self, op: Callable[[Tensor], Tensor], rhs: Tensor, *, what: str) -> Tensor:
         """Solve ``u = op(u) + rhs`` on the flat ``(B, D)`` state with the IFT's solver."""
 
-        def fixed_point_map(u: Tensor) -> Tensor:
+        def fixed_point_map(u: State) -> Tensor:
+            if not isinstance(u, Tensor):
+                raise TypeError(
+                    f"IFT: the backward state is a (B, D) tensor, got {type(u).__name__}"
+                )
             # out of place: autograd.grad may return the cotangent itself (pass-through or view
             # cells), i.e. ``op(u)`` can be the solver's iterate
             return op(u) + rhs
@@ -102,7 +80,7 @@ class _ImplicitRule(BackwardRule):
             self.owner.last_backward = sol
             info = None if self.info is None else self.info()
             if info is not None:
-                info.backward = sol  # type: ignore[attr-defined]
+                info.backward = sol
         else:
             self.owner.last_adjoint = sol
         if sol.result == "nonfinite":
@@ -179,9 +157,9 @@ class IFT(GradientEstimator):
 
     name = "ift"
 
-    def __init__(self, solver: SolverLike | None = None, *, warn_unconverged: bool = True) -> None:
+    def __init__(self, *, solver: Solver | None = None, warn_unconverged: bool = True) -> None:
         self.solver = check_solver(
-            FixedPoint(max_iter=30, tol=1e-6) if solver is None else solver, "IFT"
+            FixedPoint(max_iter=30, tol=1e-6) if solver is None else solver, "solver", owner="IFT"
         )
         if not isinstance(warn_unconverged, bool):
             raise TypeError(
@@ -204,7 +182,7 @@ class IFT(GradientEstimator):
         info: Solution | None = None,
     ) -> State:
         if info is not None:
-            info.backward = None  # type: ignore[attr-defined]
+            info.backward = None
 
         def point_factory(vjp: _VJPAt) -> tuple[ImplicitPoint, list[Tensor]]:
             point = ImplicitPoint(f, inputs, as_tuple(vjp.z_req), spec)

@@ -38,7 +38,7 @@ class NPG(GradientEstimator):
 
     name = "npg"
 
-    def __init__(self, k: int = 5, lam: float = 0.5) -> None:
+    def __init__(self, *, k: int = 5, lam: float = 0.5) -> None:
         self.k = check_k(k, "NPG")
         self.lam = check_lam(lam, "NPG")
 

@@ -32,7 +32,7 @@ class UPG(GradientEstimator):
 
     name = "upg"
 
-    def __init__(self, k: int = 5, lam: float = 0.5, *, checkpoint: bool = False) -> None:
+    def __init__(self, *, k: int = 5, lam: float = 0.5, checkpoint: bool = False) -> None:
         self.k = check_k(k, "UPG")
         self.lam = check_lam(lam, "UPG")
         if not isinstance(checkpoint, bool):

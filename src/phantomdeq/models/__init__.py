@@ -20,6 +20,8 @@ def build_model(
     eval_solver: Solver | None = None,
 ) -> MDEQ:
     """Build a named model (one of :data:`MDEQ_CONFIG_NAMES`) around ``pdq.DEQ(solver, grad)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"build_model: name must be a str, got {type(name).__name__}")
     if name not in MDEQ_CONFIG_NAMES:
         raise ValueError(
             f"build_model: unknown name {name!r}; allowed names: {', '.join(MDEQ_CONFIG_NAMES)}"

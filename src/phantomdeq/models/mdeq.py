@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from phantomdeq._validate import check_bool, check_choice, check_float, check_int
 from phantomdeq.deq import DEQ
-from phantomdeq.experiments.cost import AutocastCell
 from phantomdeq.grad.base import GradientEstimator
 from phantomdeq.nn.dropout import VariationalDropout2d
 from phantomdeq.nn.jacobian import jacobian_frobenius_hutchinson
+from phantomdeq.precision import AutocastCell
 from phantomdeq.solvers.base import Solution, Solver
 
 __all__ = [
@@ -93,16 +94,22 @@ class MDEQConfig:
     spatial_dropout: bool = True
 
     def __post_init__(self) -> None:
+        owner = "MDEQConfig"
+
         def _positive_ints(field: str, value: object) -> None:
-            if (
-                not isinstance(value, tuple)
-                or len(value) == 0
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            if not isinstance(value, tuple) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
             ):
+                raise TypeError(
+                    f"MDEQConfig.{field} must be a non-empty tuple of positive ints, got {value!r}"
+                )
+            if len(value) == 0 or not all(v > 0 for v in value):
                 raise ValueError(
                     f"MDEQConfig.{field} must be a non-empty tuple of positive ints, got {value!r}"
                 )
 
+        if not isinstance(self.name, str):
+            raise TypeError(f"MDEQConfig.name must be a str, got {type(self.name).__name__}")
         _positive_ints("channels", self.channels)
         _positive_ints("head_channels", self.head_channels)
         if len(self.head_channels) != len(self.channels):
@@ -111,9 +118,7 @@ class MDEQConfig:
                 f"({len(self.channels)}), got {len(self.head_channels)}"
             )
         for field in ("final_channels", "num_blocks", "expansion", "num_groups"):
-            v = getattr(self, field)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"MDEQConfig.{field} must be an int >= 1, got {v!r}")
+            check_int(field, getattr(self, field), minimum=1, owner=owner)
         if self.num_groups < 2 or self.num_groups % 2:
             raise ValueError(
                 f"MDEQConfig.num_groups must be an even int >= 2 (post-fusion GroupNorm uses "
@@ -125,17 +130,15 @@ class MDEQConfig:
                     f"MDEQConfig.channels: every entry (and entry * expansion) must be divisible "
                     f"by num_groups={self.num_groups}, got channels={self.channels}"
                 )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MDEQConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_float("dropout", self.dropout, owner=owner, low=0.0, high=1.0, high_open=True)
+        check_int("downsample_times", self.downsample_times, minimum=0, owner=owner)
         if self.downsample_times not in (0, 1, 2):
             raise ValueError(
                 f"MDEQConfig.downsample_times must be 0, 1 or 2, got {self.downsample_times!r}"
             )
-        if self.upsample_mode not in _UPSAMPLE_MODES:
-            raise ValueError(
-                f"MDEQConfig.upsample_mode must be one of {_UPSAMPLE_MODES}, "
-                f"got {self.upsample_mode!r}"
-            )
+        check_bool("weight_norm", self.weight_norm, owner=owner)
+        check_choice("upsample_mode", self.upsample_mode, _UPSAMPLE_MODES, owner=owner)
+        check_bool("spatial_dropout", self.spatial_dropout, owner=owner)
 
     @property
     def num_branches(self) -> int:
@@ -501,8 +504,7 @@ class MDEQ(nn.Module):
         if not isinstance(cfg, MDEQConfig):
             raise TypeError(f"MDEQ: cfg must be an MDEQConfig, got {type(cfg).__name__}")
         for field, v in (("num_classes", num_classes), ("in_channels", in_channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"MDEQ: {field} must be an int >= 1, got {v!r}")
+            check_int(field, v, minimum=1, owner="MDEQ")
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -564,8 +566,9 @@ class MDEQ(nn.Module):
         ``(1 - λ) h + λ F(h)``) runs with autocast off: ``F`` is wrapped in
         :class:`AutocastCell` (autocast inside, output cast back to the state dtype).
         """
-        if mode not in _MODES:
-            raise ValueError(f"MDEQ.forward: mode must be one of {_MODES}, got {mode!r}")
+        check_choice("mode", mode, _MODES, owner="MDEQ.forward")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MDEQ.forward: x must be a Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"MDEQ.forward: x must have shape [B, {self.in_channels}, H, W], "
@@ -579,22 +582,21 @@ class MDEQ(nn.Module):
         cell: nn.Module = self.f
         deq = self.deq
         if amp:
-            cell = AutocastCell(cell, device_type, torch.get_autocast_dtype(device_type))
+            cell = AutocastCell(
+                cell, dtype=torch.get_autocast_dtype(device_type), device_type=device_type
+            )
             deq = DEQ(
                 cell,
                 solver=self.deq.solver,
                 grad=self.deq.grad,
                 eval_solver=self.deq.eval_solver,
                 on_nonfinite=self.deq.on_nonfinite,
+                grad_in_eval=self.deq.grad_in_eval,
             ).train(self.deq.training)
         info = None
         with torch.autocast(device_type, enabled=False) if amp else contextlib.nullcontext():
             if mode == "unrolled":
-                if not isinstance(unrolled_steps, int) or unrolled_steps < 1:
-                    raise ValueError(
-                        f"MDEQ.forward: unrolled_steps must be an int >= 1 with mode='unrolled', "
-                        f"got {unrolled_steps!r}"
-                    )
+                check_int("unrolled_steps", unrolled_steps, minimum=1, owner="MDEQ.forward")
                 z: tuple[Tensor, ...] = z0
                 for _ in range(unrolled_steps):
                     z = cell(z, inj)

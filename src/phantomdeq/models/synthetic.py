@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from phantomdeq._validate import check_bool, check_choice, check_float, check_int
 from phantomdeq.nn.norms import spectral_norm
 
 __all__ = ["ACTIVATIONS", "SyntheticF"]
@@ -65,18 +66,17 @@ class SyntheticF(nn.Module):
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
-        for name, value in (("hidden", hidden), ("input_dim", input_dim)):
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if batch is not None and (isinstance(batch, bool) or int(batch) != batch or batch < 1):
-            raise ValueError(f"batch must be None or an integer >= 1, got {batch!r}")
-        lipschitz = float(lipschitz)
-        if not math.isfinite(lipschitz) or not 0.0 < lipschitz < 1.0:
-            raise ValueError(f"lipschitz must be in (0, 1) for a contraction, got {lipschitz!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if not math.isfinite(bias_std) or bias_std < 0:
-            raise ValueError(f"bias_std must be a finite number >= 0, got {bias_std!r}")
+        owner = "SyntheticF"
+        check_int("hidden", hidden, minimum=1, owner=owner)
+        check_int("input_dim", input_dim, minimum=1, owner=owner)
+        if batch is not None:
+            check_int("batch", batch, minimum=1, owner=owner)
+        lipschitz = check_float(
+            "lipschitz", lipschitz, owner=owner, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        check_choice("activation", activation, tuple(ACTIVATIONS), owner=owner)
+        check_float("bias_std", bias_std, owner=owner, low=0.0)
+        check_bool("trainable_norm", trainable_norm, owner=owner)
         self.hidden, self.input_dim = int(hidden), int(input_dim)
         self.batch = None if batch is None else int(batch)
         self.lipschitz = lipschitz

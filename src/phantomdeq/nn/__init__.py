@@ -3,7 +3,7 @@ Hutchinson estimate of the Jacobian's Frobenius norm (MDEQ-style regularisation)
 
 from phantomdeq.nn.dropout import VariationalDropout2d, reset_variational_dropout
 from phantomdeq.nn.jacobian import jacobian_frobenius_hutchinson
-from phantomdeq.nn.norms import SpectralNorm, spectral_norm, weight_norm
+from phantomdeq.nn.norms import SpectralNorm, spectral_norm, update_norms, weight_norm
 
 __all__ = [
     "SpectralNorm",
@@ -11,5 +11,6 @@ __all__ = [
     "jacobian_frobenius_hutchinson",
     "reset_variational_dropout",
     "spectral_norm",
+    "update_norms",
     "weight_norm",
 ]

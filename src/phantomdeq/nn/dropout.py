@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from phantomdeq._validate import check_bool, check_float
+
 __all__ = ["VariationalDropout2d", "reset_variational_dropout"]
 
 
@@ -35,10 +37,10 @@ class VariationalDropout2d(nn.Module):
 
     def __init__(self, p: float = 0.0, *, spatial: bool = True) -> None:
         super().__init__()
-        if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"VariationalDropout2d: p must be a float in [0, 1), got {p!r}")
-        self.p = float(p)
-        self.spatial = bool(spatial)
+        self.p = check_float(
+            "p", p, owner="VariationalDropout2d", low=0.0, high=1.0, high_open=True
+        )
+        self.spatial = check_bool("spatial", spatial, owner="VariationalDropout2d")
         self.mask: Tensor | None = None
 
     def extra_repr(self) -> str:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from phantomdeq._validate import check_choice, check_int
+
 __all__ = ["jacobian_frobenius_hutchinson"]
 
 _DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -54,15 +56,10 @@ def jacobian_frobenius_hutchinson(
         A scalar tensor: the mean over probes of ``||v^T J||^2`` divided by the total number of
         elements of ``z`` (summed over the tuple, batch included), as in MDEQ's regulariser.
     """
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(
-            f"jacobian_frobenius_hutchinson: n_samples must be an int >= 1, got {n_samples!r}"
-        )
-    if distribution not in _DISTRIBUTIONS:
-        raise ValueError(
-            f"jacobian_frobenius_hutchinson: distribution must be one of {_DISTRIBUTIONS}, "
-            f"got {distribution!r}"
-        )
+    check_int("n_samples", n_samples, minimum=1, owner="jacobian_frobenius_hutchinson")
+    check_choice(
+        "distribution", distribution, _DISTRIBUTIONS, owner="jacobian_frobenius_hutchinson"
+    )
     fzs = _as_tuple(fz, "fz")
     zs = _as_tuple(z, "z")
     if not all(t.requires_grad for t in zs):

@@ -10,9 +10,15 @@ parametrization,
     W  ↦  target · W / σ_max(W)          (mode="scale")
     W  ↦  W / max(1, σ_max(W) / target)  (mode="bound": only ever shrinks W),
 
-with ``σ_max`` from persistent power iteration (cheap, updated in training mode like
-:func:`torch.nn.utils.parametrizations.spectral_norm`) or from an exact SVD
-(``exact=True``). A weight with more than two dimensions is read as a matrix of shape
+with ``σ_max`` from persistent power iteration or from an exact SVD (``exact=True``).
+
+The power iteration holds still while a DEQ solves: evaluating the parametrized weight never
+advances it (a fixed point of a map that changes during the solve is not the fixed point the
+gradient assumes, and the IFT backward re-evaluates ``F``). It advances only in
+:func:`update_norms`, which :class:`phantomdeq.DEQ` calls once per forward pass in training mode
+(before the solve) on its cell — so the solve, the phantom-gradient unroll and the backward all
+see one weight, and the estimate of ``σ_max`` improves by ``n_power_iterations`` steps per
+training step. Outside a DEQ, call :func:`update_norms` once per training step yourself. A weight with more than two dimensions is read as a matrix of shape
 ``(out, -1)`` (for a convolution this is the usual surrogate, *not* the operator norm of the
 convolution); leading ``batch_dims`` dimensions hold independent matrices, each normalised on
 its own (used by the batched synthetic problems of :mod:`phantomdeq.models.synthetic`).
@@ -26,16 +32,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SpectralNorm", "spectral_norm", "weight_norm"]
+from .._validate import check_bool, check_choice, check_int
+
+__all__ = ["SpectralNorm", "spectral_norm", "update_norms", "weight_norm"]
 
 _MODES = ("scale", "bound")
 
 
-def _check_positive_finite(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
+def _check_positive_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
+    return v
 
 
 class SpectralNorm(nn.Module):
@@ -45,8 +55,9 @@ class SpectralNorm(nn.Module):
         weight: the weight to be parametrized (used for shapes and to initialise the power
             iteration vectors; it is not stored).
         target: target spectral norm ``‖W‖₂`` (> 0).
-        n_power_iterations: power-iteration steps per forward call in training mode (≥ 1).
-            Ignored with ``exact=True``.
+        n_power_iterations: power-iteration steps per update (≥ 1): per call of
+            :func:`update_norms`, i.e. per DEQ forward pass in training mode. Ignored with
+            ``exact=True``.
         exact: compute ``σ_max`` with an SVD at every call instead of power iteration.
         mode: ``"scale"`` sets ``‖W‖₂ = target``; ``"bound"`` enforces ``‖W‖₂ ≤ target``.
         batch_dims: number of leading dimensions of ``weight`` that index independent matrices.
@@ -69,14 +80,12 @@ class SpectralNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.target = _check_positive_finite("target", target)
-        if int(n_power_iterations) != n_power_iterations or n_power_iterations < 1:
-            raise ValueError(
-                f"n_power_iterations must be an integer >= 1, got {n_power_iterations!r}"
-            )
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if int(batch_dims) != batch_dims or batch_dims < 0:
-            raise ValueError(f"batch_dims must be an integer >= 0, got {batch_dims!r}")
+        check_int("n_power_iterations", n_power_iterations, minimum=1)
+        check_bool("exact", exact)
+        check_choice("mode", mode, _MODES)
+        check_int("batch_dims", batch_dims, minimum=0)
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
         if weight.dim() < batch_dims + 2:
             raise ValueError(
                 f"weight must have at least batch_dims + 2 = {batch_dims + 2} dimensions "
@@ -105,6 +114,13 @@ class SpectralNorm(nn.Module):
         return weight.reshape(*shape[: self.batch_dims], shape[self.batch_dims], -1)
 
     @torch.no_grad()
+    def power_step(self, weight: Tensor) -> None:
+        """Advance the power iteration by ``n_power_iterations`` steps on ``weight`` (the
+        parametrization's input). Called by :func:`update_norms`; no-op with ``exact=True``."""
+        if not self.exact:
+            self._power_iteration(self._as_matrix(weight.detach()), self.n_power_iterations)
+
+    @torch.no_grad()
     def _power_iteration(self, mat: Tensor, steps: int) -> None:
         for _ in range(steps):
             v = torch.einsum("...ij,...i->...j", mat, self.u)
@@ -115,14 +131,12 @@ class SpectralNorm(nn.Module):
     def sigma(self, weight: Tensor) -> Tensor:
         """Largest singular value of each matrix in ``weight`` (shape ``weight.shape[:batch_dims]``).
 
-        With power iteration this is ``uᵀ W v`` with the current vectors (and it advances the
-        iteration in training mode); gradients flow through ``W`` only, as in Miyato et al.
+        With power iteration this is ``uᵀ W v`` with the current vectors (which only
+        :meth:`power_step` advances); gradients flow through ``W`` only, as in Miyato et al.
         """
         mat = self._as_matrix(weight)
         if self.exact:
             return torch.linalg.matrix_norm(mat, ord=2)
-        if self.training:
-            self._power_iteration(mat.detach(), self.n_power_iterations)
         u = self.u.clone(memory_format=torch.contiguous_format)
         v = self.v.clone(memory_format=torch.contiguous_format)
         return torch.einsum("...i,...ij,...j->...", u, mat, v)
@@ -168,6 +182,8 @@ def spectral_norm(
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"name must name a tensor attribute of the module, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
     param = SpectralNorm(
         weight,
         target=_check_positive_finite("lipschitz", lipschitz),
@@ -179,6 +195,46 @@ def spectral_norm(
     )
     parametrize.register_parametrization(module, name, param)
     return module
+
+
+def update_norms(module: nn.Module) -> int:
+    """Advance the power iteration of every :class:`SpectralNorm` parametrization inside
+    ``module`` that is in training mode by one update (``n_power_iterations`` steps), on the
+    current raw weight. Returns the number of parametrizations updated.
+
+    :class:`phantomdeq.DEQ` calls this on its cell once per forward pass in training mode,
+    before the solve; evaluating the weights never advances the iteration by itself.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    count = 0
+    for owner in module.modules():
+        if not parametrize.is_parametrized(owner):
+            continue
+        for plist in owner.parametrizations.values():  # type: ignore[union-attr,operator]
+            if not isinstance(plist, parametrize.ParametrizationList):
+                continue
+            chain = list(plist)
+            todo = [i for i, p in enumerate(chain) if isinstance(p, SpectralNorm) and p.training]
+            if not todo:
+                continue
+            with torch.no_grad():
+                if plist.is_tensor:
+                    originals: tuple[Tensor, ...] = (plist.original,)
+                else:
+                    originals = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+                x: Tensor | None = None
+                for i, p in enumerate(chain[: todo[-1] + 1]):
+                    if isinstance(p, SpectralNorm) and i in todo:
+                        if x is None and len(originals) != 1:
+                            raise TypeError(
+                                "update_norms: a SpectralNorm that is first in a parametrization "
+                                "chain needs a single original tensor"
+                            )
+                        p.power_step(originals[0] if x is None else x)
+                        count += 1
+                    x = p(*originals) if x is None else p(x)
+    return count
 
 
 def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
@@ -193,6 +249,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"name must name a tensor attribute of the module, got {name!r}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise TypeError(f"dim must be None or an int, got {type(dim).__name__} {dim!r}")
     if dim is not None and not -weight.dim() <= dim < weight.dim():
         raise ValueError(
             f"dim must be None or in [{-weight.dim()}, {weight.dim() - 1}] for a weight of "

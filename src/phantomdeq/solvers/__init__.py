@@ -1,34 +1,47 @@
-"""Forward and backward fixed-point solvers: ``solver(g, z0) -> Solution`` solves ``z = g(z)``."""
+"""Forward and backward fixed-point solvers.
+
+A solver is any object with ``__call__(g, z0) -> Solution`` that solves ``z = g(z)`` (the
+:class:`Solver` protocol); the library's solvers share :class:`SolverBase`.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .anderson import Anderson
-from .base import Solution, Solver
+from .base import (
+    Solution,
+    Solver,
+    SolverBase,
+    SolveResult,
+    UnrollingSolver,
+    check_solver,
+    compute_dtype,
+)
 from .broyden import Broyden
 from .fixed_point import FixedPoint
 
-SOLVERS: dict[str, type[Solver]] = {
+SOLVERS: dict[str, type[SolverBase]] = {
     "fixed_point": FixedPoint,
     "anderson": Anderson,
     "broyden": Broyden,
 }
 
 
-def from_name(name: str, **options: Any) -> Solver:
+def from_name(name: str, **options: Any) -> SolverBase:
     """Build a solver from its name (``fixed_point``, ``anderson``, ``broyden``) and options.
 
     Unknown names or options raise ``ValueError`` naming the allowed ones.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"solver name must be a str, got {type(name).__name__} {name!r}")
     key = name.lower().replace("-", "_")
     if key in ("fixedpoint", "fp", "picard"):
         key = "fixed_point"
     if key not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(SOLVERS)}")
     cls = SOLVERS[key]
-    import inspect
-
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -38,4 +51,17 @@ def from_name(name: str, **options: Any) -> Solver:
     return cls(**options)
 
 
-__all__ = ["Anderson", "Broyden", "FixedPoint", "SOLVERS", "Solution", "Solver", "from_name"]
+__all__ = [
+    "SOLVERS",
+    "Anderson",
+    "Broyden",
+    "FixedPoint",
+    "Solution",
+    "SolveResult",
+    "Solver",
+    "SolverBase",
+    "UnrollingSolver",
+    "check_solver",
+    "compute_dtype",
+    "from_name",
+]

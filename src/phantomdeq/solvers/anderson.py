@@ -6,36 +6,39 @@ import torch
 from torch import Tensor
 
 from .._state import FlatFn
-from .base import Solver, _check_float, _check_int, _Tracker
+from .._validate import check_float, check_int
+from .base import SolverBase, _Tracker
 
 
-class Anderson(Solver):
+class Anderson(SolverBase):
     """Anderson acceleration of ``z = g(z)`` with a memory of ``m`` past iterates.
 
     Each step picks weights α (Σα = 1) minimising ``||Σ α_i (g(x_i) - x_i)||² + lam ||α||²`` and
     sets ``x = Σ α_i (beta g(x_i) + (1 - beta) x_i)``. Histories live in ring buffers of shape
     ``(B, m, D)``; the Gram matrix is updated by one row per step (``m`` inner products per sample
     instead of ``m²``). A singular or ill-posed small system never raises: ``solve_ex`` reports
-    it per sample and that sample falls back to a plain (damped) fixed-point step.
+    it per sample and that sample falls back to a plain (damped) fixed-point step. Every product
+    is per sample, so a sample that turns non-finite cannot reach the others. For half/bfloat16
+    states the histories, Gram matrix and small solve are float32.
     """
 
     name = "anderson"
 
     def __init__(
         self,
+        *,
         max_iter: int = 30,
         tol: float = 1e-4,
         stop: str = "rel",
         m: int = 5,
         beta: float = 1.0,
         lam: float = 1e-4,
-        *,
         check_every: int | None = None,
     ) -> None:
-        super().__init__(max_iter, tol, stop, check_every=check_every)
-        self.m = _check_int("m", m, minimum=1, owner="Anderson")
-        self.beta = _check_float("beta", beta, owner="Anderson", low=0.0, high=1.0, low_open=True)
-        self.lam = _check_float("lam", lam, owner="Anderson", low=0.0)
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, check_every=check_every)
+        self.m = check_int("m", m, minimum=1, owner="Anderson")
+        self.beta = check_float("beta", beta, owner="Anderson", low=0.0, high=1.0, low_open=True)
+        self.lam = check_float("lam", lam, owner="Anderson", low=0.0)
 
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "m": self.m, "beta": self.beta, "lam": self.lam}
@@ -66,7 +69,9 @@ class Anderson(Solver):
             elif fx.data_ptr() != Y[:, slot].data_ptr():
                 Y[:, slot].copy_(fx)
             # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots
-            row = torch.bmm(G[:, :n], G[:, slot].unsqueeze(-1)).squeeze(-1)  # (B, n)
+            # (B, 1, D) @ (B, D, n) on a transposed view of the history: a batched GEMM over
+            # contiguous rows, several times faster on CPU than the (B, n, D) @ (B, D, 1) form
+            row = torch.bmm(G[:, slot].unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)
             gram[:, slot, :n] = row
             gram[:, :n, slot] = row
             if n == 1:

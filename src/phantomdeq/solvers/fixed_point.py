@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, as_tuple, like
-from .base import Solution, Solver, _check_float, _Tracker
+from .._validate import check_float
+from .base import Solution, SolverBase, _no_caller_autocast, _Tracker, compute_dtype
 
 
-class FixedPoint(Solver):
+class FixedPoint(SolverBase):
     """Damped fixed-point iteration (paper eq. 13).
 
     ``damping`` is λ in eq. (13); ``damping=1`` is plain Picard iteration (eq. 10).
@@ -21,15 +23,15 @@ class FixedPoint(Solver):
 
     def __init__(
         self,
+        *,
         max_iter: int = 30,
         tol: float = 1e-4,
         stop: str = "rel",
         damping: float = 1.0,
-        *,
         check_every: int | None = None,
     ) -> None:
-        super().__init__(max_iter, tol, stop, check_every=check_every)
-        self.damping = _check_float(
+        super().__init__(max_iter=max_iter, tol=tol, stop=stop, check_every=check_every)
+        self.damping = check_float(
             "damping", damping, owner="FixedPoint", low=0.0, high=1.0, low_open=True
         )
 
@@ -45,30 +47,58 @@ class FixedPoint(Solver):
             # new tensors each step: the tracker may hold the previous iterate as the best one
             x = fx if self.damping == 1.0 else torch.lerp(x, fx, self.damping)
 
-    def unroll(
-        self, g: Callable[[State], object], z0: State, spec: StateSpec
-    ) -> tuple[State, Solution]:
+    def unroll(self, g: Callable[[State], Any], z0: State) -> tuple[State, Solution]:
         """Differentiable run of the same iteration (for BPTT): records the autograd graph of every
-        step and returns the *last* iterate plus the solve statistics (computed without graph).
+        step and returns, per sample, the best iterate (the one in the returned
+        :class:`Solution`'s ``z``) with its graph, plus the solve statistics.
 
         Stops at the same point as :meth:`__call__` would (``tol`` reached by every sample, or
-        ``max_iter``); the returned state is differentiable w.r.t. everything ``g`` uses.
+        ``max_iter``); the returned state is differentiable w.r.t. everything ``g`` uses. The
+        bookkeeping runs without graph, outside the caller's autocast, in float32 or wider.
         """
-        z = z0
-        tracker = _Tracker(self, spec.flatten(z0).detach().clone())
+        spec = StateSpec.of(z0)
+        cdt = compute_dtype(spec.dtype)
+
+        def flat(z: State) -> Tensor:
+            return spec.flatten(z).detach().to(cdt, copy=True)
+
+        tracker = _Tracker(self, flat(z0))
+        if spec.batch == 0:  # one evaluation keeps the (empty) output connected to f
+            return like(spec, spec.check(g(z0), who="f")), tracker.solution(spec)
         lam = self.damping
-        while True:
-            fz_parts = spec.check(g(z), who="f")
-            fz = like(spec, fz_parts)
-            with torch.no_grad():
-                stop = tracker.update(
-                    spec.flatten(z).detach().clone(), spec.flatten(fz).detach().clone()
-                )
-            if stop:
-                break
-            if lam == 1.0:
-                z = fz
-            else:
-                z = like(spec, [lam * a + (1.0 - lam) * b for a, b in zip(fz_parts, as_tuple(z))])
+        z = z0
+        iterates: list[State] = []
+        with _no_caller_autocast(spec.device.type, g) as g_in:
+            while True:
+                fz_parts = spec.check(g_in(z), who="f")
+                fz = like(spec, fz_parts)
+                with torch.no_grad():
+                    stop = tracker.update(flat(z), spec.flatten(fz).detach().to(cdt))
+                iterates.append(z)
+                if stop:
+                    break
+                if lam == 1.0:
+                    z = fz
+                else:
+                    z = like(
+                        spec, [lam * a + (1.0 - lam) * b for a, b in zip(fz_parts, as_tuple(z))]
+                    )
         sol = tracker.solution(spec)
-        return z, sol
+        return _select(spec, iterates, sol.nstep), sol
+
+
+def _select(spec: StateSpec, iterates: list[State], nstep: Tensor) -> State:
+    """Per sample, the iterate recorded at evaluation ``nstep`` (the first one if none improved),
+    differentiably; the last iterate itself when it is every sample's best."""
+    last = len(iterates) - 1
+    index = (nstep - 1).clamp_(min=0)
+    if bool((index == last).all()):
+        return iterates[last]
+    parts = list(as_tuple(iterates[last]))
+    for k in sorted(set(index.tolist()) - {last}):
+        mask = index == k
+        parts = [
+            torch.where(mask.view(-1, *([1] * (p.dim() - 1))), q, p)
+            for p, q in zip(parts, as_tuple(iterates[k]))
+        ]
+    return like(spec, parts)

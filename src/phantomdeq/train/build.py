@@ -66,7 +66,7 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
         from phantomdeq.models.mdeq import MDEQ, mdeq_config, with_overrides
 
         return MDEQ(with_overrides(mdeq_config(m.name), **changes), **kwargs)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from exc
 
 

@@ -10,7 +10,7 @@ solution ``h*`` and dropout mask, it computes
   (UPG eq. 17, NPG eq. 18, IFT eq. 4 with the training backward solver, ...), and
 * ``g_exact`` -- the implicit-function-theorem gradient of eq. (4),
   ``dL/dθ = (∂L/∂h*) (I - ∂F/∂h*)^{-1} ∂F/∂θ``, obtained with a tightly converged backward
-  solve (``IFT(Broyden(max_iter=60, tol=1e-6))`` by default),
+  solve (``IFT(solver=Broyden(max_iter=60, tol=1e-6))`` by default),
 
 and returns their cosine similarity and norm ratio ``||g_used|| / ||g_exact||``.
 
@@ -28,6 +28,7 @@ change the training trajectory (nor resume determinism).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -136,7 +137,7 @@ class GradientMonitor:
     """Cosine similarity and norm ratio of the training gradient against the exact one.
 
     Args:
-        exact: the reference estimator; default ``IFT(Broyden(max_iter=60, tol=1e-6))``
+        exact: the reference estimator; default ``IFT(solver=Broyden(max_iter=60, tol=1e-6))``
             (eq. 4 with a tight backward solve).  Its backward-solve statistics are reported.
         params: ``"cell"`` (default: the parameters ``θ`` of the equilibrium cell ``F``) or
             ``"all"`` (every trainable parameter of the model).
@@ -152,14 +153,14 @@ class GradientMonitor:
             from phantomdeq.grad import IFT
             from phantomdeq.solvers import Broyden
 
-            exact = IFT(Broyden(max_iter=60, tol=1e-6))
+            exact = IFT(solver=Broyden(max_iter=60, tol=1e-6))
         if not isinstance(exact, GradientEstimator):
-            raise ValueError(
+            raise TypeError(
                 f"GradientMonitor: exact must be a phantomdeq.grad estimator (usually IFT), got {exact!r}"
             )
         if exact.tracks_forward:
             raise ValueError(
-                "GradientMonitor: exact=BPTT() is not supported; use IFT(tight solver)"
+                "GradientMonitor: exact=BPTT() is not supported; use IFT(solver=tight solver)"
             )
         if params not in MONITOR_PARAMS:
             raise ValueError(
@@ -205,38 +206,39 @@ class GradientMonitor:
         """
         deq = find_deq(model) if deq is None else deq
         params = self.parameters_of(model, deq)
-        used_grad, used_solver = deq.grad, deq.solver
         was_training = model.training
         restore = _Restore(model, generator)
         # BPTT records the forward iterations itself: recompute (deterministically) instead.
-        replay = None if used_grad.tracks_forward else _ReplaySolver(used_solver)
+        replay = None if deq.grad.tracks_forward else _ReplaySolver(deq.solver)
+        first = contextlib.nullcontext() if replay is None else deq.using(solver=replay)
         extra: dict[str, float] = {}
         try:
             model.train()
             with torch.enable_grad():
-                if replay is not None:
-                    deq.solver = replay
-                loss = loss_closure()
-                g_used = _grad(loss, params)
-                extra["loss"] = float(loss.detach())
-                del loss
+                with first:
+                    loss = loss_closure()
+                    g_used = _grad(loss, params)
+                    extra["loss"] = float(loss.detach())
+                    del loss
                 restore()
                 if replay is not None:
                     replay.replay()
-                else:
-                    deq.solver = used_solver
-                deq.grad = self.exact
                 if hasattr(self.exact, "last_backward"):
                     self.exact.last_backward = None
-                loss = loss_closure()
-                g_exact = _grad(loss, params)
-                del loss
+                second = (
+                    deq.using(grad=self.exact)
+                    if replay is None
+                    else deq.using(solver=replay, grad=self.exact)
+                )
+                with second:
+                    loss = loss_closure()
+                    g_exact = _grad(loss, params)
+                    del loss
             last = getattr(self.exact, "last_backward", None)
             if last is not None:
                 extra["exact_bwd_residual"] = float(last.residual.float().max())
                 extra["exact_bwd_niter"] = float(last.niter)
         finally:
-            deq.grad, deq.solver = used_grad, used_solver
             restore()
             model.train(was_training)
         return g_used, g_exact, extra

@@ -284,7 +284,7 @@ class Trainer:
             from .monitor import GradientMonitor
 
             self.monitor = GradientMonitor(
-                IFT(build_solver(cfg.train.monitor_solver)), params=cfg.train.monitor_params
+                IFT(solver=build_solver(cfg.train.monitor_solver)), params=cfg.train.monitor_params
             )
         self.logger = MetricsLogger(
             self.out_dir,

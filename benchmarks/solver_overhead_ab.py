@@ -1,0 +1,163 @@
+"""Question: did a change make the solver loop slower? solver_overhead.py's measurement for two
+versions of phantomdeq side by side in one process.
+
+The baseline is another checkout's ``src`` directory (e.g. ``git archive main src | tar -x -C
+/tmp/base``); its ``phantomdeq`` package is loaded under the name ``phantomdeq_baseline``, so
+both versions' solvers run alternately on the same cell, input and thread. Ratio = solve time
+/ time of the same number of bare f evaluations (as in solver_overhead.py).
+
+    OMP_NUM_THREADS=1 python benchmarks/solver_overhead_ab.py --baseline /tmp/base/src \
+        [--repeats 7] [--out benchmarks/results/solver_overhead_ab.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import phantomdeq as pdq  # noqa: E402
+from _common import ConvCell, machine, print_table, timeit, write_json  # noqa: E402
+
+
+class CheapCell(torch.nn.Module):
+    """f(z, x) = tanh(0.5 z + x): two passes over the state, so a solve's time is mostly the
+    solver's own bookkeeping (the sensitive measure of its overhead). Nonlinear, so no solver
+    reaches a zero residual before the fixed budget ends."""
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh_(torch.add(x, z, alpha=0.5))
+
+
+def interleaved(
+    fns: dict[str, object], *, repeats: int, warmup: int, sync: bool
+) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()  # type: ignore[operator]
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timeit(fn, sync=sync))  # type: ignore[arg-type]
+    return times
+
+
+def load_baseline(src: Path) -> ModuleType:
+    """Import ``src/phantomdeq`` as the package ``phantomdeq_baseline`` (relative imports
+    resolve inside it; only its solvers are used here)."""
+    init = src / "phantomdeq" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline: no phantomdeq package under {src}")
+    spec = importlib.util.spec_from_file_location(
+        "phantomdeq_baseline", init, submodule_search_locations=[str(init.parent)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load {init}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["phantomdeq_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_solvers(lib: ModuleType, n: int) -> dict[str, object]:
+    # keyword options: accepted by both the old (positional-or-keyword) and new signatures
+    return {
+        "FixedPoint": lib.FixedPoint(max_iter=n, tol=0.0),
+        "Anderson": lib.Anderson(max_iter=n, tol=0.0, m=5),
+        "Broyden": lib.Broyden(max_iter=n, tol=0.0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", required=True, type=Path, help="src/ of the baseline version")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--cell", default="conv", choices=["conv", "cheap"], help="conv: the MDEQ block (default)"
+    )
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=24)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=18)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="benchmarks/results/solver_overhead_ab.json")
+    args = ap.parse_args(argv)
+    base = load_baseline(args.baseline)
+    dev = torch.device(args.device)
+    sync = dev.type == "cuda"
+    torch.manual_seed(0)
+    cell = (ConvCell(args.channels) if args.cell == "conv" else CheapCell()).to(dev).eval()
+    x = torch.randn(args.batch, args.channels, args.size, args.size, device=dev)
+    z0 = torch.zeros_like(x)
+    n = args.iters
+
+    def bare() -> None:
+        with torch.no_grad():
+            z = z0
+            for _ in range(n):
+                z = cell(z, x)
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return cell(z, x)
+
+    before, after = make_solvers(base, n), make_solvers(pdq, n)
+    fns = {"bare": bare}
+    for name in before:
+        fns[f"before {name}"] = lambda s=before[name]: s(g, z0)  # type: ignore[operator]
+        fns[f"after {name}"] = lambda s=after[name]: s(g, z0)  # type: ignore[operator]
+    times = interleaved(fns, repeats=args.repeats, warmup=1, sync=sync)
+    rows, records = [], []
+    for stat, pick in (("median", statistics.median), ("min", min)):
+        t = {k: pick(v) for k, v in times.items()}
+        for name in before:
+            b, a, f = t[f"before {name}"], t[f"after {name}"], t["bare"]
+            rows.append([name, stat, b * 1e3, a * 1e3, f * 1e3, b / f, a / f, a / b])
+            records.append(
+                {
+                    "solver": name,
+                    "statistic": stat,
+                    "before_ms": b * 1e3,
+                    "after_ms": a * 1e3,
+                    "bare_ms": f * 1e3,
+                    "ratio_before": b / f,
+                    "ratio_after": a / f,
+                    "after_over_before": a / b,
+                }
+            )
+    print(
+        f"solver overhead, before ({args.baseline}) vs after (this checkout): {args.cell} cell "
+        f"batch={args.batch} C={args.channels} {args.size}x{args.size}, {n} iterations, {dev}, "
+        f"{torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats"
+    )
+    print_table(
+        [
+            "solver",
+            "stat",
+            "before ms",
+            "after ms",
+            f"{n} x f ms",
+            "ratio before",
+            "ratio after",
+            "after/before",
+        ],
+        rows,
+    )
+    write_json(
+        args.out,
+        {
+            "machine": machine(),
+            "args": {**vars(args), "baseline": str(args.baseline)},
+            "results": records,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
