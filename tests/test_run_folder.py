@@ -138,7 +138,10 @@ def test_a_failed_setup_leaves_no_folder_behind(
     ("setting", "pattern"),
     [
         ("solver.beta=0", "solver.beta: Anderson: beta must be in (0.0, 1.0], got 0.0"),
-        ("solver.beta=nan", "solver.beta: Anderson: beta must be a finite number in (0.0, 1.0], got nan"),
+        (
+            "solver.beta=nan",
+            "solver.beta: Anderson: beta must be a finite number in (0.0, 1.0], got nan",
+        ),
         ("solver.lam=-1", "solver.lam: Anderson: lam must be in [0.0, inf), got -1.0"),
         (
             "grad.backward_solver.beta=2",
