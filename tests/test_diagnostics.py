@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import phantomdeq as pdq
@@ -110,3 +111,15 @@ def test_cosine_similarity_handles_sequences_and_none():
     b = [torch.tensor([1.0, 0.0]), None]
     assert abs(D.cosine_similarity(a, b) - 1.0) < 1e-12
     assert abs(D.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))) < 1e-12
+
+
+def test_per_sample_cosine_is_the_cosine_of_each_row() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(4, 3, 2, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g)]
+    b = [torch.randn(4, 3, 2, generator=g, dtype=torch.float64), None]
+    cos = D.per_sample_cosine(a, b)
+    for i in range(4):
+        va = torch.cat([a[0][i].reshape(-1), a[1][i].double()])
+        vb = torch.cat([b[0][i].reshape(-1), torch.zeros(5, dtype=torch.float64)])  # type: ignore[index]
+        assert float(cos[i]) == pytest.approx(float(va @ vb / (va.norm() * vb.norm())), rel=1e-12)
+    assert float(D.per_sample_cosine(torch.zeros(1, 3), torch.ones(1, 3))[0]) == 0.0

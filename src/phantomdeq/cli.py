@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("phantomdeq.experiments.demo", "run the demonstration that `make demo` runs"),
     "synthetic": (
-        "phantomdeq.experiments.synthetic",
+        "phantomdeq.experiments.synthetic_cli",
         "paper Fig. 1: phantom vs exact gradient cosine",
     ),
     "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
