@@ -71,26 +71,32 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
 @pytest.mark.parametrize(
     ("raw", "pattern"),
     [
-        ({"optim": {"lr": "fast"}}, r"optim\.lr: expected float, got str 'fast'"),
-        ({"train": {"epochs": 2.5}}, r"train\.epochs: expected int, got float 2\.5"),
-        ({"train": {"epochs": True}}, r"train\.epochs: expected int, got bool"),
-        ({"log": {"progress": "yes"}}, r"log\.progress: expected bool, got str"),
-        ({"data": {"train_size": "all"}}, r"data\.train_size: expected int or null"),
+        ({"optim": {"lr": "fast"}}, r"optim\.lr: input should be a valid number; got str 'fast'"),
+        (
+            {"train": {"epochs": 2.5}},
+            r"train\.epochs: input should be a valid integer; got float 2\.5",
+        ),
+        ({"train": {"epochs": True}}, r"train\.epochs: input should be a valid integer; got bool"),
+        ({"log": {"progress": "yes"}}, r"log\.progress: input should be a valid boolean; got str"),
+        (
+            {"data": {"train_size": "all"}},
+            r"data\.train_size: input should be a valid integer or null; got str 'all'",
+        ),
         (
             {"optim": {"name": "rmsprop"}},
-            r"optim\.name: allowed values are 'sgd', 'adam'; got 'rmsprop'",
+            r"optim\.name: input should be 'sgd' or 'adam'; got str 'rmsprop'",
         ),
         (
             {"grad": {"name": "exact"}},
-            r"grad\.name: allowed values are 'ift', 'upg', 'npg', 'onestep', 'bptt'",
+            r"grad\.name: input should be 'ift', 'upg', 'npg', 'onestep' or 'bptt'",
         ),
         (
             {"solver": {"name": "newton"}},
-            r"solver\.name: allowed values are 'fixed_point', 'anderson', 'broyden'",
+            r"solver\.name: input should be 'fixed_point', 'anderson' or 'broyden'",
         ),
-        ({"optim": {"betas": 0.9}}, r"optim\.betas: expected list of float"),
+        ({"optim": {"betas": 0.9}}, r"optim\.betas: input should be a valid list; got float 0\.9"),
         ({"optim": 3}, r"optim: expected a mapping, got int 3"),
-        ({"model": {"overrides": [1]}}, r"model\.overrides: expected a mapping"),
+        ({"model": {"overrides": [1]}}, r"model\.overrides: input should be a valid dictionary"),
     ],
 )
 def test_wrong_type_names_key_and_expected_type(raw: dict, pattern: str) -> None:
@@ -101,9 +107,9 @@ def test_wrong_type_names_key_and_expected_type(raw: dict, pattern: str) -> None
 @pytest.mark.parametrize(
     ("raw", "pattern"),
     [
-        ({"optim": {"lr": -1.0}}, r"optim\.lr: must be a finite number > 0"),
-        ({"grad": {"lam": 1.5}}, r"grad\.lam: must be in \(0, 1\]"),
-        ({"grad": {"k": 0}}, r"grad\.k: must be an integer >= 1"),
+        ({"optim": {"lr": -1.0}}, r"optim\.lr: input should be greater than 0; got float -1\.0"),
+        ({"grad": {"lam": 1.5}}, r"grad\.lam: UPG: lam must be in \(0, 1\]"),
+        ({"grad": {"k": 0}}, r"grad\.k: UPG: k must be an integer >= 1"),
         (
             {"train": {"pretrain_steps": 5}},
             r"train\.unrolled_steps: must be >= 1 when pretrain_steps > 0",
@@ -189,3 +195,38 @@ def test_mnist_config_finds_the_shared_folder(
     assert Path(cfg.data.root) == MNIST.resolve()
     monkeypatch.chdir(REPO)
     assert Path(load_config("configs/mdeq_tiny_mnist.yaml").data.root) == MNIST.resolve()
+
+
+def test_solver_and_estimator_sections_are_the_classes_keyword_options() -> None:
+    """One owner per option: the solver/grad sections hold exactly the registry classes'
+    keyword-only options (types and defaults from the signatures), and a run passes each
+    class only its own."""
+    import phantomdeq as pdq
+    from phantomdeq.train.build import build_grad, build_solver
+    from phantomdeq.train.config import GradConfig, SolverConfig
+
+    declared = {k for n in pdq.solvers.SOLVERS for k in pdq.solvers.options(n)}
+    assert set(SolverConfig.model_fields) == {"name"} | declared
+    grad_declared = {k for n in pdq.grad.ESTIMATORS for k in pdq.grad.options(n)}
+    assert set(GradConfig.model_fields) == {"name", "backward_solver"} | grad_declared - {"solver"}
+    cfg = config_from_dict(
+        {
+            "solver": {"name": "fixed_point", "freeze_converged": True, "check_every": 3},
+            "grad": {"name": "ift", "warn_unconverged": False},
+        }
+    )
+    solver = build_solver(cfg.solver)
+    assert isinstance(solver, pdq.FixedPoint) and solver.freeze_converged
+    assert solver.check_every == 3 and solver.max_iter == 22  # the training default
+    assert set(cfg.solver.kwargs()) == set(pdq.solvers.options("fixed_point"))
+    ift = build_grad(cfg.grad)
+    assert isinstance(ift, pdq.IFT) and ift.warn_unconverged is False
+    assert isinstance(ift.solver, pdq.FixedPoint) and ift.solver.tol == 1e-6
+    with pytest.raises(
+        ConfigError, match=r"solver\.memory: input should be a valid integer or null"
+    ):
+        config_from_dict({"solver": {"memory": "all"}})
+    with pytest.raises(
+        ConfigError, match=r"solver\.check_every: \w+: check_every must be an integer >= 1"
+    ):
+        config_from_dict({"solver": {"check_every": 0}})

@@ -8,8 +8,9 @@ Every ``--config`` (a preset, e.g. a Table 1 row from ``configs/ablation/``) is 
 the cartesian product of the ``--grid`` axes and trained once per seed (``train.seed`` = the
 config's seed + 0, 1, ..., seeds - 1).  ``--set`` overrides apply to every run, before the grid.
 
-Grid keys.  Short names map to config fields -- ``grad`` -> ``grad.name``, ``k`` -> ``grad.k``,
-``lam`` -> ``grad.lam``, ``optim`` -> ``optim.name``, ``lr`` -> ``optim.lr``, ``dropout`` ->
+Grid keys.  Short names map to config fields -- ``grad`` -> ``grad.name``, every estimator
+option by its name (``k`` -> ``grad.k``, ``lam`` -> ``grad.lam``, ``checkpoint``, ...; from
+``pdq.grad.options``), ``optim`` -> ``optim.name``, ``lr`` -> ``optim.lr``, ``dropout`` ->
 ``model.dropout``, ``pretrain`` -> ``train.pretrain_steps``, ``unrolled`` ->
 ``train.unrolled_steps``, ``fwd`` -> ``solver.max_iter``, ``epochs`` -> ``train.epochs``,
 ``batch`` -> ``data.batch_size``, ``train_size`` -> ``data.train_size`` -- and any dotted config key
@@ -18,8 +19,10 @@ comma-separated and read as YAML scalars (``0.5``, ``true``, ``null``).  Every r
 is parsed and validated before the first run starts; a bad key or value exits with status 2.
 
 Collapsing.  Options that do not apply to a run are reset to their defaults before runs are
-identified: ``grad.k``/``grad.lam`` unless the estimator is ``upg``/``npg``, ``grad.checkpoint``
-unless ``upg``, ``grad.backward_solver`` unless ``ift``, ``train.unrolled_steps`` without
+identified (``phantomdeq.train.config.unused_options``, derived from the classes' declared
+options): the ``grad.*`` options the estimator does not take (``grad.k``/``grad.lam`` unless
+``upg``/``npg``, ``grad.checkpoint`` unless ``upg``, ``grad.backward_solver`` unless ``ift``),
+the ``solver.*`` options of other solver classes, ``train.unrolled_steps`` without
 pretraining.  Runs whose resulting configs are equal (ignoring ``log.*``, ``train.device``,
 ``train.num_threads``, ``data.num_workers`` and ``train.monitor_*``, which do not change what is
 trained) are run once,
@@ -57,15 +60,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phantomdeq import grad as pdq_grad
+from phantomdeq.train.config import NESTED_SOLVERS
+
 __all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs", "summarize"]
 
 PROG = "phantomdeq ablate"
 
-#: short grid keys -> dotted config keys
+#: short grid keys -> dotted config keys (every estimator option under its own name)
 GRID_ALIASES: dict[str, str] = {
     "grad": "grad.name",
-    "k": "grad.k",
-    "lam": "grad.lam",
+    **{
+        k: f"grad.{k}"
+        for name in pdq_grad.ESTIMATORS
+        for k in pdq_grad.options(name)
+        if k not in NESTED_SOLVERS
+    },
     "optim": "optim.name",
     "lr": "optim.lr",
     "dropout": "model.dropout",
@@ -153,23 +163,6 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     return out
 
 
-def _canonical(cfg: Any) -> Any:
-    """Reset options that do not apply to this run to their defaults (see module docstring)."""
-    from phantomdeq.train.config import GradConfig, TrainConfig
-
-    cfg = copy.deepcopy(cfg)
-    g, default_g = cfg.grad, GradConfig()
-    if g.name not in ("upg", "npg"):
-        g.k, g.lam = default_g.k, default_g.lam
-    if g.name != "upg":
-        g.checkpoint = default_g.checkpoint
-    if g.name != "ift":
-        g.backward_solver = default_g.backward_solver
-    if cfg.train.pretrain_steps == 0:
-        cfg.train.unrolled_steps = TrainConfig().unrolled_steps
-    return cfg
-
-
 def _identity(cfg_dict: dict[str, Any]) -> str:
     d = copy.deepcopy(cfg_dict)
     d.pop("log", None)
@@ -178,20 +171,6 @@ def _identity(cfg_dict: dict[str, Any]) -> str:
         d[section].pop(key, None)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _irrelevant(cfg: dict[str, Any], dotted: str) -> bool:
-    """Whether the option ``dotted`` has no effect on this run (see :func:`_canonical`)."""
-    grad = cfg["grad"]["name"]
-    if dotted in ("grad.k", "grad.lam"):
-        return grad not in ("upg", "npg")
-    if dotted == "grad.checkpoint":
-        return grad != "upg"
-    if dotted.startswith("grad.backward_solver"):
-        return grad != "ift"
-    if dotted == "train.unrolled_steps":
-        return cfg["train"]["pretrain_steps"] == 0
-    return False
 
 
 def plan_runs(
@@ -206,7 +185,13 @@ def plan_runs(
     Raises :class:`phantomdeq.train.config.ConfigError` (naming the config file, the grid point
     and the offending key) for any invalid combination, before anything is run.
     """
-    from phantomdeq.train.config import ConfigError, config_to_dict, load_config
+    from phantomdeq.train.config import (
+        ConfigError,
+        config_to_dict,
+        load_config,
+        reset_options,
+        unused_options,
+    )
 
     if seeds < 1:
         raise GridError(f"--seeds: must be >= 1, got {seeds}")
@@ -224,14 +209,20 @@ def plan_runs(
                 else ""
             )
             try:
-                cfg = _canonical(load_config(path, sets))
+                loaded = load_config(path, sets)
+                unused = unused_options(loaded)
+                cfg = reset_options(loaded, unused)
                 cfg.validate()
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
             cfg_dict = config_to_dict(cfg)
             key = _identity(cfg_dict)
             # keep only the grid values that still apply after collapsing
-            applied = {k: v for k, v in assignment.items() if not _irrelevant(cfg_dict, k)}
+            applied = {
+                k: v
+                for k, v in assignment.items()
+                if not any(k == u or k.startswith(u + ".") for u in unused)
+            }
             short = {v: k for k, v in GRID_ALIASES.items()}
             label = " ".join([path.stem] + [f"{short.get(k, k)}={v}" for k, v in applied.items()])
             base_seed = cfg.train.seed
