@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
     "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
-    "cost": ("phantomdeq.experiments.cost", "paper Table 2: time and memory of each gradient"),
+    "cost": ("phantomdeq.experiments.cost_cli", "paper Table 2: time and memory of each gradient"),
     "ablate": ("phantomdeq.experiments.ablation", "paper Table 1 / Fig. 3: grid of training runs"),
 }
 
