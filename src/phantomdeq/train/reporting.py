@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics_log import plot_curves, read_metrics
+from .metrics_log import read_metrics
+from .plots import plot_curves
 from .schedule import replan_note
 from .trainer_state import TrainerState
 
