@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ["keyword_options", "unknown_options"]
+__all__ = ["keyword_options", "registry_options", "unknown_options"]
 
 
 def keyword_options(cls: type) -> dict[str, inspect.Parameter]:
@@ -29,3 +29,13 @@ def unknown_options(cls: type, options: dict[str, Any], what: str) -> None:
         raise ValueError(
             f"unknown option(s) {unknown} for {what}; allowed: {', '.join(allowed) or 'none'}"
         )
+
+
+def registry_options(
+    registry: dict[str, type], name: str, what: str
+) -> dict[str, inspect.Parameter]:
+    """:func:`keyword_options` of ``registry[name]``; an unknown ``name`` is a ``ValueError``
+    naming the allowed ones."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(registry)}")
+    return keyword_options(registry[name])

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 import pydantic
 
-__all__ = ["validation_message"]
+__all__ = ["add_flags", "validation_message"]
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, flags: dict[str, tuple[Any, str]], config: Any
+) -> None:
+    """One ``--field-name`` option per entry of ``flags`` (field -> (type, help)), with the
+    field's value in ``config`` (the defaults) as its default."""
+    for name, (kind, text) in flags.items():
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=kind, default=getattr(config, name), help=text)
 
 
 def validation_message(exc: pydantic.ValidationError, *, flags: bool = False) -> str:

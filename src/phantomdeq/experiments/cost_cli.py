@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 import torch
 
-from ._cli import validation_message
+from ._cli import add_flags, validation_message
 from .cost import CostConfig, run
 from .cost_report import format_table, machine, write_plot
 
@@ -64,10 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paper Table 2: time and peak memory of one training step per gradient estimator.",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (cost.json, cost.png)")
-    for name, (kind, text) in _FLAGS.items():
-        p.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name), help=text
-        )
+    add_flags(p, _FLAGS, d)
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument(

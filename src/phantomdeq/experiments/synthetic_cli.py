@@ -17,7 +17,7 @@ from typing import Any
 
 import pydantic
 
-from ._cli import validation_message
+from ._cli import add_flags, validation_message
 from .synthetic import SyntheticConfig, run
 from .synthetic_report import format_table, write_error_figure, write_figure
 
@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    for name, (kind, text) in _FLAGS.items():
-        default = getattr(defaults, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
+    add_flags(p, _FLAGS, defaults)
     p.add_argument("--no-inexact", action="store_true", help="skip the inexact-solution variant")
     p.add_argument("--no-theorem", action="store_true", help="skip the Theorem 1 matrix check")
     p.add_argument(

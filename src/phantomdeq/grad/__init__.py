@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .._options import keyword_options, unknown_options
+from .._options import registry_options, unknown_options
 from .base import GradientEstimator
 from .bptt import BPTT
 from .implicit import IFT
@@ -34,9 +34,7 @@ def options(name: str) -> dict[str, inspect.Parameter]:
     """The options of the estimator ``name`` (keyword-only constructor parameters: annotation
     and default), where the training config, ``--set``, the ablation grid and the cost table
     take them from. Adding an estimator: its module here plus its line in ``ESTIMATORS``."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown gradient estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
-    return keyword_options(ESTIMATORS[name])
+    return registry_options(ESTIMATORS, name, "gradient estimator")
 
 
 __all__ = [

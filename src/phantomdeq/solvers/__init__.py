@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .._options import keyword_options, unknown_options
+from .._options import registry_options, unknown_options
 from .anderson import Anderson
 from .base import (
     Solution,
@@ -49,9 +49,7 @@ def from_name(name: str, **options: Any) -> SolverBase:
 def options(name: str) -> dict[str, inspect.Parameter]:
     """The options of the solver ``name`` (keyword-only constructor parameters: annotation and
     default), where the training config, ``--set`` and the ablation grid take them from."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(SOLVERS)}")
-    return keyword_options(SOLVERS[name])
+    return registry_options(SOLVERS, name, "solver")
 
 
 __all__ = [
