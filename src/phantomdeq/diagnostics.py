@@ -249,13 +249,21 @@ def descent_condition(A: Tensor, dFdh: Tensor, dFdtheta: Tensor) -> dict[str, fl
     return {k: bool(v) if k == "holds" else float(v) for k, v in c.items()}
 
 
-def descent_conditions(A: Tensor, dFdh: Tensor, dFdtheta: Tensor) -> dict[str, Tensor]:
+def descent_conditions(
+    A: Tensor, dFdh: Tensor, dFdtheta: Tensor, *, svals: Tensor | None = None
+) -> dict[str, Tensor]:
     """:func:`descent_condition` batched over leading dimensions (one entry per sample of
-    per-sample matrices, e.g. from :func:`per_sample_jacobians`), as tensors in float64."""
+    per-sample matrices, e.g. from :func:`per_sample_jacobians`), as tensors in float64.
+    ``svals``: the singular values of ``dFdtheta`` (descending, ``torch.linalg.svdvals``) when
+    already computed -- they do not depend on ``A``. The spectral norm on the left is the root of
+    the largest eigenvalue of the small Gram matrix (accurate to rounding for the largest
+    singular value, and much cheaper than an SVD of the tall matrix)."""
     n = dFdh.shape[-1]
     eye = torch.eye(n, dtype=dFdh.dtype, device=dFdh.device)
-    lhs = torch.linalg.matrix_norm((A @ (eye - dFdh) - dFdtheta).double(), ord=2)
-    s = torch.linalg.svdvals(dFdtheta.double())
+    m = (A @ (eye - dFdh) - dFdtheta).double()
+    gram = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+    lhs = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    s = torch.linalg.svdvals(dFdtheta.double()) if svals is None else svals.double()
     smax, smin = s[..., 0], s[..., -1]
     rhs = torch.where(smax > 0, smin**2 / smax.clamp_min(1e-300), torch.zeros_like(smax))
     kappa = torch.where(smin > 0, smax / smin.clamp_min(1e-300), torch.full_like(smax, math.inf))

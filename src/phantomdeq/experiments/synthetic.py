@@ -157,12 +157,12 @@ _NO_THEOREM = dict.fromkeys(
 
 
 def _theorem1(
-    rec: dict[str, Any], a: Tensor, star: tuple[Tensor, Tensor], grad: Tensor, g: Tensor
+    rec: dict[str, Any], a: Tensor, star: tuple[Tensor, Tensor, Tensor], grad: Tensor, g: Tensor
 ) -> tuple[np.ndarray, float]:
     """Condition (6) per draw for the phantom matrix ``a`` into ``rec``; returns κ per draw and
     the largest relative difference between ``a`` applied to ``g = ∂L/∂h`` and the autograd
     gradient ``grad`` (the explicit matrix must reproduce it)."""
-    cond = D.descent_conditions(a, *star)
+    cond = D.descent_conditions(a, *star[:2], svals=star[2])
     ratio = (cond["lhs"] / cond["rhs"]).numpy()
     kappa = cond["kappa"].numpy()
     rec["condition_holds"] = float((ratio <= 1.0).mean())
@@ -281,7 +281,11 @@ def _run(cfg: SyntheticConfig, progress: bool) -> SyntheticResult:
     solutions = {True: sol_star}
     if cfg.inexact_tol is not None:
         solutions[False] = p.solve(cfg.inexact_tol, cfg.max_iter)
-    star = p.paper_jacobians(h_star) if cfg.theorem else None
+    # ∂F/∂h, ∂F/∂θ at h* and the singular values of ∂F/∂θ (the same for every record)
+    star = None
+    if cfg.theorem:
+        dfdh, dfdth = p.paper_jacobians(h_star)
+        star = (dfdh, dfdth, torch.linalg.svdvals(dfdth))
     records: list[dict[str, Any]] = []
     cosines: dict[tuple[str, int, float, bool], np.ndarray] = {}
     kappa = np.zeros(0)
