@@ -86,17 +86,17 @@ def _option_fields(
     registry: dict[str, type], options: Any, defaults: dict[str, Any]
 ) -> dict[str, Any]:
     """pydantic fields for the union of the registry's classes' keyword-only options (a float
-    option also takes YAML's "1e-4" strings); ``defaults`` replaces class defaults."""
+    option also takes YAML's "1e-4" strings). An option several classes declare (``k`` of UPG
+    and NPG, ``max_iter`` of every solver) is one key, typed and defaulted by the first class in
+    registry order that declares it; ``defaults`` replaces class defaults."""
     fields: dict[str, Any] = {"name": (Literal[tuple(registry)], defaults.get("name"))}
     for cls_name in registry:
         for name, p in options(cls_name).items():
             if name in NESTED_SOLVERS:
                 continue
-            ann = Float if p.annotation is float else p.annotation
-            default = defaults.get(name, p.default)
-            if name in fields and fields[name][1] != default:
-                raise TypeError(f"option {name!r} has different defaults across {registry}")
-            fields[name] = (ann, default)
+            if name not in fields:
+                ann = Float if p.annotation is float else p.annotation
+                fields[name] = (ann, defaults.get(name, p.default))
     return fields
 
 
