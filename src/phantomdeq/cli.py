@@ -24,6 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def user_error(prog: str, message: str, code: int = 2) -> int:
+    """Print a user error as one line on stderr (``prog: error: message``, whitespace folded)
+    and return ``code``, the command's exit status (2 for a user error)."""
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
 def _usage() -> str:
     lines = ["usage: phantomdeq COMMAND [options]", "", "commands:"]
     for name, (_, text) in COMMANDS.items():

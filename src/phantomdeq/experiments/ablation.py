@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from phantomdeq import grad as pdq_grad
+from phantomdeq.cli import user_error
 from phantomdeq.train.config import NESTED_SOLVERS
 
 from .ablation_report import write_reports
@@ -404,23 +405,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from phantomdeq.train.config import ConfigError
 
-    def error(msg: str, code: int = 2) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return code
-
     if args.jobs < 1:
-        return error(f"--jobs: must be >= 1, got {args.jobs}")
+        return user_error(PROG, f"--jobs: must be >= 1, got {args.jobs}")
     if args.seeds < 1:
-        return error(f"--seeds: must be >= 1, got {args.seeds}")
+        return user_error(PROG, f"--seeds: must be >= 1, got {args.seeds}")
     out: Path = args.out
     if not args.report_only and not args.config:
-        return error("--config: at least one config file is required (unless --report-only)")
+        return user_error(
+            PROG, "--config: at least one config file is required (unless --report-only)"
+        )
     if not args.report_only:
         try:
             grid = parse_grid(args.grid)
             specs = plan_runs(args.config, grid, seeds=args.seeds, overrides=args.overrides)
         except (GridError, ConfigError) as exc:
-            return error(str(exc))
+            return user_error(PROG, str(exc))
         if args.dry_run:
             for s in specs:
                 done = "done" if _find_finished(out, s) else "todo"
@@ -437,12 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ran, crashed = _execute(specs, out, args.jobs)
         except KeyboardInterrupt:
-            return error("interrupted; run the same command again to continue", 130)
+            return user_error(PROG, "interrupted; run the same command again to continue", 130)
         print(f"{PROG}: {ran} runs in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     else:
         crashed = 0
     if not (out / "runs").is_dir():
-        return error(f"--out: no runs under {str(out)!r}")
+        return user_error(PROG, f"--out: no runs under {str(out)!r}")
     write_reports(out, argv, prog=PROG)
     return 1 if crashed else 0
 
