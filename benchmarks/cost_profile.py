@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import phantomdeq.grad.base as grad_base
 from phantomdeq.experiments import cost
+from phantomdeq.experiments.profiling import Clock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     grad_base._VJPAt.__call__ = traced_vjp  # type: ignore[method-assign]
     try:
         for name in methods:
-            bench.step(name, cost._Clock(bench.dev))
-            clock = cost._Clock(bench.dev)
+            bench.step(name, Clock(bench.dev))
+            clock = Clock(bench.dev)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 bench.step(name, clock)
             print(

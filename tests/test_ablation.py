@@ -107,9 +107,9 @@ def test_ift_collapses_over_k_and_lam(config: Path) -> None:
     [
         (["foo=1,2"], "unknown key 'foo'"),
         (["optim.nme=sgd"], "optim.nme: unknown key"),
-        (["grad=ift,sgd"], "grad.name: allowed values"),
-        (["k=1,0"], "grad.k: must be an integer >= 1"),
-        (["lam=0.5,1.5"], "grad.lam: must be in (0, 1]"),
+        (["grad=ift,sgd"], "grad.name: input should be 'ift'"),
+        (["k=1,0"], "grad.k: UPG: k must be an integer >= 1"),
+        (["lam=0.5,1.5"], "grad.lam: UPG: lam must be in (0, 1]"),
         (["k=1,1"], "given twice"),
         (["k="], "expected KEY=V1,V2"),
     ],

@@ -71,26 +71,32 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
 @pytest.mark.parametrize(
     ("raw", "pattern"),
     [
-        ({"optim": {"lr": "fast"}}, r"optim\.lr: expected float, got str 'fast'"),
-        ({"train": {"epochs": 2.5}}, r"train\.epochs: expected int, got float 2\.5"),
-        ({"train": {"epochs": True}}, r"train\.epochs: expected int, got bool"),
-        ({"log": {"progress": "yes"}}, r"log\.progress: expected bool, got str"),
-        ({"data": {"train_size": "all"}}, r"data\.train_size: expected int or null"),
+        ({"optim": {"lr": "fast"}}, r"optim\.lr: input should be a valid number; got str 'fast'"),
+        (
+            {"train": {"epochs": 2.5}},
+            r"train\.epochs: input should be a valid integer; got float 2\.5",
+        ),
+        ({"train": {"epochs": True}}, r"train\.epochs: input should be a valid integer; got bool"),
+        ({"log": {"progress": "yes"}}, r"log\.progress: input should be a valid boolean; got str"),
+        (
+            {"data": {"train_size": "all"}},
+            r"data\.train_size: input should be a valid integer or null; got str 'all'",
+        ),
         (
             {"optim": {"name": "rmsprop"}},
-            r"optim\.name: allowed values are 'sgd', 'adam'; got 'rmsprop'",
+            r"optim\.name: input should be 'sgd' or 'adam'; got str 'rmsprop'",
         ),
         (
             {"grad": {"name": "exact"}},
-            r"grad\.name: allowed values are 'ift', 'upg', 'npg', 'onestep', 'bptt'",
+            r"grad\.name: input should be 'ift', 'upg', 'npg', 'onestep' or 'bptt'",
         ),
         (
             {"solver": {"name": "newton"}},
-            r"solver\.name: allowed values are 'fixed_point', 'anderson', 'broyden'",
+            r"solver\.name: input should be 'fixed_point', 'anderson' or 'broyden'",
         ),
-        ({"optim": {"betas": 0.9}}, r"optim\.betas: expected list of float"),
+        ({"optim": {"betas": 0.9}}, r"optim\.betas: input should be a valid list; got float 0\.9"),
         ({"optim": 3}, r"optim: expected a mapping, got int 3"),
-        ({"model": {"overrides": [1]}}, r"model\.overrides: expected a mapping"),
+        ({"model": {"overrides": [1]}}, r"model\.overrides: input should be a valid dictionary"),
     ],
 )
 def test_wrong_type_names_key_and_expected_type(raw: dict, pattern: str) -> None:
@@ -101,9 +107,9 @@ def test_wrong_type_names_key_and_expected_type(raw: dict, pattern: str) -> None
 @pytest.mark.parametrize(
     ("raw", "pattern"),
     [
-        ({"optim": {"lr": -1.0}}, r"optim\.lr: must be a finite number > 0"),
-        ({"grad": {"lam": 1.5}}, r"grad\.lam: must be in \(0, 1\]"),
-        ({"grad": {"k": 0}}, r"grad\.k: must be an integer >= 1"),
+        ({"optim": {"lr": -1.0}}, r"optim\.lr: input should be greater than 0; got float -1\.0"),
+        ({"grad": {"lam": 1.5}}, r"grad\.lam: UPG: lam must be in \(0, 1\]"),
+        ({"grad": {"k": 0}}, r"grad\.k: UPG: k must be an integer >= 1"),
         (
             {"train": {"pretrain_steps": 5}},
             r"train\.unrolled_steps: must be >= 1 when pretrain_steps > 0",
@@ -189,3 +195,96 @@ def test_mnist_config_finds_the_shared_folder(
     assert Path(cfg.data.root) == MNIST.resolve()
     monkeypatch.chdir(REPO)
     assert Path(load_config("configs/mdeq_tiny_mnist.yaml").data.root) == MNIST.resolve()
+
+
+def test_solver_and_estimator_sections_are_the_classes_keyword_options() -> None:
+    """One owner per option: the solver/grad sections hold exactly the registry classes'
+    keyword-only options (types and defaults from the signatures), and a run passes each
+    class only its own."""
+    import phantomdeq as pdq
+    from phantomdeq.train.build import build_grad, build_solver
+    from phantomdeq.train.config import GradConfig, SolverConfig
+
+    declared = {k for n in pdq.solvers.SOLVERS for k in pdq.solvers.options(n)}
+    assert set(SolverConfig.model_fields) == {"name"} | declared
+    grad_declared = {k for n in pdq.grad.ESTIMATORS for k in pdq.grad.options(n)}
+    assert set(GradConfig.model_fields) == {"name", "backward_solver"} | grad_declared - {"solver"}
+    cfg = config_from_dict(
+        {
+            "solver": {"name": "fixed_point", "freeze_converged": True, "check_every": 3},
+            "grad": {"name": "ift", "warn_unconverged": False},
+        }
+    )
+    solver = build_solver(cfg.solver)
+    assert isinstance(solver, pdq.FixedPoint) and solver.freeze_converged
+    assert solver.check_every == 3 and solver.max_iter == 22  # the training default
+    assert set(cfg.solver.kwargs()) == set(pdq.solvers.options("fixed_point"))
+    ift = build_grad(cfg.grad)
+    assert isinstance(ift, pdq.IFT) and ift.warn_unconverged is False
+    assert isinstance(ift.solver, pdq.FixedPoint) and ift.solver.tol == 1e-6
+    with pytest.raises(
+        ConfigError, match=r"solver\.memory: input should be a valid integer or null"
+    ):
+        config_from_dict({"solver": {"memory": "all"}})
+    with pytest.raises(
+        ConfigError, match=r"solver\.check_every: \w+: check_every must be an integer >= 1"
+    ):
+        config_from_dict({"solver": {"check_every": 0}})
+
+
+NEW_ESTIMATOR = """
+import json
+import phantomdeq as pdq
+from phantomdeq.grad.unrolled import UPG
+
+
+class Halfway(UPG):
+    name = "halfway"
+
+    def __init__(self, *, k: int = 2, lam: float = 0.5, scale: float = 1.0) -> None:
+        super().__init__(k=k, lam=lam)
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"Halfway: scale must be in (0, 1], got {scale!r}")
+        self.scale = scale
+
+
+pdq.grad.ESTIMATORS["halfway"] = Halfway  # the registry line: nothing else is edited
+
+from phantomdeq.experiments import ablation, cost
+from phantomdeq.train.build import build_grad
+from phantomdeq.train.config import ConfigError, config_from_dict, load_config, unused_options
+
+cfg = config_from_dict({"grad": {"name": "halfway", "scale": 0.25, "k": 3}})
+est = build_grad(cfg.grad)
+try:
+    config_from_dict({"grad": {"scale": 2.0}})
+    refused = ""
+except ConfigError as exc:
+    refused = str(exc)
+print(json.dumps({
+    "type": type(est).__name__, "scale": est.scale, "k": est.k,
+    "refused": refused,
+    "alias": ablation.GRID_ALIASES.get("scale"),
+    "unused_for_upg": "grad.scale" in unused_options(config_from_dict({})),
+    "methods": [m.name for m in cost.method_specs((2,)) if m.estimator == "halfway"],
+}))
+"""
+
+
+def test_a_new_estimator_is_one_class_and_its_registry_line() -> None:
+    """Registering an estimator class is all it takes: its options become config keys (typed and
+    validated by the class, refusals naming the dotted key), grid short keys, collapsed when
+    another estimator runs, and rows of the cost table."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", NEW_ESTIMATOR], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["type"], out["scale"], out["k"]) == ("Halfway", 0.25, 3)
+    assert out["refused"].startswith("grad.scale: Halfway: scale must be in (0, 1]")
+    assert out["alias"] == "grad.scale" and out["unused_for_upg"] is True
+    assert out["methods"] == ["halfway_k2"]  # no checkpoint option: no checkpointed variant

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import phantomdeq as pdq
@@ -110,3 +111,33 @@ def test_cosine_similarity_handles_sequences_and_none():
     b = [torch.tensor([1.0, 0.0]), None]
     assert abs(D.cosine_similarity(a, b) - 1.0) < 1e-12
     assert abs(D.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))) < 1e-12
+
+
+def test_per_sample_cosine_is_the_cosine_of_each_row() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(4, 3, 2, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g)]
+    b = [torch.randn(4, 3, 2, generator=g, dtype=torch.float64), None]
+    cos = D.per_sample_cosine(a, b)
+    for i in range(4):
+        va = torch.cat([a[0][i].reshape(-1), a[1][i].double()])
+        vb = torch.cat([b[0][i].reshape(-1), torch.zeros(5, dtype=torch.float64)])  # type: ignore[index]
+        assert float(cos[i]) == pytest.approx(float(va @ vb / (va.norm() * vb.norm())), rel=1e-12)
+    assert float(D.per_sample_cosine(torch.zeros(1, 3), torch.ones(1, 3))[0]) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 4), (3, 4, 7)])
+def test_descent_conditions_match_svd_norms(shape: tuple[int, int, int]) -> None:
+    """The batched condition's left side is the spectral norm (largest singular value by SVD) of
+    A(I − ∂F/∂h) − ∂F/∂θ for tall and wide ∂F/∂θ; the right side σ_min²/σ_max of ∂F/∂θ."""
+    g = torch.Generator().manual_seed(5)
+    b, p, n = shape
+    A = torch.randn(b, p, n, generator=g, dtype=torch.float64)
+    dFdh = 0.3 * torch.randn(b, n, n, generator=g, dtype=torch.float64)
+    dFdth = torch.randn(b, p, n, generator=g, dtype=torch.float64)
+    cond = D.descent_conditions(A, dFdh, dFdth)
+    m = A @ (torch.eye(n, dtype=torch.float64) - dFdh) - dFdth
+    assert torch.allclose(cond["lhs"], torch.linalg.matrix_norm(m, ord=2), rtol=1e-12)
+    s = torch.linalg.svdvals(dFdth)
+    assert torch.allclose(cond["rhs"], s[:, -1] ** 2 / s[:, 0], rtol=1e-12)
+    again = D.descent_conditions(A, dFdh, dFdth, svals=s)
+    assert all(torch.equal(cond[k], again[k]) for k in cond)

@@ -283,9 +283,15 @@ def test_stop_policy_reports_the_step_and_checkpoint(
 @pytest.mark.parametrize(
     ("train", "pattern"),
     [
-        ({"on_nonfinite": "ignore"}, r"train\.on_nonfinite: allowed values are 'stop', 'skip'"),
-        ({"max_skipped_steps": 0}, r"train\.max_skipped_steps: must be an integer >= 1"),
-        ({"checkpoint_every_steps": -1}, r"train\.checkpoint_every_steps: must be >= 0"),
+        ({"on_nonfinite": "ignore"}, r"train\.on_nonfinite: input should be 'stop' or 'skip'"),
+        (
+            {"max_skipped_steps": 0},
+            r"train\.max_skipped_steps: input should be greater than or equal to 1",
+        ),
+        (
+            {"checkpoint_every_steps": -1},
+            r"train\.checkpoint_every_steps: input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_reliability_options_are_validated(train: dict[str, Any], pattern: str) -> None:

@@ -489,3 +489,35 @@ def test_solver_arithmetic_ignores_the_callers_autocast(name):
     assert sol.result == "converged"
     assert sol.z.dtype == torch.float32
     assert set(seen) == {(torch.float32, True)}
+
+
+def test_freeze_converged_keeps_each_samples_first_iterate_under_tol() -> None:
+    """z = a z + b per sample: z_t = z* (1 − aᵗ) from z_0 = 0 (z* = b / (1 − a)); the relative
+    residual of z_t is (1 − a)·aᵗ / (1 − aᵗ). With freeze_converged each sample keeps the first
+    iterate under tol although the slow sample keeps the batch iterating; without it the fast
+    sample's later (better) iterate is returned."""
+    a = torch.tensor([[0.1], [0.9]], dtype=torch.float64)
+    b = torch.ones(2, 1, dtype=torch.float64)
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return a * z + b
+
+    tol = 1e-6
+    first = []
+    for ai in (0.1, 0.9):
+        t = 1
+        while (1 - ai) * ai**t / (1 - ai**t) >= tol:
+            t += 1
+        first.append(t)
+    z0 = torch.zeros(2, 1, dtype=torch.float64)
+    frozen = pdq.FixedPoint(max_iter=400, tol=tol, freeze_converged=True)(g, z0)
+    zstar = b / (1 - a)
+    for i, t in enumerate(first):
+        expected = zstar[i] * (1 - a[i] ** t)
+        assert torch.allclose(frozen.z[i], expected, rtol=1e-12)
+        assert int(frozen.nstep[i]) == t + 1  # evaluation t + 1 measures z_t
+    assert bool(frozen.converged.all())
+    plain = pdq.FixedPoint(max_iter=400, tol=tol)(g, z0)
+    assert float((plain.z[0] - zstar[0]).abs()) < float((frozen.z[0] - zstar[0]).abs()) / 100
+    with pytest.raises(TypeError, match="freeze_converged"):
+        pdq.FixedPoint(freeze_converged=1)  # type: ignore[arg-type]

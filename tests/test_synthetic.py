@@ -16,6 +16,7 @@ import torch
 
 import phantomdeq as pdq
 from phantomdeq.experiments import synthetic as syn
+from phantomdeq.experiments import synthetic_cli
 from phantomdeq.models.synthetic import SyntheticF
 
 D = torch.float64
@@ -33,7 +34,7 @@ def cli_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = syn.main(argv)
+        rc = synthetic_cli.main(argv)
     return rc, buf.getvalue(), out
 
 
@@ -108,7 +109,7 @@ def test_upg_cosine_rises_with_k_and_is_accurate_at_k10(cli_run):
     ],
 )
 def test_invalid_options_exit_nonzero_naming_the_option(tmp_path, capsys, args, option):
-    rc = syn.main(["--out", str(tmp_path / "o"), "--no-progress", *args])
+    rc = synthetic_cli.main(["--out", str(tmp_path / "o"), "--no-progress", *args])
     assert rc != 0
     assert option in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
@@ -146,7 +147,7 @@ def test_config_validation_names_the_field():
 
 
 # ---------------------------------------------------------------------------------------------
-# cross-checks of the fast path against the library and against the mathematics
+# the batched diagnostics the experiment uses, against dense per-draw mathematics
 # ---------------------------------------------------------------------------------------------
 
 
@@ -158,43 +159,9 @@ def _problem(draws=5, hidden=6, input_dim=3, seed=11):
     return model, x, target
 
 
-def _library_gradient(model, x, target, estimator):
-    deq = pdq.DEQ(model, solver=pdq.solvers.FixedPoint(max_iter=400, tol=1e-13), grad=estimator)
-    deq.train()
-    z, _ = deq(torch.zeros(x.shape[0], model.hidden, dtype=D), x)
-    params = list(model.parameters())
-    grads = torch.autograd.grad(0.5 * (z - target).pow(2).sum(), params)
-    return syn._flat(grads, params)
-
-
-@pytest.mark.parametrize("lam", [0.3, 1.0])
-def test_fast_phantom_gradients_match_the_library_estimators(lam):
-    model, x, target = _problem()
-    h_star, stats = syn._fixed_point(model, x, tol=1e-13, max_iter=400)
-    assert stats["converged"] == 1.0
-    ks = (1, 3, 7)
-    upg = syn._upg_gradients(model, x, target, h_star, lam, ks)
-    npg = syn._npg_gradients(model, x, target, h_star, lam, ks)
-    for k in ks:
-        lib_u = _library_gradient(model, x, target, pdq.grad.UPG(k=k, lam=lam))
-        lib_n = _library_gradient(model, x, target, pdq.grad.NPG(k=k, lam=lam))
-        assert torch.allclose(upg[k], lib_u, rtol=1e-8, atol=1e-11)
-        assert torch.allclose(npg[k], lib_n, rtol=1e-8, atol=1e-11)
-
-
-def test_bptt_exact_gradient_matches_dense_implicit_gradient():
-    model, x, target = _problem()
-    with torch.enable_grad():
-        h, _ = syn._fixed_point(model, x, tol=1e-12, max_iter=400)
-        params = list(model.parameters())
-        bptt = syn._flat(torch.autograd.grad(syn._loss(h, target), params), params)
-    # eq. (4) with dense matrices, draw by draw: dL/dθ = J_θᵀ (I − J_h)⁻ᵀ g
-    jh, jt, _ = syn._jacobians(model, h.detach(), x)
-    g = h.detach() - target
-    eye = torch.eye(model.hidden, dtype=D)
-    v = torch.linalg.solve((eye - jh).transpose(1, 2), g.unsqueeze(-1))
-    exact = torch.bmm(jt.transpose(1, 2), v).squeeze(-1)
-    assert torch.allclose(bptt, exact, rtol=1e-8, atol=1e-11)
+def _solve(model, x, tol):
+    solver = pdq.solvers.FixedPoint(max_iter=600, tol=tol, freeze_converged=True)
+    return solver(lambda h: model(h, x), torch.zeros(x.shape[0], model.hidden, dtype=D)).z
 
 
 def _single(model, i):
@@ -206,34 +173,73 @@ def _single(model, i):
     return one
 
 
-@pytest.mark.parametrize("exact_solution", [True, False])
-def test_explicit_matrices_and_condition_match_diagnostics(exact_solution):
+def test_per_sample_jacobians_are_each_draws_dense_jacobians():
     model, x, _ = _problem()
-    h_star, _ = syn._fixed_point(model, x, tol=1e-13, max_iter=400)
-    h0 = h_star if exact_solution else syn._fixed_point(model, x, tol=3e-2, max_iter=400)[0]
-    jh_star, jt_star, _ = syn._jacobians(model, h_star, x)
+    h = _solve(model, x, 1e-10)
+    J_h, J_t = pdq.diagnostics.per_sample_jacobians(model, h, (x,), list(model.parameters()))
+    assert J_h.shape == (5, 6, 6) and J_t.shape == (5, 6, 6 * 6 + 6 * 3 + 6)
+    for i in range(5):
+        one = _single(model, i)
+        xi = x[i : i + 1]
+        ref_h = torch.autograd.functional.jacobian(lambda z, f=one, xi=xi: f(z, xi), h[i : i + 1])
+        ref_h, ref_t = (
+            ref_h.reshape(6, 6),
+            pdq.diagnostics.dense_jacobians(
+                one, h[i : i + 1], (x[i : i + 1],), list(one.parameters())
+            )[1],
+        )
+        assert torch.allclose(J_h[i], ref_h, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(J_t[i], ref_t, rtol=1e-12, atol=1e-14)
+
+
+def test_bptt_exact_gradient_matches_dense_implicit_gradient():
+    """The experiment's exact gradient (library DEQ + BPTT, per-draw stopping) against eq. (4)
+    with dense matrices, draw by draw: dL/dθ = J_θᵀ (I − J_h)⁻ᵀ g."""
+    model, x, target = _problem()
+    cfg = syn.SyntheticConfig(draws=5, hidden=6, input_dim=3, tol=1e-12, max_iter=400)
+    p = syn._Problem(cfg)
+    p.model, p.x, p.target = model, x, target
+    p.params = list(model.parameters())
+    p.deq = pdq.DEQ(model, solver=p.forward, grad=pdq.BPTT()).train()
+    bptt, h, _ = p.gradient(pdq.BPTT(), p.forward)
+    for i in range(5):
+        one = _single(model, i)
+        exact = pdq.diagnostics.exact_gradient(
+            one, h[i : i + 1], (x[i : i + 1],), list(one.parameters()), h[i : i + 1] - target[i]
+        )
+        ref = torch.cat([e.reshape(-1) for e in exact])
+        assert torch.allclose(bptt[i], ref, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("exact_solution", [True, False])
+def test_batched_matrices_and_condition_match_single_draw_diagnostics(exact_solution):
+    model, x, _ = _problem()
+    params = list(model.parameters())
+    h_star = _solve(model, x, 1e-13)
+    h0 = h_star if exact_solution else _solve(model, x, 3e-2)
+    dfdh_s, dfdth_s = (
+        pdq.diagnostics.paper_layout(j)
+        for j in pdq.diagnostics.per_sample_jacobians(model, h_star, (x,), params)
+    )
+    jh0, jt0 = pdq.diagnostics.per_sample_jacobians(model, h0, (x,), params)
     lam, ks = 0.7, (2, 5)
-    upg = syn._upg_matrices(model, x, h0, lam, ks)
-    npg = syn._npg_matrices(model, x, h0, lam, ks)
+    upg = pdq.diagnostics.unrolled_matrices(model, h0, (x,), params, ks, lam, per_sample=True)
+    npg = pdq.diagnostics.neumann_matrices(jh0.transpose(1, 2), jt0.transpose(1, 2), ks, lam)
     for i in (0, 3):
         one = _single(model, i)
-        params = list(one.parameters())
-        dfdh, dfdth = pdq.diagnostics.dense_jacobians(
-            one, h_star[i : i + 1], (x[i : i + 1],), params
-        )
-        jh0, jt0 = pdq.diagnostics.dense_jacobians(one, h0[i : i + 1], (x[i : i + 1],), params)
+        ps = list(one.parameters())
+        dfdh, dfdth = pdq.diagnostics.dense_jacobians(one, h_star[i : i + 1], (x[i : i + 1],), ps)
+        j0h, j0t = pdq.diagnostics.dense_jacobians(one, h0[i : i + 1], (x[i : i + 1],), ps)
         for k in ks:
-            a_unr = pdq.diagnostics.unrolled_matrix(
-                one, h0[i : i + 1], (x[i : i + 1],), params, k, lam
-            )
-            a_neu = pdq.diagnostics.neumann_matrix(jh0.T, jt0.T, k, lam)
-            assert torch.allclose(upg[k][i].T, a_unr, rtol=1e-9, atol=1e-12)
-            assert torch.allclose(npg[k][i].T, a_neu, rtol=1e-9, atol=1e-12)
+            a_unr = pdq.diagnostics.unrolled_matrix(one, h0[i : i + 1], (x[i : i + 1],), ps, k, lam)
+            a_neu = pdq.diagnostics.neumann_matrix(j0h.T, j0t.T, k, lam)
+            assert torch.allclose(upg[k][i], a_unr, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(npg[k][i], a_neu, rtol=1e-9, atol=1e-12)
             for mats in (upg, npg):
-                lhs, rhs = syn._theorem1(mats[k], jh_star, jt_star)
-                ref = pdq.diagnostics.descent_condition(mats[k][i].T, dfdh.T, dfdth.T)
-                assert float(lhs[i]) == pytest.approx(ref["lhs"], rel=1e-8)
-                assert float(rhs[i]) == pytest.approx(ref["rhs"], rel=1e-8)
+                batched = pdq.diagnostics.descent_conditions(mats[k], dfdh_s, dfdth_s)
+                ref = pdq.diagnostics.descent_condition(mats[k][i], dfdh.T, dfdth.T)
+                for key in ("lhs", "rhs", "kappa"):
+                    assert float(batched[key][i]) == pytest.approx(ref[key], rel=1e-8)
 
 
 def test_condition_at_exact_fixed_point_has_closed_form_and_kappa():
@@ -241,17 +247,17 @@ def test_condition_at_exact_fixed_point_has_closed_form_and_kappa():
     ‖Bᵏ J_θ‖₂ (torch layout). For F = tanh(Wh + Ux + b), ∂F/∂θ has orthogonal rows of norm
     s_i·sqrt(‖h‖² + ‖x‖² + 1), s = 1 − F², so σ_min²/σ_max = c·min(s)²/max(s)."""
     model, x, _ = _problem(draws=4)
-    h, _ = syn._fixed_point(model, x, tol=1e-14, max_iter=600)
-    jh, jt, fh = syn._jacobians(model, h, x)
+    h = _solve(model, x, 1e-14)
+    jh, jt = pdq.diagnostics.per_sample_jacobians(model, h, (x,), list(model.parameters()))
     lam, k = 0.5, 4
-    a = syn._npg_matrices(model, x, h, lam, (k,))[k]
-    lhs, rhs = syn._theorem1(a, jh, jt)
+    a = pdq.diagnostics.neumann_matrices(jh.transpose(1, 2), jt.transpose(1, 2), (k,), lam)[k]
+    cond = pdq.diagnostics.descent_conditions(a, jh.transpose(1, 2), jt.transpose(1, 2))
     bk = torch.linalg.matrix_power(lam * jh + (1 - lam) * torch.eye(model.hidden, dtype=D), k)
     closed = torch.linalg.matrix_norm(torch.bmm(bk, jt), ord=2)
-    assert torch.allclose(lhs, closed, rtol=1e-8)
-    s = 1 - fh**2
+    assert torch.allclose(cond["lhs"], closed, rtol=1e-8)
+    s = 1 - model(h, x) ** 2
     c = (h.pow(2).sum(1) + x.pow(2).sum(1) + 1).sqrt()
-    assert torch.allclose(rhs, c * s.min(1).values ** 2 / s.max(1).values, rtol=1e-8)
+    assert torch.allclose(cond["rhs"], c * s.min(1).values ** 2 / s.max(1).values, rtol=1e-8)
 
 
 def test_explicit_matrix_gives_the_autograd_gradient():

@@ -14,14 +14,21 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("phantomdeq.experiments.demo", "run the demonstration that `make demo` runs"),
     "synthetic": (
-        "phantomdeq.experiments.synthetic",
+        "phantomdeq.experiments.synthetic_cli",
         "paper Fig. 1: phantom vs exact gradient cosine",
     ),
     "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
     "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
-    "cost": ("phantomdeq.experiments.cost", "paper Table 2: time and memory of each gradient"),
+    "cost": ("phantomdeq.experiments.cost_cli", "paper Table 2: time and memory of each gradient"),
     "ablate": ("phantomdeq.experiments.ablation", "paper Table 1 / Fig. 3: grid of training runs"),
 }
+
+
+def user_error(prog: str, message: str, code: int = 2) -> int:
+    """Print a user error as one line on stderr (``prog: error: message``, whitespace folded)
+    and return ``code``, the command's exit status (2 for a user error)."""
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 def _usage() -> str:

@@ -11,6 +11,7 @@ use the paper layout; :func:`paper_layout` converts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,13 +35,32 @@ def cosine_similarity(a: TensorOrSeq, b: TensorOrSeq, *, eps: float = 1e-30) -> 
 
     ``None`` entries in a sequence count as zeros (a parameter that got no gradient).
     """
-    if not isinstance(a, Tensor):
-        a = [torch.zeros_like(y) if x is None else x for x, y in zip(a, b)]  # type: ignore[arg-type]
-    if not isinstance(b, Tensor):
-        b = [torch.zeros_like(x) if y is None else y for x, y in zip(a, b)]  # type: ignore[arg-type]
-    va, vb = _flatcat(a).double(), _flatcat(b).double()
+    va, vb = _flatcat(_zeros_for_none(a, b)).double(), _flatcat(_zeros_for_none(b, a)).double()
     denom = va.norm() * vb.norm()
     return float((va @ vb) / denom.clamp_min(eps))
+
+
+def per_sample_cosine(a: TensorOrSeq, b: TensorOrSeq) -> Tensor:
+    """Row-wise cosine ``(B,)`` of per-sample gradients: every tensor has a leading batch
+    dimension (per-sample parameters, e.g. batched weights, or per-sample inputs) and is
+    flattened per row; ``None`` entries count as zeros. A zero row gives cosine 0."""
+    va, vb = _rows(_zeros_for_none(a, b)), _rows(_zeros_for_none(b, a))
+    den = torch.linalg.vector_norm(va, dim=1) * torch.linalg.vector_norm(vb, dim=1)
+    num = (va * vb).sum(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def _zeros_for_none(a: TensorOrSeq, b: TensorOrSeq) -> TensorOrSeq:
+    if isinstance(a, Tensor):
+        return a
+    return [torch.zeros_like(y) if x is None else x for x, y in zip(a, b)]
+
+
+def _rows(ts: TensorOrSeq) -> Tensor:
+    """``[B, P]``: each tensor flattened per leading (batch) index, concatenated."""
+    if isinstance(ts, Tensor):
+        return ts.reshape(ts.shape[0], -1)
+    return torch.cat([t.reshape(t.shape[0], -1) for t in ts], dim=1)
 
 
 def relative_error(estimate: TensorOrSeq, reference: TensorOrSeq) -> float:
@@ -77,9 +97,39 @@ def dense_jacobians(
     return J_h, J_w
 
 
+def per_sample_jacobians(
+    f: Callable[..., Any], z: Tensor, inputs: Sequence[Any] = (), wrt: Sequence[Tensor] = ()
+) -> tuple[Tensor, Tensor]:
+    """Per-sample dense Jacobians at ``z`` (B × N): ``J_h`` (B × N × N) and ``J_wrt``
+    (B × N × P), torch layout, by N batched vector-Jacobian products -- the whole batch at once.
+
+    Needs ``f`` to treat samples independently and every tensor in ``wrt`` to have the batch as
+    its leading dimension with sample ``b`` depending on row ``b`` only (per-sample inputs, or
+    per-sample parameters such as batched weights); ``P`` counts one row of each.
+    """
+    z_req = z.detach().requires_grad_()
+    with torch.enable_grad():
+        y = f(z_req, *inputs)
+        if not isinstance(y, Tensor) or y.shape != z.shape or z.dim() != 2:
+            raise ValueError(
+                f"per_sample_jacobians: needs a (B, N) tensor state and f(z) of the same shape, "
+                f"got {tuple(z.shape)} -> {getattr(y, 'shape', type(y).__name__)}"
+            )
+        rows_h, rows_w = [], []
+        eye = torch.eye(z.shape[1], dtype=y.dtype, device=y.device)
+        for i in range(z.shape[1]):
+            gh, *gw = torch.autograd.grad(
+                y, [z_req, *wrt], eye[i].expand_as(y), retain_graph=True, allow_unused=True
+            )
+            rows_h.append(gh)
+            rows_w.append(_rows(_zeros_for_none(gw, list(wrt))) if wrt else y.new_zeros(len(y), 0))
+    return torch.stack(rows_h, 1), torch.stack(rows_w, 1)
+
+
 def paper_layout(J: Tensor) -> Tensor:
-    """Torch-layout Jacobian -> the paper's layout (transpose)."""
-    return J.transpose(0, 1)
+    """Torch-layout Jacobian -> the paper's layout (transpose of the last two dimensions, so
+    per-sample stacks convert too)."""
+    return J.transpose(-2, -1)
 
 
 def implicit_jacobian(J_h: Tensor, J_theta: Tensor) -> Tensor:
@@ -114,16 +164,26 @@ def exact_gradient(
 
 def neumann_matrix(dFdh: Tensor, dFdtheta: Tensor, k: int, lam: float) -> Tensor:
     """``A^neu_{k,λ} = λ ∂F/∂θ (I + B + … + B^{k−1})``, ``B = λ ∂F/∂h + (1 − λ) I`` (eq. 18),
-    paper layout (``dFdh`` N × N, ``dFdtheta`` P × N; returns P × N)."""
-    n = dFdh.shape[0]
+    paper layout (``dFdh`` N × N, ``dFdtheta`` P × N; returns P × N). Leading batch dimensions
+    broadcast (per-sample Jacobians give per-sample matrices)."""
+    return neumann_matrices(dFdh, dFdtheta, [k], lam)[k]
+
+
+def neumann_matrices(
+    dFdh: Tensor, dFdtheta: Tensor, ks: Sequence[int], lam: float
+) -> dict[int, Tensor]:
+    """:func:`neumann_matrix` for every ``k`` in ``ks`` (one pass up to ``max(ks)``)."""
+    n = dFdh.shape[-1]
     eye = torch.eye(n, dtype=dFdh.dtype, device=dFdh.device)
     B = lam * dFdh + (1.0 - lam) * eye
-    S = eye.clone()
-    P = eye.clone()
-    for _ in range(k - 1):
+    S, P = eye.expand_as(B).clone(), eye.expand_as(B).clone()
+    out: dict[int, Tensor] = {}
+    for j in range(1, max(ks) + 1):
+        if j in ks:
+            out[j] = lam * dFdtheta @ S
         P = P @ B
         S = S + P
-    return lam * dFdtheta @ S
+    return out
 
 
 def unrolled_matrix(
@@ -137,24 +197,43 @@ def unrolled_matrix(
     """``A^unr_{k,λ}`` of eq. (17) in the paper layout (P × N), from dense Jacobians along the
     damped trajectory ``h_0 = z*``, ``h_{t+1} = λ F(h_t) + (1 − λ) h_t``:
     ``A = λ Σ_t ∂F/∂θ|_{h_t} Π_{s=t+1}^{k−1} (λ ∂F/∂h|_{h_s} + (1 − λ) I)``."""
+    return unrolled_matrices(f, z_star, inputs, wrt, [k], lam)[k]
+
+
+def unrolled_matrices(
+    f: Callable[..., Any],
+    z_star: State,
+    inputs: Sequence[Any],
+    wrt: Sequence[Tensor],
+    ks: Sequence[int],
+    lam: float,
+    *,
+    per_sample: bool = False,
+) -> dict[int, Tensor]:
+    """:func:`unrolled_matrix` for every ``k`` in ``ks``, by the recursion
+    ``A_{t+1} = λ ∂F/∂θ|_{h_t} + A_t (λ ∂F/∂h|_{h_t} + (1 − λ) I)``, ``A_0 = 0`` along one
+    trajectory. ``per_sample=True`` uses :func:`per_sample_jacobians` (a (B, N) state, batched
+    ``wrt``) and returns B × P × N stacks."""
     spec = StateSpec.of(z_star)
     h = detach(z_star)
-    jac: list[tuple[Tensor, Tensor]] = []
-    for _ in range(k):
-        J_h, J_w = dense_jacobians(f, h, inputs, wrt)
-        jac.append((paper_layout(J_h), paper_layout(J_w)))
+    A: Tensor | None = None
+    out: dict[int, Tensor] = {}
+    for t in range(1, max(ks) + 1):
+        if per_sample:
+            if not isinstance(h, Tensor):
+                raise TypeError("unrolled_matrices: per_sample=True needs a tensor state")
+            J_h, J_w = per_sample_jacobians(f, h, inputs, wrt)
+        else:
+            J_h, J_w = dense_jacobians(f, h, inputs, wrt)
+        dFdh, dFdth = paper_layout(J_h), paper_layout(J_w)
+        eye = torch.eye(dFdh.shape[-1], dtype=dFdh.dtype, device=dFdh.device)
+        A = lam * dFdth if A is None else lam * dFdth + A @ (lam * dFdh + (1.0 - lam) * eye)
+        if t in ks:
+            out[t] = A
         with torch.no_grad():
             fh = spec.check(f(h, *inputs))
             h = like(spec, [lam * a + (1 - lam) * b for a, b in zip(fh, as_tuple(h))])
-    n = jac[0][0].shape[0]
-    eye = torch.eye(n, dtype=jac[0][0].dtype, device=jac[0][0].device)
-    A = torch.zeros_like(jac[0][1])
-    tail = eye.clone()  # Π_{s=t+1}^{k-1} B_s, built from the right
-    for t in range(k - 1, -1, -1):
-        dFdh_t, dFdth_t = jac[t]
-        A = A + lam * dFdth_t @ tail
-        tail = (lam * dFdh_t + (1.0 - lam) * eye) @ tail
-    return A
+    return out
 
 
 def _singular_range(dFdtheta: Tensor) -> tuple[float, float]:
@@ -166,12 +245,28 @@ def descent_condition(A: Tensor, dFdh: Tensor, dFdtheta: Tensor) -> dict[str, fl
     """Theorem 1, condition (6): ``||A (I − ∂F/∂h) − ∂F/∂θ||₂ ≤ σ_min² / σ_max`` with σ the
     extreme singular values of ∂F/∂θ (paper layout; σ_min is the smallest of its min(P, N)
     singular values). Returns ``lhs``, ``rhs``, ``holds``, ``sigma_max``, ``sigma_min``, ``kappa``."""
-    n = dFdh.shape[0]
+    c = descent_conditions(A, dFdh, dFdtheta)
+    return {k: bool(v) if k == "holds" else float(v) for k, v in c.items()}
+
+
+def descent_conditions(
+    A: Tensor, dFdh: Tensor, dFdtheta: Tensor, *, svals: Tensor | None = None
+) -> dict[str, Tensor]:
+    """:func:`descent_condition` batched over leading dimensions (one entry per sample of
+    per-sample matrices, e.g. from :func:`per_sample_jacobians`), as tensors in float64.
+    ``svals``: the singular values of ``dFdtheta`` (descending, ``torch.linalg.svdvals``) when
+    already computed -- they do not depend on ``A``. The spectral norm on the left is the root of
+    the largest eigenvalue of the small Gram matrix (accurate to rounding for the largest
+    singular value, and much cheaper than an SVD of the tall matrix)."""
+    n = dFdh.shape[-1]
     eye = torch.eye(n, dtype=dFdh.dtype, device=dFdh.device)
-    lhs = float(torch.linalg.matrix_norm((A @ (eye - dFdh) - dFdtheta).double(), ord=2))
-    smax, smin = _singular_range(dFdtheta)
-    rhs = smin**2 / smax if smax > 0 else 0.0
-    kappa = smax / smin if smin > 0 else float("inf")
+    m = (A @ (eye - dFdh) - dFdtheta).double()
+    gram = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+    lhs = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    s = torch.linalg.svdvals(dFdtheta.double()) if svals is None else svals.double()
+    smax, smin = s[..., 0], s[..., -1]
+    rhs = torch.where(smax > 0, smin**2 / smax.clamp_min(1e-300), torch.zeros_like(smax))
+    kappa = torch.where(smin > 0, smax / smin.clamp_min(1e-300), torch.full_like(smax, math.inf))
     return {
         "lhs": lhs,
         "rhs": rhs,

@@ -8,8 +8,9 @@ Every ``--config`` (a preset, e.g. a Table 1 row from ``configs/ablation/``) is 
 the cartesian product of the ``--grid`` axes and trained once per seed (``train.seed`` = the
 config's seed + 0, 1, ..., seeds - 1).  ``--set`` overrides apply to every run, before the grid.
 
-Grid keys.  Short names map to config fields -- ``grad`` -> ``grad.name``, ``k`` -> ``grad.k``,
-``lam`` -> ``grad.lam``, ``optim`` -> ``optim.name``, ``lr`` -> ``optim.lr``, ``dropout`` ->
+Grid keys.  Short names map to config fields -- ``grad`` -> ``grad.name``, every estimator
+option by its name (``k`` -> ``grad.k``, ``lam`` -> ``grad.lam``, ``checkpoint``, ...; from
+``pdq.grad.options``), ``optim`` -> ``optim.name``, ``lr`` -> ``optim.lr``, ``dropout`` ->
 ``model.dropout``, ``pretrain`` -> ``train.pretrain_steps``, ``unrolled`` ->
 ``train.unrolled_steps``, ``fwd`` -> ``solver.max_iter``, ``epochs`` -> ``train.epochs``,
 ``batch`` -> ``data.batch_size``, ``train_size`` -> ``data.train_size`` -- and any dotted config key
@@ -18,8 +19,10 @@ comma-separated and read as YAML scalars (``0.5``, ``true``, ``null``).  Every r
 is parsed and validated before the first run starts; a bad key or value exits with status 2.
 
 Collapsing.  Options that do not apply to a run are reset to their defaults before runs are
-identified: ``grad.k``/``grad.lam`` unless the estimator is ``upg``/``npg``, ``grad.checkpoint``
-unless ``upg``, ``grad.backward_solver`` unless ``ift``, ``train.unrolled_steps`` without
+identified (``phantomdeq.train.config.unused_options``, derived from the classes' declared
+options): the ``grad.*`` options the estimator does not take (``grad.k``/``grad.lam`` unless
+``upg``/``npg``, ``grad.checkpoint`` unless ``upg``, ``grad.backward_solver`` unless ``ift``),
+the ``solver.*`` options of other solver classes, ``train.unrolled_steps`` without
 pretraining.  Runs whose resulting configs are equal (ignoring ``log.*``, ``train.device``,
 ``train.num_threads``, ``data.num_workers`` and ``train.monitor_*``, which do not change what is
 trained) are run once,
@@ -57,15 +60,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs", "summarize"]
+from phantomdeq import grad as pdq_grad
+from phantomdeq.cli import user_error
+from phantomdeq.train.config import NESTED_SOLVERS
+
+from .ablation_report import write_reports
+
+__all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs"]
 
 PROG = "phantomdeq ablate"
 
-#: short grid keys -> dotted config keys
+#: short grid keys -> dotted config keys (every estimator option under its own name)
 GRID_ALIASES: dict[str, str] = {
     "grad": "grad.name",
-    "k": "grad.k",
-    "lam": "grad.lam",
+    **{
+        k: f"grad.{k}"
+        for name in pdq_grad.ESTIMATORS
+        for k in pdq_grad.options(name)
+        if k not in NESTED_SOLVERS
+    },
     "optim": "optim.name",
     "lr": "optim.lr",
     "dropout": "model.dropout",
@@ -87,7 +100,6 @@ _NOT_IDENTITY = (
     ("train", "monitor_params"),
     ("train", "monitor_solver"),
 )
-_METHOD_NAMES = {"ift": "IFT", "upg": "UPG", "npg": "NPG", "onestep": "OneStep", "bptt": "BPTT"}
 
 
 class GridError(ValueError):
@@ -153,23 +165,6 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     return out
 
 
-def _canonical(cfg: Any) -> Any:
-    """Reset options that do not apply to this run to their defaults (see module docstring)."""
-    from phantomdeq.train.config import GradConfig, TrainConfig
-
-    cfg = copy.deepcopy(cfg)
-    g, default_g = cfg.grad, GradConfig()
-    if g.name not in ("upg", "npg"):
-        g.k, g.lam = default_g.k, default_g.lam
-    if g.name != "upg":
-        g.checkpoint = default_g.checkpoint
-    if g.name != "ift":
-        g.backward_solver = default_g.backward_solver
-    if cfg.train.pretrain_steps == 0:
-        cfg.train.unrolled_steps = TrainConfig().unrolled_steps
-    return cfg
-
-
 def _identity(cfg_dict: dict[str, Any]) -> str:
     d = copy.deepcopy(cfg_dict)
     d.pop("log", None)
@@ -178,20 +173,6 @@ def _identity(cfg_dict: dict[str, Any]) -> str:
         d[section].pop(key, None)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _irrelevant(cfg: dict[str, Any], dotted: str) -> bool:
-    """Whether the option ``dotted`` has no effect on this run (see :func:`_canonical`)."""
-    grad = cfg["grad"]["name"]
-    if dotted in ("grad.k", "grad.lam"):
-        return grad not in ("upg", "npg")
-    if dotted == "grad.checkpoint":
-        return grad != "upg"
-    if dotted.startswith("grad.backward_solver"):
-        return grad != "ift"
-    if dotted == "train.unrolled_steps":
-        return cfg["train"]["pretrain_steps"] == 0
-    return False
 
 
 def plan_runs(
@@ -206,7 +187,13 @@ def plan_runs(
     Raises :class:`phantomdeq.train.config.ConfigError` (naming the config file, the grid point
     and the offending key) for any invalid combination, before anything is run.
     """
-    from phantomdeq.train.config import ConfigError, config_to_dict, load_config
+    from phantomdeq.train.config import (
+        ConfigError,
+        config_to_dict,
+        load_config,
+        reset_options,
+        unused_options,
+    )
 
     if seeds < 1:
         raise GridError(f"--seeds: must be >= 1, got {seeds}")
@@ -224,14 +211,20 @@ def plan_runs(
                 else ""
             )
             try:
-                cfg = _canonical(load_config(path, sets))
+                loaded = load_config(path, sets)
+                unused = unused_options(loaded)
+                cfg = reset_options(loaded, unused)
                 cfg.validate()
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
             cfg_dict = config_to_dict(cfg)
             key = _identity(cfg_dict)
             # keep only the grid values that still apply after collapsing
-            applied = {k: v for k, v in assignment.items() if not _irrelevant(cfg_dict, k)}
+            applied = {
+                k: v
+                for k, v in assignment.items()
+                if not any(k == u or k.startswith(u + ".") for u in unused)
+            }
             short = {v: k for k, v in GRID_ALIASES.items()}
             label = " ".join([path.stem] + [f"{short.get(k, k)}={v}" for k, v in applied.items()])
             base_seed = cfg.train.seed
@@ -373,227 +366,6 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
     return len(todo), crashed
 
 
-# --------------------------------------------------------------------------- summary
-
-
-def _method(cfg: dict[str, Any]) -> str:
-    g = cfg["grad"]
-    name = _METHOD_NAMES.get(g["name"], g["name"])
-    if g["name"] in ("upg", "npg"):
-        return f"{name} A_{{{g['k']},{g['lam']:g}}}"
-    return name
-
-
-def _row_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    m = cfg["model"]
-    dropout = m.get("dropout")
-    if dropout is None:
-        from phantomdeq.models.mdeq import mdeq_config
-
-        try:
-            dropout = mdeq_config(m["name"]).dropout
-        except ValueError:
-            dropout = None
-    return {
-        "method": _method(cfg),
-        "grad": cfg["grad"]["name"],
-        "k": cfg["grad"]["k"] if cfg["grad"]["name"] in ("upg", "npg") else None,
-        "lam": cfg["grad"]["lam"] if cfg["grad"]["name"] in ("upg", "npg") else None,
-        "pretrain_steps": cfg["train"]["pretrain_steps"],
-        "dropout": dropout,
-        "optimizer": cfg["optim"]["name"],
-        "fwd_max_iter": cfg["solver"]["max_iter"],
-    }
-
-
-def _collect(out: Path) -> list[dict[str, Any]]:
-    """Every finished run under ``out/runs`` with its config and result."""
-    import yaml
-
-    runs = []
-    for res_path in sorted((out / "runs").glob("*/result.json")):
-        run_dir = res_path.parent
-        meta_path = run_dir / "ablation_run.json"
-        if not meta_path.is_file():
-            continue
-        meta = json.loads(meta_path.read_text())
-        result = json.loads(res_path.read_text())
-        cfg = meta.get("config")
-        if cfg is None and (run_dir / "config.yaml").is_file():
-            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        runs.append({**meta, "config": cfg, "result": result, "dir": run_dir.name})
-    return runs
-
-
-def _fmt(x: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(x * scale, spec)
-
-
-def summarize(out: Path) -> dict[str, Any]:
-    """Aggregate the finished runs under ``out`` into rows (one per configuration)."""
-    import statistics
-
-    runs = _collect(out)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault(r["key"], []).append(r)
-    rows = []
-    for key, rs in groups.items():
-        rs.sort(key=lambda r: r["seed"])
-        ok = [
-            r
-            for r in rs
-            if r["result"].get("status") == "ok" and r["result"].get("test_acc") is not None
-        ]
-        accs = [float(r["result"]["test_acc"]) for r in ok]
-        bests = [float(r["result"].get("best_test_acc") or r["result"]["test_acc"]) for r in ok]
-        times = [
-            r["result"]["epoch_time_s"] for r in ok if r["result"].get("epoch_time_s") is not None
-        ]
-        nsteps = [
-            r["result"]["train_fwd_nstep"]
-            for r in ok
-            if r["result"].get("train_fwd_nstep") is not None
-        ]
-        row = {
-            "key": key,
-            "label": rs[0]["label"],
-            "source": rs[0]["source"],
-            **_row_of(rs[0]["config"]),
-            "seeds": [r["seed"] for r in rs],
-            "n_runs": len(rs),
-            "n_failed": len(rs) - len(ok),
-            "acc": accs,
-            "acc_mean": statistics.fmean(accs) if accs else None,
-            "acc_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
-            "acc_best": max(accs) if accs else None,
-            "best_epoch_acc_mean": statistics.fmean(bests) if bests else None,
-            "epoch_time_s": statistics.fmean(times) if times else None,
-            "train_fwd_nstep": statistics.fmean(nsteps) if nsteps else None,
-            "failures": [r["result"].get("message", "") for r in rs if r not in ok],
-        }
-        rows.append(row)
-    rows.sort(key=lambda r: (r["source"], r["grad"], r["lam"] or 0.0, r["k"] or 0, r["label"]))
-    return {"runs": runs, "rows": rows}
-
-
-def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The Table-1-style table: accuracy as mean (best) over seeds, in percent."""
-    head = (
-        "| Configuration | Method | Pretrain steps | Dropout | Optimizer | Forward steps (max / mean) "
-        "| Time/epoch (s) | Acc % mean (best) | ± std | Runs (failed) |"
-    )
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        acc = (
-            f"{_fmt(r['acc_mean'], '.2f', 100)} ({_fmt(r['acc_best'], '.2f', 100)})"
-            if r["acc_mean"] is not None
-            else "diverged"
-        )
-        fwd = f"{r['fwd_max_iter']} / {_fmt(r['train_fwd_nstep'], '.1f')}"
-        lines.append(
-            f"| {r['label']} | {r['method']} | {r['pretrain_steps']} | {_fmt(r['dropout'], 'g')} "
-            f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} | {acc} "
-            f"| {_fmt(r['acc_std'], '.2f', 100)} | {r['n_runs']} ({r['n_failed']}) |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_fig3(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Test accuracy vs k (mean ± std over seeds; × marks the best seed), one curve per
-    (method, λ, preset); estimators without k (IFT, ...) as horizontal lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return None
-    curves: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
-    flat: list[dict[str, Any]] = []
-    for r in rows:
-        if r["acc_mean"] is None and r["k"] is None:
-            continue
-        if r["k"] is None:
-            flat.append(r)
-        else:
-            curves.setdefault((r["grad"], r["lam"], r["source"]), []).append(r)
-    if not curves and not flat:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sources = {key[2] for key in curves}
-    markers = {"upg": "o", "npg": "s"}
-    ordered = sorted(curves)
-    for (grad, lam, source), rs in sorted(
-        curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
-    ):
-        rs = sorted(rs, key=lambda r: r["k"])
-        # a small horizontal offset per curve keeps error bars at the same k apart
-        dx = 0.06 * (ordered.index((grad, lam, source)) - (len(ordered) - 1) / 2)
-        ks = [r["k"] + dx for r in rs if r["acc_mean"] is not None]
-        ys = [100 * r["acc_mean"] for r in rs if r["acc_mean"] is not None]
-        es = [100 * (r["acc_std"] or 0.0) for r in rs if r["acc_mean"] is not None]
-        label = f"{_METHOD_NAMES.get(grad, grad)} λ={lam:g}"
-        if len(sources) > 1:
-            label += f" ({Path(source).stem})"
-        line = ax.errorbar(ks, ys, yerr=es, marker=markers.get(grad, "^"), capsize=3, label=label)
-        bk = [r["k"] + dx for r in rs if r["acc_best"] is not None]
-        bb = [100 * r["acc_best"] for r in rs if r["acc_best"] is not None]
-        ax.plot(bk, bb, "x", color=line[0].get_color(), alpha=0.7)
-        for r in rs:
-            if r["n_failed"]:
-                ax.text(
-                    r["k"],
-                    0.03,
-                    f"{r['n_failed']}/{r['n_runs']} diverged",
-                    transform=ax.get_xaxis_transform(),
-                    fontsize=7,
-                    rotation=90,
-                    color=line[0].get_color(),
-                    clip_on=True,
-                )
-    styles = ["--", ":", "-.", (0, (5, 1))]
-    for i, r in enumerate(flat):
-        if r["acc_mean"] is None:
-            continue
-        ax.axhline(
-            100 * r["acc_mean"],
-            ls=styles[i % len(styles)],
-            color="k" if i == 0 else f"C{(i + 5) % 10}",
-            lw=1.2,
-            label=f"{r['label']} ({r['method']})",
-        )
-    ax.set_xlabel("k (unrolled / Neumann steps)")
-    ax.set_ylabel("test accuracy % (mean ± std over seeds; × best)")
-    ax.set_title("Accuracy vs k and λ (paper Fig. 3)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_reports(out: Path, argv: list[str]) -> dict[str, Any]:
-    """Write ``ablation.json``, ``table.md`` and ``fig3.png`` from every finished run."""
-    summary = summarize(out)
-    table = table_markdown(summary["rows"])
-    (out / "table.md").write_text(table)
-    doc = {
-        "command": "phantomdeq ablate " + " ".join(argv),
-        "rows": summary["rows"],
-        "runs": summary["runs"],
-    }
-    tmp = out / "ablation.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, out / "ablation.json")
-    plot_fig3(summary["rows"], out / "fig3.png")
-    print(table, end="")
-    return doc
-
-
 # --------------------------------------------------------------------------- command
 
 
@@ -633,23 +405,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from phantomdeq.train.config import ConfigError
 
-    def error(msg: str, code: int = 2) -> int:
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return code
-
     if args.jobs < 1:
-        return error(f"--jobs: must be >= 1, got {args.jobs}")
+        return user_error(PROG, f"--jobs: must be >= 1, got {args.jobs}")
     if args.seeds < 1:
-        return error(f"--seeds: must be >= 1, got {args.seeds}")
+        return user_error(PROG, f"--seeds: must be >= 1, got {args.seeds}")
     out: Path = args.out
     if not args.report_only and not args.config:
-        return error("--config: at least one config file is required (unless --report-only)")
+        return user_error(
+            PROG, "--config: at least one config file is required (unless --report-only)"
+        )
     if not args.report_only:
         try:
             grid = parse_grid(args.grid)
             specs = plan_runs(args.config, grid, seeds=args.seeds, overrides=args.overrides)
         except (GridError, ConfigError) as exc:
-            return error(str(exc))
+            return user_error(PROG, str(exc))
         if args.dry_run:
             for s in specs:
                 done = "done" if _find_finished(out, s) else "todo"
@@ -666,13 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ran, crashed = _execute(specs, out, args.jobs)
         except KeyboardInterrupt:
-            return error("interrupted; run the same command again to continue", 130)
+            return user_error(PROG, "interrupted; run the same command again to continue", 130)
         print(f"{PROG}: {ran} runs in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     else:
         crashed = 0
     if not (out / "runs").is_dir():
-        return error(f"--out: no runs under {str(out)!r}")
-    write_reports(out, argv)
+        return user_error(PROG, f"--out: no runs under {str(out)!r}")
+    write_reports(out, argv, prog=PROG)
     return 1 if crashed else 0
 
 

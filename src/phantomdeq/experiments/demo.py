@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     run_core_demo()
     if not args.skip_synthetic:
-        from phantomdeq.experiments import synthetic
+        from phantomdeq.experiments import synthetic, synthetic_cli
 
         print("== 2. Synthetic setting (paper Fig. 1), quick settings ==")
-        synthetic.main(["--out", str(out / "synthetic"), *synthetic.QUICK_ARGS])
+        synthetic_cli.main(["--out", str(out / "synthetic"), *synthetic.QUICK_ARGS])
         print()
     if not args.skip_train:
         from phantomdeq.train import run_training

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .._options import registry_options, unknown_options
 from .base import GradientEstimator
 from .bptt import BPTT
 from .implicit import IFT
@@ -25,16 +26,25 @@ def from_name(name: str, **options: Any) -> GradientEstimator:
     key = name.lower().replace("-", "").replace("_", "")
     if key not in ESTIMATORS:
         raise ValueError(f"unknown gradient estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
-    cls = ESTIMATORS[key]
-    allowed = [
-        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")
-    ]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for estimator {key!r}; allowed: {', '.join(allowed) or 'none'}"
-        )
-    return cls(**options)
+    unknown_options(ESTIMATORS[key], options, f"estimator {key!r}")
+    return ESTIMATORS[key](**options)
 
 
-__all__ = ["BPTT", "ESTIMATORS", "GradientEstimator", "IFT", "NPG", "OneStep", "UPG", "from_name"]
+def options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of the estimator ``name`` (keyword-only constructor parameters: annotation
+    and default), where the training config, ``--set``, the ablation grid and the cost table
+    take them from. Adding an estimator: its module here plus its line in ``ESTIMATORS``."""
+    return registry_options(ESTIMATORS, name, "gradient estimator")
+
+
+__all__ = [
+    "BPTT",
+    "ESTIMATORS",
+    "IFT",
+    "NPG",
+    "UPG",
+    "GradientEstimator",
+    "OneStep",
+    "from_name",
+    "options",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .._options import registry_options, unknown_options
 from .anderson import Anderson
 from .base import (
     Solution,
@@ -41,14 +42,14 @@ def from_name(name: str, **options: Any) -> SolverBase:
         key = "fixed_point"
     if key not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(SOLVERS)}")
-    cls = SOLVERS[key]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for solver {key!r}; allowed: {', '.join(allowed)}"
-        )
-    return cls(**options)
+    unknown_options(SOLVERS[key], options, f"solver {key!r}")
+    return SOLVERS[key](**options)
+
+
+def options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of the solver ``name`` (keyword-only constructor parameters: annotation and
+    default), where the training config, ``--set`` and the ablation grid take them from."""
+    return registry_options(SOLVERS, name, "solver")
 
 
 __all__ = [
@@ -64,4 +65,5 @@ __all__ = [
     "check_solver",
     "compute_dtype",
     "from_name",
+    "options",
 ]

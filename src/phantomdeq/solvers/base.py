@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, make_flat_fn
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_bool, check_choice, check_float, check_int
 
 STOP_MODES = ("abs", "rel")
 #: denominator guard of the relative residual ||g(z) - z|| / (||z|| + REL_EPS); the residuals are
@@ -195,7 +195,10 @@ class SolverBase:
     Options are keyword-only. ``max_iter`` (>= 2) is the number of ``g`` evaluations; the solver
     returns, per sample, the best of the iterates whose residual it measured. ``check_every``
     sets how often the convergence test syncs with the host (a GPU stays busy in between);
-    ``None`` means every iteration on CPU and every 4 on CUDA.
+    ``None`` means every iteration on CPU and every 4 on CUDA. ``freeze_converged=True`` stops
+    each sample on its own: it keeps the first iterate whose residual reaches ``tol`` (as a loop
+    that stops every sample separately would) instead of its best one; the batch still iterates
+    until every sample has converged.
     """
 
     name = "solver"
@@ -207,8 +210,10 @@ class SolverBase:
         tol: float = 1e-4,
         stop: str = "rel",
         check_every: int | None = None,
+        freeze_converged: bool = False,
     ) -> None:
         owner = type(self).__name__
+        self.freeze_converged = check_bool("freeze_converged", freeze_converged, owner=owner)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int):
             raise TypeError(
                 f"{owner}: max_iter must be an integer >= 2, got {type(max_iter).__name__} "
@@ -315,6 +320,8 @@ class _Tracker:
         pair = torch.stack((abs_res, abs_res / xnorm.add_(REL_EPS)), dim=1)
         res = pair[:, self._col]
         improved = (res < best_res) & ~self.bad
+        if self.solver.freeze_converged:
+            improved &= best_res > self.solver.tol
         self.best_pair = torch.where(improved[:, None], pair, self.best_pair)
         self.nstep = torch.where(improved, self.niter, self.nstep)
         self._trace.append(res.masked_fill(self.bad, -math.inf).max())

@@ -29,14 +29,22 @@ class FixedPoint(SolverBase):
         stop: str = "rel",
         damping: float = 1.0,
         check_every: int | None = None,
+        freeze_converged: bool = False,
     ) -> None:
-        super().__init__(max_iter=max_iter, tol=tol, stop=stop, check_every=check_every)
+        super().__init__(
+            max_iter=max_iter,
+            tol=tol,
+            stop=stop,
+            check_every=check_every,
+            freeze_converged=freeze_converged,
+        )
         self.damping = check_float(
             "damping", damping, owner="FixedPoint", low=0.0, high=1.0, low_open=True
         )
 
     def _options(self) -> dict[str, object]:
-        return {**super()._options(), "damping": self.damping}
+        opts = {**super()._options(), "damping": self.damping}
+        return {**opts, "freeze_converged": True} if self.freeze_converged else opts
 
     def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         x = x0

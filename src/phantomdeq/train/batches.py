@@ -11,17 +11,9 @@ from torch import Tensor
 from phantomdeq.data import BatchLoader, augment_batch
 
 from .config import Config
+from .seeds import seed_of
 
 __all__ = ["Batches", "augment", "seed_of"]
-
-
-def seed_of(*parts: int) -> int:
-    """A 63-bit seed mixing integers (stable across processes and Python versions)."""
-    h = 1469598103934665603
-    for p in parts:
-        h ^= int(p) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def augment(x: Tensor, cfg: Config, generator: torch.Generator) -> Tensor:

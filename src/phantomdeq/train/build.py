@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, GradConfig, OptimConfig, SolverConfig
+from .config import Config, ConfigError, GradConfig, OptimConfig, SolverConfig, SolverSection
 from .distributed import DistInfo
 
 __all__ = [
@@ -32,16 +32,14 @@ def build_solver(cfg: SolverConfig) -> Any:
 
 
 def build_grad(cfg: GradConfig) -> Any:
-    """``pdq.grad.from_name`` for a :class:`GradConfig` (IFT gets its backward solver)."""
+    """``pdq.grad.from_name`` for a :class:`GradConfig` with the estimator's own options (a
+    solver option, IFT's, gets its solver section built)."""
     import phantomdeq.grad as grad
 
-    if cfg.name == "ift":
-        return grad.from_name("ift", solver=build_solver(cfg.backward_solver))
-    if cfg.name == "upg":
-        return grad.from_name("upg", k=cfg.k, lam=cfg.lam, checkpoint=cfg.checkpoint)
-    if cfg.name == "npg":
-        return grad.from_name("npg", k=cfg.k, lam=cfg.lam)
-    return grad.from_name(cfg.name)
+    options = {
+        k: build_solver(v) if isinstance(v, SolverSection) else v for k, v in cfg.kwargs().items()
+    }
+    return grad.from_name(cfg.name, **options)
 
 
 def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:

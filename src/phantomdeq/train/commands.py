@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from phantomdeq.cli import user_error
 from phantomdeq.data import DataError
 
 from .checkpoint import CheckpointError
@@ -66,18 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: str, code: int) -> int:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .trainer import TrainingError, TrainingInterrupted, run_training
 
     if args.config is None:
         if not args.resume or args.out is None:
-            return _error("--config is required (or --resume with --out RUN_DIR)", 2)
+            return user_error(PROG, "--config is required (or --resume with --out RUN_DIR)", 2)
         args.config = args.out / "config.yaml"
     out = args.out if args.out is not None else Path("runs") / args.config.stem
     again = f"{PROG} --out {out} --resume"
@@ -95,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (ConfigError, DataError) as exc:
-        return _error(str(exc), 2)
+        return user_error(PROG, str(exc), 2)
     except (CheckpointError, TrainingError, MetricsFileError, DistributedError) as exc:
-        return _error(str(exc), 1)
+        return user_error(PROG, str(exc), 1)
     except TrainingInterrupted as exc:
-        return _error(
-            f"interrupted by {exc.signal_name}: {exc}; continue with: {again}", exc.exit_code
+        return user_error(
+            PROG, f"interrupted by {exc.signal_name}: {exc}; continue with: {again}", exc.exit_code
         )
     except KeyboardInterrupt:
-        return _error(f"interrupted; continue with: {again}", 130)
+        return user_error(PROG, f"interrupted; continue with: {again}", 130)
     if int(os.environ.get("RANK", "0")) == 0:
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)

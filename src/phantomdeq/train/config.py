@@ -2,32 +2,50 @@
 
 A config file is a mapping with the sections of :class:`Config` (``model``, ``data``,
 ``solver``, ``eval_solver``, ``grad``, ``optim``, ``train``, ``log``). Every section is a
-dataclass; unknown keys and values of the wrong type are errors (:class:`ConfigError`) that name
-the dotted key and the expected type or the allowed values. ``--set key=value`` overrides are
-applied to the raw mapping before parsing, so they are checked the same way.
+pydantic model (strict types, unknown keys refused); a refusal is a :class:`ConfigError` naming
+the dotted key, what is allowed and the value given. ``--set key=value`` overrides are applied
+to the raw mapping before parsing, so they are checked the same way.
 
-New options are added by adding a field with a default to a section dataclass (for example
-``train.monitor_every: int = 0`` for the gradient-quality monitor); the parser, the
-``--set`` overrides and the saved ``config.yaml`` pick it up without further changes.
+pydantic v2 does the parsing: strict typing (no "yes" for a bool, no 2.5 for an int), nested
+models, ``extra="forbid"`` and located errors are what the hand-written parser did, and the
+solver and estimator sections are *generated* from the classes' keyword-only options
+(``pdq.solvers.options``, ``pdq.grad.options``): a new solver or estimator option appears in
+the YAML, ``--set`` and the ablation grid without a change here, validated by its class.
+New options of the other sections are added as a field with a default.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import copy
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args
+
+import pydantic
+from pydantic import BaseModel, Field
 
 from phantomdeq import grad as grad_estimators
 from phantomdeq import solvers as solver_classes
 from phantomdeq.data import DATASET_CHANNELS
 
 from .atomic import atomic_write
+from .data_root import resolve_data_root
 from .precision import check_precision
+from .sections import (
+    NESTED_SOLVERS,
+    ConfigError,
+    Float,
+    GradConfig,
+    GradSection,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Section,
+    SolverConfig,
+    SolverSection,
+    solver_default,
+)
 
 __all__ = [
     "Config",
@@ -39,6 +57,9 @@ __all__ = [
     "OptimConfig",
     "SolverConfig",
     "TrainConfig",
+    "NESTED_SOLVERS",
+    "GradSection",
+    "SolverSection",
     "apply_overrides",
     "config_differences",
     "config_from_dict",
@@ -46,148 +67,26 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_overrides",
+    "reset_options",
     "resolve_data_root",
+    "unused_options",
 ]
 
 
-class ConfigError(ValueError):
-    """Invalid configuration: the message names the dotted key and what is allowed."""
+# --------------------------------------------------------------------------- the other sections
 
 
-SolverName = Literal["fixed_point", "anderson", "broyden"]
-
-#: the options of :class:`SolverConfig` that belong to one solver class only
-SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "anderson": ("m", "beta", "lam"),
-    "fixed_point": ("damping",),
-    "broyden": ("memory",),
-}
-
-
-def _construct(build: Any, options: dict[str, Any], prefix: str) -> None:
-    """Build an object from ``options`` (the library class validates them); a refusal becomes a
-    :class:`ConfigError` naming the dotted key of the offending option -- found by building
-    with that option alone -- and keeping the class's message (what is allowed)."""
-    try:
-        build(**options)
-    except (TypeError, ValueError) as exc:
-        culprits = []
-        for key, value in options.items():
-            try:
-                build(**{key: value})
-            except (TypeError, ValueError):
-                culprits.append(key)
-        keys = ", ".join(f"{prefix}.{k}" for k in (culprits or options))
-        message = " ".join(str(exc).split())
-        raise ConfigError(f"{keys}: {message}") from exc
-
-
-GradName = Literal["ift", "upg", "npg", "onestep", "bptt"]
-DatasetName = Literal["digits", "mnist", "cifar10", "imagefolder"]
-
-
-@dataclass
-class SolverConfig:
-    """A forward (or IFT backward) fixed-point solver, built with ``pdq.solvers.from_name``.
-
-    ``m``, ``beta`` and ``lam`` apply to Anderson acceleration, ``damping`` to the fixed-point
-    iteration and ``memory`` to Broyden's method; each is passed only to the solver it belongs to.
-    """
-
-    name: SolverName = "anderson"
-    max_iter: int = 22
-    tol: float = 1e-4
-    stop: Literal["rel", "abs"] = "rel"
-    m: int = 5
-    beta: float = 1.0
-    lam: float = 1e-4
-    damping: float = 1.0
-    memory: int | None = None
-
-    def validate(self, prefix: str) -> None:
-        _positive_int(self.max_iter, f"{prefix}.max_iter")
-        _nonneg_float(self.tol, f"{prefix}.tol")
-        _positive_int(self.m, f"{prefix}.m")
-        if not 0.0 < self.damping <= 1.0:
-            raise ConfigError(f"{prefix}.damping: must be in (0, 1], got {self.damping!r}")
-        if self.memory is not None:
-            _positive_int(self.memory, f"{prefix}.memory")
-        # the solver classes own their option checks (beta, lam, ...): build every solver that
-        # has options here, so that no value in the config is invalid, used or not
-        common = {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
-        for name, keys in SOLVER_OPTIONS.items():
-            options = {**common, **{k: getattr(self, k) for k in keys}}
-
-            def build(name: str = name, **kw: Any) -> Any:
-                return solver_classes.from_name(name, **kw)
-
-            _construct(build, options, prefix)
-
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``pdq.solvers.from_name(self.name, **kwargs)``."""
-        out: dict[str, Any] = {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
-        if self.name == "anderson":
-            out.update(m=self.m, beta=self.beta, lam=self.lam)
-        elif self.name == "fixed_point":
-            out.update(damping=self.damping)
-        elif self.name == "broyden":
-            out.update(memory=self.memory)
-        return out
-
-
-def _ift_backward_default() -> SolverConfig:
-    return SolverConfig(name="fixed_point", max_iter=30, tol=1e-6)
-
-
-@dataclass
-class GradConfig:
-    """The gradient estimator (paper Sec. 2): ``ift`` (eq. 4), ``upg`` (unrolled phantom
-    gradient A^unr_{k,λ}, eq. 17), ``npg`` (Neumann phantom gradient A^neu_{k,λ}, eq. 18),
-    ``onestep`` (= UPG(1, 1)) or ``bptt``. ``k`` and ``lam`` apply to upg/npg, ``checkpoint`` to
-    upg, ``backward_solver`` to ift."""
-
-    name: GradName = "upg"
-    k: int = 5
-    lam: float = 0.5
-    checkpoint: bool = False
-    backward_solver: SolverConfig = field(default_factory=_ift_backward_default)
-
-    def validate(self, prefix: str) -> None:
-        _positive_int(self.k, f"{prefix}.k")
-        if not 0.0 < self.lam <= 1.0:
-            raise ConfigError(f"{prefix}.lam: must be in (0, 1], got {self.lam!r}")
-        self.backward_solver.validate(f"{prefix}.backward_solver")
-        # the estimator classes own their option checks: build the phantom gradients
-        for name, options in (
-            ("upg", {"k": self.k, "lam": self.lam, "checkpoint": self.checkpoint}),
-            ("npg", {"k": self.k, "lam": self.lam}),
-        ):
-
-            def build(name: str = name, **kw: Any) -> Any:
-                return grad_estimators.from_name(name, **kw)
-
-            _construct(build, options, prefix)
-
-
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Which model ``phantomdeq.models.build_model`` builds (``mdeq_tiny``, ``mdeq_cifar10m``,
     ``mdeq_imagenet18m``). ``dropout`` replaces the configuration's variational-dropout rate
     (null keeps it); ``overrides`` replaces other architecture fields (e.g. ``channels``)."""
 
-    name: str = "mdeq_tiny"
-    dropout: float | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self, prefix: str) -> None:
-        if not self.name:
-            raise ConfigError(f"{prefix}.name: must be a non-empty model name (e.g. 'mdeq_tiny')")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{prefix}.dropout: must be in [0, 1) or null, got {self.dropout!r}")
+    name: Annotated[str, Field(min_length=1)] = "mdeq_tiny"
+    dropout: Annotated[Float, Field(ge=0.0, lt=1.0)] | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Data set and batching. ``batch_size`` is the *global* batch (split over DDP ranks).
 
     ``root`` may be relative: it is looked up from the working directory, the config file's
@@ -204,44 +103,29 @@ class DataConfig:
     the centre; ``crop_padding`` does not apply.
     """
 
-    name: DatasetName = "digits"
+    name: Literal["digits", "mnist", "cifar10", "imagefolder"] = "digits"
     root: str | None = None
     download: bool = False
-    train_size: int | None = None
-    test_size: int | None = None
-    image_size: int | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 500
+    train_size: PosInt | None = None
+    test_size: PosInt | None = None
+    image_size: PosInt | None = None
+    mean: list[Float] | None = None
+    std: list[Float] | None = None
+    batch_size: PosInt = 128
+    eval_batch_size: PosInt = 500
     augment: bool = False
-    crop_padding: int = 4
+    crop_padding: NonNegInt = 4
     flip: bool = True
     drop_last: bool = True
-    num_workers: int = 0
+    num_workers: NonNegInt = 0
 
-    def validate(self, prefix: str) -> None:
-        _positive_int(self.batch_size, f"{prefix}.batch_size")
-        _positive_int(self.eval_batch_size, f"{prefix}.eval_batch_size")
-        for key in ("train_size", "test_size"):
-            value = getattr(self, key)
-            if value is not None:
-                _positive_int(value, f"{prefix}.{key}")
-        if self.crop_padding < 0:
-            raise ConfigError(f"{prefix}.crop_padding: must be >= 0, got {self.crop_padding!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers!r}")
-        if self.image_size is not None:
-            _positive_int(self.image_size, f"{prefix}.image_size")
-            if self.name != "imagefolder":
-                raise ConfigError(f"{prefix}.image_size: applies to name 'imagefolder' only")
+    def check(self, prefix: str) -> None:
+        if self.image_size is not None and self.name != "imagefolder":
+            raise ConfigError(f"{prefix}.image_size: applies to name 'imagefolder' only")
         if self.download and self.name != "cifar10":
             raise ConfigError(f"{prefix}.download: only name 'cifar10' can be downloaded")
         if self.name in ("mnist", "cifar10", "imagefolder") and self.root is None:
             raise ConfigError(f"{prefix}.root: required for data set {self.name!r}")
-        self._validate_normalization(prefix)
-
-    def _validate_normalization(self, prefix: str) -> None:
         if self.mean is None and self.std is None:
             return
         if self.mean is None or self.std is None:
@@ -255,14 +139,14 @@ class DataConfig:
                     f"{prefix}.{key}: needs one entry per channel of {self.name!r} "
                     f"({channels}), got {len(values)}: {values!r}"
                 )
-            if not all(math.isfinite(v) for v in values):
-                raise ConfigError(f"{prefix}.{key}: entries must be finite, got {values!r}")
         if any(v <= 0 for v in self.std):
             raise ConfigError(f"{prefix}.std: entries must be > 0, got {self.std!r}")
 
 
-@dataclass
-class OptimConfig:
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
+
+
+class OptimConfig(Section):
     """Optimiser and per-iteration learning-rate schedule.
 
     The schedule is linear warm-up over ``warmup_steps`` iterations from 0 to ``lr``, then (for
@@ -271,38 +155,25 @@ class OptimConfig:
     """
 
     name: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: PosFloat = 0.1
+    momentum: NonNegFloat = 0.9
     nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
+    betas: Annotated[list[Beta], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.999]
+    )
+    eps: PosFloat = 1e-8
+    weight_decay: NonNegFloat = 1e-4
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    grad_clip: float = 0.0
+    warmup_steps: NonNegInt = 0
+    min_lr: NonNegFloat = 0.0
+    grad_clip: NonNegFloat = 0.0
 
-    def validate(self, prefix: str) -> None:
-        _pos_float(self.lr, f"{prefix}.lr")
-        _nonneg_float(self.momentum, f"{prefix}.momentum")
-        _nonneg_float(self.weight_decay, f"{prefix}.weight_decay")
-        _nonneg_float(self.min_lr, f"{prefix}.min_lr")
-        _nonneg_float(self.grad_clip, f"{prefix}.grad_clip")
-        _pos_float(self.eps, f"{prefix}.eps")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{prefix}.warmup_steps: must be >= 0, got {self.warmup_steps!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"{prefix}.betas: must be two numbers in [0, 1), got {self.betas!r}")
+    def check(self, prefix: str) -> None:
         if self.nesterov and (self.name != "sgd" or self.momentum <= 0.0):
             raise ConfigError(f"{prefix}.nesterov: needs name 'sgd' and momentum > 0")
 
 
-def _monitor_solver_default() -> SolverConfig:
-    return SolverConfig(name="broyden", max_iter=60, tol=1e-6)
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Training loop options.
 
     ``pretrain_steps`` iterations of plain unrolled training (``model(x, mode="unrolled",
@@ -347,59 +218,35 @@ class TrainConfig:
     ``--resume`` continues from such a checkpoint exactly where it stopped.
     """
 
-    epochs: int = 10
+    epochs: PosInt = 10
     seed: int = 0
-    pretrain_steps: int = 0
-    unrolled_steps: int = 0
-    jac_reg_weight: float = 0.0
-    jac_reg_every: int = 1
-    eval_every: int = 1
+    pretrain_steps: NonNegInt = 0
+    unrolled_steps: NonNegInt = 0
+    jac_reg_weight: NonNegFloat = 0.0
+    jac_reg_every: PosInt = 1
+    eval_every: PosInt = 1
     device: str = "auto"
-    num_threads: int = 0
+    num_threads: NonNegInt = 0
     sync_bn: bool = True
     dtype: Literal["float32", "float64"] = "float32"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    label_smoothing: float = 0.0
-    monitor_every: int = 0
-    bn_recalibration_batches: int = 0
+    label_smoothing: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
+    monitor_every: NonNegInt = 0
+    bn_recalibration_batches: NonNegInt = 0
     monitor_params: Literal["cell", "all"] = "cell"
-    monitor_solver: SolverConfig = field(default_factory=_monitor_solver_default)
+    monitor_solver: SolverConfig = Field(
+        default_factory=solver_default(name="broyden", max_iter=60, tol=1e-6)
+    )
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 10
-    checkpoint_every_steps: int = 0
+    max_skipped_steps: PosInt = 10
+    checkpoint_every_steps: NonNegInt = 0
 
-    def validate(self, prefix: str) -> None:
-        _positive_int(self.epochs, f"{prefix}.epochs")
-        _positive_int(self.max_skipped_steps, f"{prefix}.max_skipped_steps")
-        if self.checkpoint_every_steps < 0:
-            raise ConfigError(
-                f"{prefix}.checkpoint_every_steps: must be >= 0 (0 = at epoch ends only), "
-                f"got {self.checkpoint_every_steps!r}"
-            )
-        if self.bn_recalibration_batches < 0:
-            raise ConfigError(
-                f"{prefix}.bn_recalibration_batches: must be >= 0 (0 = off), "
-                f"got {self.bn_recalibration_batches!r}"
-            )
-        if self.monitor_every < 0:
-            raise ConfigError(
-                f"{prefix}.monitor_every: must be >= 0 (0 = off), got {self.monitor_every!r}"
-            )
-        self.monitor_solver.validate(f"{prefix}.monitor_solver")
-        _positive_int(self.eval_every, f"{prefix}.eval_every")
-        _positive_int(self.jac_reg_every, f"{prefix}.jac_reg_every")
-        for key in ("pretrain_steps", "unrolled_steps", "num_threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)!r}")
+    def check(self, prefix: str) -> None:
+        self.monitor_solver.check(f"{prefix}.monitor_solver")
         if self.pretrain_steps > 0 and self.unrolled_steps < 1:
             raise ConfigError(
                 f"{prefix}.unrolled_steps: must be >= 1 when pretrain_steps > 0, "
                 f"got {self.unrolled_steps!r}"
-            )
-        _nonneg_float(self.jac_reg_weight, f"{prefix}.jac_reg_weight")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(
-                f"{prefix}.label_smoothing: must be in [0, 1), got {self.label_smoothing!r}"
             )
         problem = check_precision(self.precision, self.dtype)
         if problem is not None:
@@ -410,171 +257,113 @@ class TrainConfig:
             )
 
 
-@dataclass
-class LogConfig:
+class LogConfig(Section):
     """What the run writes: a tqdm progress bar on stderr, a ``kind: step`` record in
     ``metrics.jsonl`` every ``every`` iterations, TensorBoard logs (when installed) and
     ``curves.png`` at the end."""
 
     progress: bool = True
-    every: int = 1
+    every: PosInt = 1
     tensorboard: bool = True
     plot: bool = True
 
-    def validate(self, prefix: str) -> None:
-        _positive_int(self.every, f"{prefix}.every")
 
-
-@dataclass
-class Config:
+class Config(Section):
     """A whole training run. ``eval_solver: null`` evaluates with the training ``solver``."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
     eval_solver: SolverConfig | None = None
-    grad: GradConfig = field(default_factory=GradConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    grad: GradConfig = Field(default_factory=GradConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
-    def validate(self) -> None:
-        """Cross-field checks beyond the types (ranges, required combinations)."""
+    def validate(self) -> None:  # type: ignore[override]
+        """Cross-field checks beyond the types (ranges the classes own, combinations)."""
         for name in ("model", "data", "solver", "grad", "optim", "train", "log"):
-            getattr(self, name).validate(name)
+            getattr(self, name).check(name)
         if self.eval_solver is not None:
-            self.eval_solver.validate("eval_solver")
+            self.eval_solver.check("eval_solver")
 
 
-# --------------------------------------------------------------------------- checks
+def unused_options(cfg: Config) -> list[str]:
+    """Dotted keys that do not apply to this run: the grad options its estimator does not
+    declare (``backward_solver`` standing for ``solver``), the solver options its solver class
+    does not declare, ``train.unrolled_steps`` without pretraining."""
+    used = {NESTED_SOLVERS.get(k, k) for k in grad_estimators.options(cfg.grad.name)}
+    out = [f"grad.{k}" for k in type(cfg.grad).model_fields if k not in used | {"name"}]
+    used = set(solver_classes.options(cfg.solver.name))
+    out += [f"solver.{k}" for k in type(cfg.solver).model_fields if k not in used | {"name"}]
+    if cfg.train.pretrain_steps == 0:
+        out.append("train.unrolled_steps")
+    return out
 
 
-def _positive_int(value: int, key: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{key}: must be an integer >= 1, got {value!r}")
-
-
-def _pos_float(value: float, key: str) -> None:
-    if not (math.isfinite(value) and value > 0.0):
-        raise ConfigError(f"{key}: must be a finite number > 0, got {value!r}")
-
-
-def _nonneg_float(value: float, key: str) -> None:
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+def reset_options(cfg: Config, keys: list[str]) -> Config:
+    """A copy of ``cfg`` with the dotted ``keys`` (of sections) set to their defaults."""
+    out = cfg.model_copy(deep=True)
+    for key in keys:
+        section, name = key.split(".")
+        node = getattr(out, section)
+        default = type(node).model_fields[name].get_default(call_default_factory=True)
+        setattr(node, name, default)
+    return out
 
 
 # --------------------------------------------------------------------------- parsing
 
-# YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept such strings for float fields.
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+
+def _section_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    cls: Any = Config
+    for part in path:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        models = [
+            a
+            for a in (get_args(field.annotation) or (field.annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not models:
+            return None
+        cls = models[0]
+    return cls
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is dict:
-        return "mapping"
-    if origin is list:
-        (item,) = get_args(tp)
-        return f"list of {_type_name(item)}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got null")
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed or isinstance(value, bool):
-            raise ConfigError(
-                f"{key}: allowed values are {', '.join(map(repr, allowed))}; got {value!r}"
-            )
-        return value
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(
-                f"{key}: expected a mapping with string keys, got {type(value).__name__} {value!r}"
-            )
-        _, item = get_args(tp)
-        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(
-                f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
-            )
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _from_mapping(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    else:  # pragma: no cover - only reached if a field uses an unsupported annotation
-        raise TypeError(f"{key}: unsupported annotation {tp!r}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _from_mapping(cls: Any, raw: Any, prefix: str) -> Any:
-    where = prefix or "config"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"{dotted}: unknown key; allowed keys in {where}: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    return cls(**kwargs)
+def _message(err: Any) -> str:
+    loc = err["loc"]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    value = err["input"]
+    if err["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        where = ".".join(str(p) for p in loc[:-1]) or "config"
+        allowed = ", ".join(section.model_fields) if section is not None else "?"
+        return f"{key}: unknown key; allowed keys in {where}: {allowed}"
+    if err["type"] in ("model_type", "model_attributes_type"):
+        return f"{key or 'config'}: expected a mapping, got {type(value).__name__} {value!r}"
+    text = err["msg"][0].lower() + err["msg"][1:]
+    section = _section_at(loc[:-1])
+    field = None if section is None else section.model_fields.get(str(loc[-1]))
+    if field is not None and type(None) in get_args(field.annotation):
+        text += " or null"
+    return f"{key}: {text}; got {type(value).__name__} {value!r}"
 
 
 def config_from_dict(raw: Any) -> Config:
     """Build and validate a :class:`Config` from a plain mapping (e.g. parsed YAML)."""
-    cfg = _from_mapping(Config, raw, "")
+    try:
+        cfg = Config.model_validate({} if raw is None else raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError("; ".join(_message(e) for e in exc.errors())) from None
     cfg.validate()
-    return typing.cast(Config, cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested mapping (YAML / checkpoint friendly)."""
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -598,8 +387,6 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
     """Set dotted keys in a raw config mapping (returns a new mapping; unknown keys are caught
     when the result is parsed)."""
-    import copy
-
     out = copy.deepcopy(raw)
     for key, value in overrides:
         parts = key.split(".")
@@ -645,47 +432,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
                 raise ConfigError(f"{exc}; set data.root to the data directory{hint}") from exc
             cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # the loader fills it
     return cfg
-
-
-def _repo_root(start: Path) -> Path | None:
-    for d in (start, *start.parents):
-        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
-            return d
-    return None
-
-
-def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
-    """Find the data directory ``root``.
-
-    An absolute path must exist. A relative one is tried against the working directory, the
-    config file's directory, the repository root (found above the config file, the working
-    directory or this package) and the repository's parent (so ``../shared/data/mnist-t10k``
-    and ``shared/data/mnist-t10k`` both find a ``shared`` folder next to the repository).
-    Raises :class:`ConfigError` naming ``data.root`` and every path tried.
-    """
-    p = Path(root).expanduser()
-    if p.is_absolute():
-        if p.is_dir():
-            return p
-        raise ConfigError(f"data.root: directory {str(p)!r} does not exist")
-    bases: list[Path] = [Path.cwd()]
-    if config_dir is not None:
-        bases.append(config_dir)
-    for start in (config_dir, Path.cwd(), Path(__file__).resolve().parent):
-        if start is None:
-            continue
-        repo = _repo_root(start)
-        if repo is not None:
-            bases += [repo, repo.parent]
-    tried: list[str] = []
-    for base in bases:
-        cand = (base / p).resolve()
-        if str(cand) in tried:
-            continue
-        tried.append(str(cand))
-        if cand.is_dir():
-            return cand
-    raise ConfigError(f"data.root: directory {root!r} not found (tried: {', '.join(tried)})")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

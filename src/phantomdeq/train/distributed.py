@@ -53,6 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .seeds import order_seed
+
 __all__ = [
     "DistInfo",
     "DistributedError",
@@ -193,7 +195,7 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The global sample order of ``epoch``: a permutation of ``range(n)`` that depends only on
     ``(seed, epoch)`` (so a resumed run sees the same order as an uninterrupted one)."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919 + 17) % (2**63))
+    g = torch.Generator().manual_seed(order_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 

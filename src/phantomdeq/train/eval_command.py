@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from phantomdeq.cli import user_error
 from phantomdeq.data import DataError
 from phantomdeq.errors import DEQError
 
@@ -46,11 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     return p
-
-
-def _error(message: str, code: int) -> int:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 precision=cfg.train.precision,
             )
     except (ConfigError, CheckpointError, DataError) as exc:
-        return _error(str(exc), 2)
+        return user_error(PROG, str(exc), 2)
     except DEQError as exc:
-        return _error(
+        return user_error(
+            PROG,
             f"evaluating {source!r} produced non-finite values ({exc}); try more "
             f"eval_solver.max_iter or another checkpoint",
             1,

@@ -19,7 +19,7 @@ from typing import Any
 
 from .atomic import atomic_write
 
-__all__ = ["MetricsFileError", "MetricsLogger", "plot_curves", "read_metrics", "truncate_metrics"]
+__all__ = ["MetricsFileError", "MetricsLogger", "read_metrics", "truncate_metrics"]
 
 
 class MetricsFileError(RuntimeError):
@@ -125,76 +125,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             raise MetricsFileError(f"{str(path)!r} line {number} is not a JSON object")
         rows.append(row)
     return rows
-
-
-def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Draw loss, accuracy and forward residual against the step into ``out_path`` (PNG), plus
-    the gradient-quality monitor's cosine (``monitor_cos``) when the run recorded it.
-
-    Returns None (and draws nothing) when matplotlib is missing or there are no records.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return None
-    rows = read_metrics(metrics_path)
-    steps = [r for r in rows if r.get("kind") == "step"]
-    epochs = [r for r in rows if r.get("kind") == "epoch"]
-    if not steps and not epochs:
-        return None
-
-    def series(rs: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-        xs, ys = [], []
-        for r in rs:
-            v = r.get(key)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                xs.append(float(r["step"]))
-                ys.append(float(v))
-        return xs, ys
-
-    monitor = series(steps, "monitor_cos")
-    fig, axes = plt.subplots(1, 4 if monitor[0] else 3, figsize=(18.5 if monitor[0] else 14, 3.8))
-    ax = axes[0]
-    ax.plot(*series(steps, "train_loss"), lw=0.8, label="train (step)")
-    ax.plot(*series(epochs, "test_loss"), "o-", label="test (epoch)")
-    ax.set_title("loss")
-    ax.set_xlabel("step")
-    ax.legend()
-    ax = axes[1]
-    ax.plot(*series(steps, "train_acc"), lw=0.8, alpha=0.6, label="train (step)")
-    ax.plot(*series(epochs, "test_acc"), "o-", label="test (epoch)")
-    ax.set_title("accuracy")
-    ax.set_xlabel("step")
-    ax.set_ylim(0.0, 1.0)
-    ax.legend()
-    ax = axes[2]
-    xs, ys = series(steps, "fwd_residual")
-    if xs:
-        ax.semilogy(xs, [max(y, 1e-12) for y in ys], lw=0.8, label="train forward")
-    xs, ys = series(epochs, "test_fwd_residual")
-    if xs:
-        ax.semilogy(xs, [max(y, 1e-12) for y in ys], "o-", label="test forward")
-    ax.set_title("relative residual ||F(h)-h||/||h||")
-    ax.set_xlabel("step")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    if monitor[0]:
-        # the gradient-quality monitor (paper Fig. 2): cosine of the used vs the exact gradient
-        ax = axes[3]
-        ax.plot(*monitor, "o-", ms=3, label="cos(used, exact)")
-        ax.axhline(0.0, color="k", lw=0.6)
-        ax.set_ylim(min(-0.05, min(monitor[1]) - 0.05), 1.02)
-        ax.set_title("gradient cosine vs exact (monitor)")
-        ax.set_xlabel("step")
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
 
 
 def _position_of(row: dict[str, Any]) -> tuple[int, int] | None:

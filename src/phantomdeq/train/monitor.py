@@ -29,7 +29,6 @@ change the training trajectory (nor resume determinism).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -37,7 +36,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientMonitor", "cosine_and_ratio", "find_deq", "plot_monitor"]
+from phantomdeq.diagnostics import cosine_similarity
+
+__all__ = ["GradientMonitor", "cosine_and_ratio", "find_deq"]
 
 MONITOR_PARAMS = ("cell", "all")
 
@@ -59,18 +60,12 @@ def cosine_and_ratio(a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[float, f
     concatenated, in float64."""
     if len(a) != len(b):
         raise ValueError(f"cosine_and_ratio: got {len(a)} and {len(b)} tensors")
-    dot = torch.zeros((), dtype=torch.float64)
-    na = torch.zeros((), dtype=torch.float64)
-    nb = torch.zeros((), dtype=torch.float64)
-    for x, y in zip(a, b):
-        x64 = x.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
-        y64 = y.detach().reshape(-1).to(dtype=torch.float64, device="cpu")
-        dot += x64 @ y64
-        na += x64 @ x64
-        nb += y64 @ y64
-    norm_a, norm_b = float(na.sqrt()), float(nb.sqrt())
-    denom = norm_a * norm_b
-    cos = float(dot) / denom if denom > 0 else float("nan")
+    va, vb = (
+        torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for t in x])
+        for x in (a, b)
+    )
+    norm_a, norm_b = float(va.norm()), float(vb.norm())
+    cos = cosine_similarity(va, vb) if norm_a * norm_b > 0 else float("nan")
     ratio = norm_a / norm_b if norm_b > 0 else float("nan")
     return cos, ratio, norm_a, norm_b
 
@@ -301,76 +296,3 @@ def _grad(loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
         )
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
-
-
-def plot_monitor(
-    metrics_path: Any, out_path: Any, *, title: str | None = None, unconverged: float = 1e-3
-) -> Any:
-    """Draw the monitor's records of ``metrics.jsonl`` (``monitor_cos``, ``monitor_norm_ratio``
-    against the training step) into ``out_path`` -- the paper's Fig. 2 for one training run.
-    Measurements whose exact backward solve ended above ``unconverged`` (residual in the
-    monitor solver's stop mode) are marked: there the "exact" gradient is not exact.
-
-    Returns the path, or None when matplotlib is missing or there are no monitor records.
-    """
-    from pathlib import Path
-
-    from .metrics_log import read_metrics
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return None
-    rows = [
-        r
-        for r in read_metrics(metrics_path)
-        if r.get("kind") == "step" and isinstance(r.get("monitor_cos"), int | float)
-    ]
-    if not rows:
-        return None
-    steps = [float(r["step"]) for r in rows]
-    cos = [float(r["monitor_cos"]) for r in rows]
-    ratio = [
-        float(r["monitor_norm_ratio"])
-        if isinstance(r.get("monitor_norm_ratio"), int | float)
-        else math.nan
-        for r in rows
-    ]
-    res = [
-        float(r["monitor_exact_residual"])
-        if isinstance(r.get("monitor_exact_residual"), int | float)
-        else math.nan
-        for r in rows
-    ]
-    bad = [i for i, v in enumerate(res) if v > unconverged]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax.plot(steps, cos, "o-", ms=3, label="cos(g_used, g_exact)")
-    if bad:
-        ax.plot(
-            [steps[i] for i in bad],
-            [cos[i] for i in bad],
-            "rx",
-            ms=8,
-            label=f"exact backward solve not converged (residual > {unconverged:g})",
-        )
-        ax.legend(loc="lower right", fontsize=7)
-    ax.axhline(0.0, color="k", lw=0.6)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("cos(g_used, g_exact)")
-    ax.set_ylim(min(-0.05, min(cos) - 0.05), 1.02)
-    ax.set_title(title or "cosine vs the exact (IFT) gradient", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax2.semilogy(steps, ratio, "o-", ms=3, color="C1")
-    ax2.axhline(1.0, color="k", lw=0.6)
-    ax2.set_xlabel("training step")
-    ax2.set_ylabel("||g_used|| / ||g_exact||")
-    ax2.set_title("norm ratio")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

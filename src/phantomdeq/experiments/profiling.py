@@ -1,0 +1,134 @@
+"""Measuring one training step: named time marks (:class:`Clock`), a solver wrapper that marks
+its calls (:func:`timed_solver`) and the peak of live CPU tensor memory from the allocator's
+own events (:func:`cpu_peak_memory`; there is no allocator peak counter on CPU)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import phantomdeq as pdq
+
+__all__ = ["Clock", "MemoryProfile", "cpu_peak_memory", "timed_solver"]
+
+
+class Clock:
+    """Named time marks: ``perf_counter`` on CPU, CUDA events on GPU (no extra host syncs)."""
+
+    def __init__(self, device: torch.device, *, profile_marks: bool = False) -> None:
+        self.cuda = device.type == "cuda"
+        self.profile_marks = profile_marks
+        self.marks: dict[str, Any] = {}
+
+    def mark(self, name: str) -> None:
+        if self.profile_marks:  # an empty profiler range: its timestamp locates the mark
+            with torch.profiler.record_function(f"phantomdeq.mark.{name}"):
+                pass
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks[name] = ev
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def ms(self, a: str, b: str) -> float:
+        if a not in self.marks or b not in self.marks:
+            return math.nan
+        if self.cuda:
+            return float(self.marks[a].elapsed_time(self.marks[b]))
+        return (self.marks[b] - self.marks[a]) * 1e3
+
+
+class TimedSolver:
+    """``solver`` with the marks ``solve_start``/``solve_end`` set on ``clock`` around each call
+    (a wrapper conforming to the :class:`phantomdeq.Solver` protocol)."""
+
+    def __init__(self, solver: pdq.Solver, clock: Any) -> None:
+        self.solver = solver
+        self.clock = clock
+
+    def __call__(self, g: Any, z0: Any) -> pdq.Solution:
+        self.clock.mark("solve_start")
+        sol = self.solver(g, z0)
+        self.clock.mark("solve_end")
+        return sol
+
+    def __repr__(self) -> str:
+        return f"timed({self.solver!r})"
+
+
+class TimedUnrollingSolver(TimedSolver):
+    """:class:`TimedSolver` of a solver that also unrolls (BPTT's forward)."""
+
+    def unroll(self, g: Any, z0: Any) -> tuple[Any, pdq.Solution]:
+        self.clock.mark("solve_start")
+        out = self.solver.unroll(g, z0)  # type: ignore[attr-defined]
+        self.clock.mark("solve_end")
+        return out  # type: ignore[no-any-return]
+
+
+def timed_solver(solver: pdq.Solver, clock: Any) -> pdq.Solver:
+    """A wrapper of ``solver`` whose calls (and ``unroll`` calls, when ``solver`` has them) set
+    the marks ``solve_start``/``solve_end`` on ``clock`` (anything with a ``mark(name)``
+    method). It satisfies the solver protocol, so ``DEQ`` accepts it like ``solver`` itself."""
+    if isinstance(solver, pdq.UnrollingSolver):
+        return TimedUnrollingSolver(solver, clock)
+    return TimedSolver(solver, clock)
+
+
+@dataclass
+class MemoryProfile:
+    """Result of :func:`cpu_peak_memory`: bytes relative to the live memory at the start."""
+
+    peak_bytes: int
+    at_marks: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+
+
+def cpu_peak_memory(fn: Callable[[], object], *, marks: Sequence[str] = ()) -> MemoryProfile:
+    """Peak of live CPU tensor bytes while ``fn()`` runs, from the allocator's own events.
+
+    ``torch.profiler`` with ``profile_memory=True`` records one ``[memory]`` event per CPU
+    allocation (positive ``nbytes``) and per free (negative ``nbytes``) with its timestamp. Their
+    running sum, in time order, is the number of bytes allocated during ``fn`` that are still
+    live; its maximum is the peak. Frees of memory allocated before profiling started carry no
+    size and are ignored (so the result never under-counts). ``marks`` are names of
+    ``record_function`` ranges opened by ``fn`` as ``phantomdeq.mark.<name>``; the live bytes at
+    each one's start are returned in ``at_marks``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
+    ) as prof:
+        fn()
+    raw = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+    mem: list[tuple[int, int]] = []
+    mark_ts: dict[str, int] = {}
+    for e in raw:
+        name = e.name()
+        if name == "[memory]":
+            if e.device_type() == torch.autograd.DeviceType.CPU:
+                mem.append((e.start_ns(), e.nbytes()))
+        elif name.startswith("phantomdeq.mark."):
+            mark_ts[name[len("phantomdeq.mark.") :]] = e.start_ns()
+    mem.sort(key=lambda t: t[0])
+    live = 0
+    peak = 0
+    at: dict[str, int] = {}
+    pending = sorted((ts, m) for m, ts in mark_ts.items() if m in marks)
+    i = 0
+    for ts, nbytes in mem:
+        while i < len(pending) and pending[i][0] < ts:
+            at[pending[i][1]] = live
+            i += 1
+        live += nbytes
+        peak = max(peak, live)
+    for _, m in pending[i:]:
+        at[m] = live
+    return MemoryProfile(peak_bytes=peak, at_marks=at, events=len(mem))

@@ -1,0 +1,177 @@
+"""The base of the config sections and the sections generated from the declared options of
+the solver and estimator classes (their keyword-only constructor parameters, exposed by
+``pdq.solvers.options`` and ``pdq.grad.options``): ``SolverConfig`` and ``GradConfig``."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from phantomdeq import grad as grad_estimators
+from phantomdeq import solvers as solver_classes
+
+__all__ = [
+    "NESTED_SOLVERS",
+    "ConfigError",
+    "Float",
+    "GradConfig",
+    "GradSection",
+    "Section",
+    "SolverConfig",
+    "SolverSection",
+    "NonNegFloat",
+    "NonNegInt",
+    "PosFloat",
+    "PosInt",
+    "solver_default",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message names the dotted key and what is allowed."""
+
+
+# YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept such strings for float fields.
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+
+
+def _yaml_float(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()) else value
+
+
+Float = Annotated[float, BeforeValidator(_yaml_float)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[Float, Field(gt=0)]
+NonNegFloat = Annotated[Float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """A config section: strict types, finite floats, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    def check(self, prefix: str) -> None:
+        """Cross-field checks beyond the types (raise :class:`ConfigError`)."""
+
+
+def _construct(build: Any, options: dict[str, Any], prefix: str) -> None:
+    """Build an object from ``options`` (the library class validates them); a refusal becomes a
+    :class:`ConfigError` naming the dotted key of the offending option -- found by building
+    with that option alone -- and keeping the class's message (what is allowed)."""
+    try:
+        build(**options)
+    except (TypeError, ValueError) as exc:
+        culprits = []
+        for key, value in options.items():
+            try:
+                build(**{key: value})
+            except (TypeError, ValueError):
+                culprits.append(key)
+        keys = ", ".join(f"{prefix}.{k}" for k in (culprits or options))
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{keys}: {message}") from exc
+
+
+# --------------------------------------------------------------------------- solvers, estimators
+
+#: estimator options holding a solver, and the config key of their nested solver section
+NESTED_SOLVERS = {"solver": "backward_solver"}
+
+
+def _option_fields(
+    registry: dict[str, type], options: Any, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """pydantic fields for the union of the registry's classes' keyword-only options (a float
+    option also takes YAML's "1e-4" strings). An option several classes declare (``k`` of UPG
+    and NPG, ``max_iter`` of every solver) is one key, typed and defaulted by the first class in
+    registry order that declares it; ``defaults`` replaces class defaults."""
+    fields: dict[str, Any] = {"name": (Literal[tuple(registry)], defaults.get("name"))}
+    for cls_name in registry:
+        for name, p in options(cls_name).items():
+            if name in NESTED_SOLVERS:
+                continue
+            if name not in fields:
+                ann = Float if p.annotation is float else p.annotation
+                fields[name] = (ann, defaults.get(name, p.default))
+    return fields
+
+
+class SolverSection(Section):
+    """A forward (or IFT backward) fixed-point solver, built with ``pdq.solvers.from_name``.
+    Its keys are ``name`` and the options of every solver class (``pdq.solvers.options``);
+    each option is passed only to the solvers that declare it, and every solver is built with
+    its options when the config is checked, so no value in the config is invalid, used or not.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=True)  # the solver classes check the values
+    name: str = "anderson"
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pdq.solvers.from_name(self.name, **kwargs)``."""
+        return {k: getattr(self, k) for k in solver_classes.options(self.name)}
+
+    def check(self, prefix: str) -> None:
+        for name in solver_classes.SOLVERS:
+            opts = {k: getattr(self, k) for k in solver_classes.options(name)}
+            _construct(lambda n=name, **kw: solver_classes.from_name(n, **kw), opts, prefix)
+
+
+class GradSection(Section):
+    """The gradient estimator (paper Sec. 2): ``ift`` (eq. 4), ``upg`` (unrolled phantom
+    gradient A^unr_{k,λ}, eq. 17), ``npg`` (Neumann phantom gradient A^neu_{k,λ}, eq. 18),
+    ``onestep`` (= UPG(1, 1)) or ``bptt``. Its keys are ``name``, the options of every
+    estimator class (``pdq.grad.options``: ``k`` and ``lam`` of upg/npg, ``checkpoint`` of upg,
+    ``warn_unconverged`` of ift) and ``backward_solver``, the solver section of ift's
+    ``solver``."""
+
+    model_config = ConfigDict(allow_inf_nan=True)  # the estimator classes check the values
+    name: str = "upg"
+
+    def kwargs(self) -> dict[str, Any]:
+        """Options of ``self.name`` as config values (nested solvers as their sections)."""
+        out = {}
+        for k in grad_estimators.options(self.name):
+            out[k] = getattr(self, NESTED_SOLVERS.get(k, k))
+        return out
+
+    def check(self, prefix: str) -> None:
+        for key in NESTED_SOLVERS.values():
+            getattr(self, key).check(f"{prefix}.{key}")
+        for name in grad_estimators.ESTIMATORS:
+            keys = [k for k in grad_estimators.options(name) if k not in NESTED_SOLVERS]
+            opts = {k: getattr(self, k) for k in keys}
+            _construct(lambda n=name, **kw: grad_estimators.from_name(n, **kw), opts, prefix)
+
+
+def solver_default(**values: Any) -> Any:
+    return lambda: SolverConfig(**values)
+
+
+if TYPE_CHECKING:  # the generated classes, as the type checker sees them
+    SolverConfig = SolverSection
+    GradConfig = GradSection
+else:
+    SolverConfig = pydantic.create_model(
+        "SolverConfig",
+        __base__=SolverSection,
+        __module__=__name__,
+        **_option_fields(
+            solver_classes.SOLVERS, solver_classes.options, {"name": "anderson", "max_iter": 22}
+        ),
+    )
+    SolverConfig.__doc__ = SolverSection.__doc__
+    GradConfig = pydantic.create_model(
+        "GradConfig",
+        __base__=GradSection,
+        __module__=__name__,
+        backward_solver=(
+            SolverConfig,
+            Field(default_factory=solver_default(name="fixed_point", max_iter=30, tol=1e-6)),
+        ),
+        **_option_fields(grad_estimators.ESTIMATORS, grad_estimators.options, {"name": "upg"}),
+    )
+    GradConfig.__doc__ = GradSection.__doc__

@@ -1,0 +1,169 @@
+"""Setting a run up from its config: processes and device, mixed precision, the run folder,
+data, model, optimiser and schedule, the position to start from (a resumed checkpoint or the
+beginning), the gradient monitor and the metrics files (:class:`SetupMixin`)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .batches import Batches
+from .build import (
+    build_model,
+    build_solver,
+    info_get,
+    load_data,
+    make_optimizer,
+    prepare_data,
+    resolve_device,
+)
+from .config import ConfigError, dump_config
+from .distributed import convert_batchnorm, init_distributed, rank0_first, shard_batches
+from .metrics_log import MetricsLogger, truncate_metrics
+from .precision import MixedPrecision, check_precision
+from .run_dir import RunFolderError, prepare_run_folder
+from .schedule import LRSchedule
+from .seeds import seed_everything
+from .trainer_state import TrainerState
+
+__all__ = ["SetupMixin"]
+
+
+class SetupMixin(TrainerState):
+    """``_setup`` (called first by ``fit``, inside its ``try``) and its parts."""
+
+    def _setup(self) -> None:
+        cfg = self.config
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        wanted = cfg.train.device
+        device_type = (
+            "cuda"
+            if wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        self.dist = init_distributed(device_type)
+        self.device = resolve_device(wanted, self.dist)
+        problem = check_precision(cfg.train.precision, cfg.train.dtype, self.device.type)
+        if problem is not None:
+            raise ConfigError(problem)
+        self.amp = MixedPrecision(cfg.train.precision, self.device.type)
+        if self.amp.scaling:  # fp16: the loss scale found so far is part of the training state
+            self.extra_state["grad_scaler"] = self.amp.scaler
+        self._prepare_folder()
+        try:
+            self._build()
+        except BaseException:
+            # a run that fails before training leaves no folder it created
+            if self.run_folder is not None:
+                self.run_folder.discard()
+            raise
+
+    def _prepare_folder(self) -> None:
+        """Rank 0 checks and prepares the run folder; every rank learns the verdict."""
+        problem: RunFolderError | None = None
+        if self.dist.is_main:
+            try:
+                self.run_folder = prepare_run_folder(
+                    self.out_dir, resume=self.resume, overwrite=self.overwrite
+                )
+            except RunFolderError as exc:
+                problem = exc
+        if self._any_rank(problem is not None):
+            raise problem or RunFolderError(f"--out: rank 0 refused {str(self.out_dir)!r}")
+        if self.run_folder is not None and self.run_folder.removed:
+            print(
+                f"phantomdeq: --overwrite: deleted the previous run's "
+                f"{', '.join(self.run_folder.removed)} in {str(self.out_dir)!r}",
+                file=sys.stderr,
+            )
+
+    def _build(self) -> None:
+        cfg = self.config
+        self._build_model_and_data()
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.schedule = self._make_schedule(cfg.train.epochs)
+        self._start_position()
+        resume_from = self.out_dir / "last.pt"
+        if self.resume and resume_from.is_file():
+            self._load_resume()
+        elif self.resume:
+            # killed before its first last.pt (best.pt may exist: a kill between the two writes)
+            self._adopt_best()
+            if self.dist.is_main:
+                print(
+                    f"phantomdeq: no checkpoint in {str(self.out_dir)!r} yet; starting the run "
+                    f"from the beginning",
+                    file=sys.stderr,
+                )
+                truncate_metrics(self.out_dir / "metrics.jsonl", 0, 0, 0)
+        if self.dist.is_main:
+            dump_config(cfg, self.out_dir / "config.yaml")
+        self.monitor = None
+        if cfg.train.monitor_every > 0:
+            from phantomdeq.grad import IFT
+
+            from .monitor import GradientMonitor
+
+            self.monitor = GradientMonitor(
+                IFT(solver=build_solver(cfg.train.monitor_solver)), params=cfg.train.monitor_params
+            )
+        self.logger = MetricsLogger(
+            self.out_dir,
+            enabled=self.dist.is_main,
+            tensorboard=cfg.log.tensorboard,
+            append=self.resume,
+        )
+
+    def _build_model_and_data(self) -> None:
+        """Data sets, the model (DDP-wrapped with several processes), optimiser and the
+        epoch length."""
+        cfg = self.config
+        # rank 0 prepares (downloads) the data while the other ranks wait, then all load it
+        rank0_first(lambda: prepare_data(cfg), self.dist)
+        train_ds, test_ds, info = load_data(cfg)
+        self.train_data = Batches(train_ds, cfg.data.num_workers)
+        self.test_ds = test_ds
+        self.num_classes = int(info_get(info, "num_classes"))
+        self.in_channels = int(info_get(info, "in_channels"))
+
+        seed_everything(cfg.train.seed)
+        self.dtype = getattr(torch, cfg.train.dtype)
+        model = build_model(cfg, self.num_classes, self.in_channels).to(self.device, self.dtype)
+        self.net = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if cfg.train.sync_bn:
+                model = convert_batchnorm(model, self.device.type)
+                self.net = model
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.optimizer = make_optimizer(self.net, cfg.optim)
+        self.steps_per_epoch = len(
+            shard_batches(
+                torch.arange(len(self.train_data)),
+                cfg.data.batch_size,
+                self.dist,
+                drop_last=cfg.data.drop_last,
+            )
+        )
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size: {cfg.data.batch_size} is larger than the training set "
+                f"({len(self.train_data)} samples) with drop_last; lower it or set data.drop_last: false"
+            )
+
+    def _make_schedule(self, epochs: int) -> LRSchedule:
+        o = self.config.optim
+        return LRSchedule(
+            self.optimizer,
+            base_lr=o.lr,
+            total_steps=self.steps_per_epoch * epochs,
+            warmup_steps=o.warmup_steps,
+            min_lr=o.min_lr,
+            kind=o.schedule,
+        )
