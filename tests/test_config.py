@@ -110,6 +110,13 @@ def test_wrong_type_names_key_and_expected_type(raw: dict, pattern: str) -> None
         ({"optim": {"lr": -1.0}}, r"optim\.lr: input should be greater than 0; got float -1\.0"),
         ({"grad": {"lam": 1.5}}, r"grad\.lam: UPG: lam must be in \(0, 1\]"),
         ({"grad": {"k": 0}}, r"grad\.k: UPG: k must be an integer >= 1"),
+        # a shared option's error names the configured class, not the first one registered
+        ({"grad": {"name": "npg", "k": 0}}, r"grad\.k: NPG: k must be an integer >= 1"),
+        ({"solver": {"max_iter": 1}}, r"solver\.max_iter: Anderson: max_iter must be"),
+        (
+            {"solver": {"name": "broyden", "max_iter": 1}},
+            r"solver\.max_iter: Broyden: max_iter must be",
+        ),
         (
             {"train": {"pretrain_steps": 5}},
             r"train\.unrolled_steps: must be >= 1 when pretrain_steps > 0",

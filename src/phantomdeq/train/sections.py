@@ -115,7 +115,8 @@ class SolverSection(Section):
         return {k: getattr(self, k) for k in solver_classes.options(self.name)}
 
     def check(self, prefix: str) -> None:
-        for name in solver_classes.SOLVERS:
+        # the named solver first, so that an error about a shared option names it
+        for name in _named_first(self.name, solver_classes.SOLVERS):
             opts = {k: getattr(self, k) for k in solver_classes.options(name)}
             _construct(lambda n=name, **kw: solver_classes.from_name(n, **kw), opts, prefix)
 
@@ -141,10 +142,16 @@ class GradSection(Section):
     def check(self, prefix: str) -> None:
         for key in NESTED_SOLVERS.values():
             getattr(self, key).check(f"{prefix}.{key}")
-        for name in grad_estimators.ESTIMATORS:
+        for name in _named_first(self.name, grad_estimators.ESTIMATORS):
             keys = [k for k in grad_estimators.options(name) if k not in NESTED_SOLVERS]
             opts = {k: getattr(self, k) for k in keys}
             _construct(lambda n=name, **kw: grad_estimators.from_name(n, **kw), opts, prefix)
+
+
+def _named_first(name: str, registry: Any) -> list[str]:
+    """The registry's names with ``name`` (when registered) first."""
+    names = list(registry)
+    return sorted(names, key=lambda n: n != name)
 
 
 def solver_default(**values: Any) -> Any:
