@@ -10,7 +10,14 @@ from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, as_tuple, like
 from .._validate import check_float
-from .base import Solution, SolverBase, _no_caller_autocast, _Tracker, compute_dtype
+from .base import (
+    Solution,
+    SolverBase,
+    _no_caller_autocast,
+    _Tracker,
+    compute_dtype,
+    sync_free,
+)
 
 
 class FixedPoint(SolverBase):
@@ -56,13 +63,15 @@ class FixedPoint(SolverBase):
         ``max_iter``); the returned state is differentiable w.r.t. everything ``g`` uses. The
         bookkeeping runs without graph, outside the caller's autocast, in float32 or wider.
         """
+        if sync_free() and not self.fixed_budget:
+            return _eager_unroll(self, g, z0)  # see SolverBase.__call__
         spec = StateSpec.of(z0)
         cdt = compute_dtype(spec.dtype)
 
         def flat(z: State) -> Tensor:
             return spec.flatten(z).detach().to(cdt, copy=True)
 
-        tracker = _Tracker(self, flat(z0))
+        tracker = _Tracker(self, flat(z0), sync_free=sync_free())
         if spec.batch == 0:  # one evaluation keeps the (empty) output connected to f
             return like(spec, spec.check(g(z0), who="f")), tracker.solution(spec)
         lam = self.damping
@@ -87,9 +96,19 @@ class FixedPoint(SolverBase):
         return _select(spec, iterates, sol.nstep), sol
 
 
+@torch.compiler.disable
+def _eager_unroll(
+    solver: FixedPoint, g: Callable[[State], Any], z0: State
+) -> tuple[State, Solution]:
+    """``solver.unroll(g, z0)`` outside ``torch.compile``'s tracing."""
+    return solver.unroll(g, z0)
+
+
+@torch.compiler.disable
 def _select(spec: StateSpec, iterates: list[State], nstep: Tensor) -> State:
     """Per sample, the iterate recorded at evaluation ``nstep`` (the first one if none improved),
-    differentiably; the last iterate itself when it is every sample's best."""
+    differentiably; the last iterate itself when it is every sample's best. It reads ``nstep``
+    on the host, so ``torch.compile`` does not trace it (the values would become guards)."""
     last = len(iterates) - 1
     index = (nstep - 1).clamp_(min=0)
     if bool((index == last).all()):
