@@ -4,10 +4,9 @@ per-sample best-iterate tracking without a host synchronisation per iteration.""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
@@ -180,20 +179,6 @@ def _in_autocast(
             return g(z)
 
     return g_autocast
-
-
-@contextlib.contextmanager
-def _no_caller_autocast(
-    device_type: str, g: Callable[[State], Any]
-) -> Iterator[Callable[[State], Any]]:
-    """Disable the caller's autocast for the solver's own arithmetic, and return ``g`` wrapped so
-    that it still runs in the caller's autocast context. Free when autocast is off."""
-    amp = _caller_autocast(device_type)
-    if amp is None:
-        yield g
-        return
-    with torch.autocast(device_type, enabled=False):
-        yield _in_autocast(g, device_type, *amp)
 
 
 def sync_free() -> bool:

@@ -13,7 +13,8 @@ from .._validate import check_float
 from .base import (
     Solution,
     SolverBase,
-    _no_caller_autocast,
+    _caller_autocast,
+    _in_autocast,
     _Tracker,
     compute_dtype,
     sync_free,
@@ -74,26 +75,39 @@ class FixedPoint(SolverBase):
         tracker = _Tracker(self, flat(z0), sync_free=sync_free())
         if spec.batch == 0:  # one evaluation keeps the (empty) output connected to f
             return like(spec, spec.check(g(z0), who="f")), tracker.solution(spec)
+        amp = _caller_autocast(spec.device.type)
+        if amp is None:
+            iterates = self._unroll_loop(g, z0, spec, tracker, flat)
+        else:
+            with torch.autocast(spec.device.type, enabled=False):
+                g_amp = _in_autocast(g, spec.device.type, *amp)
+                iterates = self._unroll_loop(g_amp, z0, spec, tracker, flat)
+        sol = tracker.solution(spec)
+        return _select(spec, iterates, sol.nstep), sol
+
+    def _unroll_loop(
+        self,
+        g: Callable[[State], Any],
+        z0: State,
+        spec: StateSpec,
+        tracker: _Tracker,
+        flat: Callable[[State], Tensor],
+    ) -> list[State]:
         lam = self.damping
         z = z0
         iterates: list[State] = []
-        with _no_caller_autocast(spec.device.type, g) as g_in:
-            while True:
-                fz_parts = spec.check(g_in(z), who="f")
-                fz = like(spec, fz_parts)
-                with torch.no_grad():
-                    stop = tracker.update(flat(z), spec.flatten(fz).detach().to(cdt))
-                iterates.append(z)
-                if stop:
-                    break
-                if lam == 1.0:
-                    z = fz
-                else:
-                    z = like(
-                        spec, [lam * a + (1.0 - lam) * b for a, b in zip(fz_parts, as_tuple(z))]
-                    )
-        sol = tracker.solution(spec)
-        return _select(spec, iterates, sol.nstep), sol
+        while True:
+            fz_parts = spec.check(g(z), who="f")
+            fz = like(spec, fz_parts)
+            with torch.no_grad():
+                stop = tracker.update(flat(z), spec.flatten(fz).detach().to(tracker.best.dtype))
+            iterates.append(z)
+            if stop:
+                return iterates
+            if lam == 1.0:
+                z = fz
+            else:
+                z = like(spec, [lam * a + (1.0 - lam) * b for a, b in zip(fz_parts, as_tuple(z))])
 
 
 @torch.compiler.disable

@@ -345,6 +345,10 @@ class TrainConfig:
     ``max_skipped_steps`` consecutive skips. ``checkpoint_every_steps`` > 0 also writes
     ``last.pt`` every that many optimiser steps inside an epoch (0 = at epoch ends only);
     ``--resume`` continues from such a checkpoint exactly where it stopped.
+
+    ``compile: true`` runs the model through ``torch.compile`` (:mod:`phantomdeq.train.compile`):
+    a fixed-budget solve (``solver.tol: 0``) becomes one compiled graph; with ``tol > 0`` the
+    solve loop runs eagerly around the compiled cell. The first steps pay the compilation.
     """
 
     epochs: int = 10
@@ -367,6 +371,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
     checkpoint_every_steps: int = 0
+    compile: bool = False
 
     def validate(self, prefix: str) -> None:
         _positive_int(self.epochs, f"{prefix}.epochs")

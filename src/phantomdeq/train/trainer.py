@@ -222,6 +222,10 @@ class Trainer:
         np.random.seed(seed % 2**32)
         self.dtype = getattr(torch, cfg.train.dtype)
         model = build_model(cfg, self.num_classes, self.in_channels).to(self.device, self.dtype)
+        if cfg.train.compile:  # train.compile (issue 13): in place, state_dict keys unchanged
+            from .compile import compile_model
+
+            compile_model(model)
         self.net = model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
