@@ -154,3 +154,42 @@ def test_convergence_checks_split_the_graph_a_bounded_number_of_times():
     z_e, info_e = deq(cell.z0(3), xi)
     assert info_c.result == info_e.result == "converged" and info_c.niter == info_e.niter < 40
     assert D.relative_error([t.detach() for t in z_c], [t.detach() for t in z_e]) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes about the cell's modules
+def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkeypatch):
+    """``train.compile: true`` runs the model through ``compile_model`` (in place, so the
+    checkpoint keys are the eager model's); compiled with dynamo and the eager backend (the
+    inductor numerics are the other tests' business) the run's losses equal the eager run's,
+    and three more epochs compile no new graph."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("yaml")
+    import phantomdeq.train.compile as compile_module
+    from phantomdeq.train import run_training
+    from test_train import steps, tiny_config
+
+    real = compile_module.compile_model
+    calls = []
+
+    def spy(net, **options):
+        calls.append(type(net).__name__)
+        return real(net, backend="eager")
+
+    monkeypatch.setattr(compile_module, "compile_model", spy)
+    data = {"train_size": 32, "test_size": 16, "batch_size": 16}
+    losses, graphs = {}, {}
+    for name, compiled, epochs in (("eager", False, 2), ("short", True, 2), ("long", True, 5)):
+        torch._dynamo.reset()
+        counters.clear()
+        raw = tiny_config(train={"epochs": epochs, "compile": compiled}, data=data)
+        run_training(raw, tmp_path / name, progress=False)
+        losses[name] = [s["train_loss"] for s in steps(tmp_path / name)]
+        graphs[name] = _graphs()
+    assert calls == ["MDEQ", "MDEQ"]
+    assert losses["short"] == losses["eager"] == losses["long"][:4]
+    assert graphs["eager"] == 0 and graphs["short"] == graphs["long"] > 0
+    state = torch.load(tmp_path / "short" / "last.pt", weights_only=False)
+    assert (
+        state["model"].keys()
+        == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
+    )

@@ -316,13 +316,14 @@ class SolverBase:
         reuse = spec.device.type == "cpu" and not sync_free and not self._workspace_busy
         workspace = self._workspace if reuse else None
         tracker = _Tracker(self, x0, sync_free=sync_free, workspace=workspace)
-        if spec.batch > 0:
-            self._workspace_busy = reuse
+        if spec.batch > 0 and reuse:
+            self._workspace_busy = True
             try:
                 self._solve(gf, x0, tracker)
             finally:
-                if reuse:
-                    self._workspace_busy = False
+                self._workspace_busy = False
+        elif spec.batch > 0:
+            self._solve(gf, x0, tracker)
         return tracker
 
     def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:

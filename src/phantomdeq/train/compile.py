@@ -9,6 +9,8 @@ fixed-budget solve (``tol = 0``) is traced whole into the model's graph.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from phantomdeq.deq import DEQ
@@ -16,10 +18,11 @@ from phantomdeq.deq import DEQ
 __all__ = ["compile_model"]
 
 
-def compile_model(net: nn.Module) -> nn.Module:
-    """Compile ``net`` and the cells of its DEQs in place; returns ``net``."""
+def compile_model(net: nn.Module, **options: Any) -> nn.Module:
+    """Compile ``net`` and the cells of its DEQs in place (``options`` go to
+    ``torch.compile``, e.g. ``backend``); returns ``net``."""
     for module in net.modules():
         if isinstance(module, DEQ) and isinstance(module.f, nn.Module):
-            module.f.compile()
-    net.compile()
+            module.f.compile(**options)
+    net.compile(**options)
     return net
