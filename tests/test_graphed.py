@@ -96,35 +96,45 @@ def test_the_solution_does_not_alias_the_graphs_memory():
 
 class _ReplacingCell(torch.nn.Module):
     """Holds a tensor attribute it replaces on ``renew()`` (like a dropout mask resampled into a
-    new tensor): a captured graph would read the old one."""
+    new tensor for each solve) and a buffer it can replace."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = torch.nn.Linear(4, 4).double()
         self.scale = torch.full((4,), 0.5, dtype=torch.float64)
+        self.register_buffer("shift", torch.zeros(4, dtype=torch.float64))
 
     def renew(self, value: float) -> None:
         self.scale = torch.full((4,), value, dtype=torch.float64)
 
     def forward(self, z, x):
-        return torch.tanh(self.scale * self.lin(z) + x)
+        return torch.tanh(self.scale * self.lin(z) + x + self.shift)
 
 
-def test_a_cell_that_replaces_a_tensor_is_captured_again():
+def test_replaced_tensor_attributes_are_inputs_and_replaced_buffers_a_new_capture():
+    """A tensor attribute assigned anew (a dropout mask) is copied into the graph's static
+    copy before each replay: no new capture, the result follows the new value. A replaced
+    buffer (the graph would read the old one) is captured again, with a warning."""
     cell = _ReplacingCell()
     x = torch.randn(2, 4, dtype=torch.float64)
-    solver = pdq.FixedPoint(max_iter=5, tol=0.0)
-    deq = _graphed(pdq.DEQ(cell, solver=solver, grad=pdq.UPG(), cuda_graph=True))
+    z0 = torch.zeros(2, 4, dtype=torch.float64)
+    deq = _graphed(
+        pdq.DEQ(cell, solver=pdq.FixedPoint(max_iter=5, tol=0.0), grad=pdq.UPG(), cuda_graph=True)
+    )
     ref = pdq.DEQ(cell, solver=pdq.FixedPoint(max_iter=5, tol=0.0), grad=pdq.UPG())
     with torch.no_grad():
-        deq(torch.zeros(2, 4, dtype=torch.float64), x)
+        deq(z0, x)
         before = EagerCapture.captures
         cell.renew(0.9)
-        with pytest.warns(RuntimeWarning, match=r"replaced tensor\(s\) \['scale'\]"):
-            z, _ = deq(torch.zeros(2, 4, dtype=torch.float64), x)
-        z_ref, _ = ref(torch.zeros(2, 4, dtype=torch.float64), x)
-    assert EagerCapture.captures == before + 1
-    assert torch.equal(z, z_ref)
+        z, _ = deq(z0, x)
+        assert EagerCapture.captures == before
+        assert torch.equal(z, ref(z0, x)[0])
+        assert torch.equal(cell.scale, torch.full((4,), 0.9, dtype=torch.float64))
+        cell.shift = torch.full((4,), 0.1, dtype=torch.float64)  # a new buffer tensor
+        with pytest.warns(RuntimeWarning, match=r"buffer\(s\) \['shift'\] of f were replaced"):
+            z, _ = deq(z0, x)
+        assert EagerCapture.captures == before + 1
+        assert torch.equal(z, ref(z0, x)[0])
 
 
 def test_cuda_graph_option_refuses_what_it_cannot_capture():

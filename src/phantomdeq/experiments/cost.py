@@ -28,6 +28,12 @@ runs under ``torch.profiler`` with ``profile_memory=True``: every allocation and
 allocator is recorded with its byte count and timestamp; summing them in time order gives the
 live bytes allocated since the step started, whose maximum is the peak (see BENCHMARKS.md).
 
+Execution modes (``--modes``, side by side in one run, the rounds alternating over every
+method x mode): ``eager``; ``compile`` -- the DEQ, head and loss through ``torch.compile`` (the
+forward solve is traced into the graph, so no solve time is reported); ``graph`` (CUDA) -- the
+forward solve replayed from a CUDA graph (``DEQ(cuda_graph=True)``). Ratios to the reference
+method are taken within each mode.
+
 Outputs in ``--out``: ``cost.json`` (configuration, machine, records), ``cost.png`` (step time
 and peak memory vs k per method); the Table-2-style table with ratios to the reference IFT on
 stdout.
@@ -80,6 +86,7 @@ COMPLEXITY: dict[str, tuple[str, str, str]] = {
 
 FORWARD_SOLVERS = ("fixed_point", "anderson", "broyden")
 AMP_MODES = ("none", "bf16")
+EXEC_MODES = ("eager", "compile", "graph")
 DEVICES = ("cpu", "cuda")
 
 
@@ -139,6 +146,7 @@ class CostConfig:
     methods: tuple[str, ...] | None = None  # None: all
     reference: str = "ift_broyden"
     memory: bool = True
+    modes: tuple[str, ...] = ("eager",)
 
     def __post_init__(self) -> None:
         from phantomdeq.models import MDEQ_CONFIG_NAMES
@@ -184,6 +192,13 @@ class CostConfig:
                 )
         if self.reference not in names:
             raise ValueError(f"CostConfig.reference must be one of {names}, got {self.reference!r}")
+        bad = [m for m in self.modes if m not in EXEC_MODES]
+        if bad or not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(
+                f"CostConfig.modes must be distinct entries of {EXEC_MODES}, got {self.modes!r}"
+            )
+        if "graph" in self.modes and self.device != "cuda":
+            raise ValueError("CostConfig.modes: 'graph' (CUDA graphs) needs device='cuda'")
 
 
 def method_specs(ks: Sequence[int] = (1, 3, 5, 9)) -> list[MethodSpec]:
@@ -327,8 +342,30 @@ def _autocast(cfg: CostConfig) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+class _TimedGraphs:
+    """A DEQ's captured-solve cache with the marks ``solve_start``/``solve_end`` around each
+    replayed solve (graph mode)."""
+
+    def __init__(self, graphs: Any, clock: Any) -> None:
+        self.graphs = graphs
+        self.clock = clock
+
+    def supports(self, device: torch.device) -> bool:
+        return bool(self.graphs.supports(device))
+
+    @property
+    def backend(self) -> Any:
+        return self.graphs.backend
+
+    def __call__(self, *args: Any) -> Any:
+        self.clock.mark("solve_start")
+        sol = self.graphs(*args)
+        self.clock.mark("solve_end")
+        return sol
+
+
 class _Bench:
-    """Model, data and one DEQ per method; ``step(name, clock)`` runs one training step."""
+    """Model, data and one DEQ per method; ``step(name, clock, mode)`` runs one training step."""
 
     def __init__(self, cfg: CostConfig) -> None:
         from phantomdeq.models import build_model
@@ -354,27 +391,67 @@ class _Bench:
         self.bptt_solver = pdq.FixedPoint(max_iter=cfg.fwd_iters, tol=0.0)
         self.estimators = {name: spec.make(cfg) for name, spec in self.specs.items()}
         self.last_info: dict[str, Any] = {}
+        self._graphed: dict[str, pdq.DEQ] = {}
+        self._compiled: dict[str, Callable[..., Any]] = {}
 
-    def step(self, name: str, clock: Any) -> float:
+    def _inputs(self) -> tuple[Any, torch.Tensor]:
         cfg, model = self.cfg, self.model
-        spec = self.specs[name]
-        solver = self.bptt_solver if spec.family == "bptt" else self.fwd_solver
-        deq = pdq.DEQ(self.cell, solver=timed_solver(solver, clock), grad=self.estimators[name])
-        model.zero_grad(set_to_none=True)
-        clock.mark("start")
         with _autocast(cfg):
             inj = model.stem(self.x)
         inj = inj.float()
         z0 = model.initial_state(inj)
         model.f.reset(z0, generator=torch.Generator().manual_seed(cfg.seed + 2))
-        z, info = deq(z0, inj)
-        with _autocast(cfg):
-            logits = model.head(z if isinstance(z, tuple) else (z,))
-        loss = F.cross_entropy(logits.float(), self.y)
+        return z0, inj
+
+    def _head_loss(self, z: Any) -> torch.Tensor:
+        with _autocast(self.cfg):
+            logits = self.model.head(z if isinstance(z, tuple) else (z,))
+        return F.cross_entropy(logits.float(), self.y)
+
+    def supports(self, name: str, mode: str) -> bool:
+        """BPTT records its forward iteration: no captured solve."""
+        return not (mode == "graph" and self.specs[name].family == "bptt")
+
+    def step(self, name: str, clock: Any, mode: str = "eager") -> float:
+        spec = self.specs[name]
+        solver = self.bptt_solver if spec.family == "bptt" else self.fwd_solver
+        self.model.zero_grad(set_to_none=True)
+        clock.mark("start")
+        z0, inj = self._inputs()
+        if mode == "compile":
+            fn = self._compiled.get(name)
+            if fn is None:
+                deq = pdq.DEQ(self.cell, solver=solver, grad=self.estimators[name])
+
+                def core(z0: Any, inj: torch.Tensor, deq: pdq.DEQ = deq) -> Any:
+                    z, info = deq(z0, inj)
+                    return self._head_loss(z), info
+
+                fn = self._compiled[name] = torch.compile(core)
+            loss, info = fn(z0, inj)
+        else:
+            if mode == "graph":
+                if name not in self._graphed:
+                    self._graphed[name] = pdq.DEQ(
+                        self.cell, solver=solver, grad=self.estimators[name], cuda_graph=True
+                    )
+                deq = self._graphed[name]
+                graphs = deq._graphs
+                deq._graphs = _TimedGraphs(graphs, clock)  # type: ignore[assignment]
+                try:
+                    z, info = deq(z0, inj)
+                finally:
+                    deq._graphs = graphs
+            else:
+                deq = pdq.DEQ(
+                    self.cell, solver=timed_solver(solver, clock), grad=self.estimators[name]
+                )
+                z, info = deq(z0, inj)
+            loss = self._head_loss(z)
         clock.mark("fwd_end")
         loss.backward()
         clock.mark("bwd_end")
-        self.last_info[name] = info
+        self.last_info[f"{name}@{mode}"] = info
         return float(loss.detach())
 
 
@@ -411,9 +488,11 @@ def run(
         raise ValueError("CostConfig.device='cuda' but torch.cuda.is_available() is False")
     say = progress or (lambda s: None)
     bench = _Bench(cfg)
-    names = [n for n in bench.specs if cfg.methods is None or n in cfg.methods]
-    if cfg.reference not in names:
-        names.insert(0, cfg.reference)
+    methods = [n for n in bench.specs if cfg.methods is None or n in cfg.methods]
+    if cfg.reference not in methods:
+        methods.insert(0, cfg.reference)
+    # one entry per method x mode, "name@mode"
+    names = [f"{n}@{m}" for m in cfg.modes for n in methods if bench.supports(n, m)]
     cuda = bench.dev.type == "cuda"
     samples: dict[str, dict[str, list[float]]] = {
         n: {
@@ -435,7 +514,8 @@ def run(
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            losses[name] = bench.step(name, clock)
+            method, mode = name.split("@")
+            losses[name] = bench.step(method, clock, mode)
             if cuda:
                 torch.cuda.synchronize()
             if r < cfg.warmup:
@@ -453,8 +533,9 @@ def run(
     if cfg.memory and not cuda:
         for name in names:
             clock = _Clock(bench.dev, profile_marks=True)
+            method, mode = name.split("@")
             prof = cpu_peak_memory(
-                lambda name=name, clock=clock: bench.step(name, clock),  # type: ignore[misc]
+                lambda m=method, c=clock, md=mode: bench.step(m, c, md),  # type: ignore[misc]
                 marks=("fwd_end",),
             )
             samples[name]["peak_mb"].append(prof.peak_bytes / 2**20)
@@ -472,16 +553,19 @@ def run(
                     if mark_name == "fwd_end":
                         hold["fwd_end"] = torch.cuda.memory_allocated()
 
-            bench.step(name, _MemClock(bench.dev))
+            method, mode = name.split("@")
+            bench.step(method, _MemClock(bench.dev), mode)
             samples[name]["graph_mb"].append((hold.get("fwd_end", base) - base) / 2**20)
 
     records: list[dict[str, Any]] = []
-    for name in names:
+    for key in names:
+        name, mode = key.split("@")
         spec = bench.specs[name]
-        s = samples[name]
-        info = bench.last_info.get(name)
+        s = samples[key]
+        info = bench.last_info.get(key)
         rec: dict[str, Any] = {
             "method": name,
+            "mode": mode,
             "label": spec.label,
             "family": spec.family,
             "k": spec.k,
@@ -495,7 +579,7 @@ def run(
             "device": cfg.device,
             "amp": cfg.amp,
             "complexity": dict(zip(("time", "mem", "peak_mem"), COMPLEXITY[spec.family])),
-            "loss": losses.get(name),
+            "loss": losses.get(key),
             "forward_rel_residual": float(info.rel_residual.float().mean())
             if info is not None
             else None,
@@ -508,8 +592,9 @@ def run(
         rec["peak_mb"] = max(s["peak_mb"]) if s["peak_mb"] else None
         rec["graph_mb"] = max(s["graph_mb"]) if s["graph_mb"] else None
         records.append(rec)
-    ref = next(r for r in records if r["method"] == cfg.reference)
+    refs = {r["mode"]: r for r in records if r["method"] == cfg.reference}
     for rec in records:
+        ref = refs[rec["mode"]]
         rec["reference"] = cfg.reference
         rec["step_ratio"] = ref["step_ms"] / rec["step_ms"] if rec["step_ms"] else None
         # the fastest repeat is the least disturbed by other processes on a shared machine
@@ -543,6 +628,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     ref = records[0]["reference"]
     head = [
         "method",
+        "mode",
         "Time",
         "Mem",
         "Peak",
@@ -562,6 +648,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         rows.append(
             [
                 r["label"],
+                r.get("mode", "eager"),
                 c["time"],
                 c["mem"],
                 c["peak_mem"],
@@ -601,6 +688,9 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    modes = [r.get("mode", "eager") for r in records]
+    first = modes[0] if modes else "eager"
+    records = [r for r, m in zip(records, modes) if m == first]  # one curve set: the first mode
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     metrics = (("step_ms", "step time (ms)"), ("peak_mb", "peak memory (MiB)"))
     ks = sorted({int(r["k"]) for r in records if r["family"] in ("upg", "upg_ckpt", "npg")})
@@ -724,6 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reference", default=d.reference, help="method the ratios are taken against")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument(
+        "--modes",
+        default=",".join(d.modes),
+        help=f"comma list of execution modes {EXEC_MODES} timed side by side (graph: CUDA)",
+    )
     p.add_argument("--threads", type=_pos_int(1), default=None, help="torch.set_num_threads")
     p.add_argument(
         "--quick",
@@ -757,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": methods,
         "reference": args.reference,
         "memory": not args.no_memory,
+        "modes": tuple(m.strip() for m in args.modes.split(",") if m.strip()),
     }
     if args.quick:
         opts.update(batch=2, repeats=1, warmup=0, fwd_iters=2, bwd_iters=2)

@@ -6,12 +6,13 @@ for microseconds of GPU work. A solve with a fixed budget (``tol=0``: exactly ``
 evaluations, no host synchronisation until it ends) is a fixed sequence of kernels, so it can
 be captured once in a CUDA graph and replayed with one launch.
 
-A captured solve reads its inputs from fixed addresses: the DEQ copies ``z0`` and the inputs of
-``f`` into static buffers before each replay. Everything else ``f`` reads -- parameters,
-buffers, tensors it holds as attributes -- is read where it was at capture time; optimisers
-update parameters in place, so that is where they stay. A cell that *replaces* one of its
-tensors (assigns a new tensor to an attribute) is detected at the next call and the solve is
-captured again (with a warning: replacing tensors every call defeats the graph).
+A captured solve reads its inputs from fixed addresses: before each replay the DEQ copies into
+static buffers ``z0``, the inputs of ``f`` and every tensor that ``f``'s modules hold as plain
+attributes (e.g. dropout masks sampled anew for each solve; during the capture those
+attributes point to the static copies). Parameters and buffers are read where they were at
+capture time; optimisers update them in place, so that is where they stay. A parameter or
+buffer that was *replaced* (a new tensor assigned) is detected at the next call and the solve
+is captured again, with a warning.
 
 Capture itself needs CUDA. The code path up to the capture call (static buffers, the cache of
 captured solves, the solve run without host synchronisation, the outputs copied out of the
@@ -162,21 +163,31 @@ def _signature(value: Any) -> Any:
 
 
 def held_tensors(f: Any) -> list[tuple[str, int]]:
-    """``(name, data_ptr)`` of every tensor ``f`` holds: parameters, buffers and tensor
-    attributes of each submodule (what a captured graph reads at fixed addresses)."""
+    """``(name, data_ptr)`` of the parameters and buffers of ``f``: a captured graph reads them
+    at these addresses."""
     if not isinstance(f, nn.Module):
         return []
-    found: list[tuple[str, int]] = []
-    for mname, mod in f.named_modules():
-        for aname, value in vars(mod).items():
-            if isinstance(value, Tensor):
-                found.append((f"{mname}.{aname}".lstrip("."), value.data_ptr()))
-        for pname, p in mod.named_parameters(recurse=False):
-            found.append((f"{mname}.{pname}".lstrip("."), p.data_ptr()))
-        for bname, b in mod.named_buffers(recurse=False):
-            if b is not None:
-                found.append((f"{mname}.{bname}".lstrip("."), b.data_ptr()))
+    found = [(name, p.data_ptr()) for name, p in f.named_parameters()]
+    found += [(name, b.data_ptr()) for name, b in f.named_buffers()]
     return found
+
+
+def held_attributes(f: Any) -> list[tuple[nn.Module, str, Tensor | None]]:
+    """``(module, name, value)`` of every plain attribute of ``f``'s modules that holds a tensor
+    (or None where another call may put one, e.g. a dropout mask): not a parameter or buffer,
+    possibly replaced between calls, so copied into the graph's static copy before a replay."""
+    if not isinstance(f, nn.Module):
+        return []
+    found: list[tuple[nn.Module, str, Tensor | None]] = []
+    for mod in f.modules():
+        for name, value in vars(mod).items():
+            if isinstance(value, Tensor):
+                found.append((mod, name, value))
+    return found
+
+
+def _attribute_signature(attrs: list[tuple[nn.Module, str, Tensor | None]]) -> Any:
+    return tuple((id(m), n, None if v is None else _signature(v)) for m, n, v in attrs)
 
 
 class _Captured:
@@ -197,6 +208,8 @@ class _Captured:
         self.inputs = _static(tuple(inputs))
         self.backend = backend
         self.held = held_tensors(f)
+        attrs = held_attributes(f)
+        self.attributes = [(m, n, v.detach().clone()) for m, n, v in attrs if v is not None]
         self.tracker: Any = None
         static_inputs = self.inputs
 
@@ -210,11 +223,21 @@ class _Captured:
             self.tracker = tracker
             return (tracker.best, tracker.best_pair, tracker.nstep, tracker.bad, converged, values)
 
-        self.out = backend.capture(run)
+        # during the capture f's tensor attributes are the static copies
+        originals = [getattr(m, n) for m, n, _ in self.attributes]
+        try:
+            for m, n, static in self.attributes:
+                setattr(m, n, static)
+            self.out = backend.capture(run)
+        finally:
+            for (m, n, _), value in zip(self.attributes, originals):
+                setattr(m, n, value)
 
     def solve(self, z0: State, inputs: Sequence[Any]) -> Solution:
         _fill(self.z0, z0)
         _fill(self.inputs, tuple(inputs))
+        for m, n, static in self.attributes:
+            static.copy_(getattr(m, n))
         self.backend.replay()
         # copies out of the graph's memory: the next replay overwrites it
         best, pair, nstep, bad, converged, values = (t.clone() for t in self.out)
@@ -268,25 +291,32 @@ class GraphedSolves:
             if dev in ("cpu", "cuda")
             else None
         )
-        key = (id(solver), repr(solver), _signature(z0), _signature(tuple(inputs)), amp)
+        key = (
+            id(solver),
+            repr(solver),
+            _signature(z0),
+            _signature(tuple(inputs)),
+            _attribute_signature(held_attributes(f)),
+            amp,
+        )
         entry = self._cache.get(key)
-        if entry is not None and entry.held != held_tensors(f):
-            changed = sorted(
-                {n for n, _ in entry.held} ^ {n for n, _ in held_tensors(f)}
-                | {n for (n, p), (_, q) in zip(entry.held, held_tensors(f)) if p != q}
-            )
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    "DEQ(cuda_graph=True): f replaced tensor(s) "
-                    f"{changed[:5]} since its solve was captured; capturing again (a cell "
-                    "that assigns new tensors at every call gains nothing from the graph: "
-                    "update them in place)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            del self._cache[key]
-            entry = None
+        if entry is not None:
+            now = held_tensors(f)
+            if entry.held != now:
+                changed = sorted({n for n, _ in entry.held} ^ {n for n, _ in now}) + [
+                    n for (n, p), (_, q) in zip(entry.held, now) if p != q
+                ]
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"DEQ(cuda_graph=True): parameter(s)/buffer(s) {changed[:5]} of f were "
+                        "replaced since the solve was captured; capturing again (update them "
+                        "in place, as optimisers do, to keep the graph)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                del self._cache[key]
+                entry = None
         if entry is None:
             entry = _Captured(solver, f, z0, inputs, spec, self.backend())
             self._cache[key] = entry
