@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phantomdeq as pdq  # noqa: E402
-from _common import ConvCell, machine, print_table, timeit, write_json  # noqa: E402
+from _common import ConvCell, LightCell, machine, print_table, timeit, write_json  # noqa: E402
 
 
 class CheapCell(torch.nn.Module):
@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", required=True, type=Path, help="src/ of the baseline version")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument(
-        "--cell", default="conv", choices=["conv", "cheap"], help="conv: the MDEQ block (default)"
+        "--cell",
+        default="conv",
+        choices=["conv", "light", "cheap"],
+        help="conv: the MDEQ block (default); light: two 24->24 convs",
     )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--channels", type=int, default=24)
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     sync = dev.type == "cuda"
     torch.manual_seed(0)
-    cell = (ConvCell(args.channels) if args.cell == "conv" else CheapCell()).to(dev).eval()
+    cells = {"conv": lambda: ConvCell(args.channels), "light": lambda: LightCell(args.channels)}
+    cell = cells.get(args.cell, CheapCell)().to(dev).eval()
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=dev)
     z0 = torch.zeros_like(x)
     n = args.iters

@@ -21,7 +21,12 @@ then one per step) and phantomdeq's counts the initial one, so TorchDEQ Broyden 
 its backward pass; that cost is part of its design and stays in.
 
     python benchmarks/vs_torchdeq.py [--device cpu|cuda] [--batch 32] [--repeats 3] [--quick]
-        [--out benchmarks/results/vs_torchdeq.json]
+        [--modes eager,compile,graph] [--out benchmarks/results/vs_torchdeq.json]
+
+``--modes``: how phantomdeq runs, side by side with (eager) TorchDEQ in the same rounds --
+``eager``; ``compile`` (the DEQ module through ``torch.compile``); ``graph`` (CUDA only: the
+forward solve replayed from a CUDA graph, ``DEQ(cuda_graph=True)``). Ratios are phantomdeq in
+each mode / TorchDEQ.
 
 Exits 0 with a message when TorchDEQ is not importable (``pip install --no-deps torchdeq==0.1.0``,
 the ``peer`` extra).
@@ -114,13 +119,14 @@ def make_ours(
     lam: float,
     bwd_iters: int,
     tol: float = 0.0,
+    cuda_graph: bool = False,
 ) -> pdq.DEQ:
     est: pdq.GradientEstimator
     if grad == "ift":
         est = pdq.IFT(solver=ours_solver(solver, bwd_iters, tol))
     else:
         est = pdq.UPG(k=k, lam=lam)
-    return pdq.DEQ(cell, solver=ours_solver(solver, iters, tol), grad=est)
+    return pdq.DEQ(cell, solver=ours_solver(solver, iters, tol), grad=est, cuda_graph=cuda_graph)
 
 
 TD_SOLVER_KW = {"m": 5, "lam": 1e-4}  # Anderson options passed per call (ignored by the others)
@@ -353,15 +359,17 @@ def timing(
                 lam=args.lam,
                 bwd_iters=args.bwd_iters,
             )
-            ours = make_ours(prob.cell, **opts)  # type: ignore[arg-type]
             theirs = make_td(get_deq, **opts)
-            fns[f"ours/{grad}/step"] = lambda d=ours: prob.step("ours", d)
             fns[f"torchdeq/{grad}/step"] = lambda d=theirs: prob.step("torchdeq", d)
+            for mode in args.modes:
+                ours = _ours(prob.cell, mode, opts)
+                fns[f"ours_{mode}/{grad}/step"] = lambda d=ours: prob.step("ours", d)
             if grad == "upg":  # the forward solve does not depend on the gradient
-                ours_e = make_ours(prob.cell, **opts).eval()  # type: ignore[arg-type]
                 theirs_e = make_td(get_deq, **opts).eval()
-                fns["ours/solve"] = lambda d=ours_e: prob.solve("ours", d)
                 fns["torchdeq/solve"] = lambda d=theirs_e: prob.solve("torchdeq", d)
+                for mode in args.modes:
+                    ours_e = _ours(prob.cell, mode, opts, train=False)
+                    fns[f"ours_{mode}/solve"] = lambda d=ours_e: prob.solve("ours", d)
         load0 = _load()
         med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup, sync=sync)
         rec: dict[str, Any] = {
@@ -372,17 +380,31 @@ def timing(
         }
         for key, v in med.items():
             rec[key.replace("/", "_") + "_ms"] = v * 1e3
-        rec["solve_ratio"] = med["ours/solve"] / med["torchdeq/solve"]
-        rec["upg_step_ratio"] = med["ours/upg/step"] / med["torchdeq/upg/step"]
-        rec["ift_step_ratio"] = med["ours/ift/step"] / med["torchdeq/ift/step"]
+        for mode in args.modes:
+            suffix = "" if mode == "eager" else f"_{mode}"
+            rec[f"solve_ratio{suffix}"] = med[f"ours_{mode}/solve"] / med["torchdeq/solve"]
+            rec[f"upg_step_ratio{suffix}"] = med[f"ours_{mode}/upg/step"] / med["torchdeq/upg/step"]
+            rec[f"ift_step_ratio{suffix}"] = med[f"ours_{mode}/ift/step"] / med["torchdeq/ift/step"]
+            # the eager keys keep their old names (ours_solve_ms, ...)
+            if mode == "eager":
+                for part in ("solve", "upg_step", "ift_step"):
+                    rec[f"ours_{part}_ms"] = rec[f"ours_eager_{part}_ms"]
+            print(
+                f"  {kind}/{solver}/{mode}: solve {rec[f'solve_ratio{suffix}']:.2f}  upg step "
+                f"{rec[f'upg_step_ratio{suffix}']:.2f}  ift step {rec[f'ift_step_ratio{suffix}']:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
         records.append(rec)
-        print(
-            f"  {kind}/{solver}: solve {rec['solve_ratio']:.2f}  upg step {rec['upg_step_ratio']:.2f}  "
-            f"ift step {rec['ift_step_ratio']:.2f}",
-            file=sys.stderr,
-            flush=True,
-        )
     return records
+
+
+def _ours(cell: nn.Module, mode: str, opts: dict[str, Any], *, train: bool = True) -> Any:
+    """phantomdeq's DEQ for ``mode``: eager, compiled (``torch.compile`` of the module) or with
+    its forward solve replayed from a CUDA graph."""
+    deq = make_ours(cell, cuda_graph=mode == "graph", **opts)
+    deq.train(train)
+    return torch.compile(deq) if mode == "compile" else deq
 
 
 def _load() -> list[float] | None:
@@ -409,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
     ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"comma list of {SOLVERS}")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--modes", default="eager", help="phantomdeq execution modes: eager,compile,graph (CUDA)"
+    )
     ap.add_argument("--no-timing", action="store_true", help="gradient agreement only")
     ap.add_argument(
         "--quick", action="store_true", help="tiny smoke setting (batch 2, 8x8, 3 iterations)"
@@ -422,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
             "(install the peer extra: pip install --no-deps torchdeq==0.1.0)"
         )
         return 0
+    args.modes = tuple(m for m in args.modes.split(",") if m)
+    bad_modes = [m for m in args.modes if m not in ("eager", "compile", "graph")]
+    if bad_modes or not args.modes:
+        ap.error(f"--modes: allowed eager, compile, graph; got {args.modes}")
+    if "graph" in args.modes and args.device != "cuda":
+        ap.error("--modes graph needs --device cuda (CUDA graphs)")
     models = tuple(m for m in args.models.split(",") if m)
     solvers = tuple(s for s in args.solvers.split(",") if s)
     bad = [m for m in models if m not in MODELS] + [s for s in solvers if s not in SOLVERS]
@@ -467,31 +498,35 @@ def main(argv: list[str] | None = None) -> int:
         for kind in models:
             timed += timing(get_deq, kind=kind, solvers=solvers, args=args, device=dev)
         print(
-            f"\n(b) time, phantomdeq / TorchDEQ (lower is better; goal <= 0.80 for steps): batch {args.batch}, "
+            f"\n(b) time, phantomdeq / TorchDEQ (lower is better; goal <= 0.60 for the UPG and IFT steps on an H100, issue 13): batch {args.batch}, "
             f"{args.size}x{args.size}, forward {args.iters} NFE, UPG(k={args.k}, lam={args.lam}), "
             f"IFT backward {args.bwd_iters} NFE, {dev}, median of {args.repeats}"
         )
         rows = []
         for r in timed:
-            rows.append(
-                [
-                    r["model"],
-                    r["solver"],
-                    r["ours_solve_ms"],
-                    r["torchdeq_solve_ms"],
-                    r["solve_ratio"],
-                    r["ours_upg_step_ms"],
-                    r["torchdeq_upg_step_ms"],
-                    r["upg_step_ratio"],
-                    r["ours_ift_step_ms"],
-                    r["torchdeq_ift_step_ms"],
-                    r["ift_step_ratio"],
-                ]
-            )
+            for mode in args.modes:
+                suffix = "" if mode == "eager" else f"_{mode}"
+                rows.append(
+                    [
+                        r["model"],
+                        r["solver"],
+                        mode,
+                        r[f"ours_{mode}_solve_ms"],
+                        r["torchdeq_solve_ms"],
+                        r[f"solve_ratio{suffix}"],
+                        r[f"ours_{mode}_upg_step_ms"],
+                        r["torchdeq_upg_step_ms"],
+                        r[f"upg_step_ratio{suffix}"],
+                        r[f"ours_{mode}_ift_step_ms"],
+                        r["torchdeq_ift_step_ms"],
+                        r[f"ift_step_ratio{suffix}"],
+                    ]
+                )
         print_table(
             [
                 "model",
                 "solver",
+                "mode",
                 "solve ms",
                 "TD solve",
                 "ratio",

@@ -126,3 +126,13 @@ def test_config_validation_names_the_field() -> None:
         cost.CostConfig(reference="nope")
     with pytest.raises(ValueError, match=r"CostConfig\s+model\s+Value error, must be one of"):
         cost.CostConfig(model="resnet")
+
+
+def test_execution_modes_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"'graph' \(CUDA graphs\) needs device='cuda'"):
+        cost.CostConfig(modes=("eager", "graph"))
+    with pytest.raises(ValueError, match=r"CostConfig[\s\S]*modes must be distinct entries of"):
+        cost.CostConfig(modes=("eager", "fast"))
+    with pytest.raises(ValueError, match=r"CostConfig[\s\S]*modes must be distinct entries of"):
+        cost.CostConfig(modes=("eager", "eager"))
+    assert cost.CostConfig(modes=("compile", "eager")).modes == ("compile", "eager")

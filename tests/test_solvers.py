@@ -367,12 +367,13 @@ def test_empty_batch_returns_empty_results(name, tuple_state):
     assert calls == []
 
 
-@pytest.mark.parametrize("memory", [1, 3])
+@pytest.mark.parametrize("memory", [1, 3, 11, 12, None])
 def test_limited_memory_broyden_matches_a_dense_reference_iterate_by_iterate(memory):
     """Against a plain implementation of limited-memory good Broyden: per sample, a dense
     inverse-Jacobian estimate H = -I + Σ u vᵀ over the last `memory` pairs; step p = -H r; after
     each step the pair v = Hᵀ s, u = (s - H y) / (vᵀ y) of the current H is appended and the
-    oldest dropped. 14 iterations with memory 1 or 3 evict many times."""
+    oldest dropped. 14 iterations make 12 pairs: memory 1 or 3 evict many times, memory 11 once
+    (these run on stored pairs); memory 12 and None never evict (they run on step directions)."""
     g, z0 = contractive_problem(batch=3, d=8, rho=0.95, seed=4)
     z0 = z0 + 0.3
     n_iter = 14
@@ -407,7 +408,7 @@ def test_limited_memory_broyden_matches_a_dense_reference_iterate_by_iterate(mem
             v = Hk.T @ s
             u = (s - Hk @ y) / (v @ y)
             pairs.append((u, v))
-            if len(pairs) > memory:
+            if memory is not None and len(pairs) > memory:
                 pairs.pop(0)
             p = -H() @ r_new
             r = r_new

@@ -4,7 +4,8 @@ A DEQ state is a tensor or a tuple of tensors that share a leading batch dimensi
 one tensor per resolution). Solvers work on one flat ``(B, D)`` buffer so that norms, inner
 products and Anderson/Broyden histories are single kernels. The buffer is allocated once per
 solve; the structured state handed to ``f`` is a tuple of *views* into it, and ``f``'s output
-is copied into a second preallocated buffer — no concatenation per iteration.
+is copied straight into a solver's history slot (or a fresh flat buffer) — no concatenation
+per iteration.
 """
 
 from __future__ import annotations
@@ -172,15 +173,17 @@ FlatFn = Callable[..., Tensor]
 def make_flat_fn(g: Callable[[State], object], spec: StateSpec, *, who: str = "f") -> FlatFn:
     """Wrap a structured map ``g`` into ``gf(x, out=None)``: ``(B, D) -> (B, D)``.
 
-    Single tensors are reshaped (free; ``out`` is ignored and ``g``'s own output returned).
-    Tuple outputs are copied into ``out`` when given (a solver's history slot) or into a fresh
-    flat buffer: one copy of the state, no concatenation. Solvers may keep the result.
+    With ``out`` (a solver's history slot) ``g``'s output is written there and ``out`` is
+    returned: one copy of the state, no concatenation. Without ``out`` a single tensor comes
+    back as ``g``'s own output, reshaped (free), and a tuple is copied into a fresh flat buffer.
+    Solvers may keep the result.
     """
     if not spec.is_tuple:
 
         def flat_single(x: Tensor, out: Tensor | None = None) -> Tensor:
             (o,) = spec.check(g(spec.unflatten(x)), who=who)
-            return o.reshape(spec.batch, spec.dim)
+            flat = o.reshape(spec.batch, spec.dim)
+            return flat if out is None else out.copy_(flat)
 
         return flat_single
 

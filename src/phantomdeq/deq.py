@@ -16,7 +16,16 @@ from ._validate import check_bool, check_choice
 from .errors import DEQError
 from .grad.base import GradientEstimator
 from .nn.norms import update_norms
-from .solvers.base import Solution, Solver, SolveResult, UnrollingSolver, check_solver
+from .solvers.base import (
+    Solution,
+    Solver,
+    SolverBase,
+    SolveResult,
+    UnrollingSolver,
+    check_solver,
+    sync_free,
+)
+from .solvers.graphed import GraphedSolves
 
 NONFINITE_MODES = ("raise", "warn")
 
@@ -65,14 +74,23 @@ class DEQ(nn.Module):
         eval_solver: Solver | None = None,
         on_nonfinite: str = "raise",
         grad_in_eval: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         if not callable(f):
             raise TypeError(f"DEQ: f must be callable (an nn.Module), got {type(f).__name__}")
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES, owner="DEQ")
         self.grad_in_eval = check_bool("grad_in_eval", grad_in_eval, owner="DEQ")
+        self.cuda_graph = check_bool("cuda_graph", cuda_graph, owner="DEQ")
+        self._graphs = GraphedSolves()
         self.f = f
         self.solver, self.eval_solver, self.grad = self._validated(solver, eval_solver, grad)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # captured CUDA graphs are a cache: never pickled or deep-copied
+        state = dict(self.__dict__)
+        state["_graphs"] = GraphedSolves(self._graphs.backend)
+        return state
 
     def _validated(
         self, solver: object, eval_solver: object, grad: object
@@ -95,6 +113,21 @@ class DEQ(nn.Module):
                         f"DEQ: grad=BPTT() back-propagates through the forward iterations and "
                         f"needs {name}=FixedPoint(...) (a solver with an unroll(g, z0) method), "
                         f"got {type(s).__name__}"
+                    )
+        if self.cuda_graph:
+            if grad.tracks_forward:
+                raise ValueError(
+                    "DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
+                    "grad=BPTT() cannot back-propagate through; use cuda_graph=False"
+                )
+            for name, chosen in (("solver", solver), ("eval_solver", eval_solver)):
+                if chosen is not None and not (
+                    isinstance(chosen, SolverBase) and chosen.fixed_budget
+                ):
+                    raise ValueError(
+                        f"DEQ: cuda_graph=True needs {name} to be a library solver with a fixed "
+                        f"budget (tol=0, e.g. Anderson(max_iter=22, tol=0)): a convergence test "
+                        f"reads the device on the host, which a CUDA graph cannot; got {chosen!r}"
                     )
         return solver, eval_solver, grad
 
@@ -119,7 +152,7 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, grad={self.grad!r}, eval_solver={self.eval_solver!r}, "
-            f"grad_in_eval={self.grad_in_eval}"
+            f"grad_in_eval={self.grad_in_eval}, cuda_graph={self.cuda_graph}"
         )
 
     def forward(self, z0: State, *inputs: Any) -> tuple[State, Solution]:
@@ -149,14 +182,23 @@ class DEQ(nn.Module):
                 start = _hold(z0, bad, frozen)
                 z, _ = solver.unroll(lambda s: fm(s, *cut), start)
             return z, sol
-        # the weights hold still during the solve: compute each parametrization once
-        caching = (
-            contextlib.nullcontext()
-            if getattr(parametrize, "_cache_enabled", 0)
-            else parametrize.cached()
+        # the weights hold still during the solve: compute each parametrization once (not
+        # while torch.compile traces: a context manager around the solve would split the
+        # compiled graph, and the traced parametrizations give the same weight at each call)
+        graphed = (
+            self.cuda_graph
+            and isinstance(solver, SolverBase)
+            and self._graphs.supports(spec.device)
+            and not sync_free()
         )
-        with caching:
+        if sync_free() or getattr(parametrize, "_cache_enabled", False):
             sol = solver(g, detach(z0))
+        elif graphed:
+            with parametrize.cached():
+                sol = self._graphs(solver, f, detach(z0), inputs)  # type: ignore[arg-type]
+        else:
+            with parametrize.cached():
+                sol = solver(g, detach(z0))
         bad = self._check(sol, spec, "forward")
         if not attach:
             return sol.z, sol
@@ -166,8 +208,10 @@ class DEQ(nn.Module):
         cut = _cut_inputs(inputs, bad, spec.batch)
         return self.grad.attach(_Frozen(f, bad, frozen), frozen, cut, spec, info=sol), sol
 
+    @torch.compiler.disable
     def _check(self, sol: Solution, spec: StateSpec, what: str) -> Tensor | None:
-        """None when every sample is finite; else raise or warn and return the mask."""
+        """None when every sample is finite; else raise or warn and return the mask. Not traced
+        by ``torch.compile`` (it reads the solve's outcome on the host)."""
         if sol.result != SolveResult.NONFINITE:
             return None
         bad = sol.nonfinite

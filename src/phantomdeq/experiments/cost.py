@@ -28,6 +28,12 @@ runs under ``torch.profiler`` with ``profile_memory=True``: every allocation and
 allocator is recorded with its byte count and timestamp; summing them in time order gives the
 live bytes allocated since the step started, whose maximum is the peak (see BENCHMARKS.md).
 
+Execution modes (``--modes``, side by side in one run, the rounds alternating over every
+method x mode): ``eager``; ``compile`` -- the DEQ, head and loss through ``torch.compile`` (the
+forward solve is traced into the graph, so no solve time is reported); ``graph`` (CUDA) -- the
+forward solve replayed from a CUDA graph (``DEQ(cuda_graph=True)``). Ratios to the reference
+method are taken within each mode.
+
 The method list is derived from the estimator registry (``pdq.grad.ESTIMATORS`` and
 ``pdq.grad.options``): an estimator with a ``solver`` option gets one method per solver class,
 one with ``k`` one per ``--ks`` value (and a checkpointed one when it has ``checkpoint``), any
@@ -69,6 +75,7 @@ COMPLEXITY: dict[str, tuple[str, str, str]] = {
     "bptt": ("O(N)", "O(N)", "O(N)"),
 }
 SOLVERS = tuple(pdq.solvers.SOLVERS)
+EXEC_MODES = ("eager", "compile", "graph")
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,7 @@ class CostConfig:
     methods: Annotated[tuple[str, ...], _LIST] | None = None  # None: all
     reference: str = "ift_broyden"
     memory: bool = True
+    modes: Annotated[tuple[str, ...], _LIST] = ("eager",)
 
     @pydantic.model_validator(mode="after")
     def _known_methods(self) -> CostConfig:
@@ -178,6 +186,11 @@ class CostConfig:
             raise ValueError(f"methods: unknown method(s) {unknown}; allowed: {', '.join(names)}")
         if self.reference not in names:
             raise ValueError(f"reference must be one of {names}, got {self.reference!r}")
+        bad = [m for m in self.modes if m not in EXEC_MODES]
+        if bad or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must be distinct entries of {EXEC_MODES}, got {self.modes!r}")
+        if "graph" in self.modes and self.device != "cuda":
+            raise ValueError("modes: 'graph' (CUDA graphs) needs device='cuda'")
         return self
 
 
@@ -190,8 +203,30 @@ def _autocast(cfg: CostConfig) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+class _TimedGraphs:
+    """A DEQ's captured-solve cache with the marks ``solve_start``/``solve_end`` around each
+    replayed solve (graph mode)."""
+
+    def __init__(self, graphs: Any, clock: Any) -> None:
+        self.graphs = graphs
+        self.clock = clock
+
+    def supports(self, device: torch.device) -> bool:
+        return bool(self.graphs.supports(device))
+
+    @property
+    def backend(self) -> Any:
+        return self.graphs.backend
+
+    def __call__(self, *args: Any) -> Any:
+        self.clock.mark("solve_start")
+        sol = self.graphs(*args)
+        self.clock.mark("solve_end")
+        return sol
+
+
 class _Bench:
-    """Model, data and one DEQ per method; ``step(name, clock)`` runs one training step."""
+    """Model, data and one DEQ per method; ``step(name, clock, mode)`` runs one training step."""
 
     def __init__(self, cfg: CostConfig) -> None:
         from phantomdeq.models import build_model
@@ -217,27 +252,73 @@ class _Bench:
         self.bptt_solver = pdq.FixedPoint(max_iter=cfg.fwd_iters, tol=0.0)
         self.estimators = {name: spec.make(cfg) for name, spec in self.specs.items()}
         self.last_info: dict[str, Any] = {}
+        self._graphed: dict[str, pdq.DEQ] = {}
+        self._compiled: dict[str, Callable[..., Any]] = {}
 
-    def step(self, name: str, clock: Any) -> float:
+    def supports(self, name: str, mode: str) -> bool:
+        """BPTT records its forward iteration: no captured solve."""
+        return not (mode == "graph" and self.specs[name].tracks_forward)
+
+    def _inputs(self) -> tuple[Any, torch.Tensor]:
         cfg, model = self.cfg, self.model
-        spec = self.specs[name]
-        solver = self.bptt_solver if spec.tracks_forward else self.fwd_solver
-        deq = pdq.DEQ(self.cell, solver=timed_solver(solver, clock), grad=self.estimators[name])
-        model.zero_grad(set_to_none=True)
-        clock.mark("start")
         with _autocast(cfg):
             inj = model.stem(self.x)
         inj = inj.float()
         z0 = model.initial_state(inj)
         model.f.reset(z0, generator=torch.Generator().manual_seed(seed_of(cfg.seed, 2)))
-        z, info = deq(z0, inj)
-        with _autocast(cfg):
-            logits = model.head(z if isinstance(z, tuple) else (z,))
-        loss = F.cross_entropy(logits.float(), self.y)
+        return z0, inj
+
+    def _head_loss(self, z: Any) -> torch.Tensor:
+        with _autocast(self.cfg):
+            logits = self.model.head(z if isinstance(z, tuple) else (z,))
+        return F.cross_entropy(logits.float(), self.y)
+
+    def _compiled_step(self, name: str, solver: Any) -> Callable[..., Any]:
+        fn = self._compiled.get(name)
+        if fn is None:
+            deq = pdq.DEQ(self.cell, solver=solver, grad=self.estimators[name])
+
+            def core(z0: Any, inj: torch.Tensor, deq: pdq.DEQ = deq) -> Any:
+                z, info = deq(z0, inj)
+                return self._head_loss(z), info
+
+            fn = self._compiled[name] = torch.compile(core)
+        return fn
+
+    def _graphed_forward(self, name: str, solver: Any, clock: Any, z0: Any, inj: Any) -> Any:
+        deq = self._graphed.get(name)
+        if deq is None:
+            deq = self._graphed[name] = pdq.DEQ(
+                self.cell, solver=solver, grad=self.estimators[name], cuda_graph=True
+            )
+        graphs = deq._graphs
+        deq._graphs = _TimedGraphs(graphs, clock)  # type: ignore[assignment]
+        try:
+            return deq(z0, inj)
+        finally:
+            deq._graphs = graphs
+
+    def step(self, name: str, clock: Any, mode: str = "eager") -> float:
+        spec = self.specs[name]
+        solver = self.bptt_solver if spec.tracks_forward else self.fwd_solver
+        self.model.zero_grad(set_to_none=True)
+        clock.mark("start")
+        z0, inj = self._inputs()
+        if mode == "compile":
+            loss, info = self._compiled_step(name, solver)(z0, inj)
+        else:
+            if mode == "graph":
+                z, info = self._graphed_forward(name, solver, clock, z0, inj)
+            else:
+                deq = pdq.DEQ(
+                    self.cell, solver=timed_solver(solver, clock), grad=self.estimators[name]
+                )
+                z, info = deq(z0, inj)
+            loss = self._head_loss(z)
         clock.mark("fwd_end")
         loss.backward()
         clock.mark("bwd_end")
-        self.last_info[name] = info
+        self.last_info[f"{name}@{mode}"] = info
         return float(loss.detach())
 
 
@@ -266,9 +347,11 @@ def run(
         raise ValueError("CostConfig.device='cuda' but torch.cuda.is_available() is False")
     say = progress or (lambda s: None)
     bench = _Bench(cfg)
-    names = [n for n in bench.specs if cfg.methods is None or n in cfg.methods]
-    if cfg.reference not in names:
-        names.insert(0, cfg.reference)
+    methods = [n for n in bench.specs if cfg.methods is None or n in cfg.methods]
+    if cfg.reference not in methods:
+        methods.insert(0, cfg.reference)
+    # one entry per method x mode, "name@mode"
+    names = [f"{n}@{m}" for m in cfg.modes for n in methods if bench.supports(n, m)]
     samples: dict[str, dict[str, list[float]]] = {
         n: {k: [] for k in (*_TIMES, "peak_mb", "graph_mb")} for n in names
     }
@@ -302,7 +385,8 @@ def _time_steps(
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            losses[name] = bench.step(name, clock)
+            method, mode = name.split("@")
+            losses[name] = bench.step(method, clock, mode)
             if cuda:
                 torch.cuda.synchronize()
             if r < cfg.warmup:
@@ -333,8 +417,9 @@ def _cpu_memory(
     """One extra step per method under the profiler: peak and graph memory on CPU."""
     for name in names:
         clock = Clock(bench.dev, profile_marks=True)
+        method, mode = name.split("@")
         prof = cpu_peak_memory(
-            lambda name=name, clock=clock: bench.step(name, clock),  # type: ignore[misc]
+            lambda m=method, c=clock, md=mode: bench.step(m, c, md),  # type: ignore[misc]
             marks=("fwd_end",),
         )
         samples[name]["peak_mb"].append(prof.peak_bytes / 2**20)
@@ -360,7 +445,8 @@ def _cuda_graph_memory(
                 if mark_name == "fwd_end":
                     hold["fwd_end"] = torch.cuda.memory_allocated()
 
-        bench.step(name, _MemClock(bench.dev))
+        method, mode = name.split("@")
+        bench.step(method, _MemClock(bench.dev), mode)
         samples[name]["graph_mb"].append((hold.get("fwd_end", base) - base) / 2**20)
 
 
@@ -371,10 +457,12 @@ def _record(
     losses: dict[str, float],
     memory_method: str | None,
 ) -> dict[str, Any]:
-    cfg, spec = bench.cfg, bench.specs[name]
+    method, mode = name.split("@")
+    cfg, spec = bench.cfg, bench.specs[method]
     info = bench.last_info.get(name)
     rec: dict[str, Any] = {
-        "method": name,
+        "method": method,
+        "mode": mode,
         "label": spec.label,
         "family": spec.family,
         "k": spec.k,
@@ -404,8 +492,9 @@ def _record(
 
 
 def _add_ratios(records: list[dict[str, Any]], reference: str) -> None:
-    ref = next(r for r in records if r["method"] == reference)
+    refs = {r["mode"]: r for r in records if r["method"] == reference}
     for rec in records:
+        ref = refs[rec["mode"]]
         rec["reference"] = reference
         rec["step_ratio"] = ref["step_ms"] / rec["step_ms"] if rec["step_ms"] else None
         # the fastest repeat is the least disturbed by other processes on a shared machine

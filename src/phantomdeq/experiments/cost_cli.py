@@ -54,6 +54,10 @@ _FLAGS: dict[str, tuple[Any, str]] = {
         "comma-separated subset of methods (default: all), e.g. ift_broyden,upg_k5",
     ),
     "reference": (str, "method the ratios are taken against"),
+    "modes": (
+        _words,
+        "comma list of execution modes timed side by side: eager, compile, graph (CUDA)",
+    ),
 }
 
 

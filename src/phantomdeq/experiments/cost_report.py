@@ -31,6 +31,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     ref = records[0]["reference"]
     head = [
         "method",
+        "mode",
         "Time",
         "Mem",
         "Peak",
@@ -50,6 +51,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         rows.append(
             [
                 r["label"],
+                r.get("mode", "eager"),
                 c["time"],
                 c["mem"],
                 c["peak_mem"],
@@ -84,6 +86,9 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 def write_plot(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """``cost.png``: step time and peak memory vs k for UPG, UPG-ckpt and NPG, with IFT,
     OneStep and BPTT as horizontal reference lines."""
+    modes = [r.get("mode", "eager") for r in records]
+    first = modes[0] if modes else "eager"
+    records = [r for r, m in zip(records, modes) if m == first]  # one curve set: the first mode
     with saved_figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         _draw(records, fig, axes)
     return Path(path)

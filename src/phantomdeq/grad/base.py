@@ -80,6 +80,15 @@ def flat_cat(spec: StateSpec, parts: Sequence[Tensor]) -> Tensor:
     return torch.cat([p.reshape(spec.batch, -1) for p in parts], dim=1)
 
 
+def contiguous_parts(spec: StateSpec, flat: Tensor) -> tuple[Tensor, ...]:
+    """The state parts of a flat ``(B, D)`` tensor as contiguous tensors. For a tuple state the
+    views of ``flat`` are strided (each part is a slice of every row); handed to autograd as
+    cotangents they would be copied by every backward kernel that needs contiguous memory
+    (each convolution's backward, at every vector-Jacobian product), so they are copied once
+    here. Free for a single tensor."""
+    return tuple(p.contiguous() for p in as_tuple(spec.unflatten(flat)))
+
+
 class _VJPAt:
     """Vector-Jacobian products of ``f`` at ``z*`` on the retained graph of ``y = f(z*)``.
 
@@ -106,7 +115,7 @@ class _VJPAt:
         return _VJPAt(self.ys, self.z_req, self.spec, create_graph=True)
 
     def __call__(self, w: Tensor) -> Tensor:
-        ws = as_tuple(self.spec.unflatten(w))
+        ws = contiguous_parts(self.spec, w)
         grads = torch.autograd.grad(
             self.ys,
             self.z_req,
@@ -188,7 +197,7 @@ class _ImplicitBackward(torch.autograd.Function):
         g = spec.flatten(like(spec, list(grads))).detach()
         with torch.enable_grad():
             v = node.rule(g, vjp)
-        parts = as_tuple(spec.unflatten(v))
+        parts = contiguous_parts(spec, v)
         return (None, None, *parts, *([None] * node.n_extra))
 
 

@@ -36,10 +36,13 @@ class AdjointSolver(Protocol):
     def solve(self, op: Callable[[Tensor], Tensor], rhs: Tensor, *, what: str) -> Tensor: ...
 
 
-def _tensors_requiring_grad(obj: object, found: dict[int, Tensor]) -> None:
+def _tensors_requiring_grad(obj: object, found: list[Tensor]) -> None:
+    """Append to ``found`` the tensors requiring grad inside ``obj`` (tuples, lists, dicts),
+    each once. Identity tests with ``is``, not ``id()``: traced by ``torch.compile``, ``id()``
+    of an input would make every new batch a recompilation."""
     if isinstance(obj, Tensor):
-        if obj.requires_grad:
-            found.setdefault(id(obj), obj)
+        if obj.requires_grad and not any(obj is t for t in found):
+            found.append(obj)
     elif isinstance(obj, tuple | list):
         for item in obj:
             _tensors_requiring_grad(item, found)
@@ -100,10 +103,9 @@ class ImplicitPoint:
         self.spec = spec
         params = f.parameters() if isinstance(f, torch.nn.Module) else ()
         self.params = [p for p in params if p.requires_grad]
-        found: dict[int, Tensor] = {}
+        found: list[Tensor] = []
         _tensors_requiring_grad(self.inputs, found)
-        pids = {id(p) for p in self.params}
-        self.xs = [t for i, t in found.items() if i not in pids]
+        self.xs = [t for t in found if not any(t is p for p in self.params)]
 
     @property
     def extras(self) -> list[Tensor]:

@@ -456,7 +456,9 @@ class MDEQ(nn.Module):
                 eval_solver=self.deq.eval_solver,
                 on_nonfinite=self.deq.on_nonfinite,
                 grad_in_eval=self.deq.grad_in_eval,
+                cuda_graph=self.deq.cuda_graph,
             ).train(self.deq.training)
+            deq._graphs = self.deq._graphs  # captured solves outlive this wrapper
         info = None
         with torch.autocast(device_type, enabled=False) if amp else contextlib.nullcontext():
             if mode == "unrolled":

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._state import FlatFn
 from .._validate import check_float, check_int
-from .base import SolverBase, _Tracker
+from .base import SolverBase, _Tracker, into
 
 
 class Anderson(SolverBase):
@@ -48,30 +48,28 @@ class Anderson(SolverBase):
         m, beta = self.m, self.beta
         dtype, dev = x0.dtype, x0.device
         # G: residual history g(x_i) - x_i ; Y: mixed images beta*g(x_i) + (1-beta)*x_i
-        G = torch.empty(b, m, d, dtype=dtype, device=dev)
-        Y = torch.empty(b, m, d, dtype=dtype, device=dev)
+        G = tracker.buffer("anderson_G", b, m, d, like=x0)
+        Y = tracker.buffer("anderson_Y", b, m, d, like=x0)
         gram = torch.zeros(b, m, m, dtype=dtype, device=dev)
         x = x0
         n = 0  # number of valid history slots
         k = 0  # insertion counter
         while True:
             slot = k % m
-            # with beta = 1 the mixed image is g(x) itself: tuple states are written straight
-            # into the history slot (single tensors come back as f's own output)
-            fx = gf(x, out=Y[:, slot]) if beta == 1.0 else gf(x)
-            torch.sub(fx, x, out=G[:, slot])
-            if tracker.update(x, fx, diff=G[:, slot]):
-                return
-            k += 1
             n = min(n + 1, m)
-            if beta != 1.0:
-                torch.lerp(x, fx, beta, out=Y[:, slot])
-            elif fx.data_ptr() != Y[:, slot].data_ptr():
-                Y[:, slot].copy_(fx)
-            # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots
+            # with beta = 1 the mixed image is g(x) itself, written straight into its slot
+            fx = gf(x, out=Y[:, slot]) if beta == 1.0 else gf(x)
+            into(G[:, slot], torch.sub, fx, x)
+            # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots, the
+            # slot itself included (its diagonal entry is the tracker's squared residual).
             # (B, 1, D) @ (B, D, n) on a transposed view of the history: a batched GEMM over
             # contiguous rows, several times faster on CPU than the (B, n, D) @ (B, D, 1) form
             row = torch.bmm(G[:, slot].unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)
+            if tracker.update(x, fx, abs_res=row[:, slot].sqrt()):
+                return
+            k += 1
+            if beta != 1.0:
+                into(Y[:, slot], torch.lerp, x, fx, beta)
             gram[:, slot, :n] = row
             gram[:, :n, slot] = row
             if n == 1:

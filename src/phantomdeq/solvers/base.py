@@ -4,10 +4,9 @@ per-sample best-iterate tracking without a host synchronisation per iteration.""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
@@ -165,24 +164,37 @@ def _rounding(gf: FlatFn, dtype: torch.dtype, cdt: torch.dtype) -> FlatFn:
     return gf_low
 
 
-@contextlib.contextmanager
-def _no_caller_autocast(
-    device_type: str, g: Callable[[State], Any]
-) -> Iterator[Callable[[State], Any]]:
-    """Disable the caller's autocast for the solver's own arithmetic, and return ``g`` wrapped so
-    that it still runs in the caller's autocast context. Free when autocast is off."""
+def _caller_autocast(device_type: str) -> tuple[torch.dtype, bool] | None:
+    """The caller's autocast ``(dtype, cache_enabled)`` on ``device_type``, None when it is off."""
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        yield g
-        return
-    dtype = torch.get_autocast_dtype(device_type)
-    cache = torch.is_autocast_cache_enabled()
+        return None
+    return torch.get_autocast_dtype(device_type), torch.is_autocast_cache_enabled()
 
+
+def _in_autocast(
+    g: Callable[[State], Any], device_type: str, dtype: torch.dtype, cache: bool
+) -> Callable[[State], Any]:
     def g_autocast(z: State) -> Any:
         with torch.autocast(device_type, dtype=dtype, cache_enabled=cache):
             return g(z)
 
-    with torch.autocast(device_type, enabled=False):
-        yield g_autocast
+    return g_autocast
+
+
+def sync_free() -> bool:
+    """True while ``torch.compile`` traces the solver (dynamo): the iteration must not read
+    tensor values on the host there (each read would split the compiled graph)."""
+    return bool(torch.compiler.is_compiling())
+
+
+def into(out: Tensor, value: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``value(*args, out=out)`` -- e.g. ``into(G[:, slot], torch.sub, fx, x)`` -- for a
+    solver's history slot: written in place, no temporary. While tracing for ``torch.compile``
+    (which refuses a strided ``out=``) the slot is assigned ``value(*args)`` instead; the
+    compiler fuses the two."""
+    if sync_free():
+        return out.copy_(value(*args))
+    return value(*args, out=out)  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------- base class
@@ -198,7 +210,10 @@ class SolverBase:
     ``None`` means every iteration on CPU and every 4 on CUDA. ``freeze_converged=True`` stops
     each sample on its own: it keeps the first iterate whose residual reaches ``tol`` (as a loop
     that stops every sample separately would) instead of its best one; the batch still iterates
-    until every sample has converged.
+    until every sample has converged. ``tol=0`` is a fixed budget: exactly ``max_iter``
+    evaluations and no convergence test (hence no host synchronisation) inside the loop, the
+    form that ``torch.compile`` traces into one graph and that
+    :class:`~phantomdeq.solvers.CapturedSolve` replays as a CUDA graph.
     """
 
     name = "solver"
@@ -234,6 +249,15 @@ class SolverBase:
             if check_every is None
             else check_int("check_every", check_every, minimum=1, owner=owner)
         )
+        self._workspace: dict[str, Tensor] = {}
+        self._workspace_busy = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the reusable buffers are a cache: never pickled or deep-copied
+        state = dict(self.__dict__)
+        state["_workspace"] = {}
+        state["_workspace_busy"] = False
+        return state
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
@@ -242,28 +266,70 @@ class SolverBase:
     def _options(self) -> dict[str, object]:
         return {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
 
+    @property
+    def fixed_budget(self) -> bool:
+        """True when ``tol == 0``: every solve makes exactly ``max_iter`` evaluations of ``g``
+        and reads no tensor value on the host until it returns."""
+        return self.tol == 0.0
+
     def __call__(self, g: Callable[[State], Any], z0: State) -> Solution:
         """Solve ``z = g(z)`` from ``z0`` without recording an autograd graph.
 
         The solver's arithmetic runs outside any autocast region of the caller and, for
         half/bfloat16 states, in float32; ``g`` itself runs in the caller's autocast context.
+        The outcome is read on the host once, after the loop (:meth:`_Tracker.solution`).
         """
         spec = StateSpec.of(z0)
+        if sync_free() and not self.fixed_budget:
+            # traced by torch.compile with a convergence test: the loop would split the graph
+            # at every test and specialise on the iteration counts; run it eagerly instead (one
+            # graph break per solve; a cell compiled on its own stays compiled in there)
+            return _eager(self, g, z0)
+        tracker = self._iterate(g, z0, spec, sync_free=sync_free())
+        return tracker.solution(spec)
+
+    def _iterate(
+        self, g: Callable[[State], Any], z0: State, spec: StateSpec, *, sync_free: bool
+    ) -> _Tracker:
+        """Run the iteration; returns the tracker holding the outcome on the device. With
+        ``sync_free`` the loop reads no tensor value on the host, except for the convergence
+        test every ``check_every`` iterations when ``tol > 0``."""
+        amp = _caller_autocast(spec.device.type)
+        with torch.no_grad():
+            if amp is None:
+                return self._iterate_flat(g, z0, spec, sync_free)
+            with torch.autocast(spec.device.type, enabled=False):
+                g_amp = _in_autocast(g, spec.device.type, *amp)
+                return self._iterate_flat(g_amp, z0, spec, sync_free)
+
+    def _iterate_flat(
+        self, g: Callable[[State], Any], z0: State, spec: StateSpec, sync_free: bool
+    ) -> _Tracker:
         cdt = compute_dtype(spec.dtype)
-        with torch.no_grad(), _no_caller_autocast(spec.device.type, g) as g_in:
-            gf = make_flat_fn(g_in, spec)
-            if cdt != spec.dtype:
-                gf = _rounding(gf, spec.dtype, cdt)
-            if spec.is_tuple:
-                x0 = spec.flatten(
-                    z0, out=torch.empty(spec.batch, spec.dim, dtype=cdt, device=spec.device)
-                )
-            else:
-                x0 = spec.flatten(z0).detach().to(cdt, copy=True)
-            tracker = _Tracker(self, x0)
-            if spec.batch > 0:
+        gf = make_flat_fn(g, spec)
+        if cdt != spec.dtype:
+            gf = _rounding(gf, spec.dtype, cdt)
+        if spec.is_tuple:
+            x0 = spec.flatten(
+                z0, out=torch.empty(spec.batch, spec.dim, dtype=cdt, device=spec.device)
+            )
+        else:
+            x0 = spec.flatten(z0).detach().to(cdt, copy=True)
+        # on CPU the large history buffers are kept for the next solve: a fresh multi-MB
+        # allocation costs a page fault per 4 KiB on first touch (as much as an f evaluation
+        # for Broyden's history at batch 64); not while tracing or in a nested solve
+        reuse = spec.device.type == "cpu" and not sync_free and not self._workspace_busy
+        workspace = self._workspace if reuse else None
+        tracker = _Tracker(self, x0, sync_free=sync_free, workspace=workspace)
+        if spec.batch > 0 and reuse:
+            self._workspace_busy = True
+            try:
                 self._solve(gf, x0, tracker)
-            return tracker.solution(spec)
+            finally:
+                self._workspace_busy = False
+        elif spec.batch > 0:
+            self._solve(gf, x0, tracker)
+        return tracker
 
     def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         """Iterate from ``x0`` (B, D), calling ``tracker.update`` once per evaluation of ``gf``
@@ -276,12 +342,26 @@ class _Tracker:
     """Per-sample residuals, best iterate, step counts, non-finite marks and stopping, with few
     host syncs.
 
+    Host reads: the convergence test every ``check_every`` iterations when ``tol > 0`` (never
+    with ``tol == 0``, a fixed budget), and on CPU with ``check_every == 1`` one read per
+    iteration to keep the best iterate by reference (no copy) when the whole batch improved.
+    With ``sync_free`` (tracing for ``torch.compile``, capturing a CUDA graph) the best iterate
+    is always selected on the device, so a fixed budget reads nothing until :meth:`solution`.
+
     Contract with the solvers: a tensor passed as ``x`` to :meth:`update` is never modified
     afterwards (the best iterate may be kept by reference instead of copied).
     """
 
-    def __init__(self, solver: SolverBase, x0: Tensor) -> None:
+    def __init__(
+        self,
+        solver: SolverBase,
+        x0: Tensor,
+        *,
+        sync_free: bool = False,
+        workspace: dict[str, Tensor] | None = None,
+    ) -> None:
         self.solver = solver
+        self._workspace = workspace
         b = x0.shape[0]
         dev = x0.device
         self.best = x0
@@ -293,74 +373,145 @@ class _Tracker:
         self._trace: list[Tensor] = []
         self._diff: Tensor | None = None
         self.niter = 0
-        self.result = SolveResult.CONVERGED if b == 0 else SolveResult.MAX_ITER
+        self.stopped = False  # the convergence test ended the loop before max_iter
         every = solver.check_every
         self.check_every = every if every is not None else (4 if dev.type == "cuda" else 1)
+        self._checks = solver.tol > 0.0
+        self._by_reference = self.check_every == 1 and not sync_free
+
+    def buffer(self, name: str, *shape: int, like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device for the solver's
+        own bookkeeping (history buffers), reused between solves on CPU. Never hand it to
+        :meth:`update` as ``x``: it is overwritten by the next solve."""
+        if self._workspace is None:
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        need = math.prod(shape)
+        buf = self._workspace.get(name)
+        if (
+            buf is None
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.numel() < need
+        ):
+            self._workspace.pop(name, None)  # free the old one before allocating
+            buf = torch.empty(need, dtype=like.dtype, device=like.device)
+            self._workspace[name] = buf
+        return buf[:need].view(shape)
 
     @property
     def best_res(self) -> Tensor:
         return self.best_pair[:, self._col]
 
-    def update(self, x: Tensor, fx: Tensor, diff: Tensor | None = None) -> bool:
-        """Record iterate ``x`` with image ``fx = g(x)`` (``diff = fx - x`` if the solver has it).
-        Returns True when the solve must stop: every sample converged or non-finite, or
-        ``max_iter``. A dozen kernels on ``(B,)`` vectors and, on CPU, a host sync; on CUDA a
-        sync only every ``check_every`` iterations."""
+    @property
+    def last(self) -> bool:
+        """True when the next :meth:`update` is the last one the budget allows."""
+        return self.niter + 1 >= self.solver.max_iter
+
+    def update(
+        self,
+        x: Tensor,
+        fx: Tensor | None,
+        diff: Tensor | None = None,
+        *,
+        abs_res: Tensor | None = None,
+    ) -> bool:
+        """Record iterate ``x`` with image ``fx = g(x)``; a solver that has ``diff = fx - x``
+        or its per-sample norm ``abs_res`` (e.g. from a Gram matrix) passes it instead, and
+        ``fx`` may then be None. Returns True when the solve must stop: ``max_iter``
+        evaluations, or every sample converged or non-finite at a convergence test. About
+        fifteen kernels on ``(B,)`` vectors plus the norm(s) over the state."""
         self.niter += 1
-        if diff is None:
-            if self._diff is None:
-                self._diff = torch.empty_like(x)
-            diff = torch.sub(fx, x, out=self._diff)
-        abs_res = torch.linalg.vector_norm(diff, dim=1)
+        if abs_res is None:
+            if diff is None:
+                if fx is None:
+                    raise TypeError("_Tracker.update: pass fx, diff or abs_res")
+                if self._diff is None:
+                    self._diff = self.buffer("tracker_diff", *x.shape, like=x)
+                diff = torch.sub(fx, x, out=self._diff)
+            abs_res = torch.linalg.vector_norm(diff, dim=1)
         xnorm = torch.linalg.vector_norm(x, dim=1)
+        tol = self.solver.tol
+        best_res = self.best_pair[:, self._col]
         # a sample is non-finite once its iterate or its image holds inf/NaN before it has
         # converged (a converged sample keeps its solution); from then on it stays frozen
-        best_res = self.best_pair[:, self._col]
-        self.bad = self.bad | ~(torch.isfinite(abs_res + xnorm) | (best_res <= self.solver.tol))
+        healthy = torch.isfinite(abs_res + xnorm).logical_or_(best_res <= tol)
+        self.bad = self.bad | healthy.logical_not_()
         pair = torch.stack((abs_res, abs_res / xnorm.add_(REL_EPS)), dim=1)
         res = pair[:, self._col]
-        improved = (res < best_res) & ~self.bad
+        improved = (res < best_res).logical_and_(self.bad.logical_not())
         if self.solver.freeze_converged:
-            improved &= best_res > self.solver.tol
+            improved.logical_and_(best_res > tol)
         self.best_pair = torch.where(improved[:, None], pair, self.best_pair)
         self.nstep = torch.where(improved, self.niter, self.nstep)
-        self._trace.append(res.masked_fill(self.bad, -math.inf).max())
-        if self.check_every == 1:
-            # a host sync every step is free on CPU: keep the best iterate by reference when the
-            # whole batch improved (the usual case), copy per sample only otherwise
+        self._trace.append(res.masked_fill(self.bad, -math.inf).amax())
+        if self._by_reference:
+            # a host read per step is free on CPU: keep the best iterate by reference when the
+            # whole batch improved (the usual case), select per sample only otherwise
             if bool(improved.all()):
                 self.best = x
             elif bool(improved.any()):
                 self.best = torch.where(improved[:, None], x, self.best)
         else:
             self.best = torch.where(improved[:, None], x, self.best)
-        last = self.niter >= self.solver.max_iter
-        if self.niter % self.check_every == 0 or last:
-            done = bool(((self.best_pair[:, self._col] <= self.solver.tol) | self.bad).all())
-            if done:
-                self.result = SolveResult.CONVERGED
+        if self.niter >= self.solver.max_iter:
+            return True
+        if self._checks and self.niter % self.check_every == 0:
+            done = (self.best_pair[:, self._col] <= tol).logical_or_(self.bad)
+            if bool(done.all()):
+                self.stopped = True
                 return True
-        return last
+        return False
 
-    def solution(self, spec: StateSpec) -> Solution:
-        # one host sync for the trace and the non-finite flag; -inf in the trace marks an
-        # iteration where every sample was non-finite
-        flag = self.bad.any().to(self.best_pair.dtype)
-        *raw, any_bad = torch.stack([*self._trace, flag]).tolist()
-        trace = [math.nan if v == -math.inf else v for v in raw]
-        converged = (self.best_pair[:, self._col] <= self.solver.tol) & ~self.bad
-        result = SolveResult.NONFINITE if any_bad else self.result
-        return Solution(
-            z=spec.unflatten(self.best.to(spec.dtype)),
-            nstep=self.nstep,
-            residual=self.best_pair[:, self._col].clone(),
-            abs_residual=self.best_pair[:, 0].clone(),
-            rel_residual=self.best_pair[:, 1].clone(),
-            converged=converged,
-            nonfinite=self.bad,
-            trace=trace,
-            result=result,
-            niter=self.niter,
-            stop=self.solver.stop,
-            tol=self.solver.tol,
-        )
+    def outcome(self) -> tuple[Tensor, Tensor]:
+        """``(converged, flags)`` on the device: per-sample convergence and a float vector
+        ``[any sample non-finite, every sample converged or non-finite]``."""
+        reached = self.best_pair[:, self._col] <= self.solver.tol
+        converged = reached & ~self.bad
+        flags = torch.stack((self.bad.any(), (reached | self.bad).all()))
+        return converged, flags.to(self.best_pair.dtype)
+
+    def solution(self, spec: StateSpec, *, best: Tensor | None = None) -> Solution:
+        """The :class:`Solution`; one host read for the trace and the outcome flags (``best``
+        replaces the tracked best iterate, e.g. a copy out of a CUDA graph's memory)."""
+        converged, flags = self.outcome()
+        values = torch.cat((torch.stack(self._trace), flags)) if self._trace else flags
+        return _finish(self, spec, self.best if best is None else best, converged, values)
+
+
+@torch.compiler.disable
+def _eager(solver: SolverBase, g: Callable[[State], Any], z0: State) -> Solution:
+    """``solver(g, z0)`` outside ``torch.compile``'s tracing."""
+    return solver(g, z0)
+
+
+@torch.compiler.disable
+def _finish(
+    tracker: _Tracker, spec: StateSpec, best: Tensor, converged: Tensor, values: Tensor
+) -> Solution:
+    """The host read that ends a solve and the :class:`Solution` built from it. Never traced
+    by ``torch.compile``: the values read (trace, outcome) would become guards of the code
+    after them and recompile it at every solve."""
+    *raw, any_bad, all_done = values.tolist()
+    # -inf in the trace marks an iteration where every sample was non-finite
+    trace = [math.nan if v == -math.inf else v for v in raw]
+    if any_bad:
+        result = SolveResult.NONFINITE
+    elif all_done:
+        result = SolveResult.CONVERGED
+    else:
+        result = SolveResult.MAX_ITER
+    col = tracker.best_pair[:, tracker._col]
+    return Solution(
+        z=spec.unflatten(best.to(spec.dtype)),
+        nstep=tracker.nstep,
+        residual=col.clone(),
+        abs_residual=tracker.best_pair[:, 0].clone(),
+        rel_residual=tracker.best_pair[:, 1].clone(),
+        converged=converged,
+        nonfinite=tracker.bad,
+        trace=trace,
+        result=result,
+        niter=tracker.niter,
+        stop=tracker.solver.stop,
+        tol=tracker.solver.tol,
+    )

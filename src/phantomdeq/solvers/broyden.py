@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._state import FlatFn
 from .._validate import check_int
-from .base import SolverBase, _Tracker
+from .base import SolverBase, _Tracker, into
 
 
 class Broyden(SolverBase):
@@ -18,9 +18,16 @@ class Broyden(SolverBase):
     the good-Broyden update of the current ``H`` gives the pair ``v = Hᵀ s``,
     ``u = (s - H y) / (vᵀ y)``. ``memory`` bounds the number of stored pairs (``None`` keeps every
     step up to ``max_iter``): once ``memory`` pairs are stored, the new pair (computed from the
-    full current ``H``) replaces the oldest one — limited-memory good Broyden. Per iteration:
-    four passes over the stored pairs (products ``V r`` and ``U s``), a dozen vector passes.
-    For half/bfloat16 states the pairs and updates are float32.
+    full current ``H``) replaces the oldest one — limited-memory good Broyden.
+
+    Cost per iteration. While no pair is evicted (``memory=None``, or ``memory >= max_iter - 2``)
+    the pairs are not stored as vectors: every ``u_i`` is a multiple of the step direction
+    that followed it and every ``v_i`` a combination of the step directions, so one buffer of
+    directions ``W`` (one state per iteration, half the memory of ``U`` and ``V``) and small
+    coefficient matrices represent ``H`` exactly, and an iteration makes two passes over ``W``
+    (one batched product for all the inner products it needs, one for the new direction) plus
+    four vector passes. With evictions the pairs are stored (four passes over them per
+    iteration). For half/bfloat16 states the pairs and updates are float32.
     """
 
     name = "broyden"
@@ -43,6 +50,76 @@ class Broyden(SolverBase):
         return {**super()._options(), "memory": self.memory}
 
     def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+        # a solve makes at most max_iter - 2 pairs (none after the first and the last evaluation)
+        if self.memory is None or self.memory >= self.max_iter - 2:
+            self._solve_directions(gf, x0, tracker)
+        else:
+            self._solve_pairs(gf, x0, tracker)
+
+    def _solve_directions(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+        """Good Broyden without evictions, ``H`` kept in the basis of its step directions.
+
+        Directions ``w_0 = r_0`` and ``w_{j+1} = q_j = -H_j r_{j+1}``; step ``j`` is
+        ``p_j = φ_j w_j`` (``φ_0 = 1``, ``φ_{j+1}`` = the factor below). The pair made at step
+        ``j`` is ``u_j = β_j w_{j+1}`` with ``β_j = 1 / vᵀy`` (0 for a skipped pair) and
+        ``v_j = Σ_{i<=j} C[j, i] w_i``. With ``ρ = Wᵀ r_{j+1}`` and the Gram column
+        ``γ_i = <w_i, w_j>`` (both from one product of ``[w_j; r_{j+1}]`` with ``W``):
+        ``a = Vᵀ r = C ρ``, ``q = r - Σ_i a_i β_i w_{i+1}``, ``c_i = u_iᵀ p_j = β_i φ_j
+        γ_{i+1}``, ``v_j = -p_j + Σ_i c_i v_i`` (row ``C[j] = -φ_j e_j + cᵀ C``),
+        ``vᵀ r_{j+1} = C[j]·ρ`` and ``vᵀ r_j = sᵀ H r_j = -|p_j|² = -φ_j² γ_j``. The same
+        iterates as :meth:`_solve_pairs` without evictions, to rounding.
+        """
+        b, d = x0.shape
+        slots = self.max_iter  # w_0 .. w_{max_iter - 1}: one per evaluation of g
+        dtype, dev = x0.dtype, x0.device
+        # slot j is written before it is read: no zero fill of max_iter x (B, D)
+        W = tracker.buffer("broyden_W", b, slots, d, like=x0)
+        C = torch.zeros(b, slots, slots, dtype=dtype, device=dev)  # v_i = Σ C[i, l] w_l
+        beta = torch.empty(b, slots, dtype=dtype, device=dev)  # u_i = beta_i w_{i+1}
+        tiny = torch.finfo(dtype).eps ** 2
+        x = x0
+        fx = gf(x)
+        into(W[:, 0], torch.sub, fx, x)  # w_0 = r_0, the first step (H = -I)
+        if tracker.update(x, fx, diff=W[:, 0]):
+            return
+        phi = torch.ones(b, 1, dtype=dtype, device=dev)
+        j = 0
+        while True:
+            x = torch.addcmul(x, W[:, j], phi)  # x + p_j
+            fx = gf(x)
+            r_new = into(W[:, j + 1], torch.sub, fx, x)
+            if tracker.last:  # no new direction after the final evaluation
+                tracker.update(x, fx, diff=r_new)
+                return
+            # [<w_j, w_i>; <r, w_i>] for i <= j, and <w_j, r>, |r|² (the tracker's residual):
+            # (B, 2, D) @ (B, D, j + 2) on a transposed view, one pass over the directions
+            dots = torch.bmm(W[:, j : j + 2], W[:, : j + 2].transpose(1, 2))
+            if tracker.update(x, fx, abs_res=dots[:, 1, j + 1].sqrt()):
+                return
+            gamma = dots[:, 0, : j + 1]  # <w_i, w_j>, i <= j
+            rho = dots[:, 1, : j + 1].unsqueeze(2)  # <w_i, r>, (B, j + 1, 1)
+            row = torch.zeros(b, 1, j + 1, dtype=dtype, device=dev)
+            if j:
+                Cj = C[:, :j, : j + 1]
+                a = torch.bmm(Cj, rho).squeeze(2)  # Vᵀ r over the stored pairs
+                # q = r - U a, written over r in its slot (becomes w_{j+1}); a plain bmm and a
+                # subtraction (an in-place baddbmm_ on the strided slot runs per sample on CPU)
+                ua = torch.bmm((beta[:, :j] * a).unsqueeze(1), W[:, 1 : j + 1]).squeeze(1)
+                r_new.sub_(ua)
+                c = beta[:, :j] * phi * gamma[:, 1:]  # u_iᵀ p_j
+                row = torch.bmm(c.unsqueeze(1), Cj)  # Σ c_i C[i]
+            row[:, 0, j] -= phi[:, 0]
+            vr_new = torch.bmm(row, rho).view(b, 1)  # vᵀ r_{j+1}
+            denom = vr_new + phi * phi * gamma[:, j : j + 1]  # vᵀ y = vᵀ r_{j+1} + |p_j|²
+            ok = denom.abs() > tiny
+            safe = torch.where(ok, denom, torch.ones_like(denom))
+            inv = torch.where(ok, 1.0 / safe, 0.0)
+            beta[:, j : j + 1] = inv
+            C[:, j, : j + 1] = row.squeeze(1) * ok
+            phi = torch.where(ok, 1.0 - vr_new * inv, 1.0)
+            j += 1
+
+    def _solve_pairs(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         # Notation: r = g(x) - x, H = -I + U Vᵀ (rows of U, V stored per sample), step p = -H r.
         # The step satisfies s + H r = 0, so s - H y = -H r_new =: q and the good-Broyden pair of
         # the current H is  v = Hᵀ s = -s + V (Uᵀ s),  u = q / (vᵀ y).  The next step uses the
@@ -50,10 +127,10 @@ class Broyden(SolverBase):
         #   p' = -H' r_new = q (1 - vᵀ r_new / vᵀ y) + u_e (v_eᵀ r_new).
         b, d = x0.shape
         m = self.memory if self.memory is not None else self.max_iter
-        dtype, dev = x0.dtype, x0.device
+        dtype = x0.dtype
         # slot i is written before it is read (only [:n] is read): no zero fill of m x (B, D)
-        U = torch.empty(b, m, d, dtype=dtype, device=dev)
-        V = torch.empty(b, m, d, dtype=dtype, device=dev)
+        U = tracker.buffer("broyden_U", b, m, d, like=x0)
+        V = tracker.buffer("broyden_V", b, m, d, like=x0)
         tiny = torch.finfo(dtype).eps ** 2
         x = x0
         fx = gf(x)
@@ -88,8 +165,8 @@ class Broyden(SolverBase):
             denom = vr_new - torch.linalg.vecdot(vt, r).unsqueeze(1)  # vᵀ y
             ok = denom.abs() > tiny
             safe = torch.where(ok, denom, torch.ones_like(denom))
-            torch.mul(q, torch.where(ok, 1.0 / safe, 0.0), out=U[:, slot])
-            torch.mul(vt, ok, out=V[:, slot])
+            into(U[:, slot], torch.mul, q, torch.where(ok, 1.0 / safe, 0.0))
+            into(V[:, slot], torch.mul, vt, ok)
             n = min(n + 1, m)
             factor = torch.where(ok, 1.0 - vr_new / safe, 1.0)
             p = q * factor if evicted is None else torch.addcmul(evicted, q, factor)

@@ -10,7 +10,15 @@ from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, as_tuple, like
 from .._validate import check_float
-from .base import Solution, SolverBase, _no_caller_autocast, _Tracker, compute_dtype
+from .base import (
+    Solution,
+    SolverBase,
+    _caller_autocast,
+    _in_autocast,
+    _Tracker,
+    compute_dtype,
+    sync_free,
+)
 
 
 class FixedPoint(SolverBase):
@@ -64,40 +72,65 @@ class FixedPoint(SolverBase):
         ``max_iter``); the returned state is differentiable w.r.t. everything ``g`` uses. The
         bookkeeping runs without graph, outside the caller's autocast, in float32 or wider.
         """
+        if sync_free() and not self.fixed_budget:
+            return _eager_unroll(self, g, z0)  # see SolverBase.__call__
         spec = StateSpec.of(z0)
         cdt = compute_dtype(spec.dtype)
 
         def flat(z: State) -> Tensor:
             return spec.flatten(z).detach().to(cdt, copy=True)
 
-        tracker = _Tracker(self, flat(z0))
+        tracker = _Tracker(self, flat(z0), sync_free=sync_free())
         if spec.batch == 0:  # one evaluation keeps the (empty) output connected to f
             return like(spec, spec.check(g(z0), who="f")), tracker.solution(spec)
-        lam = self.damping
-        z = z0
-        iterates: list[State] = []
-        with _no_caller_autocast(spec.device.type, g) as g_in:
-            while True:
-                fz_parts = spec.check(g_in(z), who="f")
-                fz = like(spec, fz_parts)
-                with torch.no_grad():
-                    stop = tracker.update(flat(z), spec.flatten(fz).detach().to(cdt))
-                iterates.append(z)
-                if stop:
-                    break
-                if lam == 1.0:
-                    z = fz
-                else:
-                    z = like(
-                        spec, [lam * a + (1.0 - lam) * b for a, b in zip(fz_parts, as_tuple(z))]
-                    )
+        amp = _caller_autocast(spec.device.type)
+        if amp is None:
+            iterates = self._unroll_loop(g, z0, spec, tracker, flat)
+        else:
+            with torch.autocast(spec.device.type, enabled=False):
+                g_amp = _in_autocast(g, spec.device.type, *amp)
+                iterates = self._unroll_loop(g_amp, z0, spec, tracker, flat)
         sol = tracker.solution(spec)
         return _select(spec, iterates, sol.nstep), sol
 
+    def _unroll_loop(
+        self,
+        g: Callable[[State], Any],
+        z0: State,
+        spec: StateSpec,
+        tracker: _Tracker,
+        flat: Callable[[State], Tensor],
+    ) -> list[State]:
+        lam = self.damping
+        z = z0
+        iterates: list[State] = []
+        while True:
+            fz_parts = spec.check(g(z), who="f")
+            fz = like(spec, fz_parts)
+            with torch.no_grad():
+                stop = tracker.update(flat(z), spec.flatten(fz).detach().to(tracker.best.dtype))
+            iterates.append(z)
+            if stop:
+                return iterates
+            if lam == 1.0:
+                z = fz
+            else:
+                z = like(spec, [lam * a + (1.0 - lam) * b for a, b in zip(fz_parts, as_tuple(z))])
 
+
+@torch.compiler.disable
+def _eager_unroll(
+    solver: FixedPoint, g: Callable[[State], Any], z0: State
+) -> tuple[State, Solution]:
+    """``solver.unroll(g, z0)`` outside ``torch.compile``'s tracing."""
+    return solver.unroll(g, z0)
+
+
+@torch.compiler.disable
 def _select(spec: StateSpec, iterates: list[State], nstep: Tensor) -> State:
     """Per sample, the iterate recorded at evaluation ``nstep`` (the first one if none improved),
-    differentiably; the last iterate itself when it is every sample's best."""
+    differentiably; the last iterate itself when it is every sample's best. It reads ``nstep``
+    on the host, so ``torch.compile`` does not trace it (the values would become guards)."""
     last = len(iterates) - 1
     index = (nstep - 1).clamp_(min=0)
     if bool((index == last).all()):

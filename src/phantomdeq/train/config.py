@@ -216,6 +216,10 @@ class TrainConfig(Section):
     ``max_skipped_steps`` consecutive skips. ``checkpoint_every_steps`` > 0 also writes
     ``last.pt`` every that many optimiser steps inside an epoch (0 = at epoch ends only);
     ``--resume`` continues from such a checkpoint exactly where it stopped.
+
+    ``compile: true`` runs the model through ``torch.compile`` (:mod:`phantomdeq.train.compile`):
+    a fixed-budget solve (``solver.tol: 0``) becomes one compiled graph; with ``tol > 0`` the
+    solve loop runs eagerly around the compiled cell. The first steps pay the compilation.
     """
 
     epochs: PosInt = 10
@@ -240,6 +244,7 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: PosInt = 10
     checkpoint_every_steps: NonNegInt = 0
+    compile: bool = False
 
     def check(self, prefix: str) -> None:
         self.monitor_solver.check(f"{prefix}.monitor_solver")
@@ -461,6 +466,7 @@ RESUMABLE_TRAIN_KEYS = (
     "checkpoint_every_steps",
     "on_nonfinite",
     "max_skipped_steps",
+    "compile",
 )
 
 

@@ -131,6 +131,10 @@ class SetupMixin(TrainerState):
         seed_everything(cfg.train.seed)
         self.dtype = getattr(torch, cfg.train.dtype)
         model = build_model(cfg, self.num_classes, self.in_channels).to(self.device, self.dtype)
+        if cfg.train.compile:  # in place: parameter names and state_dict keys unchanged
+            from .compile import compile_model
+
+            compile_model(model)
         self.net = model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
