@@ -94,13 +94,15 @@ _STRIP = [
     re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b"),  # clock times
     re.compile(r"\b\d+\.\d+\.\d+\S*"),  # versions
     re.compile(r"\b\d+(?:\s*×\s*\d+)+(?!\s*%)\b(?!\s*×)"),  # shapes 28×28, 3×32×32
-    re.compile(r"\b\w+\s*\(\s*[\d.]+(?:\s*[,|]\s*[\d.]+)*\s*\)"),  # UPG(5, 0.5), NPG(5|9, 0.5)
+    re.compile(r"\b[A-Za-z_]\w*\s*\(\s*[\d.]+(?:\s*[,|]\s*[\d.]+)*\s*\)"),  # UPG(5, 0.5)
     re.compile(r"_\{[^}]*\}"),  # A_{5,0.5}
     re.compile(r"\{[^}]*\}"),  # sets {0.3, 0.5}
     re.compile(r"[=∈]\s*[-−]?[\d.]+(?:[eE][-−+]?\d+)?"),  # assignments λ = 0.5
 ]
 _LABEL = re.compile(
-    r"(?i)(?<![\w.])(?:" + "|".join(re.escape(w) for w in LABEL_WORDS) + r")\s*\(?\d[\d.]*\)?"
+    r"(?i)(?<![\w.])(?:"
+    + "|".join(re.escape(w) for w in LABEL_WORDS)
+    + r")\s*\(?\d[\d.]*\)?(?:\s*(?:/|,|–|-|and|or)\s*\(?\d[\d.]*\)?)*"
 )
 
 
@@ -211,6 +213,7 @@ def check_document(path: Path, root: Path = REPO) -> list[Problem]:
     sources: list[str] = []
     cache: dict[str, list[float]] = {}
     fenced = False
+    in_code = False
     lines = path.read_text().splitlines()
     for i, raw in enumerate(lines, start=1):
         if raw.lstrip().startswith("```"):
@@ -220,6 +223,7 @@ def check_document(path: Path, root: Path = REPO) -> list[Problem]:
             continue
         if raw.startswith("#"):
             sources = []
+            in_code = False
             continue
         for sm in _SOURCE.finditer(re.sub(r"`[^`]*`", " ", raw)):
             sources = [p for p in re.split(r"[\s,]+", sm.group("paths")) if p]
@@ -230,7 +234,12 @@ def check_document(path: Path, root: Path = REPO) -> list[Problem]:
                     cache[p] = source_values(root / p)
         if _is_header(raw, lines[i] if i < len(lines) else ""):
             continue
-        numbers = measured_numbers(raw)
+        # inline code may run over a line break: carry an open backtick to the next line
+        line = "`" + raw if in_code else raw
+        in_code = line.count("`") % 2 == 1
+        if in_code:
+            line += "`"
+        numbers = measured_numbers(line)
         if not numbers:
             continue
         if not sources:

@@ -60,6 +60,17 @@ def derive() -> list[dict[str, Any]]:
         ["solver_overhead_cpu_xeon_2cores.json"],
     )
 
+    prec = _load("precision_steps_digits_cpu.json")
+    fp32 = next(r for r in prec["records"] if r["precision"] == "fp32")
+    for r in prec["records"]:
+        if r["precision"] != "fp32":
+            add(
+                f"dev CPU digits: {r['precision']} step / fp32 step",
+                r["median_step_s"] / fp32["median_step_s"],
+                "median_step_s / fp32 median_step_s",
+                ["precision_steps_digits_cpu.json"],
+            )
+
     target = _load("cost_tiny_target_cpu.json")
     ift, upg = _record(target, "ift_broyden"), _record(target, "upg_k5")
     add(

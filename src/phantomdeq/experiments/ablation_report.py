@@ -113,6 +113,11 @@ def summarize(out: Path) -> dict[str, Any]:
             for r in ok
             if r["result"].get("train_fwd_nstep") is not None
         ]
+        conv = [
+            float(r["result"]["test_fwd_converged"])
+            for r in ok
+            if r["result"].get("test_fwd_converged") is not None
+        ]
         row = {
             "key": key,
             "label": rs[0]["label"],
@@ -130,6 +135,8 @@ def summarize(out: Path) -> dict[str, Any]:
             "best_epoch_acc_mean": statistics.fmean(bests) if bests else None,
             "epoch_time_s": statistics.fmean(times) if times else None,
             "train_fwd_nstep": statistics.fmean(nsteps) if nsteps else None,
+            # share of test samples whose evaluation solve reached tol, mean over seeds
+            "test_converged_mean": statistics.fmean(conv) if conv else None,
             "failures": [r["result"].get("message", "") for r in rs if r not in ok],
         }
         rows.append(row)
@@ -173,12 +180,13 @@ def paired_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The Table-1-style table: accuracy as mean (best) over seeds, in percent."""
+    """The Table-1-style table: accuracy as mean (best) over seeds, in percent, beside the share
+    of test samples whose evaluation solve converged (mean over seeds)."""
     head = (
         "| Configuration | Method | Pretrain steps | Dropout | Optimizer | Forward steps (max / mean) "
-        "| Time/epoch (s) | Acc % mean (best) | ± std | Runs (failed) |"
+        "| Time/epoch (s) | Test converged % | Acc % mean (best) | ± std | Runs (failed) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         acc = (
             f"{_fmt(r['acc_mean'], '.2f', 100)} ({_fmt(r['acc_best'], '.2f', 100)})"
@@ -189,7 +197,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
         std = "n/a" if len(r["acc"]) < 2 else _fmt(r["acc_std"], ".2f", 100)
         lines.append(
             f"| {r['label']} | {r['method']} | {r['pretrain_steps']} | {_fmt(r['dropout'], 'g')} "
-            f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} | {acc} "
+            f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} "
+            f"| {_fmt(r.get('test_converged_mean'), '.1f', 100)} | {acc} "
             f"| {std} | {r['n_runs']} ({r['n_failed']}) |"
         )
     return "\n".join(lines) + "\n"
