@@ -135,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv if argv is not None else sys.argv[1:]:
         print("usage: python tools/derive_numbers.py", file=sys.stderr)
         return 2
-    doc = {
+    doc: dict[str, Any] = {
         "about": "numbers derived from benchmarks/results/*.json by tools/derive_numbers.py",
         "entries": derive(),
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")
-    for e in doc["entries"]:
+    entries: list[dict[str, Any]] = doc["entries"]
+    for e in entries:
         print(f"{e['value']:12.4f}  {e['name']}")
     return 0
 

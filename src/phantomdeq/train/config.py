@@ -317,7 +317,8 @@ def monitor_label(g: GradConfig) -> str:
     """The metrics label of a ``train.monitor_compare`` estimator: its name, plus ``_k<k>_lam<λ>``
     for the phantom gradients (``upg_k5_lam0.5``)."""
     if g.name in ("upg", "npg"):
-        return f"{g.name}_k{g.k}_lam{g.lam:g}"
+        opts = g.kwargs()  # k and lam, fields of the generated GradConfig
+        return f"{g.name}_k{opts['k']}_lam{float(opts['lam']):g}"
     return str(g.name)
 
 
