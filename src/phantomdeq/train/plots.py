@@ -163,7 +163,6 @@ def _draw_monitor(
         ax.plot(steps, c, "s-", ms=3, color=f"C{i + 2}", label=f"cos({label}, g_exact)")
         ax2.semilogy(steps, r, "s-", ms=3, color=f"C{i + 2}", label=label)
     if compared:
-        ax2.legend(fontsize=7)
         cos = cos + [v for c, _ in compared.values() for v in c if math.isfinite(v)]
     if bad:
         ax.plot(
@@ -182,6 +181,8 @@ def _draw_monitor(
     ax.set_title(title or "cosine vs the exact (IFT) gradient", fontsize=10)
     ax.grid(alpha=0.3)
     ax2.semilogy(steps, ratio, "o-", ms=3, color="C1", label="g_used")
+    if compared:
+        ax2.legend(fontsize=7)
     ax2.axhline(1.0, color="k", lw=0.6)
     ax2.set_xlabel("training step")
     ax2.set_ylabel("||g_used|| / ||g_exact||")
