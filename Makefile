@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test demo lint typecheck bench clean
+.PHONY: venv test demo lint typecheck bench clean check-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ demo: $(STAMP)
 	$(PY) -m phantomdeq demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks tools
+	$(PY) -m ruff format --check src tests benchmarks tools
+
+# every measured number in README.md, EXPERIMENTS.md, BENCHMARKS.md against its committed source
+# (convention: results/README.md); also run by `make test` (tests/test_check_results.py)
+check-results:
+	$(PYTHON) tools/check_results.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

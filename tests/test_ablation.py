@@ -125,3 +125,91 @@ def test_bad_grid_is_rejected_before_any_run(
     assert ablation.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (out / "runs").exists()
+
+
+def _row(label: str, grad: str, k: int | None, lam: float | None, accs: dict[int, float]) -> dict:
+    import statistics
+
+    vals = list(accs.values())
+    return {
+        "label": label,
+        "source": "preset.yaml",
+        "method": label,
+        "grad": grad,
+        "k": k,
+        "lam": lam,
+        "pretrain_steps": 0,
+        "dropout": 0.0,
+        "optimizer": "adam",
+        "fwd_max_iter": 8,
+        "train_fwd_nstep": 8.0,
+        "epoch_time_s": 1.0,
+        "acc": vals,
+        "acc_by_seed": accs,
+        "acc_mean": statistics.fmean(vals),
+        "acc_std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "acc_best": max(vals),
+        "n_runs": len(vals),
+        "n_failed": 0,
+    }
+
+
+def test_table_prints_na_for_the_spread_of_one_seed() -> None:
+    from phantomdeq.experiments.ablation_report import table_markdown
+
+    one = _row("one", "upg", 5, 0.5, {0: 0.9})
+    two = _row("two", "upg", 5, 1.0, {0: 0.9, 1: 0.92})
+    lines = table_markdown([one, two]).splitlines()
+    assert one["acc_std"] is None
+    assert lines[2].endswith("| n/a | 1 (0) |")  # not "± 0.00": one run has no spread
+    assert "| 1.41 | 2 (0) |" in lines[3]  # stdev of 90 and 92 is sqrt(2)
+
+
+def test_fig3_only_for_a_k_grid_and_only_with_the_k_values_run(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phantomdeq.experiments.ablation_report import _draw_fig3, is_k_grid, plot_fig3
+
+    # a grid over another key (k fixed at 5): no "accuracy vs k" figure
+    flat = [
+        _row("bn=0", "upg", 5, 0.5, {0: 0.90, 1: 0.91}),
+        _row("bn=4", "upg", 5, 0.5, {0: 0.92, 1: 0.93}),
+        _row("ift", "ift", None, None, {0: 0.91, 1: 0.92}),
+    ]
+    assert not is_k_grid(flat)
+    assert plot_fig3(flat, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+    rows = [
+        _row("k=1", "upg", 1, 0.5, {0: 0.88, 1: 0.89}),
+        _row("k=3", "upg", 3, 0.5, {0: 0.90, 1: 0.91}),
+        _row("k=9", "upg", 9, 0.5, {0: 0.92, 1: 0.92}),
+        _row("ift", "ift", None, None, {0: 0.91, 1: 0.92}),
+    ]
+    assert is_k_grid(rows)
+    fig, ax = plt.subplots()
+    _draw_fig3(ax, {("upg", 0.5, "preset.yaml"): rows[:3]}, rows[3:])
+    assert list(ax.get_xticks()) == [1, 3, 9]
+    plt.close(fig)
+    assert plot_fig3(rows, tmp_path / "fig3.png") == tmp_path / "fig3.png"
+
+
+def test_paired_difference_by_seed() -> None:
+    from phantomdeq.experiments.ablation_report import paired_difference
+
+    a = {0: 0.90, 1: 0.95, 2: 0.91, 3: 0.99}
+    b = {0: 0.88, 1: 0.96, 2: 0.87}  # seed 3 missing in b: not paired
+    res = paired_difference(a, b)
+    assert res is not None
+    d = [0.02, -0.01, 0.04]
+    mean = sum(d) / 3
+    sd = (sum((x - mean) ** 2 for x in d) / 2) ** 0.5
+    assert res["seeds"] == [0, 1, 2] and res["n"] == 3 and res["wins"] == 2
+    assert res["mean"] == pytest.approx(mean, abs=1e-12)
+    assert res["se"] == pytest.approx(sd / 3**0.5, abs=1e-12)
+    assert paired_difference({0: 0.9}, {0: 0.8})["se"] is None  # type: ignore[index]
+    assert paired_difference({0: 0.9}, {1: 0.8}) is None

@@ -23,6 +23,8 @@ from phantomdeq.data import (
 )
 
 REAL_MNIST = Path("/work/shared/data/mnist-t10k")
+REAL_MNIST_FULL = Path("/work/shared/data/mnist")
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- writers
@@ -165,6 +167,60 @@ def test_configured_mean_std_replace_the_defaults() -> None:
         load_dataset("digits", None, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
     with pytest.raises(DataError, match="both mean and std"):
         load_dataset("digits", None, mean=(0.1,))
+
+
+def _md5sums(root: Path) -> None:
+    import hashlib
+
+    lines = [
+        f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(root.glob("*.gz"))
+    ]
+    (root / "MD5SUMS").write_text("\n".join(lines) + "\n")
+
+
+def test_mnist_md5sums_are_checked(tmp_path: Path) -> None:
+    _mnist_like(tmp_path, "train", 12, 0)
+    _mnist_like(tmp_path, "t10k", 5, 1)
+    _md5sums(tmp_path)
+    train, test, _ = load_dataset("mnist", tmp_path)  # every listed sum matches
+    assert (len(train), len(test)) == (12, 5)
+    # a file replaced by another valid IDX file (other images) no longer matches its sum
+    _mnist_like(tmp_path, "train", 12, 7)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: MD5 .*MD5SUMS"):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["standard", "t10k-only"])
+def test_mnist_configs_default_to_the_standard_split_and_t10k_still_works(
+    tmp_path: Path, layout: str
+) -> None:
+    # The shipped MNIST configs name ../shared/data/mnist (train + t10k files, 60k/10k); a user
+    # who has only the t10k files points data.root at them and gets the seeded 80/20 split.
+    from phantomdeq.train.build import load_data
+    from phantomdeq.train.config import load_config
+
+    for name in ("configs/mdeq_tiny_mnist.yaml", "configs/ablation/mnist_upg.yaml"):
+        text = (REPO / name).read_text()
+        assert "root: ../shared/data/mnist\n" in text, name
+    data = tmp_path / "data" / "mnist"
+    data.mkdir(parents=True)
+    if layout == "standard":
+        _mnist_like(data, "train", 30, 0)
+    _mnist_like(data, "t10k", 20, 1)
+    cfg = load_config(
+        REPO / "configs" / "mdeq_tiny_mnist.yaml",
+        [f"data.root={data}", "data.train_size=null", "data.test_size=null"],
+    )
+    train, test, info = load_data(cfg)
+    expected = (30, 20) if layout == "standard" else (16, 4)
+    assert (len(train), len(test)) == expected and info.image_size == (28, 28)
+
+
+@pytest.mark.skipif(not REAL_MNIST_FULL.is_dir(), reason="standard MNIST files not present")
+def test_real_mnist_standard_split() -> None:
+    train, test, _ = load_dataset("mnist", REAL_MNIST_FULL)  # MD5SUMS checked on the way
+    assert (len(train), len(test)) == (60000, 10000)
+    assert set(test.labels.unique().tolist()) == set(range(10))
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="real MNIST t10k files not present")

@@ -214,11 +214,13 @@ def test_trainer_monitor_logs_and_does_not_change_training(tmp_path) -> None:
             "num_threads": 1,
             "monitor_every": 2,
             "monitor_solver": {"name": "broyden", "max_iter": 15, "tol": 1e-6},
+            "monitor_compare": [{"name": "npg", "k": 2, "lam": 0.5}],
         },
         "log": {"progress": False, "tensorboard": False, "plot": True},
     }
     with_monitor = run_training(config_from_dict(raw), tmp_path / "on", progress=False)
     raw["train"]["monitor_every"] = 0
+    raw["train"]["monitor_compare"] = []
     without = run_training(config_from_dict(raw), tmp_path / "off", progress=False)
 
     def steps(run: str) -> list[dict]:
@@ -233,8 +235,108 @@ def test_trainer_monitor_logs_and_does_not_change_training(tmp_path) -> None:
     for r in monitored:
         assert -1.0 <= r["monitor_cos"] <= 1.0 and r["monitor_norm_ratio"] > 0
         assert r["monitor_time_s"] > 0
+        # the compared estimator (not used for training) is logged under its label
+        assert -1.0 <= r["monitor_cos_npg_k2_lam0.5"] <= 1.0
+        assert r["monitor_norm_ratio_npg_k2_lam0.5"] > 0
     assert not any("monitor_cos" in r for r in off)
     assert (tmp_path / "on" / "curves.png").is_file()
     raw["train"]["monitor_every"] = -1
     with pytest.raises(ConfigError, match="train.monitor_every"):
         config_from_dict(raw)
+
+
+def _dense_phantom_gradient(model: _TinyModel, x: Tensor, k: int, lam: float, kind: str) -> list:
+    """UPG / NPG gradient (eqs. 17 / 18) from the converged h* by explicit vector-Jacobian
+    recursions on the cell, independent of the estimators' code: NPG's
+    dL/dθ = λ (∂F/∂θ)ᵀ Σ_{j<k} (Bᵀ)ʲ g with B = λ ∂F/∂h + (1 − λ) I at h*; UPG back-propagates
+    through k damped steps h ← λF(h) + (1 − λ)h started at h*."""
+    cell = model.deq.f
+    params = list(cell.parameters())
+    with torch.no_grad():
+        z = torch.zeros(4, 5, dtype=torch.float64)
+        for _ in range(300):
+            z = cell(z, x)
+    if kind == "upg":
+        h = z.clone()
+        for _ in range(k):
+            h = lam * cell(h, x) + (1 - lam) * h
+        loss = ((h @ model.readout) ** 2).sum()
+        return list(torch.autograd.grad(loss, params))
+    zr = z.clone().requires_grad_(True)
+    g = torch.autograd.grad(((zr @ model.readout) ** 2).sum(), zr)[0]
+    zq = z.clone().requires_grad_(True)
+    fz = cell(zq, x)
+    acc, v = torch.zeros_like(g), g
+    for _ in range(k):
+        acc = acc + v
+        (jtv,) = torch.autograd.grad(fz, zq, v, retain_graph=True)
+        v = lam * jtv + (1 - lam) * v
+    return [lam * t for t in torch.autograd.grad(fz, params, acc)]
+
+
+def test_monitor_compare_measures_other_estimators_against_the_exact_gradient() -> None:
+    # Fig. 2 along an IFT-trained run: the model trains with IFT, the monitor also measures
+    # UPG(3, 0.6) and NPG(3, 0.6) on the same h*; each cosine must equal the cosine of the dense
+    # phantom gradient (eqs. 17 / 18) with the dense exact gradient (eq. 4).
+    model = _TinyModel(pdq.IFT(solver=pdq.Broyden(max_iter=60, tol=1e-12)))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mon = GradientMonitor(
+        pdq.IFT(solver=pdq.Broyden(max_iter=60, tol=1e-12)),
+        compare={"upg": pdq.UPG(k=3, lam=0.6), "npg": pdq.NPG(k=3, lam=0.6)},
+    )
+    res = mon.measure(model, lambda: model(x))
+    assert res["cosine"] == pytest.approx(1.0, abs=1e-9)  # the IFT in use is exact here
+
+    cell = model.deq.f
+    with torch.no_grad():
+        z = torch.zeros(4, 5, dtype=torch.float64)
+        for _ in range(300):
+            z = cell(z, x)
+    zr = z.clone().requires_grad_(True)
+    dz = torch.autograd.grad(((zr @ model.readout) ** 2).sum(), zr)[0]
+    exact = exact_gradient(cell, z, (x,), list(cell.parameters()), dz)
+    for label in ("upg", "npg"):
+        dense = _dense_phantom_gradient(model, x, 3, 0.6, label)
+        cos, ratio, _, _ = cosine_and_ratio(dense, exact)
+        assert res[f"cosine_{label}"] == pytest.approx(cos, abs=1e-10)
+        assert res[f"norm_ratio_{label}"] == pytest.approx(ratio, rel=1e-9)
+        assert cos < 1.0 - 1e-6  # k = 3 phantom gradients differ measurably from the exact one
+    # the model's own estimator is restored
+    assert isinstance(model.deq.grad, pdq.IFT)
+
+
+def test_monitor_compare_rejects_bad_entries() -> None:
+    with pytest.raises(TypeError, match="compare"):
+        GradientMonitor(compare={"upg": "UPG(5, 0.5)"})
+    with pytest.raises(ValueError, match="BPTT"):
+        GradientMonitor(compare={"bptt": pdq.BPTT()})
+    with pytest.raises(ValueError, match="labels"):
+        GradientMonitor(compare={"a b": pdq.UPG(k=2, lam=0.5)})
+
+
+def test_config_monitor_compare_labels_and_errors() -> None:
+    from phantomdeq.train.config import ConfigError, config_from_dict, monitor_label
+
+    cfg = config_from_dict(
+        {
+            "train": {
+                "monitor_every": 5,
+                "monitor_compare": [
+                    {"name": "upg", "k": 5, "lam": 0.5},
+                    {"name": "npg", "k": 5, "lam": 0.5},
+                ],
+            }
+        }
+    )
+    assert [monitor_label(g) for g in cfg.train.monitor_compare] == [
+        "upg_k5_lam0.5",
+        "npg_k5_lam0.5",
+    ]
+    with pytest.raises(ConfigError, match=r"train.monitor_compare\[1\]"):
+        config_from_dict(
+            {"train": {"monitor_compare": [{"name": "upg", "k": 5}, {"name": "upg", "k": 5}]}}
+        )
+    with pytest.raises(ConfigError, match=r"train.monitor_compare\[0\].name"):
+        config_from_dict({"train": {"monitor_compare": [{"name": "bptt"}]}})
+    with pytest.raises(ConfigError, match=r"monitor_compare"):
+        config_from_dict({"train": {"monitor_compare": [{"name": "upg", "k": 0}]}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 import zlib
 from pathlib import Path
@@ -80,6 +81,27 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
+def _check_md5(path: Path, root: Path) -> None:
+    """When ``root/MD5SUMS`` (``md5sum`` format) lists ``path``'s name, check the file against it.
+
+    Raises:
+        DataError: the MD5 differs (the message names the file and both sums).
+    """
+    sums = root / "MD5SUMS"
+    if not sums.is_file() or path.parent != root:
+        return
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == path.name:
+            digest = hashlib.md5(path.read_bytes()).hexdigest()
+            if digest != parts[0].lower():
+                raise DataError(
+                    f"{path}: MD5 {digest} differs from {parts[0]} listed in {sums}; the file is "
+                    f"damaged or not the canonical one, download it again from {_URL}"
+                )
+            return
+
+
 def _load_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     img_stem = f"{prefix}-images-idx3-ubyte"
     lbl_stem = f"{prefix}-labels-idx1-ubyte"
@@ -92,6 +114,8 @@ def _load_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor] | 
             f"MNIST: found one of the {prefix} files but not {missing}(.gz) in {root}; "
             f"download it from {_URL}"
         )
+    _check_md5(ip, root)
+    _check_md5(lp, root)
     images = read_idx(ip, _IMAGES_MAGIC)
     labels = read_idx(lp, _LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
@@ -110,8 +134,10 @@ def load_mnist(
 ) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
     """Load MNIST from ``root``.
 
-    With the ``train-*`` and ``t10k-*`` files present the standard 60k/10k split is used.  When
-    only the ``t10k-*`` files exist, their images are split by a seeded permutation: the first
+    With the ``train-*`` and ``t10k-*`` files present the standard 60k/10k split is used (the
+    layout of ``../shared/data/mnist``, the configs' default).  A ``MD5SUMS`` file in ``root``
+    (``md5sum`` format) is checked for the files it lists.  When only the ``t10k-*`` files exist
+    (the older ``../shared/data/mnist-t10k`` layout), their images are split by a seeded permutation: the first
     ``round(t10k_train_fraction * N)`` permuted images train, the rest test (8000/2000 for the
     10k test set).
     """

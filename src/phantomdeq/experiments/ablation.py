@@ -99,6 +99,7 @@ _NOT_IDENTITY = (
     ("train", "monitor_every"),
     ("train", "monitor_params"),
     ("train", "monitor_solver"),
+    ("train", "monitor_compare"),
 )
 
 

@@ -12,7 +12,15 @@ from typing import Any
 from phantomdeq import grad as pdq_grad
 from phantomdeq._plot import saved_figure
 
-__all__ = ["plot_fig3", "summarize", "table_markdown", "write_reports"]
+__all__ = [
+    "is_k_grid",
+    "paired_difference",
+    "paired_table",
+    "plot_fig3",
+    "summarize",
+    "table_markdown",
+    "write_reports",
+]
 
 
 def _method_name(grad: str) -> str:
@@ -105,6 +113,11 @@ def summarize(out: Path) -> dict[str, Any]:
             for r in ok
             if r["result"].get("train_fwd_nstep") is not None
         ]
+        conv = [
+            float(r["result"]["test_fwd_converged"])
+            for r in ok
+            if r["result"].get("test_fwd_converged") is not None
+        ]
         row = {
             "key": key,
             "label": rs[0]["label"],
@@ -114,12 +127,16 @@ def summarize(out: Path) -> dict[str, Any]:
             "n_runs": len(rs),
             "n_failed": len(rs) - len(ok),
             "acc": accs,
+            "acc_by_seed": {r["seed"]: float(r["result"]["test_acc"]) for r in ok},
             "acc_mean": statistics.fmean(accs) if accs else None,
-            "acc_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
+            # the spread over seeds is undefined for one run: None, printed "n/a"
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
             "acc_best": max(accs) if accs else None,
             "best_epoch_acc_mean": statistics.fmean(bests) if bests else None,
             "epoch_time_s": statistics.fmean(times) if times else None,
             "train_fwd_nstep": statistics.fmean(nsteps) if nsteps else None,
+            # share of test samples whose evaluation solve reached tol, mean over seeds
+            "test_converged_mean": statistics.fmean(conv) if conv else None,
             "failures": [r["result"].get("message", "") for r in rs if r not in ok],
         }
         rows.append(row)
@@ -127,13 +144,49 @@ def summarize(out: Path) -> dict[str, Any]:
     return {"runs": runs, "rows": rows}
 
 
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """Paired comparison of two configurations over the seeds both finished (same seed = same
+    data subset and initialisation): ``mean`` of ``a[s] - b[s]``, its standard error
+    ``se = stdev / sqrt(n)`` (None for one seed), ``n`` and ``wins`` (seeds where a > b).
+    None when no seed is shared."""
+    import statistics
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    n = len(d)
+    return {
+        "seeds": seeds,
+        "n": n,
+        "mean": statistics.fmean(d),
+        "se": statistics.stdev(d) / math.sqrt(n) if n > 1 else None,
+        "wins": sum(x > 0 for x in d),
+        "ties": sum(x == 0 for x in d),
+    }
+
+
+def paired_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`paired_difference` of every ordered pair of rows (accuracies by seed)."""
+    out = []
+    for a in rows:
+        for b in rows:
+            if a is b:
+                continue
+            res = paired_difference(a["acc_by_seed"], b["acc_by_seed"])
+            if res is not None:
+                out.append({"a": a["label"], "b": b["label"], **res})
+    return out
+
+
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The Table-1-style table: accuracy as mean (best) over seeds, in percent."""
+    """The Table-1-style table: accuracy as mean (best) over seeds, in percent, beside the share
+    of test samples whose evaluation solve converged (mean over seeds)."""
     head = (
         "| Configuration | Method | Pretrain steps | Dropout | Optimizer | Forward steps (max / mean) "
-        "| Time/epoch (s) | Acc % mean (best) | ± std | Runs (failed) |"
+        "| Time/epoch (s) | Test converged % | Acc % mean (best) | ± std | Runs (failed) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         acc = (
             f"{_fmt(r['acc_mean'], '.2f', 100)} ({_fmt(r['acc_best'], '.2f', 100)})"
@@ -141,17 +194,33 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             else "diverged"
         )
         fwd = f"{r['fwd_max_iter']} / {_fmt(r['train_fwd_nstep'], '.1f')}"
+        std = "n/a" if len(r["acc"]) < 2 else _fmt(r["acc_std"], ".2f", 100)
         lines.append(
             f"| {r['label']} | {r['method']} | {r['pretrain_steps']} | {_fmt(r['dropout'], 'g')} "
-            f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} | {acc} "
-            f"| {_fmt(r['acc_std'], '.2f', 100)} | {r['n_runs']} ({r['n_failed']}) |"
+            f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} "
+            f"| {_fmt(r.get('test_converged_mean'), '.1f', 100)} | {acc} "
+            f"| {std} | {r['n_runs']} ({r['n_failed']}) |"
         )
     return "\n".join(lines) + "\n"
 
 
+def is_k_grid(rows: list[dict[str, Any]]) -> bool:
+    """Whether the study varies ``k`` (some phantom-gradient curve has two or more k values):
+    only then is there an "accuracy vs k and λ" figure to draw."""
+    ks: dict[tuple[Any, Any, Any], set[int]] = {}
+    for r in rows:
+        if r["k"] is not None:
+            ks.setdefault((r["grad"], r["lam"], r["source"]), set()).add(r["k"])
+    return any(len(v) > 1 for v in ks.values())
+
+
 def plot_fig3(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Test accuracy vs k (mean ± std over seeds; × marks the best seed), one curve per
-    (method, λ, preset); estimators without k (IFT, ...) as horizontal lines."""
+    (method, λ, preset); estimators without k (IFT, ...) as horizontal lines. The k axis
+    carries exactly the k values that were run. Only for a study that varies k
+    (:func:`is_k_grid`): otherwise nothing is drawn and None is returned."""
+    if not is_k_grid(rows):
+        return None
     curves: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     flat: list[dict[str, Any]] = []
     for r in rows:
@@ -216,6 +285,9 @@ def _draw_fig3(
             lw=1.2,
             label=f"{r['label']} ({r['method']})",
         )
+    ks_run = sorted({r["k"] for rs in curves.values() for r in rs})
+    ax.set_xticks(ks_run)
+    ax.set_xticklabels([str(k) for k in ks_run])
     ax.set_xlabel("k (unrolled / Neumann steps)")
     ax.set_ylabel("test accuracy % (mean ± std over seeds; × best)")
     ax.set_title("Accuracy vs k and λ (paper Fig. 3)")
@@ -231,11 +303,14 @@ def write_reports(out: Path, argv: list[str], *, prog: str = "phantomdeq ablate"
     doc = {
         "command": f"{prog} " + " ".join(argv),
         "rows": summary["rows"],
+        "paired": paired_table(summary["rows"]),
         "runs": summary["runs"],
     }
     tmp = out / "ablation.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     os.replace(tmp, out / "ablation.json")
-    plot_fig3(summary["rows"], out / "fig3.png")
+    fig = out / "fig3.png"
+    if plot_fig3(summary["rows"], fig) is None and fig.exists():
+        fig.unlink()  # a figure from an earlier k grid no longer describes the study
     print(table, end="")
     return doc

@@ -126,6 +126,12 @@ def run_core_demo() -> None:
     print(f"{'estimator':<28} {'backward ms':>12} {'vs IFT':>7}")
     for name, t in times.items():
         print(f"{name:<28} {t * 1e3:12.1f} {t / ref:7.2f}")
+    print(
+        "   (one process, milliseconds per backward pass, measured on whatever else the machine\n"
+        "    is running: on a shared machine these ratios change by several times between runs,\n"
+        "    UPG even coming out slower than IFT. Not a speed claim: the controlled comparison of\n"
+        "    the cost of each gradient is `phantomdeq cost`, see BENCHMARKS.md.)"
+    )
     print()
 
 

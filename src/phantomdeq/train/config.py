@@ -66,6 +66,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "monitor_label",
     "parse_overrides",
     "reset_options",
     "resolve_data_root",
@@ -199,7 +200,11 @@ class TrainConfig(Section):
     mask, w.r.t. the equilibrium cell's parameters (``monitor_params: cell``) or all parameters
     (``all``); their cosine and norm ratio are logged as ``monitor_cos`` /
     ``monitor_norm_ratio`` (its cost as ``monitor_time_s``, excluded from the step timing). It
-    changes no update, so these fields may differ on resume.
+    changes no update, so these fields may differ on resume. ``monitor_compare`` lists further
+    estimators (grad sections, e.g. ``[{name: upg, k: 5, lam: 0.5}, {name: npg, k: 5, lam:
+    0.5}]``) measured against the same exact gradient without training with them -- the paper's
+    Fig. 2 along an IFT-trained run -- logged as ``monitor_cos_<label>`` /
+    ``monitor_norm_ratio_<label>`` with ``<label>`` = :func:`monitor_label` (``upg_k5_lam0.5``).
 
     ``bn_recalibration_batches`` > 0 recomputes the BatchNorm running statistics before each
     evaluation ("precise BN") from that many training batches (fixed order, no augmentation)
@@ -241,6 +246,7 @@ class TrainConfig(Section):
     monitor_solver: SolverConfig = Field(
         default_factory=solver_default(name="broyden", max_iter=60, tol=1e-6)
     )
+    monitor_compare: list[GradConfig] = Field(default_factory=list)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: PosInt = 10
     checkpoint_every_steps: NonNegInt = 0
@@ -248,6 +254,20 @@ class TrainConfig(Section):
 
     def check(self, prefix: str) -> None:
         self.monitor_solver.check(f"{prefix}.monitor_solver")
+        labels: list[str] = []
+        for i, g in enumerate(self.monitor_compare):
+            g.check(f"{prefix}.monitor_compare[{i}]")
+            if g.name == "bptt":
+                raise ConfigError(
+                    f"{prefix}.monitor_compare[{i}].name: 'bptt' cannot be compared (it needs the "
+                    f"forward iterations recorded); allowed: ift, upg, npg, onestep"
+                )
+            label = monitor_label(g)
+            if label in labels:
+                raise ConfigError(
+                    f"{prefix}.monitor_compare[{i}]: estimator {label!r} is listed twice"
+                )
+            labels.append(label)
         if self.pretrain_steps > 0 and self.unrolled_steps < 1:
             raise ConfigError(
                 f"{prefix}.unrolled_steps: must be >= 1 when pretrain_steps > 0, "
@@ -291,6 +311,15 @@ class Config(Section):
             getattr(self, name).check(name)
         if self.eval_solver is not None:
             self.eval_solver.check("eval_solver")
+
+
+def monitor_label(g: GradConfig) -> str:
+    """The metrics label of a ``train.monitor_compare`` estimator: its name, plus ``_k<k>_lam<λ>``
+    for the phantom gradients (``upg_k5_lam0.5``)."""
+    if g.name in ("upg", "npg"):
+        opts = g.kwargs()  # k and lam, fields of the generated GradConfig
+        return f"{g.name}_k{opts['k']}_lam{float(opts['lam']):g}"
+    return str(g.name)
 
 
 def unused_options(cfg: Config) -> list[str]:

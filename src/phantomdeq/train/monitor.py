@@ -14,6 +14,10 @@ solution ``h*`` and dropout mask, it computes
 
 and returns their cosine similarity and norm ratio ``||g_used|| / ||g_exact||``.
 
+``compare`` adds further estimators measured on the same ``h*`` and batch without being used for
+training -- e.g. UPG and NPG ``A_{5,0.5}`` along an IFT-trained run, the paper's Fig. 2 -- each
+reported as ``cosine_<label>`` / ``norm_ratio_<label>``.
+
 By default both gradients are taken with respect to the parameters ``θ`` of the equilibrium
 cell ``F`` only (``params="cell"``), which is the quantity the paper's cosine is about; the
 stem (input injection) and head gradients are identical up to the estimator's effect on
@@ -29,8 +33,9 @@ change the training trajectory (nor resume determinism).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -141,7 +146,13 @@ class GradientMonitor:
     classifier called as ``model(x, mode="deq", generator=...)``.
     """
 
-    def __init__(self, exact: Any = None, *, params: Literal["cell", "all"] = "cell") -> None:
+    def __init__(
+        self,
+        exact: Any = None,
+        *,
+        params: Literal["cell", "all"] = "cell",
+        compare: Mapping[str, Any] | None = None,
+    ) -> None:
         from phantomdeq.grad.base import GradientEstimator
 
         if exact is None:
@@ -161,11 +172,33 @@ class GradientMonitor:
             raise ValueError(
                 f"GradientMonitor: params must be one of {MONITOR_PARAMS}, got {params!r}"
             )
+        compare = dict(compare or {})
+        for label, est in compare.items():
+            if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9_.]+", label):
+                raise ValueError(
+                    f"GradientMonitor: compare labels must be non-empty strings of letters, "
+                    f"digits, '_' and '.', got {label!r}"
+                )
+            if not isinstance(est, GradientEstimator):
+                raise TypeError(
+                    f"GradientMonitor: compare[{label!r}] must be a phantomdeq.grad estimator, "
+                    f"got {est!r}"
+                )
+            if est.tracks_forward:
+                raise ValueError(
+                    f"GradientMonitor: compare[{label!r}] = BPTT() is not supported (it needs the "
+                    f"forward iterations recorded)"
+                )
         self.exact = exact
         self.params = params
+        self.compare = compare
+        self.last_compared: dict[str, list[Tensor]] = {}
 
     def __repr__(self) -> str:
-        return f"GradientMonitor(exact={self.exact!r}, params={self.params!r})"
+        return (
+            f"GradientMonitor(exact={self.exact!r}, params={self.params!r}, "
+            f"compare={self.compare!r})"
+        )
 
     def parameters_of(self, model: nn.Module, deq: Any = None) -> list[nn.Parameter]:
         """The parameters the gradients are compared on (see ``params``)."""
@@ -192,7 +225,8 @@ class GradientMonitor:
         deq: Any = None,
     ) -> tuple[list[Tensor], list[Tensor], dict[str, float]]:
         """``(g_used, g_exact, extra)``: both gradient lists (aligned with
-        :meth:`parameters_of`) and the loss / exact backward-solve statistics.
+        :meth:`parameters_of`) and the loss / exact backward-solve statistics. The gradients of
+        the ``compare`` estimators are left in :attr:`last_compared` (label -> list).
 
         ``loss_closure()`` must run the model forward in train mode on the batch (drawing its
         dropout masks from ``generator`` if given) and return the scalar loss.  It is called
@@ -215,6 +249,20 @@ class GradientMonitor:
                     g_used = _grad(loss, params)
                     extra["loss"] = float(loss.detach())
                     del loss
+                self.last_compared = {}
+                for label, est in self.compare.items():
+                    restore()
+                    if replay is not None:
+                        replay.replay()
+                    ctx = (
+                        deq.using(grad=est)
+                        if replay is None
+                        else deq.using(solver=replay, grad=est)
+                    )
+                    with ctx:
+                        loss = loss_closure()
+                        self.last_compared[label] = _grad(loss, params)
+                        del loss
                 restore()
                 if replay is not None:
                     replay.replay()
@@ -250,12 +298,18 @@ class GradientMonitor:
 
         Returns ``cosine`` (cos ∠(g_used, g_exact)), ``norm_ratio`` (||g_used|| / ||g_exact||),
         ``used_norm``, ``exact_norm``, ``loss``, ``time_s`` (wall time of the whole
-        measurement) and, for an IFT reference, ``exact_bwd_residual`` (batch-max residual of
+        measurement), ``cosine_<label>`` and ``norm_ratio_<label>`` for each ``compare``
+        estimator and, for an IFT reference, ``exact_bwd_residual`` (batch-max residual of
         the backward solve, in its stop mode) and ``exact_bwd_niter``.
         """
         t0 = time.perf_counter()
         g_used, g_exact, extra = self.gradients(model, loss_closure, generator=generator, deq=deq)
         cos, ratio, n_used, n_exact = cosine_and_ratio(g_used, g_exact)
+        compared: dict[str, float] = {}
+        for label, g in self.last_compared.items():
+            c, r, _, _ = cosine_and_ratio(g, g_exact)
+            compared[f"cosine_{label}"] = c
+            compared[f"norm_ratio_{label}"] = r
         device = g_used[0].device if g_used else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -264,6 +318,7 @@ class GradientMonitor:
             "norm_ratio": ratio,
             "used_norm": n_used,
             "exact_norm": n_exact,
+            **compared,
             **extra,
             "time_s": time.perf_counter() - t0,
         }

@@ -95,7 +95,9 @@ def plot_monitor(
     """Draw the monitor's records of ``metrics.jsonl`` (``monitor_cos``, ``monitor_norm_ratio``
     against the training step) into ``out_path`` -- the paper's Fig. 2 for one training run.
     Measurements whose exact backward solve ended above ``unconverged`` (residual in the
-    monitor solver's stop mode) are marked: there the "exact" gradient is not exact.
+    monitor solver's stop mode) are marked: there the "exact" gradient is not exact. The
+    ``train.monitor_compare`` estimators (``monitor_cos_<label>``, e.g. UPG and NPG along an
+    IFT-trained run, as in the paper's Fig. 2) are drawn beside the gradient in use.
 
     Returns the path, or None when matplotlib is missing or there are no monitor records.
     """
@@ -121,12 +123,27 @@ def plot_monitor(
         for r in rows
     ]
     bad = [i for i, v in enumerate(res) if v > unconverged]
+    # train.monitor_compare estimators: monitor_cos_<label> / monitor_norm_ratio_<label>
+    labels = sorted(
+        {k[len("monitor_cos_") :] for r in rows for k in r if k.startswith("monitor_cos_")}
+    )
+    compared = {
+        label: (
+            [_num(r.get(f"monitor_cos_{label}")) for r in rows],
+            [_num(r.get(f"monitor_norm_ratio_{label}")) for r in rows],
+        )
+        for label in labels
+    }
     try:
         with saved_figure(out_path, 1, 2, figsize=(10, 3.8)) as (_, (ax, ax2)):
-            _draw_monitor(ax, ax2, steps, cos, ratio, bad, unconverged, title)
+            _draw_monitor(ax, ax2, steps, cos, ratio, bad, unconverged, title, compared)
     except ImportError:  # matplotlib is optional (the `plots` extra)
         return None
     return Path(out_path)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) else math.nan
 
 
 def _draw_monitor(
@@ -138,8 +155,15 @@ def _draw_monitor(
     bad: list[int],
     unconverged: float,
     title: str | None,
+    compared: dict[str, tuple[list[float], list[float]]] | None = None,
 ) -> None:
+    compared = compared or {}
     ax.plot(steps, cos, "o-", ms=3, label="cos(g_used, g_exact)")
+    for i, (label, (c, r)) in enumerate(compared.items()):
+        ax.plot(steps, c, "s-", ms=3, color=f"C{i + 2}", label=f"cos({label}, g_exact)")
+        ax2.semilogy(steps, r, "s-", ms=3, color=f"C{i + 2}", label=label)
+    if compared:
+        cos = cos + [v for c, _ in compared.values() for v in c if math.isfinite(v)]
     if bad:
         ax.plot(
             [steps[i] for i in bad],
@@ -148,6 +172,7 @@ def _draw_monitor(
             ms=8,
             label=f"exact backward solve not converged (residual > {unconverged:g})",
         )
+    if bad or compared:
         ax.legend(loc="lower right", fontsize=7)
     ax.axhline(0.0, color="k", lw=0.6)
     ax.set_xlabel("training step")
@@ -155,7 +180,9 @@ def _draw_monitor(
     ax.set_ylim(min(-0.05, min(cos) - 0.05), 1.02)
     ax.set_title(title or "cosine vs the exact (IFT) gradient", fontsize=10)
     ax.grid(alpha=0.3)
-    ax2.semilogy(steps, ratio, "o-", ms=3, color="C1")
+    ax2.semilogy(steps, ratio, "o-", ms=3, color="C1", label="g_used")
+    if compared:
+        ax2.legend(fontsize=7)
     ax2.axhline(1.0, color="k", lw=0.6)
     ax2.set_xlabel("training step")
     ax2.set_ylabel("||g_used|| / ||g_exact||")

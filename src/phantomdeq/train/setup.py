@@ -10,6 +10,7 @@ import torch
 
 from .batches import Batches
 from .build import (
+    build_grad,
     build_model,
     build_solver,
     info_get,
@@ -18,7 +19,7 @@ from .build import (
     prepare_data,
     resolve_device,
 )
-from .config import ConfigError, dump_config
+from .config import ConfigError, dump_config, monitor_label
 from .distributed import convert_batchnorm, init_distributed, rank0_first, shard_batches
 from .metrics_log import MetricsLogger, truncate_metrics
 from .precision import MixedPrecision, check_precision
@@ -107,7 +108,9 @@ class SetupMixin(TrainerState):
             from .monitor import GradientMonitor
 
             self.monitor = GradientMonitor(
-                IFT(solver=build_solver(cfg.train.monitor_solver)), params=cfg.train.monitor_params
+                IFT(solver=build_solver(cfg.train.monitor_solver)),
+                params=cfg.train.monitor_params,
+                compare={monitor_label(g): build_grad(g) for g in cfg.train.monitor_compare},
             )
         self.logger = MetricsLogger(
             self.out_dir,

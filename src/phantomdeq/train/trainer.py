@@ -410,6 +410,11 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
         }
         if "exact_bwd_residual" in res:
             out["monitor_exact_residual"] = res["exact_bwd_residual"]
+        for key, value in res.items():  # the train.monitor_compare estimators
+            if key.startswith("cosine_"):
+                out["monitor_cos_" + key[len("cosine_") :]] = value
+            elif key.startswith("norm_ratio_"):
+                out["monitor_norm_ratio_" + key[len("norm_ratio_") :]] = value
         return out
 
     def _evaluate(self, epoch: int) -> dict[str, float]:

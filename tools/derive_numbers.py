@@ -1,0 +1,150 @@
+"""Numbers the documents derive from committed measurements (ratios, shares), computed here from
+the raw files so that each has a traceable source: writes ``results/derived_benchmarks.json``.
+
+    python tools/derive_numbers.py          # rewrite results/derived_benchmarks.json
+
+Every entry names its formula and the files it reads; ``make check-results`` checks the documents
+against the output like against any other source.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "results"
+OUT = REPO / "results" / "derived_benchmarks.json"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((BENCH / name).read_text())
+
+
+def _record(doc: dict[str, Any], method: str) -> dict[str, Any]:
+    for r in doc["records"]:
+        if r["method"] == method:
+            return r
+    raise KeyError(f"no record {method!r}")
+
+
+def derive() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, formula: str, files: list[str]) -> None:
+        out.append({"name": name, "value": value, "formula": formula, "files": files})
+
+    h100 = _load("solver_overhead_h100.json")
+    bare = h100["results"][0]["bare_ms"]
+    add(
+        "H100: one f evaluation (ms)",
+        bare / h100["args"]["iters"],
+        "bare_ms / iters",
+        ["solver_overhead_h100.json"],
+    )
+
+    xo = _load("solver_overhead_cpu_xeon_2cores.json")
+    broyden = next(r for r in xo["results"] if r["solver"] == "Broyden")
+    add(
+        "Xeon: Broyden's overhead beyond f per iteration (ms)",
+        (broyden["ratio"] - 1.0) * broyden["bare_ms"] / xo["args"]["iters"],
+        "(ratio - 1) * bare_ms / iters",
+        ["solver_overhead_cpu_xeon_2cores.json"],
+    )
+    add(
+        "Xeon: one f evaluation (ms)",
+        broyden["bare_ms"] / xo["args"]["iters"],
+        "bare_ms / iters",
+        ["solver_overhead_cpu_xeon_2cores.json"],
+    )
+
+    prec = _load("precision_steps_digits_cpu.json")
+    fp32 = next(r for r in prec["records"] if r["precision"] == "fp32")
+    for r in prec["records"]:
+        if r["precision"] != "fp32":
+            add(
+                f"dev CPU digits: {r['precision']} step / fp32 step",
+                r["median_step_s"] / fp32["median_step_s"],
+                "median_step_s / fp32 median_step_s",
+                ["precision_steps_digits_cpu.json"],
+            )
+
+    target = _load("cost_tiny_target_cpu.json")
+    ift, upg = _record(target, "ift_broyden"), _record(target, "upg_k5")
+    add(
+        "dev CPU target: IFT/UPG step, fastest repeats",
+        min(ift["samples"]["step_ms"]) / min(upg["samples"]["step_ms"]),
+        "min(IFT step_ms samples) / min(UPG step_ms samples)",
+        ["cost_tiny_target_cpu.json"],
+    )
+    add(
+        "dev CPU target: IFT/UPG step, medians",
+        ift["step_ms"] / upg["step_ms"],
+        "IFT step_ms / UPG step_ms",
+        ["cost_tiny_target_cpu.json"],
+    )
+    add(
+        "dev CPU target: UPG/IFT graph memory",
+        upg["graph_mb"] / ift["graph_mb"],
+        "UPG graph_mb / IFT graph_mb",
+        ["cost_tiny_target_cpu.json"],
+    )
+
+    xeon = _load("cost_tiny_b64_cpu_xeon_2cores.json")
+    xi, xu = _record(xeon, "ift_broyden"), _record(xeon, "upg_k5")
+    add(
+        "Xeon: forward-solve share of the IFT(Broyden) step (%)",
+        100 * xi["solve_ms"] / xi["step_ms"],
+        "100 * IFT solve_ms / IFT step_ms",
+        ["cost_tiny_b64_cpu_xeon_2cores.json"],
+    )
+    add(
+        "Xeon: UPG tracked-f time, forward - solve (ms)",
+        xu["forward_ms"] - xu["solve_ms"],
+        "UPG forward_ms - UPG solve_ms",
+        ["cost_tiny_b64_cpu_xeon_2cores.json"],
+    )
+    add(
+        "Xeon: IFT step / (UPG solve + tracked f), the ratio with a free UPG backward",
+        xi["step_ms"] / xu["forward_ms"],
+        "IFT step_ms / UPG forward_ms",
+        ["cost_tiny_b64_cpu_xeon_2cores.json"],
+    )
+
+    for label, stem in (("MDEQ-Tiny", "tiny"), ("mdeq_cifar10m", "10m")):
+        files = [f"cost_{stem}_{p}_h100.json" for p in ("fp32", "bf16")]
+        solves = [
+            r["solve_ms"]
+            for f in files
+            for r in _load(f)["records"]
+            if r.get("solve_ms") is not None
+        ]
+        for fn, what in ((min, "min"), (max, "max")):
+            add(
+                f"H100 {label}, fp32 and bf16: 22-iteration forward solve, {what} over methods (ms)",
+                fn(solves),
+                f"{what}(solve_ms)",
+                files,
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv if argv is not None else sys.argv[1:]:
+        print("usage: python tools/derive_numbers.py", file=sys.stderr)
+        return 2
+    doc: dict[str, Any] = {
+        "about": "numbers derived from benchmarks/results/*.json by tools/derive_numbers.py",
+        "entries": derive(),
+    }
+    OUT.write_text(json.dumps(doc, indent=1) + "\n")
+    entries: list[dict[str, Any]] = doc["entries"]
+    for e in entries:
+        print(f"{e['value']:12.4f}  {e['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
