@@ -128,6 +128,44 @@ def derive() -> list[dict[str, Any]]:
                 f"{what}(solve_ms)",
                 files,
             )
+    runs = [
+        "solver_overhead_cpu_2threads_run1.json",
+        "solver_overhead_cpu_2threads_run3.json",
+        "solver_overhead_cpu_2threads.json",
+    ]
+    for name in runs:
+        res = _load(name)["results"]
+        for solver in ("FixedPoint", "Anderson", "Broyden"):
+            ours = next(
+                r for r in res if (r["cell"], r["solver"], r["mode"]) == ("light", solver, "eager")
+            )
+            peer = next(
+                r
+                for r in res
+                if (r["cell"], r["solver"], r["mode"]) == ("light", solver, "torchdeq")
+            )
+            add(
+                f"dev CPU light cell, {name}: {solver} solve time ours / TorchDEQ",
+                ours["solve_ms"] / peer["solve_ms"],
+                "eager solve_ms / torchdeq solve_ms",
+                [name],
+            )
+    main_run = _load(runs[-1])["results"]
+    for cell in ("light", "mdeq"):
+        eager = next(r for r in main_run if r["cell"] == cell and r["mode"] == "eager")
+        comp = next(r for r in main_run if r["cell"] == cell and r["mode"] == "compile_cell")
+        add(
+            f"dev CPU {cell} cell: bare f loop, compiled cell faster than eager by (%)",
+            100 * (1 - comp["bare_ms"] / eager["bare_ms"]),
+            "100 * (1 - compile_cell bare_ms / eager bare_ms)",
+            [runs[-1]],
+        )
+        add(
+            f"dev CPU {cell} cell: one eager f evaluation (ms)",
+            eager["bare_ms"] / _load(runs[-1])["args"]["iters"],
+            "eager bare_ms / iters",
+            [runs[-1]],
+        )
     return out
 
 
