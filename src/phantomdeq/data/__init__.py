@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASET_CHANNELS",
     "DATASET_NAMES",
+    "DOWNLOADABLE",
     "BatchLoader",
     "DataError",
     "DataFileNotFoundError",
@@ -49,6 +50,8 @@ __all__ = [
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "imagefolder": 3}
 """Image channels of each data set (one ``mean``/``std`` entry per channel)."""
+DOWNLOADABLE = ("mnist", "cifar10")
+"""The data sets :func:`prepare_dataset` can download (``download=True``)."""
 
 
 def _imagefolder_module() -> Any:
@@ -94,23 +97,30 @@ def _take(ds: Any, n: int | None, field: str, seed: int, name: str) -> Any:
 
 def prepare_dataset(name: str, root: str | Path | None, *, download: bool = False) -> None:
     """Do what must happen once before :func:`load_dataset` reads a data set: with
-    ``download=True``, fetch and extract CIFAR-10 into ``root`` when it is missing (safe for
-    concurrent callers, but a multi-process job should call it on one rank and let the others
-    wait at a barrier). Nothing else is ever downloaded; for other data sets this is a no-op.
+    ``download=True``, fetch CIFAR-10 (and extract it) or the MNIST files into ``root`` when
+    they are missing, each checked against its published MD5 (safe for concurrent callers, but
+    a multi-process job should call it on one rank and let the others wait at a barrier).
+    Nothing else is ever downloaded; for other data sets this is a no-op.
 
     Raises:
-        DataError: unknown name, ``download`` for a set other than CIFAR-10, missing ``root``,
-            a failed download.
+        DataError: unknown name, ``download`` for a set other than CIFAR-10 and MNIST, missing
+            ``root``, a failed download.
     """
     _check_name(name)
     if not download:
         return
-    if name != "cifar10":
+    if name not in DOWNLOADABLE:
         raise DataError(
-            f"load_dataset: download=True is supported for 'cifar10' only, not {name!r}"
+            f"load_dataset: download=True is supported for {', '.join(map(repr, DOWNLOADABLE))} "
+            f"only, not {name!r}"
         )
     if root is None:
-        raise DataError("load_dataset: root (the data directory) is required for 'cifar10'")
+        raise DataError(f"load_dataset: root (the data directory) is required for {name!r}")
+    if name == "mnist":
+        from .mnist_download import download_mnist
+
+        download_mnist(root)
+        return
     from .cifar10 import download_cifar10
 
     download_cifar10(root)
@@ -138,7 +148,7 @@ def load_dataset(
             ``"cifar10"`` (``root/cifar-10-batches-py``), ``"imagefolder"``
             (``root/train/<class>/``, ``root/val/<class>/``; streamed from disk).
         root: data directory (required except for digits).
-        download: :func:`prepare_dataset` first (CIFAR-10 only).
+        download: :func:`prepare_dataset` first (CIFAR-10 and MNIST).
         seed: seed of the deterministic splits and subsets.
         train_size / test_size: keep a seeded random subset of this many examples.
         image_size: ``imagefolder`` output size (int or ``(height, width)``; default 224).
