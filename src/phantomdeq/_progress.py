@@ -6,6 +6,7 @@ with progress off, tqdm is never imported.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -42,8 +43,5 @@ def progress_bar(*, enabled: bool, auto: bool = False, **kwargs: Any) -> Any:
             note = missing_message(["tqdm"], "it")
             print(f"phantomdeq: no progress bar: {note}", file=sys.stderr)
         return NullBar()
-    if auto:
-        from tqdm.auto import tqdm
-    else:
-        from tqdm import tqdm
-    return tqdm(file=sys.stderr, **kwargs)
+    module = importlib.import_module("tqdm.auto" if auto else "tqdm")
+    return module.tqdm(file=sys.stderr, **kwargs)

@@ -46,9 +46,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
-        if action.default is None or action.default is False or action.default == []:
+        default = action.default
+        if text is None or "%(default)" in text or default in (None, False, [], argparse.SUPPRESS):
             return text
-        return super()._get_help_string(action)
+        if isinstance(default, list | tuple):  # as typed on the command line: 1,2,5
+            default = ",".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
 def user_error(prog: str, message: str, code: int = 2) -> int:

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
+"""The names :func:`load_dataset` accepts."""
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "imagefolder": 3}
 """Image channels of each data set (one ``mean``/``std`` entry per channel)."""
 DOWNLOADABLE = ("mnist", "cifar10")
@@ -150,14 +151,17 @@ def load_dataset(
         root: data directory (required except for digits).
         download: :func:`prepare_dataset` first (CIFAR-10 and MNIST).
         seed: seed of the deterministic splits and subsets.
-        train_size / test_size: keep a seeded random subset of this many examples.
+        train_size: keep a seeded random subset of this many training examples.
+        test_size: keep a seeded random subset of this many test examples.
         image_size: ``imagefolder`` output size (int or ``(height, width)``; default 224).
-        mean, std: per-channel normalisation constants replacing the data set's own (one entry
-            per channel, std > 0); ``None`` keeps them (digits: train-split statistics; MNIST,
-            CIFAR-10: their standard constants; image folders: the ImageNet constants).
-        augment, flip: ``imagefolder`` only: the train split's seeded items get the random
-            resized crop (and horizontal flip); tensor data sets are augmented per batch by
-            the caller (:func:`augment_batch`).
+        mean: per-channel normalisation means replacing the data set's own (one entry per
+            channel; give ``std`` too); ``None`` keeps them (digits: train-split statistics;
+            MNIST, CIFAR-10: their standard constants; image folders: the ImageNet constants).
+        std: per-channel standard deviations (> 0), with ``mean``.
+        augment: ``imagefolder`` only: the train split's seeded items get the random resized
+            crop; tensor data sets are augmented per batch by the caller
+            (:func:`augment_batch`).
+        flip: ``imagefolder`` only: the train transform adds the random horizontal flip.
 
     Raises:
         DataError: unknown name, bad option, malformed or missing files (one line naming them;

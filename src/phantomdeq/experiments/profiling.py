@@ -108,7 +108,9 @@ def cpu_peak_memory(fn: Callable[[], object], *, marks: Sequence[str] = ()) -> M
     # libkineto prints "USDT:... profiler_start" lines on descriptor 2: keep them off stderr
     with (
         without_profiler_noise(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof,
+        profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
+        ) as prof,
     ):
         fn()
     raw = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
