@@ -89,6 +89,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     """Data set and batching. ``batch_size`` is the *global* batch (split over DDP ranks).
+    ``download: true`` fetches MNIST or CIFAR-10 into ``root`` when files are missing, checking
+    each download against its published MD5.
 
     ``root`` may be relative: it is looked up from the working directory, the config file's
     directory and the repository root (see :func:`resolve_data_root`). ``mean``/``std`` are the
