@@ -4,28 +4,35 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test demo lint typecheck bench clean check-results
+.PHONY: venv test docs demo lint typecheck bench clean check-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,tensorboard]'
+	$(PY) -m pip install -q -e '.[dev,tensorboard,docs]'
 	# TorchDEQ, the peer library of the side-by-side tests, without its own dependencies
 	$(PY) -m pip install -q --no-deps torchdeq==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# the documentation site is built first (quiet unless it fails: warnings are errors), so that
+# pytest's summary stays the last line
 test: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest -q -x --durations=15
+
+# the documentation site into site/ (open site/index.html); offline, warnings are errors
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 demo: $(STAMP)
 	$(PY) -m phantomdeq demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks tools
-	$(PY) -m ruff format --check src tests benchmarks tools
+	$(PY) -m ruff check src tests benchmarks tools docs/hooks
+	$(PY) -m ruff format --check src tests benchmarks tools docs/hooks
 
 # every measured number in README.md, EXPERIMENTS.md, BENCHMARKS.md against its committed source
 # (convention: results/README.md); also run by `make test` (tests/test_check_results.py)
@@ -39,4 +46,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/solver_overhead.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache

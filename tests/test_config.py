@@ -123,7 +123,7 @@ def test_wrong_type_names_key_and_expected_type(raw: dict, pattern: str) -> None
         ),
         ({"train": {"device": "tpu"}}, r"train\.device: allowed 'auto', 'cpu', 'cuda'"),
         ({"data": {"name": "mnist"}}, r"data\.root: required for data set 'mnist'"),
-        ({"data": {"download": True}}, r"data\.download: only name 'cifar10'"),
+        ({"data": {"download": True}}, r"data\.download: only names 'mnist' and 'cifar10'"),
     ],
 )
 def test_out_of_range_values(raw: dict, pattern: str) -> None:

@@ -7,8 +7,11 @@ owns its argument parser; this file only dispatches, importing the module lazily
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+
+from phantomdeq._extras import OPTIONAL_MODULES, missing_message, missing_modules, top_module
 
 #: command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,7 +24,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
     "cost": ("phantomdeq.experiments.cost_cli", "paper Table 2: time and memory of each gradient"),
     "ablate": ("phantomdeq.experiments.ablation", "paper Table 1 / Fig. 3: grid of training runs"),
+    "configs": ("phantomdeq.presets", "list the shipped training configs (presets for --config)"),
 }
+
+#: command name -> optional modules it cannot run without (checked before it starts, so a
+#: missing one is one line naming the extra to install, not a traceback minutes later)
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "demo": ("pydantic", "yaml", "sklearn"),
+    "synthetic": ("pydantic",),
+    "train": ("pydantic", "yaml"),
+    "eval": ("pydantic", "yaml"),
+    "cost": ("pydantic",),
+    "ablate": ("pydantic", "yaml"),
+    "configs": (),
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default (``(default: 0.5)``), except for flags and options
+    whose default is "not given" (``None``, ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if text is None or "%(default)" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if isinstance(default, list | tuple):  # as typed on the command line: 1,2,5
+            default = ",".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
 def user_error(prog: str, message: str, code: int = 2) -> int:
@@ -52,8 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    prog = f"phantomdeq {name}"
+    missing = missing_modules(REQUIRES.get(name, ()))
+    if missing:
+        return user_error(prog, missing_message(missing, "this command"))
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except ModuleNotFoundError as exc:
+        # an optional dependency a particular option needs (e.g. Pillow for image folders)
+        if top_module(exc) not in OPTIONAL_MODULES:
+            raise
+        return user_error(prog, missing_message([str(top_module(exc))], "this command"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,7 @@ from ._state import State
 __all__ = ["LOW_PRECISION_DTYPES", "AutocastCell"]
 
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+"""The low-precision dtypes :class:`AutocastCell` runs a cell in (bfloat16, float16)."""
 
 
 class AutocastCell(nn.Module):

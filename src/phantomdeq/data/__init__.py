@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASET_CHANNELS",
     "DATASET_NAMES",
+    "DOWNLOADABLE",
     "BatchLoader",
     "DataError",
     "DataFileNotFoundError",
@@ -47,8 +48,11 @@ __all__ = [
 ]
 
 DATASET_NAMES = ("digits", "mnist", "cifar10", "imagefolder")
+"""The names :func:`load_dataset` accepts."""
 DATASET_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "imagefolder": 3}
 """Image channels of each data set (one ``mean``/``std`` entry per channel)."""
+DOWNLOADABLE = ("mnist", "cifar10")
+"""The data sets :func:`prepare_dataset` can download (``download=True``)."""
 
 
 def _imagefolder_module() -> Any:
@@ -94,23 +98,30 @@ def _take(ds: Any, n: int | None, field: str, seed: int, name: str) -> Any:
 
 def prepare_dataset(name: str, root: str | Path | None, *, download: bool = False) -> None:
     """Do what must happen once before :func:`load_dataset` reads a data set: with
-    ``download=True``, fetch and extract CIFAR-10 into ``root`` when it is missing (safe for
-    concurrent callers, but a multi-process job should call it on one rank and let the others
-    wait at a barrier). Nothing else is ever downloaded; for other data sets this is a no-op.
+    ``download=True``, fetch CIFAR-10 (and extract it) or the MNIST files into ``root`` when
+    they are missing, each checked against its published MD5 (safe for concurrent callers, but
+    a multi-process job should call it on one rank and let the others wait at a barrier).
+    Nothing else is ever downloaded; for other data sets this is a no-op.
 
     Raises:
-        DataError: unknown name, ``download`` for a set other than CIFAR-10, missing ``root``,
-            a failed download.
+        DataError: unknown name, ``download`` for a set other than CIFAR-10 and MNIST, missing
+            ``root``, a failed download.
     """
     _check_name(name)
     if not download:
         return
-    if name != "cifar10":
+    if name not in DOWNLOADABLE:
         raise DataError(
-            f"load_dataset: download=True is supported for 'cifar10' only, not {name!r}"
+            f"load_dataset: download=True is supported for {', '.join(map(repr, DOWNLOADABLE))} "
+            f"only, not {name!r}"
         )
     if root is None:
-        raise DataError("load_dataset: root (the data directory) is required for 'cifar10'")
+        raise DataError(f"load_dataset: root (the data directory) is required for {name!r}")
+    if name == "mnist":
+        from .mnist_download import download_mnist
+
+        download_mnist(root)
+        return
     from .cifar10 import download_cifar10
 
     download_cifar10(root)
@@ -138,16 +149,19 @@ def load_dataset(
             ``"cifar10"`` (``root/cifar-10-batches-py``), ``"imagefolder"``
             (``root/train/<class>/``, ``root/val/<class>/``; streamed from disk).
         root: data directory (required except for digits).
-        download: :func:`prepare_dataset` first (CIFAR-10 only).
+        download: :func:`prepare_dataset` first (CIFAR-10 and MNIST).
         seed: seed of the deterministic splits and subsets.
-        train_size / test_size: keep a seeded random subset of this many examples.
+        train_size: keep a seeded random subset of this many training examples.
+        test_size: keep a seeded random subset of this many test examples.
         image_size: ``imagefolder`` output size (int or ``(height, width)``; default 224).
-        mean, std: per-channel normalisation constants replacing the data set's own (one entry
-            per channel, std > 0); ``None`` keeps them (digits: train-split statistics; MNIST,
-            CIFAR-10: their standard constants; image folders: the ImageNet constants).
-        augment, flip: ``imagefolder`` only: the train split's seeded items get the random
-            resized crop (and horizontal flip); tensor data sets are augmented per batch by
-            the caller (:func:`augment_batch`).
+        mean: per-channel normalisation means replacing the data set's own (one entry per
+            channel; give ``std`` too); ``None`` keeps them (digits: train-split statistics;
+            MNIST, CIFAR-10: their standard constants; image folders: the ImageNet constants).
+        std: per-channel standard deviations (> 0), with ``mean``.
+        augment: ``imagefolder`` only: the train split's seeded items get the random resized
+            crop; tensor data sets are augmented per batch by the caller
+            (:func:`augment_batch`).
+        flip: ``imagefolder`` only: the train transform adds the random horizontal flip.
 
     Raises:
         DataError: unknown name, bad option, malformed or missing files (one line naming them;

@@ -79,7 +79,8 @@ class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):
     Args:
         images: ``[N, C, H, W]`` tensor, ``uint8`` (0..255) or floating point in ``[0, 1]``.
         labels: ``[N]`` integer tensor.
-        mean, std: per-channel constants; an item is ``(image01 - mean) / std``.
+        mean: per-channel constants; an item is ``(image01 - mean) / std``.
+        std: per-channel constants (> 0), as above.
 
     The raw tensors are exposed as :attr:`images` and :attr:`labels` for fast full-batch
     evaluation; use :meth:`normalize` on a batch (on any device) to get model inputs.

@@ -117,7 +117,8 @@ class ImageFolderDataset(Dataset[tuple[Tensor, Tensor]]):
         labels: ``int64`` class indices, one per file.
         classes: class names (index = label).
         image_size: output ``(height, width)``.
-        mean, std: per-channel normalisation constants for ``[0, 1]`` images.
+        mean: per-channel normalisation means for ``[0, 1]`` images.
+        std: per-channel normalisation standard deviations (> 0).
         augment: train items (those loaded with a seed) get the random resized crop.
         flip: the train transform includes the random horizontal flip.
 

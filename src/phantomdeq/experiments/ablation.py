@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from phantomdeq import grad as pdq_grad
-from phantomdeq.cli import user_error
+from phantomdeq.cli import HelpFormatter, user_error
 from phantomdeq.train.config import NESTED_SOLVERS
 
 from .ablation_report import write_reports
@@ -376,13 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train a grid of configurations x seeds and tabulate them (paper Table 1, Fig. 3).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--config",
         type=Path,
         action="append",
         default=[],
-        help="YAML config (a preset, e.g. configs/ablation/*.yaml); repeatable; required "
+        help="YAML config file or preset name (e.g. ablation/mnist_upg; `phantomdeq configs` "
+        "lists them); repeatable; required "
         "unless --report-only",
     )
     p.add_argument(
@@ -392,9 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help=f"grid axis; KEY is a dotted config key or one of {', '.join(GRID_ALIASES)} (repeatable)",
     )
-    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
     p.add_argument("--out", type=Path, required=True, help="study directory")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     add_set_argument(p, "override a config value in every run (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite the reports")

@@ -15,6 +15,8 @@ from typing import Any
 import pydantic
 import torch
 
+from phantomdeq.cli import HelpFormatter
+
 from ._cli import add_flags, validation_message
 from .cost import CostConfig, run
 from .cost_report import format_table, machine, write_plot
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phantomdeq cost",
         description="Paper Table 2: time and peak memory of one training step per gradient estimator.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (cost.json, cost.png)")
     add_flags(p, _FLAGS, d)

@@ -18,6 +18,7 @@ from torch import nn
 
 import phantomdeq as pdq
 from phantomdeq import diagnostics as D
+from phantomdeq.cli import HelpFormatter
 
 
 class _TanhCell(nn.Module):
@@ -136,7 +137,11 @@ def run_core_demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="phantomdeq demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="phantomdeq demo",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--out", default="runs/demo", help="directory for the demo's outputs")
     ap.add_argument("--skip-train", action="store_true", help="skip the MDEQ training part")
     ap.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic experiment")
@@ -156,15 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         from phantomdeq.train.config import load_config
 
         print("== 3. MDEQ-Tiny on digits with UPG(5, 0.5) ==")
-        candidates = [
-            Path("configs/mdeq_tiny_digits.yaml"),  # run from the repository root (make demo)
-            Path(__file__).resolve().parents[3] / "configs" / "mdeq_tiny_digits.yaml",  # editable
-        ]
-        cfg_path = next((c for c in candidates if c.is_file()), None)
-        if cfg_path is None:
-            print("demo: configs/mdeq_tiny_digits.yaml not found; run from the repository root")
-            return 2
-        cfg = load_config(cfg_path)
+        cfg = load_config("mdeq_tiny_digits")  # the shipped preset (configs/mdeq_tiny_digits.yaml)
         # the demo is meant to be rerun: it replaces its own previous training run
         res = run_training(cfg, out / "mdeq_tiny_digits", overwrite=True, progress=True)
         print(

@@ -14,6 +14,8 @@ import torch
 
 import phantomdeq as pdq
 
+from .native_stderr import without_profiler_noise
+
 __all__ = ["Clock", "MemoryProfile", "cpu_peak_memory", "timed_solver"]
 
 
@@ -103,9 +105,13 @@ def cpu_peak_memory(fn: Callable[[], object], *, marks: Sequence[str] = ()) -> M
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
-    ) as prof:
+    # libkineto prints "USDT:... profiler_start" lines on descriptor 2: keep them off stderr
+    with (
+        without_profiler_noise(),
+        profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
+        ) as prof,
+    ):
         fn()
     raw = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
     mem: list[tuple[int, int]] = []

@@ -32,7 +32,6 @@ cosine, solver statistics), ``fig1.png`` and ``fig1_error.png``.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any
@@ -45,6 +44,7 @@ from torch import Tensor
 
 import phantomdeq as pdq
 from phantomdeq import diagnostics as D
+from phantomdeq._progress import progress_bar
 from phantomdeq.models.synthetic import ACTIVATIONS, SyntheticF
 
 __all__ = ["METHODS", "QUICK_ARGS", "SyntheticConfig", "SyntheticResult", "run"]
@@ -262,13 +262,11 @@ def run(
 
 
 def _run(cfg: SyntheticConfig, progress: bool) -> SyntheticResult:
-    from tqdm import tqdm
-
     start = time.perf_counter()
     p = _Problem(cfg)
     variants = [True] + ([False] if cfg.inexact_tol is not None else [])
     total = 2 + len(variants) * len(cfg.lams) * len(cfg.methods)
-    bar = tqdm(total=total, desc="synthetic", file=sys.stderr, disable=not progress)
+    bar = progress_bar(enabled=progress, total=total, desc="synthetic")
     exact, h_star, sol_star = p.gradient(pdq.BPTT(), p.forward)
     bar.update(1)
     # the implicit gradient after a plain DEQ forward solve; a fixed backward budget whose

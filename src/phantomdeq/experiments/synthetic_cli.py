@@ -17,6 +17,8 @@ from typing import Any
 
 import pydantic
 
+from phantomdeq.cli import HelpFormatter
+
 from ._cli import add_flags, validation_message
 from .synthetic import SyntheticConfig, run
 from .synthetic_report import format_table, write_error_figure, write_figure
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
             "gradients to the exact gradient on F(h, x) = act(W h + U x + b) with Lipschitz "
             "constant L_h in h, plus the Theorem 1 descent-condition check."
         ),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     add_flags(p, _FLAGS, defaults)

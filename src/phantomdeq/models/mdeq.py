@@ -345,9 +345,11 @@ class MDEQ(nn.Module):
         cfg: architecture (see :func:`mdeq_config`).
         num_classes: output classes.
         in_channels: image channels (1 for MNIST/digits, 3 for CIFAR/ImageNet).
-        solver / grad / eval_solver: forwarded to :class:`phantomdeq.DEQ` (forward solver in
-            train mode, gradient estimator -- IFT eq. (4), UPG eq. (17), NPG eq. (18), ... --
-            and optional solver used in eval mode).
+        solver: forwarded to :class:`phantomdeq.DEQ`: the forward solver in train mode.
+        grad: forwarded to :class:`phantomdeq.DEQ`: the gradient estimator -- IFT eq. (4),
+            UPG eq. (17), NPG eq. (18), ...
+        eval_solver: forwarded to :class:`phantomdeq.DEQ`: the optional solver used in eval
+            mode.
 
     Attributes:
         deq: the :class:`phantomdeq.DEQ` wrapping the equilibrium cell.

@@ -138,6 +138,7 @@ _CONFIGS: dict[str, MDEQConfig] = {
 }
 
 MDEQ_CONFIG_NAMES: tuple[str, ...] = tuple(_CONFIGS)
+"""The names :func:`mdeq_config` and ``phantomdeq.models.build_model`` accept."""
 
 
 def mdeq_config(name: str) -> MDEQConfig:

@@ -69,7 +69,7 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def prepare_data(cfg: Config) -> None:
-    """What must happen once before :func:`load_data`: the CIFAR-10 download with
+    """What must happen once before :func:`load_data`: the CIFAR-10 or MNIST download with
     ``data.download`` (safe for concurrent callers; a multi-process job calls it on rank 0
     and lets the other ranks wait at a barrier, so it is fetched once)."""
     from phantomdeq.data import prepare_dataset

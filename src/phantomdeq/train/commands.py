@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from phantomdeq.cli import user_error
+from phantomdeq.cli import HelpFormatter, user_error
 from phantomdeq.data import DataError
 
 from .checkpoint import CheckpointError
@@ -40,9 +40,15 @@ PROG = "phantomdeq train"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Train a DEQ model from a YAML config (see configs/).",
+        description="Train a DEQ model from a YAML config or a shipped preset.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--config", type=Path, help="YAML config file (optional with --resume)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config file or preset name (e.g. mdeq_tiny_digits; `phantomdeq configs` lists "
+        "them); optional with --resume",
+    )
     p.add_argument(
         "--out",
         type=Path,

@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 
 from phantomdeq import grad as grad_estimators
 from phantomdeq import solvers as solver_classes
-from phantomdeq.data import DATASET_CHANNELS
+from phantomdeq.data import DATASET_CHANNELS, DOWNLOADABLE
+from phantomdeq.presets import PresetError, resolve_config
 
 from .atomic import atomic_write
 from .data_root import resolve_data_root
@@ -89,6 +90,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     """Data set and batching. ``batch_size`` is the *global* batch (split over DDP ranks).
+    ``download: true`` fetches MNIST or CIFAR-10 into ``root`` when files are missing, checking
+    each download against its published MD5.
 
     ``root`` may be relative: it is looked up from the working directory, the config file's
     directory and the repository root (see :func:`resolve_data_root`). ``mean``/``std`` are the
@@ -123,8 +126,11 @@ class DataConfig(Section):
     def check(self, prefix: str) -> None:
         if self.image_size is not None and self.name != "imagefolder":
             raise ConfigError(f"{prefix}.image_size: applies to name 'imagefolder' only")
-        if self.download and self.name != "cifar10":
-            raise ConfigError(f"{prefix}.download: only name 'cifar10' can be downloaded")
+        if self.download and self.name not in DOWNLOADABLE:
+            allowed = " and ".join(repr(n) for n in DOWNLOADABLE)
+            raise ConfigError(
+                f"{prefix}.download: only names {allowed} can be downloaded, not {self.name!r}"
+            )
         if self.name in ("mnist", "cifar10", "imagefolder") and self.root is None:
             raise ConfigError(f"{prefix}.root: required for data set {self.name!r}")
         if self.mean is None and self.std is None:
@@ -440,13 +446,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> di
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file, apply ``key=value`` overrides, parse and validate it.
 
-    A relative ``data.root`` is resolved to an existing directory (:func:`resolve_data_root`).
+    ``path`` is a file or the name of a shipped preset (``mdeq_tiny_digits``,
+    ``ablation/mnist_upg``; :mod:`phantomdeq.presets`). A relative ``data.root`` is resolved to
+    an existing directory (:func:`resolve_data_root`).
     """
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        p = resolve_config(path)
+    except PresetError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -462,7 +471,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             cfg.data.root = str(resolve_data_root(cfg.data.root, config_dir=p.resolve().parent))
         except ConfigError as exc:
             if not cfg.data.download:
-                hint = " (or --set data.download=true)" if cfg.data.name == "cifar10" else ""
+                hint = " (or --set data.download=true)" if cfg.data.name in DOWNLOADABLE else ""
                 raise ConfigError(f"{exc}; set data.root to the data directory{hint}") from exc
             cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # the loader fills it
     return cfg

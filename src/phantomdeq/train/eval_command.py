@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from phantomdeq.cli import user_error
+from phantomdeq.cli import HelpFormatter, user_error
 from phantomdeq.data import DataError
 from phantomdeq.errors import DEQError
 
@@ -41,11 +41,20 @@ PROG = "phantomdeq eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a training checkpoint.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Evaluate a training checkpoint.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="a last.pt / best.pt file")
     add_set_argument(p, "override a value of the stored config (repeatable)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="evaluation batch size (default: data.eval_batch_size of the stored config)",
+    )
     return p
 
 

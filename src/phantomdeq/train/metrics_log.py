@@ -5,8 +5,9 @@ iteration; ``batch`` is its 1-based index in the epoch, ``skipped: true`` marks 
 by ``train.on_nonfinite: skip``) or ``"kind": "epoch"`` (end of an epoch, with the evaluation).
 A process killed while appending can leave a torn last line: readers ignore an unparsable *last*
 line, and a resumed run rewrites the file (atomically) without it. TensorBoard and
-matplotlib are optional and imported lazily; TensorBoard is skipped silently when it is not
-installed or cannot be imported cleanly.
+matplotlib are optional and imported lazily; when either is missing (or TensorBoard cannot be
+imported cleanly) the run says so once at its start (:func:`missing_output_notes`) and goes on
+without that output.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from phantomdeq._extras import is_available, missing_message
+
 from .atomic import atomic_write
 
-__all__ = ["MetricsFileError", "MetricsLogger", "read_metrics", "truncate_metrics"]
+__all__ = [
+    "MetricsFileError",
+    "MetricsLogger",
+    "missing_output_notes",
+    "read_metrics",
+    "truncate_metrics",
+]
 
 
 class MetricsFileError(RuntimeError):
@@ -99,6 +108,22 @@ def _make_writer(log_dir: Path) -> Any:
             return SummaryWriter(log_dir=str(log_dir))
     except Exception:
         return None
+
+
+def missing_output_notes(*, tensorboard: bool, tensorboard_works: bool, plot: bool) -> list[str]:
+    """One line per output the config asks for (``log.tensorboard``, ``log.plot``) that this
+    installation cannot write, naming the extra that brings it and the key that turns it off."""
+    notes = []
+    if tensorboard and not tensorboard_works:
+        if is_available("tensorboard"):
+            why = "TensorBoard is installed but cannot be imported cleanly"
+        else:
+            why = missing_message(["tensorboard"], "it")
+        notes.append(f"phantomdeq: no tensorboard/ logs: {why} (or set log.tensorboard: false)")
+    if plot and not is_available("matplotlib"):
+        why = missing_message(["matplotlib"], "it")
+        notes.append(f"phantomdeq: no curves.png: {why} (or set log.plot: false)")
+    return notes
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from phantomdeq._progress import NullBar, progress_bar
+
 from .metrics_log import read_metrics
 from .plots import plot_curves
 from .schedule import replan_note
@@ -23,19 +25,20 @@ class ReportingMixin(TrainerState):
     """Reports on stderr and in the run folder."""
 
     def _progress_bar(self, epoch: int, total: int, start: int) -> Any:
-        """A tqdm bar on stderr for rank 0 when progress is on, else None."""
+        """A tqdm bar on stderr for rank 0 when progress is on (and tqdm is installed), else
+        None."""
         if not (self.progress and self.dist.is_main):
             return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
+        bar = progress_bar(
+            enabled=True,
+            auto=True,
             total=total,
             initial=start,
             desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
-            file=sys.stderr,
             leave=False,
             dynamic_ncols=True,
         )
+        return None if isinstance(bar, NullBar) else bar
 
     def _show_step(self, bar: Any, rec: dict[str, Any]) -> None:
         if bar is None:

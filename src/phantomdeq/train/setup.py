@@ -21,7 +21,7 @@ from .build import (
 )
 from .config import ConfigError, dump_config, monitor_label
 from .distributed import convert_batchnorm, init_distributed, rank0_first, shard_batches
-from .metrics_log import MetricsLogger, truncate_metrics
+from .metrics_log import MetricsLogger, missing_output_notes, truncate_metrics
 from .precision import MixedPrecision, check_precision
 from .run_dir import RunFolderError, prepare_run_folder
 from .schedule import LRSchedule
@@ -118,6 +118,13 @@ class SetupMixin(TrainerState):
             tensorboard=cfg.log.tensorboard,
             append=self.resume,
         )
+        if self.dist.is_main:
+            for note in missing_output_notes(
+                tensorboard=cfg.log.tensorboard,
+                tensorboard_works=self.logger.tensorboard_enabled,
+                plot=cfg.log.plot,
+            ):
+                print(note, file=sys.stderr)
 
     def _build_model_and_data(self) -> None:
         """Data sets, the model (DDP-wrapped with several processes), optimiser and the
