@@ -215,7 +215,9 @@ def test_solver_and_estimator_sections_are_the_classes_keyword_options() -> None
     declared = {k for n in pdq.solvers.SOLVERS for k in pdq.solvers.options(n)}
     assert set(SolverConfig.model_fields) == {"name"} | declared
     grad_declared = {k for n in pdq.grad.ESTIMATORS for k in pdq.grad.options(n)}
-    assert set(GradConfig.model_fields) == {"name", "backward_solver"} | grad_declared - {"solver"}
+    # plus the config-only sections: IFT's solver and the fixed-point correction
+    own = {"name", "backward_solver", "correction"}
+    assert set(GradConfig.model_fields) == own | grad_declared - {"solver"}
     cfg = config_from_dict(
         {
             "solver": {"name": "fixed_point", "freeze_converged": True, "check_every": 3},

@@ -15,7 +15,7 @@ solvers share :class:`SolverBase`. Submodules: ``solvers``, ``grad``, ``diagnost
 from . import diagnostics, grad, models, nn, precision, solvers
 from .deq import DEQ
 from .errors import DEQError
-from .grad import BPTT, IFT, NPG, UPG, GradientEstimator, OneStep
+from .grad import BPTT, IFT, NPG, UPG, Correction, GradientEstimator, OneStep, corrected_loss
 from .precision import AutocastCell
 from .solvers import (
     Anderson,
@@ -39,6 +39,7 @@ __all__ = [
     "Anderson",
     "AutocastCell",
     "Broyden",
+    "Correction",
     "DEQError",
     "FixedPoint",
     "GradientEstimator",
@@ -48,6 +49,7 @@ __all__ = [
     "Solver",
     "SolverBase",
     "UnrollingSolver",
+    "corrected_loss",
     "diagnostics",
     "grad",
     "models",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from ._state import State, StateSpec, detach, tree_map
 from ._validate import check_bool, check_choice
 from .errors import DEQError
 from .grad.base import GradientEstimator
+from .grad.correction import Correction, StateRecorder, state_estimator
 from .nn.norms import update_norms
 from .solvers.base import (
     Solution,
@@ -63,6 +64,16 @@ class DEQ(nn.Module):
     whose leading dimension is the batch size are replaced by zeros for the gradient pass, so
     no NaN reaches a parameter gradient through them (for cells that treat samples
     independently, the parameter gradient is that of the healthy samples alone).
+
+    Fixed-point correction (``correction=Correction(states=N, gamma=γ)``, N > 1; Bai et al.,
+    CVPR 2022): when a gradient is attached, the solve also records ``N − 1`` states along its
+    trajectory (:class:`~phantomdeq.grad.Correction`) and ``info.states`` lists them, each with
+    the unrolled phantom gradient ``UPG(k, λ)`` of ``grad`` from that state, followed by the
+    returned ``z``; ``info.state_weights`` are their loss weights ``[γ^{N−1}, …, γ, 1]``
+    (with ``N = 1``: ``[z]`` and ``[1.0]``, the plain estimator).
+    Minimise ``Σ_m w_m L(s_m)`` (:func:`~phantomdeq.grad.corrected_loss`). Needs ``grad`` =
+    UPG or NPG and a solver with ``max_iter``; not with ``cuda_graph=True`` (a replayed graph
+    records nothing).
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class DEQ(nn.Module):
         on_nonfinite: str = "raise",
         grad_in_eval: bool = False,
         cuda_graph: bool = False,
+        correction: Correction | None = None,
     ) -> None:
         super().__init__()
         if not callable(f):
@@ -82,6 +94,12 @@ class DEQ(nn.Module):
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES, owner="DEQ")
         self.grad_in_eval = check_bool("grad_in_eval", grad_in_eval, owner="DEQ")
         self.cuda_graph = check_bool("cuda_graph", cuda_graph, owner="DEQ")
+        if correction is not None and not isinstance(correction, Correction):
+            raise TypeError(
+                f"DEQ: correction must be None or a phantomdeq.grad.Correction, got "
+                f"{type(correction).__name__} {correction!r}"
+            )
+        self.correction = correction
         self._graphs = GraphedSolves()
         self.f = f
         self.solver, self.eval_solver, self.grad = self._validated(solver, eval_solver, grad)
@@ -113,6 +131,20 @@ class DEQ(nn.Module):
                         f"DEQ: grad=BPTT() back-propagates through the forward iterations and "
                         f"needs {name}=FixedPoint(...) (a solver with an unroll(g, z0) method), "
                         f"got {type(s).__name__}"
+                    )
+        if self.correction is not None and self.correction.active:
+            state_estimator(grad)  # UPG or NPG
+            if self.cuda_graph:
+                raise ValueError(
+                    "DEQ: correction records states inside the solve, which cuda_graph=True "
+                    "replays from a captured graph; use cuda_graph=False"
+                )
+            for name, chosen in (("solver", solver), ("eval_solver", eval_solver)):
+                budget = getattr(chosen, "max_iter", None)
+                if chosen is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+                    raise TypeError(
+                        f"DEQ: correction spaces its states over the {name}'s budget and needs "
+                        f"a solver with an integer max_iter, got {chosen!r}"
                     )
         if self.cuda_graph:
             if grad.tracks_forward:
@@ -153,6 +185,7 @@ class DEQ(nn.Module):
         return (
             f"solver={self.solver!r}, grad={self.grad!r}, eval_solver={self.eval_solver!r}, "
             f"grad_in_eval={self.grad_in_eval}, cuda_graph={self.cuda_graph}"
+            + ("" if self.correction is None else f", correction={self.correction!r}")
         )
 
     def forward(self, z0: State, *inputs: Any) -> tuple[State, Solution]:
@@ -166,13 +199,23 @@ class DEQ(nn.Module):
         def g(z: State) -> Any:
             return f(z, *inputs)
 
+        call: Callable[[State], Any] = g
+        corr = self.correction
+        recorder: StateRecorder | None = None
+        if attach and corr is not None and not self.grad.tracks_forward:
+            budget = getattr(solver, "max_iter", None)
+            if isinstance(budget, bool) or not isinstance(budget, int):  # replaced since
+                raise TypeError(f"DEQ: correction needs a solver with max_iter, got {solver!r}")
+            recorder = corr.recorder(g, budget)
+            call = recorder
+
         if attach and self.grad.tracks_forward:
             if not isinstance(solver, UnrollingSolver):  # replaced after construction
                 raise TypeError(
                     f"DEQ: grad=BPTT() needs a solver with unroll(g, z0), got "
                     f"{type(solver).__name__}"
                 )
-            z, sol = solver.unroll(g, z0)
+            z, sol = solver.unroll(call, z0)
             bad = self._check(sol, spec, "forward (BPTT)")
             if bad is not None:
                 # rerun with the marked samples held still: the first run's graph holds NaNs
@@ -192,21 +235,48 @@ class DEQ(nn.Module):
             and not sync_free()
         )
         if sync_free() or getattr(parametrize, "_cache_enabled", False):
-            sol = solver(g, detach(z0))
+            sol = solver(call, detach(z0))
         elif graphed:
             with parametrize.cached():
                 sol = self._graphs(solver, f, detach(z0), inputs)  # type: ignore[arg-type]
         else:
             with parametrize.cached():
-                sol = solver(g, detach(z0))
+                sol = solver(call, detach(z0))
         bad = self._check(sol, spec, "forward")
         if not attach:
             return sol.z, sol
         if bad is None:
-            return self.grad.attach(f, sol.z, inputs, spec, info=sol), sol
+            z = self.grad.attach(f, sol.z, inputs, spec, info=sol)
+            if recorder is not None:
+                self._corrected(sol, recorder.states(sol.z), z, f, inputs, spec)
+            return z, sol
         frozen = _finite(sol.z)
         cut = _cut_inputs(inputs, bad, spec.batch)
-        return self.grad.attach(_Frozen(f, bad, frozen), frozen, cut, spec, info=sol), sol
+        fm = _Frozen(f, bad, frozen)
+        z = self.grad.attach(fm, frozen, cut, spec, info=sol)
+        if recorder is not None:
+            held = [_hold(_finite(s), bad, frozen) for s in recorder.states(sol.z)]
+            self._corrected(sol, held, z, fm, cut, spec)
+        return z, sol
+
+    def _corrected(
+        self,
+        sol: Solution,
+        states: list[State],
+        z: State,
+        f: Any,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+    ) -> None:
+        """Fixed-point correction: the recorded states with UPG from each, then ``z``."""
+        if self.correction is None:
+            return
+        attached = []
+        if states:
+            est = state_estimator(self.grad)
+            attached = [est.attach(f, s, inputs, spec) for s in states]
+        sol.states = [*attached, z]
+        sol.state_weights = self.correction.weights()
 
     @torch.compiler.disable
     def _check(self, sol: Solution, spec: StateSpec, what: str) -> Tensor | None:

@@ -53,7 +53,10 @@ def _row_of(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "method": _method(cfg),
         "grad": cfg["grad"]["name"],
-        "k": cfg["grad"]["k"] if _has_k(cfg["grad"]["name"]) else None,
+        # an adaptive k ("auto") is no point on the k axis: its rows are listed, not plotted
+        "k": cfg["grad"]["k"]
+        if _has_k(cfg["grad"]["name"]) and isinstance(cfg["grad"]["k"], int)
+        else None,
         "lam": cfg["grad"]["lam"] if _has_k(cfg["grad"]["name"]) else None,
         "pretrain_steps": cfg["train"]["pretrain_steps"],
         "dropout": dropout,

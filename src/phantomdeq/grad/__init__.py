@@ -8,6 +8,7 @@ from typing import Any
 from .._options import registry_options, unknown_options
 from .base import GradientEstimator
 from .bptt import BPTT
+from .correction import Correction, corrected_loss
 from .implicit import IFT
 from .neumann import NPG
 from .unrolled import UPG, OneStep
@@ -40,11 +41,13 @@ def options(name: str) -> dict[str, inspect.Parameter]:
 __all__ = [
     "BPTT",
     "ESTIMATORS",
+    "Correction",
     "IFT",
     "NPG",
     "UPG",
     "GradientEstimator",
     "OneStep",
+    "corrected_loss",
     "from_name",
     "options",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from phantomdeq.grad.base import GradientEstimator
+from phantomdeq.grad.correction import Correction
 from phantomdeq.solvers.base import Solver
 
 from .mdeq import MDEQ, MDEQ_CONFIG_NAMES, MDEQConfig, MDEQOutput, mdeq_config
@@ -18,6 +19,7 @@ def build_model(
     solver: Solver,
     grad: GradientEstimator,
     eval_solver: Solver | None = None,
+    correction: Correction | None = None,
 ) -> MDEQ:
     """Build a named model (one of :data:`MDEQ_CONFIG_NAMES`) around ``pdq.DEQ(solver, grad)``."""
     if not isinstance(name, str):
@@ -33,4 +35,5 @@ def build_model(
         solver=solver,
         grad=grad,
         eval_solver=eval_solver,
+        correction=correction,
     )

@@ -40,6 +40,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from phantomdeq._validate import check_choice, check_int
 from phantomdeq.deq import DEQ
 from phantomdeq.grad.base import GradientEstimator
+from phantomdeq.grad.correction import Correction
 from phantomdeq.nn.dropout import VariationalDropout2d
 from phantomdeq.nn.jacobian import jacobian_frobenius_hutchinson
 from phantomdeq.precision import AutocastCell
@@ -330,12 +331,18 @@ class MDEQOutput:
         jac_loss: Hutchinson estimate of ``||dF/dh||_F^2 / numel(h)`` at the final state when
             ``jac_reg=True`` (a scalar tensor), else None.
         state: the final per-branch state ``h`` (carrying the DEQ gradient in train mode).
+        state_logits: under fixed-point correction (the DEQ's ``correction`` with N > 1
+            states, when a gradient is attached), the head's class scores for every
+            supervised state, earliest first; the last is ``logits``. Else None.
+        state_weights: their loss weights ``[γ^{N−1}, …, γ, 1]`` (None without correction).
     """
 
     logits: Tensor
     info: Solution | None = None
     jac_loss: Tensor | None = None
     state: tuple[Tensor, ...] | None = None
+    state_logits: list[Tensor] | None = None
+    state_weights: list[float] | None = None
 
 
 class MDEQ(nn.Module):
@@ -350,6 +357,8 @@ class MDEQ(nn.Module):
             UPG eq. (17), NPG eq. (18), ...
         eval_solver: forwarded to :class:`phantomdeq.DEQ`: the optional solver used in eval
             mode.
+        correction: forwarded to :class:`phantomdeq.DEQ`: fixed-point correction
+            (:class:`phantomdeq.Correction`), or None.
 
     Attributes:
         deq: the :class:`phantomdeq.DEQ` wrapping the equilibrium cell.
@@ -365,6 +374,7 @@ class MDEQ(nn.Module):
         solver: Solver,
         grad: GradientEstimator,
         eval_solver: Solver | None = None,
+        correction: Correction | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cfg, MDEQConfig):
@@ -375,7 +385,13 @@ class MDEQ(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.stem = _make_stem(cfg, in_channels)
-        self.deq = DEQ(MDEQCell(cfg), solver=solver, grad=grad, eval_solver=eval_solver)
+        self.deq = DEQ(
+            MDEQCell(cfg),
+            solver=solver,
+            grad=grad,
+            eval_solver=eval_solver,
+            correction=correction,
+        )
         self.head = _Head(cfg, num_classes)
 
     @property
@@ -416,6 +432,7 @@ class MDEQ(nn.Module):
         unrolled_steps: int = 0,
         jac_reg: bool = False,
         generator: torch.Generator | None = None,
+        z0: Sequence[Tensor] | None = None,
     ) -> MDEQOutput:
         """Classify ``x`` ``[B, in_channels, H, W]``.
 
@@ -423,7 +440,10 @@ class MDEQ(nn.Module):
         ``mode="unrolled"`` applies ``F`` ``unrolled_steps`` times from zeros with plain
         autograd (MDEQ's pretraining stage).  ``jac_reg=True`` adds the Hutchinson estimate of
         ``||dF/dh||_F^2 / numel(h)`` at the final state (one extra tracked ``F`` evaluation).
-        ``generator`` (optional) drives the dropout masks.
+        ``generator`` (optional) drives the dropout masks. ``z0`` (``mode="deq"``): the start
+        of the solve, one tensor per branch shaped like :meth:`initial_state` (default zeros),
+        e.g. the sample's previous equilibrium (warm start); the solution does not depend on
+        it beyond the solver's tolerance.
 
         Mixed precision: called under ``torch.autocast`` (e.g. bf16), the stem, every
         evaluation of ``F`` and the head run under that autocast, while the equilibrium state
@@ -441,8 +461,19 @@ class MDEQ(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         inj = self.stem(x)
-        z0 = self.initial_state(inj)
-        self.f.reset(z0, generator=generator)
+        start = self.initial_state(inj)
+        if z0 is not None:
+            given = tuple(z0)
+            if len(given) != len(start) or any(
+                a.shape != b.shape or a.dtype != b.dtype for a, b in zip(given, start)
+            ):
+                raise ValueError(
+                    "MDEQ.forward: z0 must be one tensor per branch with the shapes and dtype "
+                    f"{[(tuple(b.shape), b.dtype) for b in start]}, got "
+                    f"{[(tuple(a.shape), a.dtype) for a in given]}"
+                )
+            start = given
+        self.f.reset(start, generator=generator)
         device_type = x.device.type
         amp = torch.is_autocast_enabled(device_type)
         cell: nn.Module = self.f
@@ -459,17 +490,18 @@ class MDEQ(nn.Module):
                 on_nonfinite=self.deq.on_nonfinite,
                 grad_in_eval=self.deq.grad_in_eval,
                 cuda_graph=self.deq.cuda_graph,
+                correction=self.deq.correction,
             ).train(self.deq.training)
             deq._graphs = self.deq._graphs  # captured solves outlive this wrapper
         info = None
         with torch.autocast(device_type, enabled=False) if amp else contextlib.nullcontext():
             if mode == "unrolled":
                 check_int("unrolled_steps", unrolled_steps, minimum=1, owner="MDEQ.forward")
-                z: tuple[Tensor, ...] = z0
+                z: tuple[Tensor, ...] = start
                 for _ in range(unrolled_steps):
                     z = cell(z, inj)
             else:
-                zz, info = deq(z0, inj)
+                zz, info = deq(start, inj)
                 z = tuple(zz) if isinstance(zz, (tuple, list)) else (zz,)
             jac_loss = None
             if jac_reg:
@@ -481,4 +513,9 @@ class MDEQ(nn.Module):
                 if not track:
                     jac_loss = jac_loss.detach()
         logits = self.head(z)
-        return MDEQOutput(logits=logits, info=info, jac_loss=jac_loss, state=z)
+        out = MDEQOutput(logits=logits, info=info, jac_loss=jac_loss, state=z)
+        if info is not None and info.states is not None and info.state_weights is not None:
+            earlier = [self.head(tuple(s)) for s in info.states[:-1]]
+            out.state_logits = [*earlier, logits]
+            out.state_weights = list(info.state_weights)
+        return out

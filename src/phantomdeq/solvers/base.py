@@ -56,6 +56,10 @@ class Solution:
     ``"max_iter"`` or ``"nonfinite"`` (some sample is marked in ``nonfinite``). ``backward``
     is set on a DEQ's forward ``info`` when ``grad=IFT(...)`` runs its backward solve: that
     solve's own :class:`Solution` (None until then, and for the other estimators).
+    ``states`` and ``state_weights`` are set on a DEQ's forward ``info`` under fixed-point
+    correction (:class:`~phantomdeq.grad.Correction`): the supervised states along the
+    trajectory, the DEQ's output last, each carrying its phantom gradient, and their loss
+    weights (None otherwise).
     """
 
     z: State
@@ -71,6 +75,8 @@ class Solution:
     stop: str = "rel"
     tol: float = 0.0
     backward: Solution | None = None
+    states: list[Any] | None = None
+    state_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.result, SolveResult):

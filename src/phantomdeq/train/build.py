@@ -13,6 +13,7 @@ from .config import Config, ConfigError, GradConfig, OptimConfig, SolverConfig, 
 from .distributed import DistInfo
 
 __all__ = [
+    "build_correction",
     "build_grad",
     "build_model",
     "build_solver",
@@ -42,6 +43,15 @@ def build_grad(cfg: GradConfig) -> Any:
     return grad.from_name(cfg.name, **options)
 
 
+def build_correction(cfg: GradConfig) -> Any:
+    """The fixed-point correction of ``grad.correction`` (None with ``states: 1``, the plain
+    estimator)."""
+    from phantomdeq.grad import Correction
+
+    c = cfg.correction
+    return Correction(states=c.states, gamma=c.gamma) if c.states > 1 else None
+
+
 def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
     """``phantomdeq.models.build_model``; with ``model.dropout`` / ``model.overrides`` set, the
     named MDEQ configuration is modified first (``with_overrides``)."""
@@ -54,6 +64,7 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
         "solver": build_solver(cfg.solver),
         "grad": build_grad(cfg.grad),
         "eval_solver": None if cfg.eval_solver is None else build_solver(cfg.eval_solver),
+        "correction": build_correction(cfg.grad),
     }
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in m.overrides.items()}
     if m.dropout is not None:

@@ -231,6 +231,13 @@ class TrainConfig(Section):
     ``compile: true`` runs the model through ``torch.compile`` (:mod:`phantomdeq.train.compile`):
     a fixed-budget solve (``solver.tol: 0``) becomes one compiled graph; with ``tol > 0`` the
     solve loop runs eagerly around the compiled cell. The first steps pay the compilation.
+
+    ``warm_start: true`` (:mod:`phantomdeq.train.warm_start`) keeps every training sample's
+    last equilibrium in bfloat16 -- on the training device, or in pinned CPU memory with
+    ``warm_start_memory: pinned`` on CUDA -- and starts the sample's next DEQ-stage solve
+    there (samples not yet solved start from zeros). Its memory is printed when it is
+    allocated (the first DEQ step); it is saved in checkpoints, so resuming stays exact.
+    One process only (with several, each would hold only its own shard's states).
     """
 
     epochs: PosInt = 10
@@ -257,6 +264,8 @@ class TrainConfig(Section):
     max_skipped_steps: PosInt = 10
     checkpoint_every_steps: NonNegInt = 0
     compile: bool = False
+    warm_start: bool = False
+    warm_start_memory: Literal["device", "pinned"] = "device"
 
     def check(self, prefix: str) -> None:
         self.monitor_solver.check(f"{prefix}.monitor_solver")
@@ -317,6 +326,16 @@ class Config(Section):
             getattr(self, name).check(name)
         if self.eval_solver is not None:
             self.eval_solver.check("eval_solver")
+        if (
+            self.train.compile
+            and getattr(self.grad, "k", None) == "auto"
+            and "k" in grad_estimators.options(self.grad.name)
+        ):
+            raise ConfigError(
+                f"grad.k: {self.grad.name.upper()}(k='auto') reads its stopping test on the "
+                "host at every step and cannot run with train.compile: true; set a fixed "
+                "grad.k or train.compile: false"
+            )
 
 
 def monitor_label(g: GradConfig) -> str:
@@ -333,7 +352,9 @@ def unused_options(cfg: Config) -> list[str]:
     declare (``backward_solver`` standing for ``solver``), the solver options its solver class
     does not declare, ``train.unrolled_steps`` without pretraining."""
     used = {NESTED_SOLVERS.get(k, k) for k in grad_estimators.options(cfg.grad.name)}
-    out = [f"grad.{k}" for k in type(cfg.grad).model_fields if k not in used | {"name"}]
+    out = [
+        f"grad.{k}" for k in type(cfg.grad).model_fields if k not in used | {"name", "correction"}
+    ]
     used = set(solver_classes.options(cfg.solver.name))
     out += [f"solver.{k}" for k in type(cfg.solver).model_fields if k not in used | {"name"}]
     if cfg.train.pretrain_steps == 0:

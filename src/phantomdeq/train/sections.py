@@ -16,6 +16,7 @@ from phantomdeq import solvers as solver_classes
 __all__ = [
     "NESTED_SOLVERS",
     "ConfigError",
+    "CorrectionConfig",
     "Float",
     "GradConfig",
     "GradSection",
@@ -95,7 +96,11 @@ def _option_fields(
             if name in NESTED_SOLVERS:
                 continue
             if name not in fields:
-                ann = Float if p.annotation is float else p.annotation
+                ann = p.annotation
+                if ann is float:
+                    ann = Float
+                elif ann == float | None:
+                    ann = Float | None
                 fields[name] = (ann, defaults.get(name, p.default))
     return fields
 
@@ -121,16 +126,33 @@ class SolverSection(Section):
             _construct(lambda n=name, **kw: solver_classes.from_name(n, **kw), opts, prefix)
 
 
+class CorrectionConfig(Section):
+    """Fixed-point correction (Bai et al., CVPR 2022; :class:`phantomdeq.grad.Correction`):
+    ``states`` supervised states along the forward solver's trajectory (1 = off, the plain
+    estimator), the earlier ones with ``UPG(grad.k, grad.lam)`` from that state, loss weight
+    ``gamma^m`` for the state ``m`` places before the solution (weight 1). The trainer
+    minimises the sum of the head's weighted cross-entropies over the states; ``train_loss``
+    stays the solution's. Needs ``grad.name`` upg or npg when ``states > 1``."""
+
+    states: PosInt = 1
+    gamma: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.8
+
+    def check(self, prefix: str) -> None:
+        _construct(grad_estimators.Correction, {"states": self.states, "gamma": self.gamma}, prefix)
+
+
 class GradSection(Section):
     """The gradient estimator (paper Sec. 2): ``ift`` (eq. 4), ``upg`` (unrolled phantom
     gradient A^unr_{k,λ}, eq. 17), ``npg`` (Neumann phantom gradient A^neu_{k,λ}, eq. 18),
     ``onestep`` (= UPG(1, 1)) or ``bptt``. Its keys are ``name``, the options of every
-    estimator class (``pdq.grad.options``: ``k`` and ``lam`` of upg/npg, ``checkpoint`` of upg,
-    ``warn_unconverged`` of ift) and ``backward_solver``, the solver section of ift's
-    ``solver``."""
+    estimator class (``pdq.grad.options``: ``k`` -- an integer or ``auto`` --, ``lam``, and
+    with ``k: auto`` ``tol`` and ``k_max`` of upg/npg, ``checkpoint`` of upg,
+    ``warn_unconverged`` of ift), ``backward_solver``, the solver section of ift's
+    ``solver``, and ``correction`` (:class:`CorrectionConfig`, fixed-point correction)."""
 
     model_config = ConfigDict(allow_inf_nan=True)  # the estimator classes check the values
     name: str = "upg"
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
 
     def kwargs(self) -> dict[str, Any]:
         """Options of ``self.name`` as config values (nested solvers as their sections)."""
@@ -140,6 +162,14 @@ class GradSection(Section):
         return out
 
     def check(self, prefix: str) -> None:
+        correction = self.correction
+        correction.check(f"{prefix}.correction")
+        if correction.states > 1 and self.name not in ("upg", "npg"):
+            raise ConfigError(
+                f"{prefix}.correction.states: fixed-point correction gives the earlier states "
+                f"UPG(grad.k, grad.lam) and needs grad.name upg or npg, got {self.name!r} "
+                f"(or set {prefix}.correction.states: 1)"
+            )
         for key in NESTED_SOLVERS.values():
             getattr(self, key).check(f"{prefix}.{key}")
         for name in _named_first(self.name, grad_estimators.ESTIMATORS):

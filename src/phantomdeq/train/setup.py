@@ -27,6 +27,7 @@ from .run_dir import RunFolderError, prepare_run_folder
 from .schedule import LRSchedule
 from .seeds import seed_everything
 from .trainer_state import TrainerState
+from .warm_start import WarmStartStore
 
 __all__ = ["SetupMixin"]
 
@@ -156,6 +157,20 @@ class SetupMixin(TrainerState):
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
         self.model = model
+        self.warm_start = None
+        if cfg.train.warm_start:
+            if self.dist.enabled:
+                raise ConfigError(
+                    "train.warm_start: needs a single process (each of the "
+                    f"{self.dist.world_size} processes would keep only its own shard's states)"
+                )
+            self.warm_start = WarmStartStore(
+                len(self.train_data),
+                self.device,
+                pinned=cfg.train.warm_start_memory == "pinned",
+                announce=self.dist.is_main,
+            )
+            self.extra_state["warm_start"] = self.warm_start
         self.optimizer = make_optimizer(self.net, cfg.optim)
         self.steps_per_epoch = len(
             shard_batches(

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phantomdeq._state import as_tuple
 from phantomdeq.errors import DEQError
 
 from .batches import augment
@@ -201,6 +202,7 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
             )
             for i, (x, y) in enumerate(stream, start):
                 t0, step_before = time.perf_counter(), self.step
+                self._batch_indices = batches[i]
                 rec = self._train_step(x, y, epoch, i)
                 self.batch = i + 1
                 if self.device.type == "cuda":
@@ -288,11 +290,25 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
                         x, mode="unrolled", unrolled_steps=cfg.train.unrolled_steps, generator=gen
                     )
                 else:
-                    out = model(x, mode="deq", jac_reg=use_jac, generator=gen)
+                    store, idx = self.warm_start, getattr(self, "_batch_indices", None)
+                    z0 = (
+                        None
+                        if store is None or idx is None
+                        else store.get(idx, dtype=self.dtype, device=self.device)
+                    )
+                    out = model(x, mode="deq", jac_reg=use_jac, generator=gen, z0=z0)
+                    if store is not None and idx is not None and out.info is not None:
+                        store.put(idx, as_tuple(out.info.z))
             fwd.ce = F.cross_entropy(
                 out.logits.float(), y, label_smoothing=cfg.train.label_smoothing
             )
             fwd.loss = fwd.ce
+            if out.state_logits is not None and out.state_weights is not None:
+                # fixed-point correction: Σ_m γ^m CE(head(s_m)), the solution's CE weight 1
+                for w, logits in zip(out.state_weights[:-1], out.state_logits[:-1]):
+                    fwd.loss = fwd.loss + w * F.cross_entropy(
+                        logits.float(), y, label_smoothing=cfg.train.label_smoothing
+                    )
             if use_jac and out.jac_loss is not None:
                 fwd.jac_loss = out.jac_loss
                 fwd.loss = fwd.loss + cfg.train.jac_reg_weight * out.jac_loss
@@ -354,6 +370,9 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward(fwd.loss)
+        grad_k = _adaptive_k(self.net) if rec["stage"] == "deq" else None
+        if grad_k is not None:
+            rec["grad_k"] = grad_k
         self.amp.unscale_(self.optimizer)  # fp16: gradients in true units for guard and clipping
         params = [p for p in self.net.parameters() if p.requires_grad]
         norm = grad_norm(params)
@@ -475,6 +494,16 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
             if self.model is not None and self.model is not getattr(self, "net", None):
                 self.model = getattr(self, "net", None)  # drop the DDP wrapper
             cleanup(dist_info)
+
+
+def _adaptive_k(net: nn.Module) -> int | None:
+    """The number of phantom-gradient steps an adaptive estimator (``k="auto"``) chose in this
+    step's forward/backward pass (this rank's), None for a fixed ``k``."""
+    est = getattr(getattr(net, "deq", None), "grad", None)
+    if not getattr(est, "adaptive", False):
+        return None
+    last = getattr(est, "last_k", None)
+    return last if isinstance(last, int) else None
 
 
 def run_training(

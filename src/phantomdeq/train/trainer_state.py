@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .monitor import GradientMonitor
     from .precision import MixedPrecision
     from .schedule import LRSchedule
+    from .warm_start import WarmStartStore
 
 __all__ = ["TrainerState", "fresh_sums"]
 
@@ -67,6 +68,8 @@ class TrainerState:
     total_steps: int
     monitor: GradientMonitor | None
     logger: MetricsLogger
+    warm_start: WarmStartStore | None  # train.warm_start: each sample's last equilibrium
+    _batch_indices: torch.Tensor | None  # the sample indices of the step being trained
     # where the run stands (checkpointed)
     epoch: int  # completed epochs
     batch: int  # batches done in the current epoch (the next one is epoch + 1)

@@ -1,0 +1,117 @@
+"""Fixed-point correction (Bai, Geng, Koltun & Kolter, "Deep Equilibrium Optical Flow
+Estimation", CVPR 2022): supervise several states along the forward solver's trajectory.
+
+With ``Correction(states=N, gamma=γ)`` on a :class:`~phantomdeq.DEQ`, the forward solve records
+``N − 1`` states of its trajectory (the inputs of evenly spaced evaluations of ``F``) and the DEQ
+returns, besides the solution, the list ``info.states = [s_1, …, s_{N−1}, h*]`` with weights
+``info.state_weights = [γ^{N−1}, …, γ, 1]``. Each earlier state carries the unrolled phantom
+gradient from that state (``UPG`` with the estimator's ``k`` and ``λ``, eq. 17 with ``h_0 = s_m``);
+the last one is the DEQ's output with its own estimator. The loss to minimise is the weighted
+sum of the per-state losses, ``Σ_m w_m L(head(s_m))`` (:func:`corrected_loss`); its gradient is
+the weighted sum of the per-state phantom gradients. ``states=1`` is the plain estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .._state import State
+from .._validate import check_float, check_int
+from .base import GradientEstimator
+from .neumann import NPG
+from .unrolled import UPG
+
+__all__ = ["Correction", "corrected_loss"]
+
+
+class Correction:
+    """Fixed-point correction: ``states`` supervised states (>= 1; 1 = off), loss weights
+    ``γ^m`` for the state ``m`` places before the solution (``0 < gamma <= 1``)."""
+
+    def __init__(self, *, states: int = 1, gamma: float = 0.8) -> None:
+        self.states = check_int("states", states, minimum=1, owner="Correction")
+        self.gamma = check_float(
+            "gamma", gamma, owner="Correction", low=0.0, high=1.0, low_open=True
+        )
+
+    def __repr__(self) -> str:
+        return f"Correction(states={self.states}, gamma={self.gamma})"
+
+    @property
+    def active(self) -> bool:
+        return self.states > 1
+
+    def weights(self) -> list[float]:
+        """``[γ^{N−1}, …, γ, 1]``: earliest state first, the solution last."""
+        n = self.states
+        return [self.gamma ** (n - 1 - m) for m in range(n)]
+
+    def evaluations(self, max_iter: int) -> list[int]:
+        """The (1-based) evaluations of ``F`` whose inputs are recorded: ``⌊m T / N⌋ + 1`` for
+        ``m = 1 … N − 1`` with ``T = max_iter`` (for an undamped fixed-point iteration from
+        ``z0`` the input of evaluation ``e`` is the iterate after ``e − 1`` updates)."""
+        n = self.states
+        return [m * max_iter // n + 1 for m in range(1, n)]
+
+    def recorder(self, g: Callable[[State], Any], max_iter: int) -> StateRecorder:
+        return StateRecorder(g, self.evaluations(max_iter))
+
+
+class StateRecorder:
+    """``g`` that keeps a detached copy of its input at the chosen evaluations."""
+
+    def __init__(self, g: Callable[[State], Any], at: Sequence[int]) -> None:
+        self.g = g
+        self.at = set(at)
+        self.order = list(at)
+        self.count = 0
+        self.kept: dict[int, State] = {}
+
+    def __call__(self, z: State) -> Any:
+        self.count += 1
+        if self.count in self.at:
+            self.kept[self.count] = _clone(z)
+        return self.g(z)
+
+    def states(self, solution: State) -> list[State]:
+        """The recorded states in trajectory order; an evaluation the solve did not reach
+        (it stopped earlier) is replaced by the solution."""
+        return [self.kept.get(e, solution) for e in self.order]
+
+
+def _clone(z: State) -> State:
+    if isinstance(z, Tensor):
+        return z.detach().clone()
+    return tuple(t.detach().clone() for t in z)
+
+
+def state_estimator(grad: GradientEstimator) -> UPG:
+    """The phantom gradient of the earlier states: ``UPG`` with ``grad``'s ``k``, ``λ`` (and,
+    for ``k="auto"``, ``tol`` and ``k_max``). Only UPG and NPG have them."""
+    if not isinstance(grad, UPG | NPG):
+        raise TypeError(
+            "Correction: fixed-point correction gives every earlier state the unrolled phantom "
+            "gradient UPG(k, lam) of the DEQ's estimator and needs grad=UPG(...) or NPG(...), "
+            f"got {type(grad).__name__}"
+        )
+    if grad.adaptive:
+        return UPG(k="auto", lam=grad.lam, tol=grad.tol, k_max=grad.k_max)
+    return UPG(k=grad.k, lam=grad.lam)
+
+
+def corrected_loss(
+    loss: Callable[[State], Tensor], states: Sequence[State], weights: Sequence[float]
+) -> Tensor:
+    """``Σ_m w_m loss(s_m)`` over the states and weights of a corrected DEQ's ``info``."""
+    if len(states) != len(weights) or not states:
+        raise ValueError(
+            f"corrected_loss: need as many weights as states (>= 1), got {len(states)} states "
+            f"and {len(weights)} weights"
+        )
+    total = weights[-1] * loss(states[-1])
+    for w, s in zip(weights[:-1], states[:-1]):
+        total = total + w * loss(s)
+    return total

@@ -1,0 +1,219 @@
+"""Adaptive phantom gradients (``UPG(k="auto")``, ``NPG(k="auto")``) against the mathematics:
+the number of steps is the first one where the stated criterion holds (computed here from the
+damped iteration / the dense Jacobian), the gradient is then the eq. (17) / eq. (18) matrix with
+that k applied to the loss gradient, and with tol -> 0 it is the exact implicit gradient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import phantomdeq as pdq
+from core_problems import inner, make_problem, state_target
+from phantomdeq import diagnostics as D
+from phantomdeq.train import config_from_dict
+from phantomdeq.train.sections import ConfigError
+
+
+def _grads(cell, x, estimator, solver):
+    deq = pdq.DEQ(cell, solver=solver, grad=estimator)
+    z, info = deq(cell.z0(x.shape[0]), x)
+    t = state_target(z)
+    wrt = [*cell.parameters(), x]
+    return list(torch.autograd.grad(inner(z, t), wrt)), info, t, wrt
+
+
+def _parts(z):
+    return z if isinstance(z, tuple) else (z,)
+
+
+def _flat(z):
+    return torch.cat([p.reshape(-1) for p in _parts(z)])
+
+
+def _sample_index(z):
+    """The sample of every entry of :func:`_flat` (dense Jacobians use that order)."""
+    return torch.cat([torch.arange(p.shape[0]).repeat_interleave(p[0].numel()) for p in _parts(z)])
+
+
+def _per_sample_norms(vec, index, batch):
+    return torch.zeros(batch, dtype=vec.dtype).index_add_(0, index, vec * vec).sqrt()
+
+
+def _upg_steps_by_definition(cell, x, h0, lam, tol, k_max):
+    """First j with ‖h_j − h_{j−1}‖ < tol ‖h_1 − h_0‖ for every sample (damped iteration)."""
+    batch = x.shape[0]
+    index = _sample_index(h0)
+    h, first = h0, None
+    with torch.no_grad():
+        for j in range(1, k_max + 1):
+            fh = _parts(cell(h, x))
+            new = tuple(lam * a + (1 - lam) * b for a, b in zip(fh, _parts(h)))
+            new = new if isinstance(h0, tuple) else new[0]
+            change = _per_sample_norms(_flat(new) - _flat(h), index, batch)
+            first = change if first is None else first
+            h = new
+            if bool((change < tol * first).all()):
+                return j
+    return k_max
+
+
+def test_adaptive_upg_stops_by_its_criterion_and_equals_eq17_with_that_k(tuple_state):
+    cell, x = make_problem(tuple_state)
+    # a loose solve: eq. (17)'s Jacobians along the trajectory then differ from those at h*,
+    # and the unrolled iterate keeps moving (the criterion has something to measure)
+    solver = pdq.FixedPoint(max_iter=4, tol=1e-13)
+    est = pdq.UPG(k="auto", lam=0.5, tol=0.1, k_max=40)
+    grads, info, t, wrt = _grads(cell, x, est, solver)
+    j = _upg_steps_by_definition(cell, x, info.z, 0.5, 0.1, 40)
+    assert est.last_k == j and 3 <= j < 40  # neither the first step nor the cap
+    fixed, *_ = _grads(cell, x, pdq.UPG(k=j, lam=0.5), solver)
+    assert all(torch.equal(a, b) for a, b in zip(grads, fixed))
+    A = D.unrolled_matrix(cell, info.z, (x,), wrt, j, 0.5)
+    assert D.relative_error(grads, A @ _flat(t)) <= 1e-10
+    # a tighter tol takes more steps
+    tighter = pdq.UPG(k="auto", lam=0.5, tol=1e-3, k_max=40)
+    _grads(cell, x, tighter, solver)
+    assert tighter.last_k > j
+
+
+def test_adaptive_upg_with_tiny_tol_is_the_exact_gradient(tuple_state):
+    cell, x = make_problem(tuple_state)
+    est = pdq.UPG(k="auto", lam=0.8, tol=1e-300, k_max=150, checkpoint=True)
+    grads, info, t, wrt = _grads(cell, x, est, pdq.FixedPoint(max_iter=6, tol=1e-13))
+    tight = pdq.FixedPoint(max_iter=400, tol=1e-14)(lambda z: cell(z, x), cell.z0(x.shape[0]))
+    exact = D.exact_gradient(cell, tight.z, (x,), wrt, t)
+    assert est.last_k > 20
+    assert D.relative_error(grads, exact) <= 1e-9
+
+
+def test_adaptive_npg_stops_by_its_criterion_and_equals_eq18_with_that_k(tuple_state):
+    cell, x = make_problem(tuple_state)
+    solver = pdq.Broyden(max_iter=100, tol=1e-13)
+    lam, tol = 0.6, 1e-2
+    est = pdq.NPG(k="auto", lam=lam, tol=tol, k_max=60)
+    grads, info, t, wrt = _grads(cell, x, est, solver)
+    J_h, J_w = D.dense_jacobians(cell, info.z, (x,), wrt)
+    # the series terms (Bᵀ)^j g with the dense Jacobian; first j whose term is below tol times
+    # the partial sum for every sample
+    index, batch = _sample_index(info.z), x.shape[0]
+    g = _flat(t)
+    w, acc, terms = g, g.clone(), 1
+    Bt = lam * J_h.T + (1 - lam) * torch.eye(J_h.shape[0], dtype=J_h.dtype)
+    while terms < 60:
+        w = Bt @ w
+        acc = acc + w
+        terms += 1
+        ratio = _per_sample_norms(w, index, batch) / _per_sample_norms(acc, index, batch)
+        if bool((ratio < tol).all()):
+            break
+    assert est.last_k == terms and 3 <= terms < 60
+    fixed, *_ = _grads(cell, x, pdq.NPG(k=terms, lam=lam), solver)
+    assert all(torch.equal(a, b) for a, b in zip(grads, fixed))
+    A = D.neumann_matrix(D.paper_layout(J_h), D.paper_layout(J_w), terms, lam)
+    assert D.relative_error(grads, A @ g) <= 1e-10
+
+
+def test_adaptive_npg_with_tiny_tol_is_the_exact_gradient(tuple_state):
+    cell, x = make_problem(tuple_state)
+    est = pdq.NPG(k="auto", lam=1.0, tol=1e-300, k_max=200)
+    grads, info, t, wrt = _grads(cell, x, est, pdq.Broyden(max_iter=100, tol=1e-14))
+    exact = D.exact_gradient(cell, info.z, (x,), wrt, t)
+    assert est.last_k == 200
+    assert D.relative_error(grads, exact) <= 1e-10
+
+
+def test_adaptive_npg_second_order_matches_fixed_k(tuple_state):
+    """Under create_graph the adaptive series is the fixed-k one too (double backward)."""
+    cell, x = make_problem(tuple_state)
+    solver = pdq.Broyden(max_iter=100, tol=1e-13)
+    out = []
+    for est in (pdq.NPG(k="auto", lam=0.7, tol=1e-2, k_max=50), None):
+        if est is None:
+            est = pdq.NPG(k=out[0][1], lam=0.7)
+        deq = pdq.DEQ(cell, solver=solver, grad=est)
+        z, _ = deq(cell.z0(x.shape[0]), x)
+        (gx,) = torch.autograd.grad(inner(z, state_target(z)), [x], create_graph=True)
+        (hx,) = torch.autograd.grad(gx.pow(2).sum(), [x])
+        out.append((hx, est.last_k))
+    assert torch.equal(out[0][0], out[1][0])
+
+
+@pytest.mark.parametrize(
+    "factory,error,message",
+    [
+        (lambda: pdq.UPG(k="fast"), ValueError, "UPG: k must be an integer >= 1 or 'auto'"),
+        (lambda: pdq.NPG(k=0), ValueError, "NPG: k must be an integer >= 1 or 'auto'"),
+        (lambda: pdq.UPG(k="auto", tol=0.0), ValueError, "UPG: tol must be in (0.0, inf)"),
+        (lambda: pdq.NPG(k="auto", tol="small"), TypeError, "NPG: tol must be a finite number"),
+        (lambda: pdq.NPG(k="auto", k_max=0), ValueError, "NPG: k_max must be an integer >= 1"),
+        (lambda: pdq.UPG(k="auto", k_max=2.0), TypeError, "UPG: k_max must be an integer"),
+        (lambda: pdq.UPG(k=5, tol=1e-3), ValueError, "UPG: tol applies only to k='auto'"),
+        (lambda: pdq.NPG(k=5, k_max=9), ValueError, "NPG: k_max applies only to k='auto'"),
+    ],
+)
+def test_adaptive_options_are_validated(factory, error, message):
+    with pytest.raises(error, match=None) as info:
+        factory()
+    assert message in str(info.value)
+
+
+def test_adaptive_defaults_and_repr():
+    est = pdq.UPG(k="auto")
+    assert (est.tol, est.k_max, est.adaptive, est.last_k) == (1e-3, 30, True, None)
+    assert "k='auto'" in repr(est) and "k_max=30" in repr(est)
+    fixed = pdq.NPG(k=4)
+    assert not fixed.adaptive and fixed.last_k == 4 and "tol" not in repr(fixed)
+
+
+def test_adaptive_refused_while_compiling(monkeypatch):
+    import phantomdeq.grad.adaptive as adaptive
+
+    cell, x = make_problem(False)
+    monkeypatch.setattr(adaptive, "sync_free", lambda: True)
+    for est in (pdq.UPG(k="auto"), pdq.NPG(k="auto")):
+        with pytest.raises(RuntimeError, match="cannot run under torch.compile"):
+            pdq.DEQ(cell, solver=pdq.Anderson(), grad=est)(cell.z0(3), x)
+
+
+def _raw(**grad):
+    return {"grad": grad, "data": {"name": "digits"}, "model": {"name": "mdeq_tiny"}}
+
+
+def test_config_takes_auto_and_names_fields():
+    cfg = config_from_dict(_raw(name="npg", k="auto", tol=1e-2, k_max=12))
+    from phantomdeq.train.build import build_grad
+
+    est = build_grad(cfg.grad)
+    assert isinstance(est, pdq.NPG) and (est.k, est.tol, est.k_max) == ("auto", 1e-2, 12)
+    with pytest.raises(ConfigError, match=r"grad\.tol: UPG: tol applies only to k='auto'"):
+        config_from_dict(_raw(name="upg", k=3, tol=1e-2))
+    with pytest.raises(ConfigError, match=r"grad\.k_max: NPG: k_max must be an integer >= 1"):
+        config_from_dict(_raw(name="npg", k="auto", k_max=0))
+    raw = _raw(name="upg", k="auto")
+    raw["train"] = {"compile": True}
+    with pytest.raises(ConfigError, match=r"grad\.k: UPG\(k='auto'\) .* train\.compile"):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["upg", "npg"])
+def test_trainer_logs_the_chosen_k(tmp_path: Path, name: str) -> None:
+    pytest.importorskip("sklearn")
+    from phantomdeq.train import run_training
+
+    raw = {
+        "model": {"name": "mdeq_tiny", "dropout": 0.0},
+        "data": {"name": "digits", "train_size": 32, "test_size": 32, "batch_size": 16},
+        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
+        "grad": {"name": name, "k": "auto", "lam": 0.5, "tol": 0.3, "k_max": 4},
+        "optim": {"name": "adam", "lr": 1e-3, "schedule": "constant"},
+        "train": {"epochs": 1, "seed": 0, "num_threads": 1},
+        "log": {"progress": False, "tensorboard": False, "plot": False},
+    }
+    run_training(raw, tmp_path, progress=False)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ks = [r["grad_k"] for r in recs if r.get("kind") == "step"]
+    assert len(ks) == 2 and all(isinstance(k, int) and 1 <= k <= 4 for k in ks)
