@@ -166,6 +166,35 @@ def derive() -> list[dict[str, Any]]:
             "eager bare_ms / iters",
             [runs[-1]],
         )
+    ada = _load("mnist_adaptive.json")["results"]
+    fixed, auto = ada["upg_k5"], ada["upg_auto"]
+    add(
+        "MNIST adaptive k: UPG(auto) / UPG(5) step time",
+        auto["per_epoch"][0]["step_time_s"] / fixed["per_epoch"][0]["step_time_s"],
+        "upg_auto step_time_s / upg_k5 step_time_s",
+        ["mnist_adaptive.json"],
+    )
+    add(
+        "MNIST adaptive k: UPG(auto) step time over UPG(5) (%)",
+        100 * (auto["per_epoch"][0]["step_time_s"] / fixed["per_epoch"][0]["step_time_s"] - 1),
+        "100 * (upg_auto step_time_s / upg_k5 step_time_s - 1)",
+        ["mnist_adaptive.json"],
+    )
+    warm = _load("mnist_warm_start.json")
+    cold_e, warm_e = (warm["results"][v]["per_epoch"] for v in ("cold", "warm"))
+    for c, w in zip(cold_e, warm_e):
+        add(
+            f"MNIST warm start, epoch {c['epoch']}: forward iterations warm vs cold (%)",
+            100 * (w["fwd_nstep"] / c["fwd_nstep"] - 1),
+            "100 * (warm fwd_nstep / cold fwd_nstep - 1)",
+            ["mnist_warm_start.json"],
+        )
+    add(
+        "MNIST warm start: bf16 store for the full 60,000-image split (MiB)",
+        60000 * 5880 * 2 / 2**20,
+        "60000 samples * 5880 values * 2 bytes / 2^20",
+        ["mnist_warm_start.json"],
+    )
     return out
 
 
