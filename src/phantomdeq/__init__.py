@@ -15,10 +15,12 @@ solvers share :class:`SolverBase`. Submodules: ``solvers``, ``grad``, ``diagnost
 from . import diagnostics, grad, models, nn, precision, solvers
 from .deq import DEQ
 from .errors import DEQError
-from .grad import BPTT, IFT, NPG, UPG, GradientEstimator, OneStep
+from .grad import BPTT, IFT, NPG, SHINE, UPG, GradientEstimator, OneStep
 from .precision import AutocastCell
 from .solvers import (
+    GMRES,
     Anderson,
+    BiCGStab,
     Broyden,
     FixedPoint,
     Solution,
@@ -34,10 +36,13 @@ __all__ = [
     "BPTT",
     "DEQ",
     "IFT",
+    "GMRES",
     "NPG",
+    "SHINE",
     "UPG",
     "Anderson",
     "AutocastCell",
+    "BiCGStab",
     "Broyden",
     "DEQError",
     "FixedPoint",

@@ -17,6 +17,7 @@ from .errors import DEQError
 from .grad.base import GradientEstimator
 from .nn.norms import update_norms
 from .solvers.base import (
+    InverseSolver,
     Solution,
     Solver,
     SolverBase,
@@ -114,7 +115,24 @@ class DEQ(nn.Module):
                         f"needs {name}=FixedPoint(...) (a solver with an unroll(g, z0) method), "
                         f"got {type(s).__name__}"
                     )
+        if grad.needs_forward_inverse:
+            needed = [("solver", solver)]
+            if self.grad_in_eval and eval_solver is not None:
+                needed.append(("eval_solver", eval_solver))
+            for name, s in needed:
+                if not isinstance(s, InverseSolver):
+                    raise TypeError(
+                        f"DEQ: grad={type(grad).__name__}() reuses the forward solve's "
+                        f"inverse-Jacobian estimate and needs {name}=Broyden(...) (a solver "
+                        f"with a solve_with_inverse(g, z0) method), got {s!r}"
+                    )
         if self.cuda_graph:
+            if grad.needs_forward_inverse:
+                raise ValueError(
+                    f"DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
+                    f"does not return Broyden's inverse estimate that grad="
+                    f"{type(grad).__name__}() needs; use cuda_graph=False"
+                )
             if grad.tracks_forward:
                 raise ValueError(
                     "DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
@@ -182,6 +200,19 @@ class DEQ(nn.Module):
                 start = _hold(z0, bad, frozen)
                 z, _ = solver.unroll(lambda s: fm(s, *cut), start)
             return z, sol
+        if attach and self.grad.needs_forward_inverse:  # SHINE: Broyden keeps its inverse
+            if not isinstance(solver, InverseSolver):  # replaced after construction
+                raise TypeError(
+                    f"DEQ: grad={type(self.grad).__name__}() needs a solver with "
+                    f"solve_with_inverse(g, z0) (Broyden), got {type(solver).__name__}"
+                )
+            if sync_free() or getattr(parametrize, "_cache_enabled", False):
+                sol = solver.solve_with_inverse(g, detach(z0))
+            else:
+                with parametrize.cached():
+                    sol = solver.solve_with_inverse(g, detach(z0))
+            bad = self._check(sol, spec, "forward")
+            return self._attach(f, sol, inputs, spec, bad), sol
         # the weights hold still during the solve: compute each parametrization once (not
         # while torch.compile traces: a context manager around the solve would split the
         # compiled graph, and the traced parametrizations give the same weight at each call)
@@ -202,11 +233,17 @@ class DEQ(nn.Module):
         bad = self._check(sol, spec, "forward")
         if not attach:
             return sol.z, sol
+        return self._attach(f, sol, inputs, spec, bad), sol
+
+    def _attach(
+        self, f: Any, sol: Solution, inputs: Sequence[Any], spec: StateSpec, bad: Tensor | None
+    ) -> State:
+        """The solution with the estimator's gradient; samples in ``bad`` cut off from it."""
         if bad is None:
-            return self.grad.attach(f, sol.z, inputs, spec, info=sol), sol
+            return self.grad.attach(f, sol.z, inputs, spec, info=sol)
         frozen = _finite(sol.z)
         cut = _cut_inputs(inputs, bad, spec.batch)
-        return self.grad.attach(_Frozen(f, bad, frozen), frozen, cut, spec, info=sol), sol
+        return self.grad.attach(_Frozen(f, bad, frozen), frozen, cut, spec, info=sol)
 
     @torch.compiler.disable
     def _check(self, sol: Solution, spec: StateSpec, what: str) -> Tensor | None:

@@ -1,4 +1,5 @@
-"""Gradient estimators for the DEQ output: exact (IFT), phantom (UPG, NPG) and references."""
+"""Gradient estimators for the DEQ output: exact (IFT), phantom (UPG, NPG), the forward
+inverse estimate (SHINE) and references."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .base import GradientEstimator
 from .bptt import BPTT
 from .implicit import IFT
 from .neumann import NPG
+from .shine import SHINE
 from .unrolled import UPG, OneStep
 
 ESTIMATORS: dict[str, type[GradientEstimator]] = {
@@ -18,11 +20,13 @@ ESTIMATORS: dict[str, type[GradientEstimator]] = {
     "npg": NPG,
     "onestep": OneStep,
     "bptt": BPTT,
+    "shine": SHINE,
 }
 
 
 def from_name(name: str, **options: Any) -> GradientEstimator:
-    """Build an estimator from its name (``ift``, ``upg``, ``npg``, ``onestep``, ``bptt``)."""
+    """Build an estimator from its name (``ift``, ``upg``, ``npg``, ``onestep``, ``bptt``,
+    ``shine``)."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in ESTIMATORS:
         raise ValueError(f"unknown gradient estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
@@ -42,6 +46,7 @@ __all__ = [
     "ESTIMATORS",
     "IFT",
     "NPG",
+    "SHINE",
     "UPG",
     "GradientEstimator",
     "OneStep",
