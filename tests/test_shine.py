@@ -221,3 +221,46 @@ def test_shine_under_torch_compile_is_the_eager_gradient():
     finally:
         torch._dynamo.reset()
     assert D.relative_error(compiled, eager) <= 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:IFT backward solve did not reach:RuntimeWarning")
+def test_gradient_monitor_measures_the_shine_gradient():
+    import torch.nn.functional as F
+
+    from phantomdeq.models import MDEQ, MDEQConfig
+    from phantomdeq.train.monitor import GradientMonitor
+
+    cfg = MDEQConfig(
+        name="shine_monitor",
+        channels=(8, 8),
+        head_channels=(4, 8),
+        final_channels=16,
+        expansion=2,
+        num_groups=4,
+        dropout=0.3,
+    )
+    torch.manual_seed(0)
+    solver = pdq.Broyden(max_iter=10, tol=1e-8)
+    model = MDEQ(cfg, num_classes=10, in_channels=1, solver=solver, grad=pdq.SHINE()).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 6, 6, generator=gen, dtype=DT)
+    y = torch.randint(0, 10, (3,), generator=gen)
+    params = [p for p in model.deq.f.parameters() if p.requires_grad]
+
+    def cell_grad(grad) -> torch.Tensor:
+        model.deq.grad = grad
+        loss = F.cross_entropy(model(x, generator=torch.Generator().manual_seed(5)).logits, y)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    def tight() -> pdq.IFT:
+        return pdq.IFT(solver=pdq.GMRES(max_iter=40, tol=1e-9))
+
+    model.train()
+    a, b = cell_grad(pdq.SHINE()), cell_grad(tight())
+    model.deq.grad = pdq.SHINE()
+    cos_direct = float(a @ b / (a.norm() * b.norm()))
+    res = GradientMonitor(tight()).measure_classifier(
+        model, x, y, generator=torch.Generator().manual_seed(5)
+    )
+    assert abs(res["cosine"] - cos_direct) < 1e-6
+    assert res["cosine"] < 1.0 - 1e-6  # SHINE is an estimate
