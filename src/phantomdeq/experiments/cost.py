@@ -77,6 +77,9 @@ COMPLEXITY: dict[str, tuple[str, str, str]] = {
     "npg": ("O(t)", "O(1)", "O(t)"),
     "onestep": ("O(1)", "O(1)", "O(1)"),
     "bptt": ("O(N)", "O(N)", "O(N)"),
+    # SHINE: no backward solve; the forward Broyden factors (about one state per forward
+    # iteration) are held until the backward pass
+    "shine": ("O(1)", "O(T)", "O(T)"),
 }
 SOLVERS = tuple(pdq.solvers.SOLVERS)
 #: the IFT methods: one per solver of the backward system (fixed-point and Krylov)
