@@ -36,8 +36,9 @@ class SHINE(GradientEstimator):
     evaluation ``y = F(h*)`` to the parameters and inputs, as for IFT. Where Broyden's
     ``H`` equals the true inverse (a linear ``F`` after enough iterations with full memory)
     this is the exact gradient; in general its quality is that of the estimate along the
-    directions the forward solve explored (the paper's Theorem 3 gives the conditions under
-    which it converges to the true inverse in the direction ``g``).
+    directions the forward solve explored (the paper studies when the estimate converges to
+    the true inverse in the direction ``g``, and adds extra updates along ``g`` for that -- its
+    OPA variant, not implemented here).
 
     Cost: the forward solve keeps its factors (``Solution.inverse``, about one state per
     Broyden iteration, held by the autograd graph until the backward pass); the backward costs
