@@ -88,7 +88,7 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
         ),
         (
             {"grad": {"name": "exact"}},
-            r"grad\.name: input should be 'ift', 'upg', 'npg', 'onestep' or 'bptt'",
+            r"grad\.name: input should be 'ift', 'upg', 'npg', 'onestep', 'bptt' or 'shine'",
         ),
         (
             {"solver": {"name": "newton"}},

@@ -43,7 +43,9 @@ def test_cost_quick_end_to_end_writes_every_method(tmp_path: Path) -> None:
     recs = {r["method"]: r for r in payload["records"]}
     expected = {m.name for m in cost.method_specs((1, 3, 5, 9))}
     assert set(recs) == expected
-    assert len(expected) == 17  # 3 IFT + 4 UPG + 4 UPG-ckpt + 4 NPG + OneStep + BPTT
+    # 5 IFT (FixedPoint, Anderson, Broyden, GMRES, BiCGStab) + 4 UPG + 4 UPG-ckpt + 4 NPG +
+    # OneStep + BPTT + SHINE
+    assert len(expected) == 20
     for r in recs.values():
         assert r["step_ms"] > 0 and r["backward_ms"] > 0 and r["solve_ms"] > 0
         assert r["peak_mb"] > 0 and r["memory_method"] == "profiler_cpu_allocator_events"

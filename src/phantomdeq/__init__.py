@@ -15,10 +15,22 @@ solvers share :class:`SolverBase`. Submodules: ``solvers``, ``grad``, ``diagnost
 from . import diagnostics, grad, models, nn, precision, solvers
 from .deq import DEQ
 from .errors import DEQError
-from .grad import BPTT, IFT, NPG, UPG, Correction, GradientEstimator, OneStep, corrected_loss
+from .grad import (
+    BPTT,
+    IFT,
+    NPG,
+    SHINE,
+    UPG,
+    Correction,
+    GradientEstimator,
+    OneStep,
+    corrected_loss,
+)
 from .precision import AutocastCell
 from .solvers import (
+    GMRES,
     Anderson,
+    BiCGStab,
     Broyden,
     FixedPoint,
     Solution,
@@ -34,10 +46,13 @@ __all__ = [
     "BPTT",
     "DEQ",
     "IFT",
+    "GMRES",
     "NPG",
+    "SHINE",
     "UPG",
     "Anderson",
     "AutocastCell",
+    "BiCGStab",
     "Broyden",
     "Correction",
     "DEQError",

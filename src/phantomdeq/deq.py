@@ -18,6 +18,7 @@ from .grad.base import GradientEstimator
 from .grad.correction import Correction, StateRecorder, state_estimator
 from .nn.norms import update_norms
 from .solvers.base import (
+    InverseSolver,
     Solution,
     Solver,
     SolverBase,
@@ -146,7 +147,24 @@ class DEQ(nn.Module):
                         f"DEQ: correction spaces its states over the {name}'s budget and needs "
                         f"a solver with an integer max_iter, got {chosen!r}"
                     )
+        if grad.needs_forward_inverse:
+            needed = [("solver", solver)]
+            if self.grad_in_eval and eval_solver is not None:
+                needed.append(("eval_solver", eval_solver))
+            for name, s in needed:
+                if not isinstance(s, InverseSolver):
+                    raise TypeError(
+                        f"DEQ: grad={type(grad).__name__}() reuses the forward solve's "
+                        f"inverse-Jacobian estimate and needs {name}=Broyden(...) (a solver "
+                        f"with a solve_with_inverse(g, z0) method), got {s!r}"
+                    )
         if self.cuda_graph:
+            if grad.needs_forward_inverse:
+                raise ValueError(
+                    f"DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
+                    f"does not return Broyden's inverse estimate that grad="
+                    f"{type(grad).__name__}() needs; use cuda_graph=False"
+                )
             if grad.tracks_forward:
                 raise ValueError(
                     "DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
@@ -225,6 +243,19 @@ class DEQ(nn.Module):
                 start = _hold(z0, bad, frozen)
                 z, _ = solver.unroll(lambda s: fm(s, *cut), start)
             return z, sol
+        if attach and self.grad.needs_forward_inverse:  # SHINE: Broyden keeps its inverse
+            if not isinstance(solver, InverseSolver):  # replaced after construction
+                raise TypeError(
+                    f"DEQ: grad={type(self.grad).__name__}() needs a solver with "
+                    f"solve_with_inverse(g, z0) (Broyden), got {type(solver).__name__}"
+                )
+            if sync_free() or getattr(parametrize, "_cache_enabled", False):
+                sol = solver.solve_with_inverse(g, detach(z0))
+            else:
+                with parametrize.cached():
+                    sol = solver.solve_with_inverse(g, detach(z0))
+            bad = self._check(sol, spec, "forward")
+            return self._attach(f, sol, inputs, spec, bad), sol
         # the weights hold still during the solve: compute each parametrization once (not
         # while torch.compile traces: a context manager around the solve would split the
         # compiled graph, and the traced parametrizations give the same weight at each call)
@@ -245,11 +276,24 @@ class DEQ(nn.Module):
         bad = self._check(sol, spec, "forward")
         if not attach:
             return sol.z, sol
+        return self._attach(f, sol, inputs, spec, bad, recorder), sol
+
+    def _attach(
+        self,
+        f: Any,
+        sol: Solution,
+        inputs: Sequence[Any],
+        spec: StateSpec,
+        bad: Tensor | None,
+        recorder: StateRecorder | None = None,
+    ) -> State:
+        """The solution with the estimator's gradient; samples in ``bad`` cut off from it; with
+        fixed-point correction, the recorded states attached too (``sol.states``)."""
         if bad is None:
             z = self.grad.attach(f, sol.z, inputs, spec, info=sol)
             if recorder is not None:
                 self._corrected(sol, recorder.states(sol.z), z, f, inputs, spec)
-            return z, sol
+            return z
         frozen = _finite(sol.z)
         cut = _cut_inputs(inputs, bad, spec.batch)
         fm = _Frozen(f, bad, frozen)
@@ -257,7 +301,7 @@ class DEQ(nn.Module):
         if recorder is not None:
             held = [_hold(_finite(s), bad, frozen) for s in recorder.states(sol.z)]
             self._corrected(sol, held, z, fm, cut, spec)
-        return z, sol
+        return z
 
     def _corrected(
         self,

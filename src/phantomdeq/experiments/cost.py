@@ -8,13 +8,17 @@ budget of ``--fwd-iters`` iterations with ``tol=0`` so that every method does th
 work); only the gradient differs:
 
 * ``ift_<solver>``: exact implicit gradient, eq. (4), backward linear system solved by
-  FixedPoint / Anderson / Broyden with a fixed budget of ``--bwd-iters`` (20) iterations;
+  FixedPoint / Anderson / Broyden / GMRES / BiCGStab with a fixed budget of ``--bwd-iters``
+  (20) iterations (vector-Jacobian products for the Krylov solvers);
 * ``upg_k<k>``: unrolled phantom gradient ``A^unr_{k,λ}``, eq. (17), and ``upg_ckpt_k<k>`` its
   checkpointed variant (each damped step recomputed in the backward pass);
 * ``npg_k<k>``: Neumann phantom gradient ``A^neu_{k,λ}``, eq. (18);
 * ``onestep``: ``A = ∂F/∂θ`` (``UPG(1, 1)``);
 * ``bptt``: back-propagation through the forward iterations (forward solver forced to a
-  FixedPoint iteration with the same budget, the only differentiable solver).
+  FixedPoint iteration with the same budget, the only differentiable solver);
+* ``shine``: the backward from the forward Broyden solve's inverse estimate (SHINE, no
+  backward solve; forward solver forced to Broyden with the same budget when ``--solver`` is
+  another one).
 
 Measured per method: forward-solve time (the solver call alone), forward time (stem, solve,
 gradient attachment, head, loss), backward time, step time (forward + backward), the memory held
@@ -73,8 +77,13 @@ COMPLEXITY: dict[str, tuple[str, str, str]] = {
     "npg": ("O(t)", "O(1)", "O(t)"),
     "onestep": ("O(1)", "O(1)", "O(1)"),
     "bptt": ("O(N)", "O(N)", "O(N)"),
+    # SHINE: no backward solve; the forward Broyden factors (about one state per forward
+    # iteration) are held until the backward pass
+    "shine": ("O(1)", "O(T)", "O(T)"),
 }
 SOLVERS = tuple(pdq.solvers.SOLVERS)
+#: the IFT methods: one per solver of the backward system (fixed-point and Krylov)
+BACKWARD_SOLVERS = tuple(pdq.solvers.BACKWARD_SOLVERS)
 EXEC_MODES = ("eager", "compile", "graph")
 
 
@@ -113,6 +122,19 @@ class MethodSpec:
         """Back-propagates through the forward solver (BPTT): needs a FixedPoint forward."""
         return bool(pdq.grad.ESTIMATORS[self.estimator].tracks_forward)
 
+    @property
+    def needs_forward_inverse(self) -> bool:
+        """Reuses the forward Broyden inverse estimate (SHINE): needs a Broyden forward."""
+        return bool(pdq.grad.ESTIMATORS[self.estimator].needs_forward_inverse)
+
+    def forward_solver(self, cfg: CostConfig) -> str:
+        """The forward solver this method runs with."""
+        if self.tracks_forward:
+            return "fixed_point"
+        if self.needs_forward_inverse and cfg.solver != "broyden":
+            return "broyden"
+        return cfg.solver
+
 
 def method_specs(ks: Sequence[int] = (1, 3, 5, 9)) -> list[MethodSpec]:
     """Every method of the table, in registry order (see the module docstring)."""
@@ -120,7 +142,7 @@ def method_specs(ks: Sequence[int] = (1, 3, 5, 9)) -> list[MethodSpec]:
     for name, cls in pdq.grad.ESTIMATORS.items():
         declared, label = pdq.grad.options(name), cls.__name__
         if "solver" in declared:
-            for s in SOLVERS:
+            for s in BACKWARD_SOLVERS:
                 specs.append(MethodSpec(f"{name}_{s}", name, f"{label} ({s})", name, None, s))
         elif "k" in declared:
             specs += [MethodSpec(f"{name}_k{k}", name, f"{label} k={k}", name, k) for k in ks]
@@ -234,7 +256,7 @@ class _Bench:
         self.cfg = cfg
         self.dev = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        fwd = pdq.solvers.from_name(cfg.solver, max_iter=cfg.fwd_iters, tol=0.0)
+        fwd = pdq.solvers.SOLVERS[cfg.solver](max_iter=cfg.fwd_iters, tol=0.0)
         self.model = build_model(
             cfg.model, num_classes=cfg.num_classes, in_channels=3, solver=fwd, grad=pdq.OneStep()
         ).to(self.dev)
@@ -250,14 +272,20 @@ class _Bench:
         self.specs = {m.name: m for m in method_specs(cfg.ks)}
         self.fwd_solver = fwd
         self.bptt_solver = pdq.FixedPoint(max_iter=cfg.fwd_iters, tol=0.0)
+        # SHINE's forward: the configured solver when it is Broyden, else Broyden, same budget
+        self.inverse_solver = (
+            fwd if cfg.solver == "broyden" else pdq.Broyden(max_iter=cfg.fwd_iters, tol=0.0)
+        )
         self.estimators = {name: spec.make(cfg) for name, spec in self.specs.items()}
         self.last_info: dict[str, Any] = {}
         self._graphed: dict[str, pdq.DEQ] = {}
         self._compiled: dict[str, Callable[..., Any]] = {}
 
     def supports(self, name: str, mode: str) -> bool:
-        """BPTT records its forward iteration: no captured solve."""
-        return not (mode == "graph" and self.specs[name].tracks_forward)
+        """BPTT records its forward iteration and SHINE needs the forward inverse estimate:
+        no captured solve."""
+        spec = self.specs[name]
+        return not (mode == "graph" and (spec.tracks_forward or spec.needs_forward_inverse))
 
     def _inputs(self) -> tuple[Any, torch.Tensor]:
         cfg, model = self.cfg, self.model
@@ -298,9 +326,17 @@ class _Bench:
         finally:
             deq._graphs = graphs
 
+    def solver_for(self, spec: MethodSpec) -> Any:
+        """The forward solver of a method (see :meth:`MethodSpec.forward_solver`)."""
+        if spec.tracks_forward:
+            return self.bptt_solver
+        if spec.needs_forward_inverse:
+            return self.inverse_solver
+        return self.fwd_solver
+
     def step(self, name: str, clock: Any, mode: str = "eager") -> float:
         spec = self.specs[name]
-        solver = self.bptt_solver if spec.tracks_forward else self.fwd_solver
+        solver = self.solver_for(spec)
         self.model.zero_grad(set_to_none=True)
         clock.mark("start")
         z0, inj = self._inputs()
@@ -469,7 +505,7 @@ def _record(
         "lam": cfg.lam if "lam" in pdq.grad.options(spec.estimator) else None,
         "backward_solver": spec.backward_solver,
         "bwd_iters": cfg.bwd_iters if spec.backward_solver is not None else None,
-        "forward_solver": "fixed_point" if spec.tracks_forward else cfg.solver,
+        "forward_solver": spec.forward_solver(cfg),
         "fwd_iters": cfg.fwd_iters,
         "model": cfg.model,
         "batch": cfg.batch,

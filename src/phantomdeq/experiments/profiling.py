@@ -74,12 +74,26 @@ class TimedUnrollingSolver(TimedSolver):
         return out  # type: ignore[no-any-return]
 
 
+class TimedInverseSolver(TimedSolver):
+    """:class:`TimedSolver` of a solver that also returns its inverse estimate (SHINE's
+    forward Broyden)."""
+
+    def solve_with_inverse(self, g: Any, z0: Any) -> pdq.Solution:
+        self.clock.mark("solve_start")
+        sol = self.solver.solve_with_inverse(g, z0)  # type: ignore[attr-defined]
+        self.clock.mark("solve_end")
+        return sol  # type: ignore[no-any-return]
+
+
 def timed_solver(solver: pdq.Solver, clock: Any) -> pdq.Solver:
-    """A wrapper of ``solver`` whose calls (and ``unroll`` calls, when ``solver`` has them) set
-    the marks ``solve_start``/``solve_end`` on ``clock`` (anything with a ``mark(name)``
-    method). It satisfies the solver protocol, so ``DEQ`` accepts it like ``solver`` itself."""
+    """A wrapper of ``solver`` whose calls (and ``unroll`` / ``solve_with_inverse`` calls, when
+    ``solver`` has them) set the marks ``solve_start``/``solve_end`` on ``clock`` (anything
+    with a ``mark(name)`` method). It satisfies the solver protocol, so ``DEQ`` accepts it like
+    ``solver`` itself."""
     if isinstance(solver, pdq.UnrollingSolver):
         return TimedUnrollingSolver(solver, clock)
+    if isinstance(solver, pdq.solvers.InverseSolver):
+        return TimedInverseSolver(solver, clock)
     return TimedSolver(solver, clock)
 
 

@@ -1,4 +1,5 @@
-"""Gradient estimators for the DEQ output: exact (IFT), phantom (UPG, NPG) and references."""
+"""Gradient estimators for the DEQ output: exact (IFT), phantom (UPG, NPG), the forward
+inverse estimate (SHINE) and references."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .bptt import BPTT
 from .correction import Correction, corrected_loss
 from .implicit import IFT
 from .neumann import NPG
+from .shine import SHINE
 from .unrolled import UPG, OneStep
 
 ESTIMATORS: dict[str, type[GradientEstimator]] = {
@@ -19,11 +21,13 @@ ESTIMATORS: dict[str, type[GradientEstimator]] = {
     "npg": NPG,
     "onestep": OneStep,
     "bptt": BPTT,
+    "shine": SHINE,
 }
 
 
 def from_name(name: str, **options: Any) -> GradientEstimator:
-    """Build an estimator from its name (``ift``, ``upg``, ``npg``, ``onestep``, ``bptt``)."""
+    """Build an estimator from its name (``ift``, ``upg``, ``npg``, ``onestep``, ``bptt``,
+    ``shine``)."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in ESTIMATORS:
         raise ValueError(f"unknown gradient estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
@@ -44,6 +48,7 @@ __all__ = [
     "Correction",
     "IFT",
     "NPG",
+    "SHINE",
     "UPG",
     "GradientEstimator",
     "OneStep",

@@ -52,6 +52,9 @@ class GradientEstimator:
     name = "estimator"
     #: BPTT needs the forward solve itself to be recorded; the DEQ module handles that case.
     tracks_forward = False
+    #: SHINE needs the forward solve's inverse-Jacobian estimate (``info.inverse``): the DEQ
+    #: then requires a solver with ``solve_with_inverse`` (Broyden) and calls that.
+    needs_forward_inverse = False
 
     def attach(
         self,

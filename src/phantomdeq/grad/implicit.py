@@ -13,9 +13,11 @@ import torch
 from torch import Tensor
 
 from .._state import State, StateSpec, as_tuple
+from .._validate import check_choice
 from ..errors import DEQError
-from ..solvers.base import Solution, Solver, check_solver
+from ..solvers.base import LinearSolver, Solution, Solver, check_solver
 from ..solvers.fixed_point import FixedPoint
+from ..solvers.inverse import LowRankInverse
 from .base import (
     BackwardRule,
     Cell,
@@ -46,19 +48,43 @@ def _warn_at_caller(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
+#: initial guesses of IFT's backward solve (``IFT(init=...)``)
+INIT_MODES = ("default", "shine")
+
+
 class _ImplicitRule(BackwardRule):
     needs_point = True
 
-    def __init__(self, owner: IFT, info: Solution | None) -> None:
+    def __init__(
+        self, owner: IFT, info: Solution | None, inverse: LowRankInverse | None = None
+    ) -> None:
         self.owner = owner
+        self.inverse = inverse  # init="shine": the forward Broyden estimate H
         # the forward Solution, to publish the backward solve as info.backward (weak: the graph
         # must not keep the user's info alive)
         self.info = None if info is None else weakref.ref(info)
 
     # ---------------------------------------------------------------- the linear solves
     def solve(self, op: Callable[[Tensor], Tensor], rhs: Tensor, *, what: str) -> Tensor:
-        """Solve ``u = op(u) + rhs`` on the flat ``(B, D)`` state with the IFT's solver."""
+        """Solve ``u = op(u) + rhs`` on the flat ``(B, D)`` state with the IFT's solver: a
+        :class:`~phantomdeq.solvers.LinearSolver` gets ``op`` and ``rhs``, a fixed-point
+        solver the map ``u -> op(u) + rhs`` from ``rhs``."""
+        solver = self.owner.solver
+        x0: Tensor | None = None
+        if self.inverse is not None:
+            # SHINE's estimate of the solution: (I - Jᵀ)⁻¹ = -(J - I)⁻ᵀ ≈ -Hᵀ (backward);
+            # the adjoint system (I - J) u = c: -H c
+            est = self.inverse.rmatvec(rhs) if what == "backward" else self.inverse.matvec(rhs)
+            x0 = est.neg_()
+        if isinstance(solver, LinearSolver):
+            sol = solver.solve_linear(op, rhs, x0)
+        else:
+            sol = self._solve_fixed_point(op, rhs, rhs if x0 is None else x0)
+        return self._checked(sol, rhs, what)
 
+    def _solve_fixed_point(
+        self, op: Callable[[Tensor], Tensor], rhs: Tensor, start: Tensor
+    ) -> Solution:
         def fixed_point_map(u: State) -> Tensor:
             if not isinstance(u, Tensor):
                 raise TypeError(
@@ -68,7 +94,9 @@ class _ImplicitRule(BackwardRule):
             # cells), i.e. ``op(u)`` can be the solver's iterate
             return op(u) + rhs
 
-        sol = self.owner.solver(fixed_point_map, rhs)
+        return self.owner.solver(fixed_point_map, start)  # type: ignore[operator]
+
+    def _checked(self, sol: Solution, rhs: Tensor, what: str) -> Tensor:
         z = getattr(sol, "z", None)
         if not isinstance(z, Tensor) or z.shape != rhs.shape:
             raise TypeError(
@@ -140,7 +168,10 @@ class IFT(GradientEstimator):
     evaluation ``y = F(h*)`` to the parameters and inputs. Memory O(1) in depth.
 
     ``solver`` is anything callable as ``solver(g, z0) -> Solution``; it is called on the flat
-    ``(B, D)`` state. The latest backward solve's :class:`~phantomdeq.Solution` is kept in
+    ``(B, D)`` state. A linear solver (:class:`~phantomdeq.solvers.GMRES`,
+    :class:`~phantomdeq.solvers.BiCGStab`: the :class:`~phantomdeq.solvers.LinearSolver`
+    protocol) instead receives the map ``u -> (∂F/∂h)ᵀ u`` and ``g`` and solves
+    ``(I - (∂F/∂h)ᵀ) v = g`` by a Krylov method (from ``v = 0``). The latest backward solve's :class:`~phantomdeq.Solution` is kept in
     :attr:`last_backward` and published on the forward ``info`` as ``info.backward``. A
     non-finite backward solve raises :class:`~phantomdeq.DEQError`; one that stops without
     reaching ``tol`` emits a ``RuntimeWarning`` (once per call site) unless
@@ -153,24 +184,45 @@ class IFT(GradientEstimator):
     IFT again. ``f`` is evaluated once more at ``h*`` (it must be deterministic within a step)
     and may depend only on its state, the DEQ inputs and its own parameters (anything else
     requiring grad is refused). Third order raises.
+
+    ``init`` is the backward solve's initial guess: ``"default"`` (``g`` for a fixed-point
+    solver, zero for a linear one) or ``"shine"``: SHINE's estimate ``-Hᵀ g`` from the forward
+    Broyden solve's inverse estimate ``H`` (:class:`~phantomdeq.grad.SHINE`; the adjoint solve
+    starts from ``-H c``), which then needs ``solver=Broyden(...)`` in the DEQ. The solve
+    refines the estimate to its ``tol`` ("SHINE refine").
     """
 
     name = "ift"
 
-    def __init__(self, *, solver: Solver | None = None, warn_unconverged: bool = True) -> None:
-        self.solver = check_solver(
-            FixedPoint(max_iter=30, tol=1e-6) if solver is None else solver, "solver", owner="IFT"
-        )
+    def __init__(
+        self,
+        *,
+        solver: Solver | LinearSolver | None = None,
+        warn_unconverged: bool = True,
+        init: str = "default",
+    ) -> None:
+        self.solver: Solver | LinearSolver
+        if isinstance(solver, LinearSolver) and not isinstance(solver, type):
+            self.solver = solver
+        else:
+            self.solver = check_solver(
+                FixedPoint(max_iter=30, tol=1e-6) if solver is None else solver,
+                "solver",
+                owner="IFT",
+            )
         if not isinstance(warn_unconverged, bool):
             raise TypeError(
                 f"IFT: warn_unconverged must be True or False, got {warn_unconverged!r}"
             )
         self.warn_unconverged = warn_unconverged
+        self.init = check_choice("init", init, INIT_MODES, owner="IFT")
+        self.needs_forward_inverse = self.init == "shine"
         self.last_backward: Solution | None = None
         self.last_adjoint: Solution | None = None
 
     def _options(self) -> dict[str, object]:
-        return {"solver": self.solver, "warn_unconverged": self.warn_unconverged}
+        opts: dict[str, object] = {"solver": self.solver, "warn_unconverged": self.warn_unconverged}
+        return {**opts, "init": self.init} if self.init != "default" else opts
 
     def attach(
         self,
@@ -183,12 +235,20 @@ class IFT(GradientEstimator):
     ) -> State:
         if info is not None:
             info.backward = None
+        inverse = None
+        if self.init == "shine":
+            inverse = None if info is None else info.inverse
+            if inverse is None:
+                raise ValueError(
+                    "IFT(init='shine') needs the forward solve's inverse-Jacobian estimate "
+                    "(info.inverse): use it through phantomdeq.DEQ with solver=Broyden(...)"
+                )
 
         def point_factory(vjp: _VJPAt) -> tuple[ImplicitPoint, list[Tensor]]:
             point = ImplicitPoint(f, inputs, as_tuple(vjp.z_req), spec)
             return point, point.extras
 
-        rule = _ImplicitRule(self, info)
+        rule = _ImplicitRule(self, info, inverse)
         return attach_rule(rule, f, z_star, inputs, spec, point_factory=point_factory)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, make_flat_fn
 from .._validate import check_bool, check_choice, check_float, check_int
+from .inverse import LowRankInverse
 
 STOP_MODES = ("abs", "rel")
 #: denominator guard of the relative residual ||g(z) - z|| / (||z|| + REL_EPS); the residuals are
@@ -77,6 +78,7 @@ class Solution:
     backward: Solution | None = None
     states: list[Any] | None = None
     state_weights: list[float] | None = None
+    inverse: LowRankInverse | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.result, SolveResult):
@@ -117,13 +119,45 @@ class UnrollingSolver(Solver, Protocol):
     def unroll(self, g: Callable[[State], Any], z0: State) -> tuple[State, Solution]: ...
 
 
+@runtime_checkable
+class LinearSolver(Protocol):
+    """A solver of the *linear* fixed point ``x = op(x) + rhs``, i.e. ``(I - op) x = rhs``,
+    given the linear map ``op`` on flat ``(B, D)`` tensors (matrix-free: only products ``op(v)``
+    are evaluated) -- the system the IFT backward poses, ``v = (∂F/∂h)ᵀ v + g`` (paper eq. 4),
+    where ``op`` is the vector-Jacobian product. ``IFT(solver=...)`` recognises it and hands it
+    ``op`` and ``rhs`` instead of the map ``u -> op(u) + rhs``. ``x0`` is the initial guess
+    (None: zero). Not a :class:`Solver`: a DEQ's forward fixed point is nonlinear."""
+
+    def solve_linear(
+        self, op: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor | None = None
+    ) -> Solution: ...
+
+
+@runtime_checkable
+class InverseSolver(Solver, Protocol):
+    """A :class:`Solver` that can also return its estimate ``H`` of the inverse Jacobian of
+    the residual ``r(z) = g(z) - z``, ``H ≈ (∂g/∂z - I)⁻¹`` at the solution
+    (``Solution.inverse``), for ``grad=SHINE()``: :class:`~phantomdeq.solvers.Broyden`."""
+
+    def solve_with_inverse(self, g: Callable[[State], Any], z0: State) -> Solution: ...
+
+
 def check_solver(value: object, name: str, *, owner: str) -> Solver:
     """Structural check of the :class:`Solver` protocol (callable with two positional
-    arguments); ``TypeError`` naming ``owner`` and ``name`` otherwise."""
+    arguments); ``TypeError`` naming ``owner`` and ``name`` otherwise. A
+    :class:`LinearSolver` (GMRES, BiCGStab) is refused with its own message: it solves only
+    the linear IFT backward system."""
     if isinstance(value, type):
         raise TypeError(
             f"{owner}: {name} must be a solver instance, got the class {value.__name__}; "
             f"pass {value.__name__}(...)"
+        )
+    if isinstance(value, LinearSolver) and not callable(value):
+        raise TypeError(
+            f"{owner}: {name} {value!r} is a linear solver: it solves only the linear backward "
+            f"system of the exact gradient, IFT(solver={type(value).__name__}(...)); the "
+            "nonlinear fixed point z = f(z) needs a fixed-point solver (FixedPoint, Anderson, "
+            "Broyden)"
         )
     if not callable(value):
         raise TypeError(
@@ -295,21 +329,33 @@ class SolverBase:
         return tracker.solution(spec)
 
     def _iterate(
-        self, g: Callable[[State], Any], z0: State, spec: StateSpec, *, sync_free: bool
+        self,
+        g: Callable[[State], Any],
+        z0: State,
+        spec: StateSpec,
+        *,
+        sync_free: bool,
+        keep_inverse: bool = False,
     ) -> _Tracker:
         """Run the iteration; returns the tracker holding the outcome on the device. With
         ``sync_free`` the loop reads no tensor value on the host, except for the convergence
-        test every ``check_every`` iterations when ``tol > 0``."""
+        test every ``check_every`` iterations when ``tol > 0``. ``keep_inverse``: a solver
+        with an inverse-Jacobian estimate leaves it in ``tracker.inverse``."""
         amp = _caller_autocast(spec.device.type)
         with torch.no_grad():
             if amp is None:
-                return self._iterate_flat(g, z0, spec, sync_free)
+                return self._iterate_flat(g, z0, spec, sync_free, keep_inverse)
             with torch.autocast(spec.device.type, enabled=False):
                 g_amp = _in_autocast(g, spec.device.type, *amp)
-                return self._iterate_flat(g_amp, z0, spec, sync_free)
+                return self._iterate_flat(g_amp, z0, spec, sync_free, keep_inverse)
 
     def _iterate_flat(
-        self, g: Callable[[State], Any], z0: State, spec: StateSpec, sync_free: bool
+        self,
+        g: Callable[[State], Any],
+        z0: State,
+        spec: StateSpec,
+        sync_free: bool,
+        keep_inverse: bool = False,
     ) -> _Tracker:
         cdt = compute_dtype(spec.dtype)
         gf = make_flat_fn(g, spec)
@@ -327,6 +373,7 @@ class SolverBase:
         reuse = spec.device.type == "cpu" and not sync_free and not self._workspace_busy
         workspace = self._workspace if reuse else None
         tracker = _Tracker(self, x0, sync_free=sync_free, workspace=workspace)
+        tracker.keep_inverse = keep_inverse
         if spec.batch > 0 and reuse:
             self._workspace_busy = True
             try:
@@ -342,6 +389,17 @@ class SolverBase:
         until it returns True. ``gf(x, out=None)`` may round ``x`` in place to the state's
         dtype (low-precision states): call it before handing ``x`` to the tracker."""
         raise NotImplementedError
+
+
+class _TrackedSolver(Protocol):
+    """What :class:`_Tracker` reads from its solver (a :class:`SolverBase` or a linear
+    solver)."""
+
+    max_iter: int
+    tol: float
+    stop: str
+    check_every: int | None
+    freeze_converged: bool
 
 
 class _Tracker:
@@ -360,7 +418,7 @@ class _Tracker:
 
     def __init__(
         self,
-        solver: SolverBase,
+        solver: _TrackedSolver,
         x0: Tensor,
         *,
         sync_free: bool = False,
@@ -384,6 +442,10 @@ class _Tracker:
         self.check_every = every if every is not None else (4 if dev.type == "cuda" else 1)
         self._checks = solver.tol > 0.0
         self._by_reference = self.check_every == 1 and not sync_free
+        #: set by the caller when the solver must leave its inverse-Jacobian estimate in
+        #: :attr:`inverse` (Broyden for ``grad=SHINE()``)
+        self.keep_inverse = False
+        self.inverse: LowRankInverse | None = None
 
     def buffer(self, name: str, *shape: int, like: Tensor) -> Tensor:
         """An uninitialised tensor of ``shape`` with ``like``'s dtype and device for the solver's
@@ -420,13 +482,16 @@ class _Tracker:
         diff: Tensor | None = None,
         *,
         abs_res: Tensor | None = None,
+        evals: int = 1,
     ) -> bool:
         """Record iterate ``x`` with image ``fx = g(x)``; a solver that has ``diff = fx - x``
         or its per-sample norm ``abs_res`` (e.g. from a Gram matrix) passes it instead, and
-        ``fx`` may then be None. Returns True when the solve must stop: ``max_iter``
-        evaluations, or every sample converged or non-finite at a convergence test. About
-        fifteen kernels on ``(B,)`` vectors plus the norm(s) over the state."""
-        self.niter += 1
+        ``fx`` may then be None. ``evals``: the evaluations spent since the previous record
+        (a linear solver records an iterate after several products, or one for free).
+        Returns True when the solve must stop: ``max_iter`` evaluations, or every sample
+        converged or non-finite at a convergence test. About fifteen kernels on ``(B,)``
+        vectors plus the norm(s) over the state."""
+        self.niter += evals
         if abs_res is None:
             if diff is None:
                 if fx is None:
@@ -468,6 +533,28 @@ class _Tracker:
                 return True
         return False
 
+    def remeasure(self, abs_res: Tensor, *, evals: int = 1) -> bool:
+        """Replace the recorded residual of every sample's best iterate by ``abs_res``, its
+        residual measured anew (a linear solver's recurrence residual drifts from the true one
+        in floating point), after ``evals`` evaluations. Non-finite values mark the sample.
+        Returns True when the solve must stop, as :meth:`update`."""
+        self.niter += evals
+        xnorm = torch.linalg.vector_norm(self.best, dim=1)
+        healthy = torch.isfinite(abs_res + xnorm)
+        self.bad = self.bad | healthy.logical_not()
+        pair = torch.stack((abs_res, abs_res / xnorm.add_(REL_EPS)), dim=1)
+        self.best_pair = torch.where(self.bad[:, None], self.best_pair, pair)
+        self._trace.append(pair[:, self._col].masked_fill(self.bad, -math.inf).amax())
+        self.stopped = False
+        if self.niter >= self.solver.max_iter:
+            return True
+        if self._checks:
+            done = (self.best_pair[:, self._col] <= self.solver.tol).logical_or_(self.bad)
+            if bool(done.all()):
+                self.stopped = True
+                return True
+        return False
+
     def outcome(self) -> tuple[Tensor, Tensor]:
         """``(converged, flags)`` on the device: per-sample convergence and a float vector
         ``[any sample non-finite, every sample converged or non-finite]``."""
@@ -481,7 +568,12 @@ class _Tracker:
         replaces the tracked best iterate, e.g. a copy out of a CUDA graph's memory)."""
         converged, flags = self.outcome()
         values = torch.cat((torch.stack(self._trace), flags)) if self._trace else flags
-        return _finish(self, spec, self.best if best is None else best, converged, values)
+        sol = _finish(self, spec, self.best if best is None else best, converged, values)
+        if self.inverse is not None:
+            # a non-finite sample's factors may hold inf/NaN: its estimate becomes -I
+            bad = sol.result is SolveResult.NONFINITE
+            sol.inverse = self.inverse.without(self.bad) if bad else self.inverse
+        return sol
 
 
 @torch.compiler.disable

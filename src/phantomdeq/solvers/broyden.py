@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .._state import FlatFn
+from .._state import FlatFn, State, StateSpec
 from .._validate import check_int
-from .base import SolverBase, _Tracker, into
+from .base import Solution, SolverBase, _Tracker, into, sync_free
+from .inverse import LowRankInverse
 
 
 class Broyden(SolverBase):
@@ -28,6 +32,9 @@ class Broyden(SolverBase):
     (one batched product for all the inner products it needs, one for the new direction) plus
     four vector passes. With evictions the pairs are stored (four passes over them per
     iteration). For half/bfloat16 states the pairs and updates are float32.
+
+    :meth:`solve_with_inverse` also returns the final ``H`` (``Solution.inverse``, a
+    :class:`~phantomdeq.solvers.LowRankInverse`), the estimate ``grad=SHINE()`` reuses.
     """
 
     name = "broyden"
@@ -48,6 +55,20 @@ class Broyden(SolverBase):
 
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "memory": self.memory}
+
+    def solve_with_inverse(self, g: Callable[[State], Any], z0: State) -> Solution:
+        """:meth:`__call__` that also keeps the inverse-Jacobian estimate of its last iterate:
+        ``sol.inverse`` is ``H = -I + Σ_i u_i v_iᵀ ≈ (∂g/∂z - I)⁻¹`` over the pairs made so far
+        (a copy: the solver's buffers are reused by the next solve; memory about one state per
+        iteration). Run eagerly under ``torch.compile`` (a graph break)."""
+        if sync_free():
+            return _eager_with_inverse(self, g, z0)
+        spec = StateSpec.of(z0)
+        tracker = self._iterate(g, z0, spec, sync_free=False, keep_inverse=True)
+        if tracker.inverse is None:  # an empty batch
+            empty = torch.zeros(spec.batch, 0, spec.dim, dtype=tracker.best.dtype)
+            tracker.inverse = LowRankInverse(empty.to(spec.device), empty.to(spec.device))
+        return tracker.solution(spec)
 
     def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
         # a solve makes at most max_iter - 2 pairs (none after the first and the last evaluation)
@@ -81,6 +102,7 @@ class Broyden(SolverBase):
         fx = gf(x)
         into(W[:, 0], torch.sub, fx, x)  # w_0 = r_0, the first step (H = -I)
         if tracker.update(x, fx, diff=W[:, 0]):
+            _keep_directions(tracker, W, C, beta, 0)
             return
         phi = torch.ones(b, 1, dtype=dtype, device=dev)
         j = 0
@@ -90,11 +112,13 @@ class Broyden(SolverBase):
             r_new = into(W[:, j + 1], torch.sub, fx, x)
             if tracker.last:  # no new direction after the final evaluation
                 tracker.update(x, fx, diff=r_new)
+                _keep_directions(tracker, W, C, beta, j)
                 return
             # [<w_j, w_i>; <r, w_i>] for i <= j, and <w_j, r>, |r|² (the tracker's residual):
             # (B, 2, D) @ (B, D, j + 2) on a transposed view, one pass over the directions
             dots = torch.bmm(W[:, j : j + 2], W[:, : j + 2].transpose(1, 2))
             if tracker.update(x, fx, abs_res=dots[:, 1, j + 1].sqrt()):
+                _keep_directions(tracker, W, C, beta, j)
                 return
             gamma = dots[:, 0, : j + 1]  # <w_i, w_j>, i <= j
             rho = dots[:, 1, : j + 1].unsqueeze(2)  # <w_i, r>, (B, j + 1, 1)
@@ -136,6 +160,7 @@ class Broyden(SolverBase):
         fx = gf(x)
         r = fx - x
         if tracker.update(x, fx, diff=r):
+            _keep_pairs(tracker, U, V, 0)
             return
         p = r  # H = -I initially
         n = 0
@@ -145,6 +170,7 @@ class Broyden(SolverBase):
             fx = gf(x)
             r_new = fx - x
             if tracker.update(x, fx, diff=r_new):
+                _keep_pairs(tracker, U, V, n)
                 return
             slot = k % m
             k += 1
@@ -171,3 +197,27 @@ class Broyden(SolverBase):
             factor = torch.where(ok, 1.0 - vr_new / safe, 1.0)
             p = q * factor if evicted is None else torch.addcmul(evicted, q, factor)
             r = r_new
+
+
+def _keep_directions(tracker: _Tracker, W: Tensor, C: Tensor, beta: Tensor, n: int) -> None:
+    """With ``tracker.keep_inverse``: ``H`` over the first ``n`` pairs of the directions form,
+    ``u_i = β_i w_{i+1}``, ``v_i = Σ_l C[i, l] w_l`` (``l <= i``), i.e. ``H = -I + L K Rᵀ``
+    with ``L = [w_1 .. w_n]``, ``K = diag(β) C[:n, :n]``, ``R = [w_0 .. w_{n-1}]``."""
+    if not tracker.keep_inverse:
+        return
+    w = W[:, : n + 1].clone()  # W is a reused buffer
+    core = beta[:, :n, None] * C[:, :n, :n]
+    tracker.inverse = LowRankInverse(left=w[:, 1:], right=w[:, :n], core=core)
+
+
+def _keep_pairs(tracker: _Tracker, U: Tensor, V: Tensor, n: int) -> None:
+    """With ``tracker.keep_inverse``: ``H = -I + Σ_i u_i v_iᵀ`` over the ``n`` stored pairs."""
+    if not tracker.keep_inverse:
+        return
+    tracker.inverse = LowRankInverse(left=U[:, :n].clone(), right=V[:, :n].clone())
+
+
+@torch.compiler.disable
+def _eager_with_inverse(solver: Broyden, g: Callable[[State], Any], z0: State) -> Solution:
+    """``solver.solve_with_inverse(g, z0)`` outside ``torch.compile``'s tracing."""
+    return solver.solve_with_inverse(g, z0)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from phantomdeq.diagnostics import cosine_similarity
+from phantomdeq.solvers.base import InverseSolver
 
 __all__ = ["GradientMonitor", "cosine_and_ratio", "find_deq"]
 
@@ -102,6 +103,24 @@ class _ReplaySolver:
     def replay(self) -> None:
         self.replaying = True
         self.position = 0
+
+
+class _ReplayInverseSolver(_ReplaySolver):
+    """:class:`_ReplaySolver` of a solver that also returns its inverse estimate (the forward
+    Broyden of ``grad=SHINE()``): the recorded solutions keep it."""
+
+    def solve_with_inverse(self, g: Callable[..., Any], z0: Any) -> Any:
+        if not self.replaying:
+            sol = self.solver.solve_with_inverse(g, z0)
+            self.recorded.append(sol)
+            return sol
+        return self(g, z0)
+
+
+def _replay_solver(solver: Any) -> _ReplaySolver:
+    if isinstance(solver, InverseSolver):
+        return _ReplayInverseSolver(solver)
+    return _ReplaySolver(solver)
 
 
 class _Restore:
@@ -238,7 +257,7 @@ class GradientMonitor:
         was_training = model.training
         restore = _Restore(model, generator)
         # BPTT records the forward iterations itself: recompute (deterministically) instead.
-        replay = None if deq.grad.tracks_forward else _ReplaySolver(deq.solver)
+        replay = None if deq.grad.tracks_forward else _replay_solver(deq.solver)
         first = contextlib.nullcontext() if replay is None else deq.using(solver=replay)
         extra: dict[str, float] = {}
         try:

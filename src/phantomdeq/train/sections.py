@@ -5,7 +5,7 @@ the solver and estimator classes (their keyword-only constructor parameters, exp
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -15,6 +15,8 @@ from phantomdeq import solvers as solver_classes
 
 __all__ = [
     "NESTED_SOLVERS",
+    "BackwardSolverConfig",
+    "BackwardSolverSection",
     "ConfigError",
     "CorrectionConfig",
     "Float",
@@ -113,6 +115,8 @@ class SolverSection(Section):
     """
 
     model_config = ConfigDict(allow_inf_nan=True)  # the solver classes check the values
+    #: the solvers this section may name
+    registry: ClassVar[dict[str, type]] = solver_classes.SOLVERS
     name: str = "anderson"
 
     def kwargs(self) -> dict[str, Any]:
@@ -121,7 +125,7 @@ class SolverSection(Section):
 
     def check(self, prefix: str) -> None:
         # the named solver first, so that an error about a shared option names it
-        for name in _named_first(self.name, solver_classes.SOLVERS):
+        for name in _named_first(self.name, self.registry):
             opts = {k: getattr(self, k) for k in solver_classes.options(name)}
             _construct(lambda n=name, **kw: solver_classes.from_name(n, **kw), opts, prefix)
 
@@ -141,14 +145,23 @@ class CorrectionConfig(Section):
         _construct(grad_estimators.Correction, {"states": self.states, "gamma": self.gamma}, prefix)
 
 
+class BackwardSolverSection(SolverSection):
+    """The IFT backward solver (``grad.backward_solver``): a fixed-point solver or one of the
+    linear solvers of the backward system (``gmres``, ``bicgstab``; ``pdq.solvers.
+    BACKWARD_SOLVERS``), with the options of all of them."""
+
+    registry: ClassVar[dict[str, type]] = solver_classes.BACKWARD_SOLVERS
+
+
 class GradSection(Section):
     """The gradient estimator (paper Sec. 2): ``ift`` (eq. 4), ``upg`` (unrolled phantom
     gradient A^unr_{k,λ}, eq. 17), ``npg`` (Neumann phantom gradient A^neu_{k,λ}, eq. 18),
     ``onestep`` (= UPG(1, 1)) or ``bptt``. Its keys are ``name``, the options of every
     estimator class (``pdq.grad.options``: ``k`` -- an integer or ``auto`` --, ``lam``, and
     with ``k: auto`` ``tol`` and ``k_max`` of upg/npg, ``checkpoint`` of upg,
-    ``warn_unconverged`` of ift), ``backward_solver``, the solver section of ift's
-    ``solver``, and ``correction`` (:class:`CorrectionConfig`, fixed-point correction)."""
+    ``warn_unconverged`` and ``init`` of ift), ``backward_solver``, the solver section of ift's
+    ``solver`` (a fixed-point solver, or ``gmres``/``bicgstab``), and ``correction``
+    (:class:`CorrectionConfig`, fixed-point correction)."""
 
     model_config = ConfigDict(allow_inf_nan=True)  # the estimator classes check the values
     name: str = "upg"
@@ -188,8 +201,13 @@ def solver_default(**values: Any) -> Any:
     return lambda: SolverConfig(**values)
 
 
+def backward_solver_default(**values: Any) -> Any:
+    return lambda: BackwardSolverConfig(**values)
+
+
 if TYPE_CHECKING:  # the generated classes, as the type checker sees them
     SolverConfig = SolverSection
+    BackwardSolverConfig = BackwardSolverSection
     GradConfig = GradSection
 else:
     SolverConfig = pydantic.create_model(
@@ -201,13 +219,26 @@ else:
         ),
     )
     SolverConfig.__doc__ = SolverSection.__doc__
+    BackwardSolverConfig = pydantic.create_model(
+        "BackwardSolverConfig",
+        __base__=BackwardSolverSection,
+        __module__=__name__,
+        **_option_fields(
+            solver_classes.BACKWARD_SOLVERS,
+            solver_classes.options,
+            {"name": "fixed_point", "max_iter": 30, "tol": 1e-6},
+        ),
+    )
+    BackwardSolverConfig.__doc__ = BackwardSolverSection.__doc__
     GradConfig = pydantic.create_model(
         "GradConfig",
         __base__=GradSection,
         __module__=__name__,
         backward_solver=(
-            SolverConfig,
-            Field(default_factory=solver_default(name="fixed_point", max_iter=30, tol=1e-6)),
+            BackwardSolverConfig,
+            Field(
+                default_factory=backward_solver_default(name="fixed_point", max_iter=30, tol=1e-6)
+            ),
         ),
         **_option_fields(grad_estimators.ESTIMATORS, grad_estimators.options, {"name": "upg"}),
     )
