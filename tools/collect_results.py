@@ -81,7 +81,7 @@ def collect_table1(runs: Path) -> None:
         for r in summary["runs"]
     ]
     doc = {
-        "command": "bash runs/study_mnist.sh (phantomdeq ablate, see EXPERIMENTS.md)",
+        "command": "the phantomdeq ablate loop of EXPERIMENTS.md, Ablations on MNIST",
         "environment": _environment(),
         "rows": rows,
         "paired": paired_table(rows),
