@@ -23,7 +23,7 @@ from phantomdeq.train.config import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-MNIST = REPO.parent / "shared" / "data" / "mnist-t10k"
+MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def _raw(name: str) -> dict:
@@ -193,7 +193,7 @@ def test_cli_reports_config_errors_with_exit_2(
     assert "--bogus" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason="shared MNIST t10k folder not present")
+@pytest.mark.skipif(not MNIST.is_dir(), reason="shared MNIST folder not present")
 def test_mnist_config_finds_the_shared_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
