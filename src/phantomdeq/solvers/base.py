@@ -240,7 +240,43 @@ def into(out: Tensor, value: Callable[..., Tensor], *args: Any) -> Tensor:
 # ---------------------------------------------------------------------------- base class
 
 
-class SolverBase:
+class _Budgeted:
+    """What every library solver shares, forward (:class:`SolverBase`) and linear
+    (:class:`~phantomdeq.solvers.linear.LinearSolverBase`): the ``max_iter``/``tol``/``stop``
+    options, their ``repr``, the fixed-budget test and the reusable work buffers (a cache:
+    never pickled or deep-copied)."""
+
+    max_iter: int
+    tol: float
+    stop: str
+
+    def _set_tol_stop(self, tol: float, stop: str, owner: str) -> None:
+        self.tol = check_float("tol", tol, owner=owner, low=0.0)
+        self.stop = check_choice("stop", stop, STOP_MODES, owner=owner)
+        self._workspace: dict[str, Tensor] = {}
+        self._workspace_busy = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_workspace"] = {}
+        state["_workspace_busy"] = False
+        return state
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({opts})"
+
+    def _options(self) -> dict[str, object]:
+        return {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
+
+    @property
+    def fixed_budget(self) -> bool:
+        """True when ``tol == 0``: every solve makes exactly ``max_iter`` evaluations (products
+        for a linear solver) and reads no tensor value on the host until it returns."""
+        return self.tol == 0.0
+
+
+class SolverBase(_Budgeted):
     """Shared base of the library's solvers. Subclasses implement :meth:`_solve` on flat
     ``(B, D)`` states in the compute dtype (:func:`compute_dtype`).
 
@@ -282,35 +318,12 @@ class SolverBase:
                 "ignored). max_iter=2 returns g(z0) whenever its residual is the smaller one."
             )
         self.max_iter = max_iter
-        self.tol = check_float("tol", tol, owner=owner, low=0.0)
-        self.stop = check_choice("stop", stop, STOP_MODES, owner=owner)
+        self._set_tol_stop(tol, stop, owner)
         self.check_every = (
             None
             if check_every is None
             else check_int("check_every", check_every, minimum=1, owner=owner)
         )
-        self._workspace: dict[str, Tensor] = {}
-        self._workspace_busy = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        # the reusable buffers are a cache: never pickled or deep-copied
-        state = dict(self.__dict__)
-        state["_workspace"] = {}
-        state["_workspace_busy"] = False
-        return state
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
-        return f"{type(self).__name__}({opts})"
-
-    def _options(self) -> dict[str, object]:
-        return {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
-
-    @property
-    def fixed_budget(self) -> bool:
-        """True when ``tol == 0``: every solve makes exactly ``max_iter`` evaluations of ``g``
-        and reads no tensor value on the host until it returns."""
-        return self.tol == 0.0
 
     def __call__(self, g: Callable[[State], Any], z0: State) -> Solution:
         """Solve ``z = g(z)`` from ``z0`` without recording an autograd graph.

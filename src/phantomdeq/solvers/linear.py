@@ -17,16 +17,15 @@ sample. Breakdowns (a zero denominator) are handled per sample without inf/NaN.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._state import StateSpec
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_int
 from .base import (
-    STOP_MODES,
     Solution,
+    _Budgeted,
     _caller_autocast,
     _Tracker,
     compute_dtype,
@@ -46,7 +45,7 @@ def safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), 0.0)
 
 
-class LinearSolverBase:
+class LinearSolverBase(_Budgeted):
     """Matrix-free solver of ``x = op(x) + rhs``, i.e. ``(I - op) x = rhs``, on flat
     ``(B, D)`` tensors (the :class:`~phantomdeq.solvers.base.LinearSolver` protocol).
 
@@ -75,31 +74,10 @@ class LinearSolverBase:
     def __init__(self, *, max_iter: int = 30, tol: float = 1e-6, stop: str = "rel") -> None:
         owner = type(self).__name__
         self.max_iter = check_int("max_iter", max_iter, minimum=1, owner=owner)
-        self.tol = check_float("tol", tol, owner=owner, low=0.0)
-        self.stop = check_choice("stop", stop, STOP_MODES, owner=owner)
+        self._set_tol_stop(tol, stop, owner)
         # the _Tracker's view of the solver: a convergence test at every record
         self.check_every: int | None = 1
         self.freeze_converged = False
-        self._workspace: dict[str, Tensor] = {}
-        self._workspace_busy = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_workspace"] = {}
-        state["_workspace_busy"] = False
-        return state
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
-        return f"{type(self).__name__}({opts})"
-
-    def _options(self) -> dict[str, object]:
-        return {"max_iter": self.max_iter, "tol": self.tol, "stop": self.stop}
-
-    @property
-    def fixed_budget(self) -> bool:
-        """True when ``tol == 0``: exactly ``max_iter`` products, no convergence test."""
-        return self.tol == 0.0
 
     @property
     def reserve(self) -> int:
