@@ -8,7 +8,6 @@ batch that names any global other than numpy's array reconstruction is refused, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -21,6 +20,7 @@ import torch
 
 from .base import DataInfo, ImageTensorDataset
 from .errors import DataError, DataFileNotFoundError
+from .fetch import fetch_verified, md5_file
 from .safe_pickle import load_restricted
 
 __all__ = [
@@ -53,12 +53,8 @@ def _missing(bdir: Path) -> list[str]:
     return [n for n in _TRAIN + _TEST if not (bdir / n).is_file()]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _fetch(url: str, dest: Path) -> None:
+    urllib.request.urlretrieve(url, dest)  # noqa: S310 - fixed https URL
 
 
 def _fetch_archive(root: Path) -> Path:
@@ -69,25 +65,8 @@ def _fetch_archive(root: Path) -> Path:
     sees either no archive or a complete one.
     """
     archive = root / _ARCHIVE
-    if archive.is_file() and _md5(archive) == CIFAR10_MD5:
-        return archive
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_ARCHIVE}.", suffix=".part", dir=root)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            urllib.request.urlretrieve(CIFAR10_URL, tmp)  # noqa: S310 - fixed https URL
-        except OSError as exc:
-            raise DataError(f"CIFAR-10: downloading {CIFAR10_URL} failed: {exc}") from exc
-        digest = _md5(tmp)
-        if digest != CIFAR10_MD5:
-            raise DataError(
-                f"CIFAR-10: the download of {CIFAR10_URL} has md5 {digest}, expected "
-                f"{CIFAR10_MD5} (interrupted or altered download); try again"
-            )
-        os.replace(tmp, archive)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not (archive.is_file() and md5_file(archive) == CIFAR10_MD5):
+        fetch_verified([CIFAR10_URL], archive, CIFAR10_MD5, what="CIFAR-10", fetch=_fetch)
     return archive
 
 

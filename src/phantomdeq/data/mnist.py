@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import struct
 import zlib
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from .base import DataInfo, ImageTensorDataset
 from .errors import DataError, DataFileNotFoundError
+from .fetch import md5_file
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "load_mnist", "read_idx"]
 
@@ -93,7 +93,7 @@ def _check_md5(path: Path, root: Path) -> None:
     for line in sums.read_text().splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("*") == path.name:
-            digest = hashlib.md5(path.read_bytes()).hexdigest()
+            digest = md5_file(path)
             if digest != parts[0].lower():
                 raise DataError(
                     f"{path}: MD5 {digest} differs from {parts[0]} listed in {sums}; the file is "

@@ -9,13 +9,17 @@ fetched again; :func:`~phantomdeq.data.mnist.read_idx` checks their structure wh
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from .errors import DataError
+from .fetch import fetch_verified
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Copy ``url`` (``https://``, ``file://`` ...) into ``dest``; raises ``OSError``."""
+    urllib.request.urlretrieve(url, dest)  # noqa: S310 - fixed mirror URLs
+
 
 __all__ = ["MNIST_FILES", "MNIST_MIRRORS", "download_mnist"]
 
@@ -34,19 +38,6 @@ MNIST_MIRRORS: tuple[str, ...] = (
 )
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fetch(url: str, dest: Path) -> None:
-    """Copy ``url`` (``https://``, ``file://`` ...) into ``dest``; raises ``OSError``."""
-    urllib.request.urlretrieve(url, dest)  # noqa: S310 - fixed mirror URLs
-
-
 def _present(root: Path, name: str) -> bool:
     stem = name.removesuffix(".gz")
     return any(
@@ -54,30 +45,6 @@ def _present(root: Path, name: str) -> bool:
         for d in (root, root / "MNIST" / "raw", root / "raw")
         for n in (name, stem)
     )
-
-
-def _fetch_checked(root: Path, name: str, md5: str, mirrors: tuple[str, ...]) -> None:
-    failures: list[str] = []
-    for base in mirrors:
-        url = base.rstrip("/") + "/" + name
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=root)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            try:
-                _fetch(url, tmp)
-            except OSError as exc:
-                failures.append(f"{url}: {exc}")
-                continue
-            digest = _md5(tmp)
-            if digest != md5:
-                failures.append(f"{url}: md5 {digest}, expected {md5}")
-                continue
-            os.replace(tmp, root / name)
-            return
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise DataError(f"MNIST: could not download {name}: {'; '.join(failures)}")
 
 
 def download_mnist(root: str | Path, *, mirrors: tuple[str, ...] | None = None) -> Path:
@@ -99,5 +66,6 @@ def download_mnist(root: str | Path, *, mirrors: tuple[str, ...] | None = None) 
         raise DataError("MNIST: no mirror to download from")
     for name, md5 in MNIST_FILES.items():
         if not _present(root, name):
-            _fetch_checked(root, name, md5, urls)
+            urls_for = [base.rstrip("/") + "/" + name for base in urls]
+            fetch_verified(urls_for, root / name, md5, what="MNIST", fetch=_fetch)
     return root
