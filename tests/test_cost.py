@@ -138,3 +138,12 @@ def test_execution_modes_are_validated() -> None:
     with pytest.raises(ValueError, match=r"CostConfig[\s\S]*modes must be distinct entries of"):
         cost.CostConfig(modes=("eager", "eager"))
     assert cost.CostConfig(modes=("compile", "eager")).modes == ("compile", "eager")
+
+
+def test_a_cross_field_refusal_is_one_readable_line(tmp_path: Path, capsys) -> None:
+    """A check across fields (model validator) names the option without dumping every value."""
+    with pytest.raises(SystemExit) as exc:
+        cost_cli.main(["--out", str(tmp_path), "--modes", "eager,graph"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "phantomdeq cost: error: modes: 'graph' (CUDA graphs) needs device='cuda'"

@@ -25,7 +25,11 @@ def validation_message(exc: pydantic.ValidationError, *, flags: bool = False) ->
     line), else as the field name -- with what is allowed and the value given."""
     parts = []
     for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "options"
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a check across fields: its message names them and the values
+            parts.append(msg)
+            continue
+        field = str(err["loc"][0])
         name = f"--{field.replace('_', '-')}" if flags else field
-        parts.append(f"{name}: {err['msg']} (got {err['input']!r})")
+        parts.append(f"{name}: {msg} (got {err['input']!r})")
     return "; ".join(parts)
