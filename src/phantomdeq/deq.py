@@ -105,6 +105,22 @@ class DEQ(nn.Module):
         self.f = f
         self.solver, self.eval_solver, self.grad = self._validated(solver, eval_solver, grad)
 
+    def with_cell(self, f: nn.Module) -> DEQ:
+        """A DEQ around ``f`` with this one's configuration (solvers, estimator, options, mode)
+        that shares its captured solves, e.g. ``f`` wrapped in :class:`AutocastCell`."""
+        deq = DEQ(
+            f,
+            solver=self.solver,
+            grad=self.grad,
+            eval_solver=self.eval_solver,
+            on_nonfinite=self.on_nonfinite,
+            grad_in_eval=self.grad_in_eval,
+            cuda_graph=self.cuda_graph,
+            correction=self.correction,
+        ).train(self.training)
+        deq._graphs = self._graphs  # captured solves outlive the wrapper
+        return deq
+
     def __getstate__(self) -> dict[str, Any]:
         # captured CUDA graphs are a cache: never pickled or deep-copied
         state = dict(self.__dict__)

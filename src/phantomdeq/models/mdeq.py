@@ -424,6 +424,22 @@ class MDEQ(nn.Module):
                 return p.dtype
         return injection.dtype
 
+    def _start(self, inj: Tensor, z0: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+        """The solve's start: zeros, or ``z0`` checked against their shapes and dtypes."""
+        start = self.initial_state(inj)
+        if z0 is None:
+            return start
+        given = tuple(z0)
+        if len(given) != len(start) or any(
+            a.shape != b.shape or a.dtype != b.dtype for a, b in zip(given, start)
+        ):
+            raise ValueError(
+                "MDEQ.forward: z0 must be one tensor per branch with the shapes and dtype "
+                f"{[(tuple(b.shape), b.dtype) for b in start]}, got "
+                f"{[(tuple(a.shape), a.dtype) for a in given]}"
+            )
+        return given
+
     def forward(
         self,
         x: Tensor,
@@ -461,18 +477,7 @@ class MDEQ(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         inj = self.stem(x)
-        start = self.initial_state(inj)
-        if z0 is not None:
-            given = tuple(z0)
-            if len(given) != len(start) or any(
-                a.shape != b.shape or a.dtype != b.dtype for a, b in zip(given, start)
-            ):
-                raise ValueError(
-                    "MDEQ.forward: z0 must be one tensor per branch with the shapes and dtype "
-                    f"{[(tuple(b.shape), b.dtype) for b in start]}, got "
-                    f"{[(tuple(a.shape), a.dtype) for a in given]}"
-                )
-            start = given
+        start = self._start(inj, z0)
         self.f.reset(start, generator=generator)
         device_type = x.device.type
         amp = torch.is_autocast_enabled(device_type)
@@ -482,17 +487,7 @@ class MDEQ(nn.Module):
             cell = AutocastCell(
                 cell, dtype=torch.get_autocast_dtype(device_type), device_type=device_type
             )
-            deq = DEQ(
-                cell,
-                solver=self.deq.solver,
-                grad=self.deq.grad,
-                eval_solver=self.deq.eval_solver,
-                on_nonfinite=self.deq.on_nonfinite,
-                grad_in_eval=self.deq.grad_in_eval,
-                cuda_graph=self.deq.cuda_graph,
-                correction=self.deq.correction,
-            ).train(self.deq.training)
-            deq._graphs = self.deq._graphs  # captured solves outlive this wrapper
+            deq = self.deq.with_cell(cell)
         info = None
         with torch.autocast(device_type, enabled=False) if amp else contextlib.nullcontext():
             if mode == "unrolled":
