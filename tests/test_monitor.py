@@ -340,3 +340,46 @@ def test_config_monitor_compare_labels_and_errors() -> None:
         config_from_dict({"train": {"monitor_compare": [{"name": "bptt"}]}})
     with pytest.raises(ConfigError, match=r"monitor_compare"):
         config_from_dict({"train": {"monitor_compare": [{"name": "upg", "k": 0}]}})
+
+
+def test_monitor_compare_shine_reuses_the_forward_broyden_inverse() -> None:
+    # SHINE measured beside an IFT-trained run: the monitor's first pass must keep the forward
+    # Broyden solve's inverse estimate, so that the compared gradient is, to the bit, the SHINE
+    # gradient of a model trained with SHINE at the same forward solve (SHINE itself is checked
+    # against its dense formula in test_shine.py), and its cosine is taken against the exact one.
+    model = _TinyModel(pdq.IFT(solver=pdq.Broyden(max_iter=60, tol=1e-12)))
+    model.deq.solver = pdq.Broyden(max_iter=6, tol=1e-12)  # a short solve: H is far from exact
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mon = GradientMonitor(
+        pdq.IFT(solver=pdq.Broyden(max_iter=60, tol=1e-12)), compare={"shine": pdq.SHINE()}
+    )
+    _, g_exact, _ = mon.gradients(model, lambda: model(x))
+    compared = mon.last_compared["shine"]
+    assert isinstance(model.deq.grad, pdq.IFT)  # restored
+
+    params = list(model.deq.f.parameters())
+    with model.deq.using(grad=pdq.SHINE()):
+        direct = list(torch.autograd.grad(model(x), params))
+    for a, b in zip(compared, direct):
+        assert torch.equal(a, b)
+    res = mon.measure(model, lambda: model(x))
+    cos, ratio, _, _ = cosine_and_ratio(direct, g_exact)
+    assert res["cosine_shine"] == pytest.approx(cos, abs=1e-14)
+    assert res["norm_ratio_shine"] == pytest.approx(ratio, rel=1e-12)
+    assert cos < 1.0 - 1e-4  # a rank-4 inverse estimate is measurably not the exact inverse
+
+
+def test_monitor_compare_shine_needs_a_broyden_forward() -> None:
+    from phantomdeq.train.config import ConfigError, config_from_dict
+
+    model = _TinyModel(pdq.IFT(solver=pdq.Broyden(max_iter=60, tol=1e-12)))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    mon = GradientMonitor(compare={"shine": pdq.SHINE()})
+    with pytest.raises(ValueError, match=r"compare\['shine'\]=SHINE\(\).*Broyden"):
+        mon.measure(model, lambda: model(x))  # the tiny model's forward is FixedPoint
+    with pytest.raises(ConfigError, match=r"train.monitor_compare\[0\].name: 'shine'.*broyden"):
+        config_from_dict({"train": {"monitor_compare": [{"name": "shine"}]}})
+    cfg = config_from_dict(
+        {"solver": {"name": "broyden"}, "train": {"monitor_compare": [{"name": "shine"}]}}
+    )
+    assert cfg.train.monitor_compare[0].name == "shine"

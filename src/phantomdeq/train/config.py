@@ -326,6 +326,16 @@ class Config(Section):
             getattr(self, name).check(name)
         if self.eval_solver is not None:
             self.eval_solver.check("eval_solver")
+        for i, g in enumerate(self.train.monitor_compare):
+            if (
+                grad_estimators.ESTIMATORS[g.name].needs_forward_inverse
+                and self.solver.name != "broyden"
+            ):
+                raise ConfigError(
+                    f"train.monitor_compare[{i}].name: {g.name!r} reuses the forward Broyden "
+                    f"solve's inverse estimate and needs solver.name 'broyden', got "
+                    f"{self.solver.name!r}"
+                )
         if (
             self.train.compile
             and getattr(self.grad, "k", None) == "auto"

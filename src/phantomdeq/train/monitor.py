@@ -80,15 +80,17 @@ class _ReplaySolver:
     """Runs the wrapped solver on the first pass and returns the recorded solutions, in call
     order, on the next passes -- so both gradients are taken at the bit-identical ``h*``."""
 
-    def __init__(self, solver: Any) -> None:
+    def __init__(self, solver: Any, *, with_inverse: bool = False) -> None:
         self.solver = solver
         self.recorded: list[Any] = []
         self.replaying = False
         self.position = 0
+        # record Broyden's inverse estimate too (a compared estimator such as SHINE reuses it)
+        self.with_inverse = with_inverse
 
     def __call__(self, g: Callable[..., Any], z0: Any) -> Any:
         if not self.replaying:
-            sol = self.solver(g, z0)
+            sol = self.solver.solve_with_inverse(g, z0) if self.with_inverse else self.solver(g, z0)
             self.recorded.append(sol)
             return sol
         if self.position >= len(self.recorded):
@@ -117,9 +119,17 @@ class _ReplayInverseSolver(_ReplaySolver):
         return self(g, z0)
 
 
-def _replay_solver(solver: Any) -> _ReplaySolver:
+def _replay_solver(solver: Any, needs_inverse: list[str]) -> _ReplaySolver:
+    """The replaying wrapper of the DEQ's forward ``solver``; ``needs_inverse`` names the
+    estimators that reuse its inverse estimate (then the first pass records it)."""
     if isinstance(solver, InverseSolver):
-        return _ReplayInverseSolver(solver)
+        return _ReplayInverseSolver(solver, with_inverse=bool(needs_inverse))
+    if needs_inverse:
+        raise ValueError(
+            f"GradientMonitor: {', '.join(needs_inverse)} reuse(s) the forward solve's "
+            f"inverse-Jacobian estimate and need(s) the DEQ's solver to be Broyden(...) (a solver "
+            f"with solve_with_inverse), got {solver!r}"
+        )
     return _ReplaySolver(solver)
 
 
@@ -257,7 +267,14 @@ class GradientMonitor:
         was_training = model.training
         restore = _Restore(model, generator)
         # BPTT records the forward iterations itself: recompute (deterministically) instead.
-        replay = None if deq.grad.tracks_forward else _replay_solver(deq.solver)
+        needs_inverse = [
+            f"compare[{label!r}]={type(est).__name__}()"
+            for label, est in self.compare.items()
+            if est.needs_forward_inverse
+        ]
+        if self.exact.needs_forward_inverse:
+            needs_inverse.append(f"exact={type(self.exact).__name__}()")
+        replay = None if deq.grad.tracks_forward else _replay_solver(deq.solver, needs_inverse)
         first = contextlib.nullcontext() if replay is None else deq.using(solver=replay)
         extra: dict[str, float] = {}
         try:
