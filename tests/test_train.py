@@ -191,3 +191,34 @@ def test_mnist_config_trains_one_step(tmp_path: Path) -> None:
     )
     result = run_training(cfg, tmp_path, progress=False)
     assert result["steps"] == 1 and math.isfinite(result["test_loss"])
+
+
+def test_logged_grad_norm_is_the_norm_of_an_sgd_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``grad_norm`` in metrics.jsonl is the global gradient norm before clipping: with plain
+    SGD at lr 1 (no momentum, decay or clipping) it is the norm of the parameter change."""
+    from phantomdeq.train.trainer import Trainer
+
+    changes: list[float] = []
+    original = Trainer._update
+
+    def spy(self: Trainer, *args: Any) -> dict[str, Any]:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        rec = original(self, *args)
+        sq = sum(float(((p.detach() - b).double() ** 2).sum()) for p, b in zip(params, before))
+        changes.append(math.sqrt(sq))
+        return rec
+
+    monkeypatch.setattr(Trainer, "_update", spy)
+    raw = tiny_config(
+        data={"batch_size": 32},
+        optim={"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "grad_clip": 0.0},
+        train={"epochs": 1},
+    )
+    run_training(raw, tmp_path, progress=False)
+    logged = [r["grad_norm"] for r in steps(tmp_path)]
+    assert len(logged) == 2 == len(changes)
+    for norm, change in zip(logged, changes):
+        assert norm > 0 and norm == pytest.approx(change, rel=1e-5)

@@ -254,8 +254,9 @@ def _find_finished(out: Path, spec: RunSpec) -> Path | None:
 
 
 def _epoch_stats(run_dir: Path) -> dict[str, float]:
-    """Mean training-epoch time (evaluation and monitor excluded) and mean training forward
-    steps of the DEQ stage, from ``metrics.jsonl``."""
+    """Mean training-epoch time (evaluation and monitor excluded), mean training forward
+    steps and the gradient-norm statistics (:func:`grad_norm_stats`) of the DEQ stage, from
+    ``metrics.jsonl``."""
     from phantomdeq.train.metrics_log import read_metrics
 
     path = run_dir / "metrics.jsonl"
@@ -271,9 +272,27 @@ def _epoch_stats(run_dir: Path) -> dict[str, float]:
     ns = [r["fwd_nstep"] for r in steps if isinstance(r.get("fwd_nstep"), int | float)]
     if ns:
         out["train_fwd_nstep"] = sum(ns) / len(ns)
+    out.update(grad_norm_stats(steps))
     accs = [r["test_acc"] for r in epochs if isinstance(r.get("test_acc"), int | float)]
     if accs:
         out["acc_curve"] = accs  # type: ignore[assignment]
+    return out
+
+
+def grad_norm_stats(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Median and largest global gradient norm (before clipping) over the logged DEQ-stage
+    steps, and how many were not finite (null in ``metrics.jsonl``). Empty for runs logged
+    before ``grad_norm`` was recorded."""
+    import statistics
+
+    logged = [r for r in steps if "grad_norm" in r]
+    if not logged:
+        return {}
+    norms = [float(r["grad_norm"]) for r in logged if isinstance(r["grad_norm"], int | float)]
+    out = {"grad_norm_nonfinite": float(len(logged) - len(norms))}
+    if norms:
+        out["grad_norm_median"] = statistics.median(norms)
+        out["grad_norm_max"] = max(norms)
     return out
 
 

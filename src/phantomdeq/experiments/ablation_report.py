@@ -121,6 +121,12 @@ def summarize(out: Path) -> dict[str, Any]:
             for r in ok
             if r["result"].get("test_fwd_converged") is not None
         ]
+        medians = [
+            r["result"]["grad_norm_median"]
+            for r in ok
+            if r["result"].get("grad_norm_median") is not None
+        ]
+        maxima = [r["result"]["grad_norm_max"] for r in rs if r["result"].get("grad_norm_max")]
         row = {
             "key": key,
             "label": rs[0]["label"],
@@ -140,6 +146,10 @@ def summarize(out: Path) -> dict[str, Any]:
             "train_fwd_nstep": statistics.fmean(nsteps) if nsteps else None,
             # share of test samples whose evaluation solve reached tol, mean over seeds
             "test_converged_mean": statistics.fmean(conv) if conv else None,
+            # global gradient norm before clipping over the DEQ steps: median (mean over the
+            # finished seeds) and the largest of any run, diverged runs included
+            "grad_norm_median": statistics.fmean(medians) if medians else None,
+            "grad_norm_max": max(maxima) if maxima else None,
             "failures": [r["result"].get("message", "") for r in rs if r not in ok],
         }
         rows.append(row)
@@ -184,12 +194,15 @@ def paired_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     """The Table-1-style table: accuracy as mean (best) over seeds, in percent, beside the share
-    of test samples whose evaluation solve converged (mean over seeds)."""
+    of test samples whose evaluation solve converged (mean over seeds) and the gradient norms
+    (median over steps, mean over seeds / largest of any run; '-' for runs that did not log
+    them)."""
     head = (
         "| Configuration | Method | Pretrain steps | Dropout | Optimizer | Forward steps (max / mean) "
-        "| Time/epoch (s) | Test converged % | Acc % mean (best) | ± std | Runs (failed) |"
+        "| Time/epoch (s) | Test converged % | Acc % mean (best) | ± std | Runs (failed) "
+        "| Grad norm median / max |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         acc = (
             f"{_fmt(r['acc_mean'], '.2f', 100)} ({_fmt(r['acc_best'], '.2f', 100)})"
@@ -202,7 +215,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['label']} | {r['method']} | {r['pretrain_steps']} | {_fmt(r['dropout'], 'g')} "
             f"| {r['optimizer']} | {fwd} | {_fmt(r['epoch_time_s'], '.1f')} "
             f"| {_fmt(r.get('test_converged_mean'), '.1f', 100)} | {acc} "
-            f"| {std} | {r['n_runs']} ({r['n_failed']}) |"
+            f"| {std} | {r['n_runs']} ({r['n_failed']}) "
+            f"| {_fmt(r.get('grad_norm_median'), '.3g')} / {_fmt(r.get('grad_norm_max'), '.3g')} |"
         )
     return "\n".join(lines) + "\n"
 

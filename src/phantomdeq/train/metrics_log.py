@@ -2,8 +2,8 @@
 
 ``metrics.jsonl`` has one JSON object per line, each with ``"kind": "step"`` (one training
 iteration; ``batch`` is its 1-based index in the epoch, ``skipped: true`` marks a step dropped
-by ``train.on_nonfinite: skip``; ``grad_k`` is the number of steps an adaptive phantom
-gradient, ``grad.k: auto``, chose) or ``"kind": "epoch"`` (end of an epoch, with the evaluation).
+by ``train.on_nonfinite: skip``; ``grad_norm`` is the global gradient norm before clipping;
+``grad_k`` is the number of steps an adaptive phantom gradient, ``grad.k: auto``, chose) or ``"kind": "epoch"`` (end of an epoch, with the evaluation).
 A process killed while appending can leave a torn last line: readers ignore an unparsable *last*
 line, and a resumed run rewrites the file (atomically) without it. TensorBoard and
 matplotlib are optional and imported lazily; when either is missing (or TensorBoard cannot be

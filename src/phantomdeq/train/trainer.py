@@ -376,7 +376,8 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
         self.amp.unscale_(self.optimizer)  # fp16: gradients in true units for guard and clipping
         params = [p for p in self.net.parameters() if p.requires_grad]
         norm = grad_norm(params)
-        finite_grad = bool(torch.isfinite(norm))
+        rec["grad_norm"] = float(norm)  # global norm before clipping (inf/nan kept as is)
+        finite_grad = math.isfinite(rec["grad_norm"])
         # fp16: an overflow of the *scaled* gradients is the GradScaler's business -- it skips
         # this update and lowers the scale, the normal way the scale is found, not a divergence
         # (counted as scaler_skipped; every rank sees the same all-reduced gradients)
