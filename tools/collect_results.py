@@ -5,12 +5,14 @@ under ``results/``, and redraw the figures from those files.
 
 Reads (each part is skipped with a message when its run folder is missing):
 
-* ``runs/table1_mnist`` (``phantomdeq ablate``, EXPERIMENTS.md "Ablations on MNIST") ->
-  ``results/table1_mnist/ablation.json`` (rows, per-run results, paired differences by seed),
-  ``results/table1_mnist/table.md``;
-* ``runs/fig2_mnist`` (``phantomdeq train`` with ``train.monitor_compare``) ->
-  ``results/fig2_mnist/monitor.jsonl`` (the monitor records) and ``result.json``, then
-  ``docs/fig2_mnist.png`` drawn from them;
+* the ``phantomdeq ablate`` studies of EXPERIMENTS.md (:data:`STUDIES`: ``runs/table1_mnist``,
+  ``runs/fig3_upg_mnist``, ``runs/fig3_npg_mnist``) -> ``results/<name>/ablation.json`` (rows,
+  per-run results, paired differences by seed) and ``table.md``; then ``docs/fig3_mnist.png``
+  drawn from the two Fig. 3 studies' files;
+* the monitored runs (``phantomdeq train`` with ``train.monitor_compare``; :data:`MONITORED`:
+  ``runs/fig2_mnist``, ``runs/shine_monitor_mnist``) -> ``results/<name>/monitor.jsonl`` (the
+  monitor records), ``config.yaml`` and ``result.json``, then ``docs/<name>.png`` drawn from
+  them;
 * ``runs/digits_demo``, ``runs/digits_nobn`` (the digits demo config with and without precise
   BN) -> ``results/digits/*.json`` (per-epoch records, the ``eval_solver.max_iter=60``
   re-evaluation).
@@ -62,11 +64,38 @@ def _write(path: Path, doc: Any) -> None:
     print(f"wrote {path.relative_to(REPO)}")
 
 
-def collect_table1(runs: Path) -> None:
-    src = runs / "table1_mnist"
+#: ablation studies (``phantomdeq ablate`` output folders under runs/) and how they were run
+STUDIES = {
+    "table1_mnist": "the phantomdeq ablate loop of EXPERIMENTS.md, Ablations on MNIST",
+    "fig3_upg_mnist": (
+        "phantomdeq ablate --config configs/ablation/mnist_upg.yaml --grid k=1,2,3,5,7,9 "
+        "--grid lam=0.3,0.5,0.7,1.0 --seeds 3 --jobs 2 --out runs/fig3_upg_mnist"
+    ),
+    "fig3_npg_mnist": (
+        "phantomdeq ablate --config configs/ablation/mnist_npg.yaml --grid k=5,6,7,8,9 "
+        "--seeds 3 --jobs 2 --out runs/fig3_npg_mnist"
+    ),
+}
+
+#: monitored training runs (``train.monitor_compare``): figure and title
+MONITORED = {
+    "fig2_mnist": (
+        "fig2_mnist.png",
+        "MNIST, IFT-trained run: UPG / NPG A_{5,0.5} vs exact gradient",
+    ),
+    "shine_monitor_mnist": (
+        "shine_monitor_mnist.png",
+        "MNIST, IFT training, Broyden forward: SHINE / UPG / NPG vs exact",
+    ),
+}
+
+
+def collect_study(runs: Path, name: str) -> list[dict[str, Any]]:
+    """``results/<name>/ablation.json`` and ``table.md`` from the study folder; its rows."""
+    src = runs / name
     if not (src / "runs").is_dir():
         print(f"skip: {src}/runs missing")
-        return
+        return []
     from phantomdeq.experiments.ablation_report import paired_table, summarize, table_markdown
 
     summary = summarize(src)
@@ -81,37 +110,71 @@ def collect_table1(runs: Path) -> None:
         for r in summary["runs"]
     ]
     doc = {
-        "command": "the phantomdeq ablate loop of EXPERIMENTS.md, Ablations on MNIST",
+        "command": STUDIES[name],
         "environment": _environment(),
         "rows": rows,
         "paired": paired_table(rows),
         "runs": runs_out,
     }
-    _write(RESULTS / "table1_mnist" / "ablation.json", doc)
-    (RESULTS / "table1_mnist" / "table.md").write_text(table_markdown(rows))
+    _write(RESULTS / name / "ablation.json", doc)
+    (RESULTS / name / "table.md").write_text(table_markdown(rows))
+    return rows
 
 
-def collect_fig2(runs: Path) -> None:
-    src = runs / "fig2_mnist"
+def draw_fig3() -> None:
+    """``docs/fig3_mnist.png`` from the committed Fig. 3 studies (UPG over k and λ, NPG over k)."""
+    from phantomdeq.experiments.ablation_report import plot_fig3
+
+    rows: list[dict[str, Any]] = []
+    for name in ("fig3_upg_mnist", "fig3_npg_mnist"):
+        path = RESULTS / name / "ablation.json"
+        if path.is_file():
+            rows += json.loads(path.read_text())["rows"]
+    if rows and plot_fig3(rows, REPO / "docs" / "fig3_mnist.png") is not None:
+        print("wrote docs/fig3_mnist.png")
+
+
+def _summary(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """min / mean / median / max over the monitor records of every numeric ``monitor_*`` field
+    (and the forward residual and time of those steps)."""
+    import statistics
+
+    keys = sorted({k for r in records for k in r if k.startswith("monitor_")})
+    out: dict[str, dict[str, float]] = {}
+    for key in [*keys, "fwd_residual", "step_time_s"]:
+        vals = [float(r[key]) for r in records if isinstance(r.get(key), int | float)]
+        if vals:
+            out[key] = {
+                "n": len(vals),
+                "min": min(vals),
+                "mean": statistics.fmean(vals),
+                "median": statistics.median(vals),
+                "max": max(vals),
+            }
+    return out
+
+
+def collect_monitored(runs: Path, name: str) -> None:
+    src = runs / name
     if not (src / "metrics.jsonl").is_file():
         print(f"skip: {src}/metrics.jsonl missing")
         return
     recs = _records(src / "metrics.jsonl")
     monitor = [r for r in recs if r.get("kind") == "step" and "monitor_cos" in r]
     epochs = [r for r in recs if r.get("kind") == "epoch"]
-    dst = RESULTS / "fig2_mnist"
+    dst = RESULTS / name
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in monitor))
     shutil.copyfile(src / "config.yaml", dst / "config.yaml")
-    _write(dst / "result.json", {"environment": _environment(), "epochs": epochs})
+    _write(
+        dst / "result.json",
+        {"environment": _environment(), "epochs": epochs, "monitor_summary": _summary(monitor)},
+    )
     from phantomdeq.train.plots import plot_monitor
 
-    plot_monitor(
-        dst / "monitor.jsonl",
-        REPO / "docs" / "fig2_mnist.png",
-        title="MNIST, IFT-trained run: UPG / NPG A_{5,0.5} vs exact gradient",
-    )
-    print("wrote docs/fig2_mnist.png")
+    figure, title = MONITORED[name]
+    plot_monitor(dst / "monitor.jsonl", REPO / "docs" / figure, title=title)
+    print(f"wrote docs/{figure}")
 
 
 def collect_digits(runs: Path) -> None:
@@ -138,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=str(REPO / "runs"), help="the run folders (default runs/)")
     args = ap.parse_args(argv)
     runs = Path(args.runs)
-    collect_table1(runs)
-    collect_fig2(runs)
+    for name in STUDIES:
+        collect_study(runs, name)
+    draw_fig3()
+    for name in MONITORED:
+        collect_monitored(runs, name)
     collect_digits(runs)
     return 0
 
