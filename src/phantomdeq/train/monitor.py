@@ -33,6 +33,7 @@ change the training trajectory (nor resume determinism).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from phantomdeq.diagnostics import cosine_similarity
 from phantomdeq.solvers.base import InverseSolver
 
-__all__ = ["GradientMonitor", "cosine_and_ratio", "find_deq"]
+__all__ = ["GradientMonitor", "cosine_and_ratio", "find_deq", "monitor_record"]
 
 MONITOR_PARAMS = ("cell", "all")
 
@@ -377,6 +378,46 @@ class GradientMonitor:
             return F.cross_entropy(out.logits, y, label_smoothing=label_smoothing)
 
         return self.measure(model, closure, generator=generator)
+
+
+def monitor_record(
+    monitor: GradientMonitor,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    generator: torch.Generator | None,
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
+    """:meth:`GradientMonitor.measure_classifier` as the ``monitor_*`` fields of a training
+    step's ``metrics.jsonl`` record (``monitor_cos``, ``monitor_norm_ratio``,
+    ``monitor_time_s``, ``monitor_exact_residual``, ``monitor_cos_<label>``,
+    ``monitor_norm_ratio_<label>``). A failed exact solve gives NaN fields, never raises."""
+    from phantomdeq.errors import DEQError
+
+    t0 = time.perf_counter()
+    try:
+        res = monitor.measure_classifier(
+            model, x, y, generator=generator, label_smoothing=label_smoothing
+        )
+    except DEQError:
+        return {
+            "monitor_cos": math.nan,
+            "monitor_norm_ratio": math.nan,
+            "monitor_time_s": time.perf_counter() - t0,
+        }
+    out = {
+        "monitor_cos": res["cosine"],
+        "monitor_norm_ratio": res["norm_ratio"],
+        "monitor_time_s": res["time_s"],
+    }
+    if "exact_bwd_residual" in res:
+        out["monitor_exact_residual"] = res["exact_bwd_residual"]
+    for key, value in res.items():  # the train.monitor_compare estimators
+        if key.startswith("cosine_"):
+            out["monitor_cos_" + key[len("cosine_") :]] = value
+        elif key.startswith("norm_ratio_"):
+            out["monitor_norm_ratio_" + key[len("norm_ratio_") :]] = value
+    return out
 
 
 def _grad(loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:

@@ -20,7 +20,13 @@ from .build import (
     resolve_device,
 )
 from .config import ConfigError, dump_config, monitor_label
-from .distributed import convert_batchnorm, init_distributed, rank0_first, shard_batches
+from .distributed import (
+    cleanup,
+    convert_batchnorm,
+    init_distributed,
+    rank0_first,
+    shard_batches,
+)
 from .metrics_log import MetricsLogger, missing_output_notes, truncate_metrics
 from .precision import MixedPrecision, check_precision
 from .run_dir import RunFolderError, prepare_run_folder
@@ -33,7 +39,8 @@ __all__ = ["SetupMixin"]
 
 
 class SetupMixin(TrainerState):
-    """``_setup`` (called first by ``fit``, inside its ``try``) and its parts."""
+    """``_setup`` (called first by ``fit``, inside its ``try``) and its parts, and
+    ``_teardown`` (called last, in its ``finally``)."""
 
     def _setup(self) -> None:
         cfg = self.config
@@ -196,3 +203,26 @@ class SetupMixin(TrainerState):
             min_lr=o.min_lr,
             kind=o.schedule,
         )
+
+    def _teardown(self) -> None:
+        """Close the metrics files, draw the curves (rank 0) and leave the process group.
+
+        Leaving is more than ``destroy_process_group``: the gloo process group, and with it its
+        native worker and TCP-loop threads, is freed only when nothing references it any more.
+        The DDP wrapper does (it is dropped here; :func:`~.distributed.cleanup` then collects
+        garbage), and so would ``torch.distributed.nn.functional`` had it been imported after
+        the group was created (:func:`~.distributed.init_distributed` imports it first). A
+        group still alive at exit is destroyed inside the interpreter's shutdown, where its
+        threads can abort the process ("terminate called without an active exception")."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        train_data = getattr(self, "train_data", None)
+        if train_data is not None:
+            train_data.close()  # the loader's worker processes
+        dist_info = getattr(self, "dist", None)
+        if dist_info is not None:
+            self._draw_curves()
+            if self.model is not None and self.model is not getattr(self, "net", None):
+                self.model = getattr(self, "net", None)  # drop the DDP wrapper
+            cleanup(dist_info)

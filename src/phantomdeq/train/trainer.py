@@ -54,10 +54,11 @@ from phantomdeq.errors import DEQError
 
 from .batches import augment
 from .config import Config, config_from_dict, load_config
-from .distributed import all_reduce_sum, cleanup, epoch_permutation, shard_batches
+from .distributed import all_reduce_sum, epoch_permutation, shard_batches
 from .evaluation import evaluate, forward_stats, recalibrate_batchnorm
 from .failures import FailureMixin, TrainingError
 from .guard import BufferSnapshot, grad_norm
+from .monitor import monitor_record
 from .reporting import ReportingMixin
 from .resume import CheckpointMixin
 from .seeds import seed_of
@@ -404,38 +405,13 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
 
     def _measure_gradient(self, x: Tensor, y: Tensor, gen: torch.Generator) -> dict[str, float]:
         """The gradient-quality monitor on this step's batch (before the update, same dropout
-        mask: ``gen`` is restored afterwards). A failed exact solve is logged, never raised."""
+        mask: ``gen`` is restored afterwards), as ``monitor_*`` fields of the step's record."""
         if self.monitor is None:
             return {}
-        t0 = time.perf_counter()
-        try:
-            with self.amp.autocast():  # the gradient in use, in the run's compute precision
-                res = self.monitor.measure_classifier(
-                    self.net,
-                    x,
-                    y,
-                    generator=gen,
-                    label_smoothing=self.config.train.label_smoothing,
-                )
-        except DEQError:
-            return {
-                "monitor_cos": math.nan,
-                "monitor_norm_ratio": math.nan,
-                "monitor_time_s": time.perf_counter() - t0,
-            }
-        out = {
-            "monitor_cos": res["cosine"],
-            "monitor_norm_ratio": res["norm_ratio"],
-            "monitor_time_s": res["time_s"],
-        }
-        if "exact_bwd_residual" in res:
-            out["monitor_exact_residual"] = res["exact_bwd_residual"]
-        for key, value in res.items():  # the train.monitor_compare estimators
-            if key.startswith("cosine_"):
-                out["monitor_cos_" + key[len("cosine_") :]] = value
-            elif key.startswith("norm_ratio_"):
-                out["monitor_norm_ratio_" + key[len("norm_ratio_") :]] = value
-        return out
+        with self.amp.autocast():  # the gradient in use, in the run's compute precision
+            return monitor_record(
+                self.monitor, self.net, x, y, gen, self.config.train.label_smoothing
+            )
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         """Precise-BN recalibration and evaluation, inside the divergence guard."""
@@ -472,29 +448,6 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
             raise self._diverged(f"non-finite test loss ({eval_rec['test_loss']})", at)
         eval_rec["eval_time_s"] = time.perf_counter() - t_eval
         return eval_rec
-
-    def _teardown(self) -> None:
-        """Close the metrics files, draw the curves (rank 0) and leave the process group.
-
-        Leaving is more than ``destroy_process_group``: the gloo process group, and with it its
-        native worker and TCP-loop threads, is freed only when nothing references it any more.
-        The DDP wrapper does (it is dropped here; :func:`~.distributed.cleanup` then collects
-        garbage), and so would ``torch.distributed.nn.functional`` had it been imported after
-        the group was created (:func:`~.distributed.init_distributed` imports it first). A
-        group still alive at exit is destroyed inside the interpreter's shutdown, where its
-        threads can abort the process ("terminate called without an active exception")."""
-        logger = getattr(self, "logger", None)
-        if logger is not None:
-            logger.close()
-        train_data = getattr(self, "train_data", None)
-        if train_data is not None:
-            train_data.close()  # the loader's worker processes
-        dist_info = getattr(self, "dist", None)
-        if dist_info is not None:
-            self._draw_curves()
-            if self.model is not None and self.model is not getattr(self, "net", None):
-                self.model = getattr(self, "net", None)  # drop the DDP wrapper
-            cleanup(dist_info)
 
 
 def _adaptive_k(net: nn.Module) -> int | None:

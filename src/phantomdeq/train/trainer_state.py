@@ -98,6 +98,9 @@ class TrainerState:
     def _diverged(self, what: str, at: str) -> Exception:
         raise NotImplementedError  # .failures
 
+    def _draw_curves(self) -> None:
+        raise NotImplementedError  # .reporting
+
     def _start_position(self) -> None:
         """A run at its very beginning."""
         self.epoch = self.batch = self.step = self.skipped = self.consecutive_skips = 0
