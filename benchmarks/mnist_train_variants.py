@@ -8,7 +8,9 @@ test accuracy. Used for the warm-start and adaptive-k measurements in EXPERIMENT
         --variant fixed: --variant auto:grad.k=auto,grad.tol=0.05,grad.k_max=10 \\
         --out benchmarks/results/mnist_adaptive.json
 
-``--set KEY=VALUE`` applies to every variant; ``--variant NAME:KEY=VALUE,...`` adds a run.
+``--set KEY=VALUE`` applies to every variant; ``--variant NAME:KEY=VALUE,...`` adds a run;
+``--jobs N`` trains N variants at once (one process and one thread each), so that variants
+compared on step time run under the same machine load.
 """
 
 from __future__ import annotations
@@ -67,32 +69,50 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _run_variant(base: dict[str, Any], spec: str) -> tuple[str, dict[str, Any]]:
+    """Train one variant (``NAME:KEY=VALUE,...`` applied to ``base``) on one thread."""
+    torch.set_num_threads(1)
+    name, _, rest = spec.partition(":")
+    raw = json.loads(json.dumps(base))
+    _apply(raw, [a for a in rest.split(",") if a])
+    raw.setdefault("log", {}).update(progress=False, every=1, tensorboard=False, plot=False)
+    cfg = config_from_dict(raw)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        final = run_training(cfg, Path(tmp) / name, progress=False)
+        summary = _summary(Path(tmp) / name)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["final"] = {k: final.get(k) for k in ("test_acc", "best_test_acc", "fwd_nstep")}
+    summary["overrides"] = rest
+    print(f"{name}: {json.dumps(summary['per_epoch'])} acc {summary['test_acc']}", flush=True)
+    return name, summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants trained at once, one process and one thread each (default 1: in turn)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(1)
     base = yaml.safe_load(Path(args.config).read_text())
     _apply(base, args.sets)
-    results = {}
-    for spec in args.variant:
-        name, _, rest = spec.partition(":")
-        raw = json.loads(json.dumps(base))
-        _apply(raw, [a for a in rest.split(",") if a])
-        raw.setdefault("log", {}).update(progress=False, every=1, tensorboard=False, plot=False)
-        cfg = config_from_dict(raw)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            final = run_training(cfg, Path(tmp) / name, progress=False)
-            summary = _summary(Path(tmp) / name)
-        summary["wall_s"] = time.perf_counter() - t0
-        summary["final"] = {k: final.get(k) for k in ("test_acc", "best_test_acc", "fwd_nstep")}
-        summary["overrides"] = rest
-        results[name] = summary
-        print(f"{name}: {json.dumps(summary['per_epoch'])} acc {summary['test_acc']}", flush=True)
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            done = list(pool.map(_run_variant, [base] * len(args.variant), args.variant))
+    else:
+        done = [_run_variant(base, spec) for spec in args.variant]
+    results = dict(done)
     out = {
         "config": args.config,
         "sets": args.sets,
@@ -100,6 +120,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": 1,
+        "jobs": args.jobs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
