@@ -217,3 +217,74 @@ def test_paired_difference_by_seed() -> None:
     assert res["se"] == pytest.approx(sd / 3**0.5, abs=1e-12)
     assert paired_difference({0: 0.9}, {0: 0.8})["se"] is None  # type: ignore[index]
     assert paired_difference({0: 0.9}, {1: 0.8}) is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:\tZ") for line in fh)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc for the worker processes")
+def test_sigterm_to_a_parallel_study_stops_its_workers_and_the_study_resumes(
+    config: Path, tmp_path: Path
+) -> None:
+    # SIGTERM to `phantomdeq ablate --jobs 2` is passed to the workers: each running trainer
+    # checkpoints and stops, the command exits 143 in one line, no worker trains on after it
+    # (an orphan would race the resumed study in the same run folder), and the same command
+    # then finishes every run.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "study"
+    study = ["--config", str(config), "--grid", "k=1,2", "--seeds", "1", "--out", str(out)]
+    study += ["--set", "train.epochs=20"]
+    argv = [sys.executable, "-m", "phantomdeq.cli", "ablate", *study, "--jobs", "2"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+
+    def training() -> bool:  # some run has logged a step (its set-up is over)
+        return any(p.stat().st_size > 0 for p in out.glob("runs/*/metrics.jsonl"))
+
+    while time.monotonic() < deadline and not training():
+        time.sleep(0.1)
+    assert training(), "no run started"
+    for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        workers |= {int(p) for p in (task / "children").read_text().split()}
+    workers = {w for w in workers if "spawn_main" in Path(f"/proc/{w}/cmdline").read_text()}
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert (
+        err.strip().splitlines()[-1].startswith("phantomdeq ablate: error: interrupted by SIGTERM")
+    )
+    time.sleep(0.5)
+    assert not [w for w in workers if _alive(w)]
+    assert not list(out.glob("runs/*/result.json"))  # 20 epochs: nothing had finished
+    assert list(out.glob("runs/*/last.pt"))  # the stopped runs checkpointed: resumable
+
+    assert ablation.main([*study, "--jobs", "1"]) == 0  # here, one run after the other
+    results = [json.loads(p.read_text()) for p in out.glob("runs/*/result.json")]
+    assert len(results) == 2 and all(r["status"] == "ok" and r["epochs"] == 20 for r in results)
+
+
+def test_training_interrupted_crosses_process_boundaries() -> None:
+    # a worker returns it to `phantomdeq ablate`; an exception that cannot be unpickled there
+    # breaks the whole process pool (and used to hang the command on SIGTERM)
+    import pickle
+
+    from phantomdeq.train.stop_signals import TrainingInterrupted
+
+    exc = pickle.loads(pickle.dumps(TrainingInterrupted(15, "stopped at step 3", immediate=True)))
+    assert (exc.signum, str(exc), exc.immediate, exc.exit_code) == (
+        15,
+        "stopped at step 3",
+        True,
+        143,
+    )

@@ -85,6 +85,49 @@ def test_overwrite_replaces_the_run_and_says_what_it_deleted(
     assert (run / "notes.txt").read_text() == "mine"  # not a file a run writes
 
 
+def test_a_folder_in_use_by_another_process_is_refused_until_that_process_ends(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # e.g. an orphaned worker of a killed `phantomdeq ablate` still training into the folder:
+    # neither --overwrite nor --resume may touch it while that process lives (a SIGKILL ends
+    # the lock with the process: no stale lock is left behind)
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert train(config_file, run) == 0
+    capsys.readouterr()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from phantomdeq.train.run_dir import prepare_run_folder\n"
+            "f = prepare_run_folder(sys.argv[1], resume=True, overwrite=False)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        for flag in ("--overwrite", "--resume"):
+            assert train(config_file, run, flag, "--set", "train.epochs=2") == 2
+            err = one_line_error(capsys)
+            assert f"is in use by another process (pid {holder.pid})" in err, err
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert train(config_file, run, "--resume", "--set", "train.epochs=2") == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
 def test_resume_and_overwrite_exclude_each_other(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -46,6 +46,7 @@ Exit status: 0 when every run finished (diverged runs count as finished and are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -54,7 +55,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,14 +379,62 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
             pool.submit(_run_worker, (s.config, str(out / "runs" / s.name), threads)): s
             for s in todo
         }
-        for i, fut in enumerate(as_completed(futures), 1):
-            spec = futures[fut]
-            try:
-                report(i, spec, fut.result())
-            except Exception as exc:  # a crashed run must not stop the others
-                crashed += 1
-                report(i, spec, None, f"{type(exc).__name__}: {exc}")
+        with _StopWorkers(pool, list(futures)) as stop:
+            for i, fut in enumerate(as_completed(futures), 1):
+                spec = futures[fut]
+                if stop.signum and (fut.cancelled() or fut.exception() is not None):
+                    continue  # stopped or never started: resumed by the next command
+                try:
+                    report(i, spec, fut.result())
+                except Exception as exc:  # a crashed run must not stop the others
+                    crashed += 1
+                    report(i, spec, None, f"{type(exc).__name__}: {exc}")
+    if stop.signum:
+        from phantomdeq.train.stop_signals import TrainingInterrupted
+
+        raise TrainingInterrupted(stop.signum, "the running runs checkpointed and stopped")
     return len(todo), crashed
+
+
+class _StopWorkers:
+    """While the study runs in worker processes, SIGINT/SIGTERM to this process are passed on
+    to the workers as SIGTERM (each running trainer then checkpoints after its current step
+    and stops; the run stays unfinished and resumable) and the runs not started are
+    cancelled; the caller collects what the workers return and then raises
+    :class:`~phantomdeq.train.stop_signals.TrainingInterrupted` -- no worker is left training
+    on after the command has gone."""
+
+    def __init__(self, pool: Any, futures: list[Any]) -> None:
+        self.pool = pool
+        self.futures = futures
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            return  # already stopping: wait for the workers' checkpoints
+        self.signum = signum
+        print(
+            f"{PROG}: {signal.Signals(signum).name} received; stopping the running "
+            "runs after their current step",
+            file=sys.stderr,
+            flush=True,
+        )
+        for fut in self.futures:
+            fut.cancel()  # not started yet
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def __enter__(self) -> _StopWorkers:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- command
@@ -426,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from phantomdeq.train.config import ConfigError
+    from phantomdeq.train.stop_signals import TrainingInterrupted
 
     if args.jobs < 1:
         return user_error(PROG, f"--jobs: must be >= 1, got {args.jobs}")
@@ -457,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             ran, crashed = _execute(specs, out, args.jobs)
+        except TrainingInterrupted as exc:
+            return user_error(
+                PROG,
+                f"interrupted by {exc.signal_name} ({exc}); run the same command again to continue",
+                exc.exit_code,
+            )
         except KeyboardInterrupt:
             return user_error(PROG, "interrupted; run the same command again to continue", 130)
         print(f"{PROG}: {ran} runs in {time.perf_counter() - t0:.0f}s", file=sys.stderr)

@@ -4,6 +4,10 @@
   (``resume``) or explicitly replaced (``overwrite``, which deletes the files a run writes --
   :data:`OUTPUT_FILES` -- and nothing else, and reports them).
 * A path that exists and is not a folder is refused.
+* One process at a time: the folder is locked (``fcntl.flock`` on :data:`LOCK_FILE`, held
+  until :meth:`RunFolder.release` or the process's end, a kill included) before anything in
+  it is deleted; a folder locked by another process (a run still going, an orphaned worker of
+  a killed ``phantomdeq ablate``) is refused, naming that process.
 * Temporary files left by a killed writer (``.last.pt.<random>.tmp`` ...) are removed.
 * :meth:`RunFolder.discard` removes the folders that :func:`prepare_run_folder` created, for a
   run that fails before training starts.
@@ -14,19 +18,36 @@ command line reports them on one line with exit status 2).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no folder lock
+    fcntl = None  # type: ignore[assignment]
 
 from .atomic import sweep_temp_files
 from .config import ConfigError
 
-__all__ = ["OUTPUT_FILES", "RUN_FILES", "RunFolder", "RunFolderError", "prepare_run_folder"]
+__all__ = [
+    "LOCK_FILE",
+    "OUTPUT_FILES",
+    "RUN_FILES",
+    "RunFolder",
+    "RunFolderError",
+    "lock_run_folder",
+    "prepare_run_folder",
+]
 
 #: files whose presence means a folder holds a run
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 #: everything a run writes (what ``overwrite`` deletes)
 OUTPUT_FILES = (*RUN_FILES, "curves.png", "tensorboard")
+#: the lock file of a folder in use (it holds the pid of the process using the folder)
+LOCK_FILE = ".phantomdeq.lock"
 
 
 class RunFolderError(ConfigError):
@@ -41,9 +62,17 @@ class RunFolder:
     path: Path
     created: list[Path] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    lock: IO[str] | None = None
+
+    def release(self) -> None:
+        """Unlock the folder (closing the lock file releases the ``flock``)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def discard(self) -> None:
         """Delete the folders this run created (for a run that failed during setup)."""
+        self.release()
         if not self.created:
             return
         shutil.rmtree(self.created[0], ignore_errors=True)
@@ -78,12 +107,46 @@ def check_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> list
     return found
 
 
+def lock_run_folder(path: Path) -> IO[str] | None:
+    """Lock the existing folder ``path`` for this process (an exclusive, non-blocking
+    ``flock`` on :data:`LOCK_FILE`, which then holds this pid); the returned open file holds
+    the lock until it is closed or the process ends. Refused with :class:`RunFolderError`
+    when another process holds it. None where ``fcntl`` is missing (not POSIX)."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    fh = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise RunFolderError(
+            f"--out: folder {str(path)!r} is in use by another process (pid {holder}); wait "
+            f"for it to end or stop it, then resume"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def prepare_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:
-    """Check ``path`` (:func:`check_run_folder`), delete the old run's files when
-    ``overwrite``, create the folder and sweep stale temporary files."""
+    """Check ``path`` (:func:`check_run_folder`), create and lock the folder
+    (:func:`lock_run_folder`), delete the old run's files when ``overwrite`` and sweep stale
+    temporary files. Call :meth:`RunFolder.release` when the run ends."""
     path = Path(path)
     found = check_run_folder(path, resume=resume, overwrite=overwrite)
     folder = RunFolder(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    folder.created = list(reversed(missing))
+    try:
+        folder.lock = lock_run_folder(path)
+    except RunFolderError:
+        folder.discard()
+        raise
     if overwrite and found:
         for name in OUTPUT_FILES:
             target = path / name
@@ -93,8 +156,5 @@ def prepare_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> Ru
             elif target.exists() or target.is_symlink():
                 target.unlink()
                 folder.removed.append(name)
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    folder.created = list(reversed(missing))
     sweep_temp_files(path, RUN_FILES)
     return folder

@@ -226,3 +226,5 @@ class SetupMixin(TrainerState):
             if self.model is not None and self.model is not getattr(self, "net", None):
                 self.model = getattr(self, "net", None)  # drop the DDP wrapper
             cleanup(dist_info)
+        if self.run_folder is not None:
+            self.run_folder.release()

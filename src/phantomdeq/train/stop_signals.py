@@ -31,6 +31,11 @@ class TrainingInterrupted(Exception):
         self.signum = int(signum)
         self.immediate = immediate
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable with its own signature: a worker process (``phantomdeq ablate --jobs``)
+        # returns it to the parent, where a failed unpickling would break the process pool
+        return (type(self), (self.signum, str(self)), {"immediate": self.immediate})
+
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
