@@ -154,6 +154,92 @@ def _summary(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _verdict(d: dict[str, Any] | None, sign: int) -> str:
+    """EXPERIMENTS.md's rule: confirmed / contradicted when the paired mean is more than 2
+    standard errors from zero and has the same sign on every seed (``sign`` is the sign the
+    claim predicts), inconclusive otherwise."""
+    if d is None or d["se"] is None or d["n"] < 2:
+        return "inconclusive"
+    every = d["wins"] == d["n"] or d["wins"] + d["ties"] == 0
+    if abs(d["mean"]) <= 2 * d["se"] or not every:
+        return "inconclusive"
+    return "confirmed" if d["mean"] * sign > 0 else "contradicted"
+
+
+def _pooled(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[str, float]:
+    """Per seed, the mean over rows of ``a - b`` (rows paired in order): one difference per
+    seed, as :func:`paired_difference` takes them."""
+    seeds = set.intersection(*(set(r["acc_by_seed"]) for r in rows_a + rows_b))
+    return {
+        s: sum(a["acc_by_seed"][s] - b["acc_by_seed"][s] for a, b in zip(rows_a, rows_b))
+        / len(rows_a)
+        for s in sorted(seeds)
+    }
+
+
+def fig3_claims() -> None:
+    """``results/fig3_mnist/claims.json``: the paper's Fig. 3 claims as paired differences by
+    seed (in accuracy fractions) with the verdict rule of :func:`_verdict`."""
+    from phantomdeq.experiments.ablation_report import paired_difference
+
+    files = [RESULTS / n / "ablation.json" for n in ("fig3_upg_mnist", "fig3_npg_mnist")]
+    if not all(f.is_file() for f in files):
+        print("skip: Fig. 3 claims need both Fig. 3 studies")
+        return
+    upg_rows, npg_rows = (json.loads(f.read_text())["rows"] for f in files)
+    upg = {(r["k"], r["lam"]): r for r in upg_rows}
+    npg = {r["k"]: r for r in npg_rows}
+    ks = sorted({k for k, _ in upg})
+    lams = sorted({lam for _, lam in upg})
+    claims: dict[str, Any] = {}
+
+    def pair(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None, sign: int) -> None:
+        if a is None or b is None:
+            print(f"fig3 claims: {name}: a configuration is missing")
+            return
+        d = paired_difference(a["acc_by_seed"], b["acc_by_seed"])
+        claims[name] = {"a": a["label"], "b": b["label"], **(d or {}), "verdict": _verdict(d, sign)}
+
+    # Fig. 3a: damping -- lambda = 0.5 ahead of lambda = 1, at each k and pooled over k
+    for k in ks:
+        pair(f"upg_k{k}_lam0.5_minus_lam1", upg.get((k, 0.5)), upg.get((k, 1.0)), +1)
+    both = [k for k in ks if (k, 0.5) in upg and (k, 1.0) in upg]
+    diffs = _pooled([upg[(k, 0.5)] for k in both], [upg[(k, 1.0)] for k in both])
+    pooled = paired_difference(diffs, {s: 0.0 for s in diffs})
+    claims["upg_lam0.5_minus_lam1_pooled_over_k"] = {
+        **(pooled or {}),
+        "verdict": _verdict(pooled, +1),
+    }
+    # Fig. 3b: UPG robust to k (at lambda = 0.5: no k far behind k = 5)
+    for k in ks:
+        if k != 5:
+            pair(f"upg_k{k}_minus_k5_lam0.5", upg.get((k, 0.5)), upg.get((5, 0.5)), +1)
+    half = [k for k in ks if (k, 0.5) in upg]
+    means = {k: upg[(k, 0.5)]["acc_mean"] for k in half}
+    claims["upg_lam0.5_mean_spread_over_k"] = {
+        "max": max(means.values()),
+        "min": min(means.values()),
+        "spread": max(means.values()) - min(means.values()),
+        "mean_seed_std": sum(upg[(k, 0.5)]["acc_std"] or 0.0 for k in half) / len(half),
+    }
+    # Fig. 3b: UPG ahead of NPG, NPG unstable at larger k
+    for k in sorted(npg):
+        if (k, 0.5) in upg:
+            pair(f"upg_minus_npg_k{k}_lam0.5", upg[(k, 0.5)], npg[k], +1)
+    claims["npg_stability"] = {
+        str(k): {
+            "failed": r["n_failed"],
+            "runs": r["n_runs"],
+            "grad_norm_median": r.get("grad_norm_median"),
+            "grad_norm_max": r.get("grad_norm_max"),
+            "upg_grad_norm_max": upg[(k, 0.5)].get("grad_norm_max") if (k, 0.5) in upg else None,
+        }
+        for k, r in sorted(npg.items())
+    }
+    claims["lams"], claims["ks"] = lams, ks
+    _write(RESULTS / "fig3_mnist" / "claims.json", {"environment": _environment(), **claims})
+
+
 def collect_monitored(runs: Path, name: str) -> None:
     src = runs / name
     if not (src / "metrics.jsonl").is_file():
@@ -204,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in STUDIES:
         collect_study(runs, name)
     draw_fig3()
+    fig3_claims()
     for name in MONITORED:
         collect_monitored(runs, name)
     collect_digits(runs)
