@@ -198,6 +198,18 @@ def test_fig3_only_for_a_k_grid_and_only_with_the_k_values_run(tmp_path: Path) -
     fig, ax = plt.subplots()
     _draw_fig3(ax, {("upg", 0.5, "preset.yaml"): rows[:3]}, rows[3:])
     assert list(ax.get_xticks()) == [1, 3, 9]
+
+    # runs that logged gradient norms get the second panel, on a log scale, same k axis
+    from phantomdeq.experiments.ablation_report import _draw_grad_norms
+
+    for r, (med, top) in zip(rows[:3], [(1.0, 4.0), (1.5, 8.0), (2.0, 300.0)]):
+        r["grad_norm_median"], r["grad_norm_max"] = med, top
+    fig, ax = plt.subplots()
+    _draw_grad_norms(ax, {("upg", 0.5, "preset.yaml"): rows[:3]})
+    assert ax.get_yscale() == "log" and list(ax.get_xticks()) == [1, 3, 9]
+    assert list(ax.lines[0].get_ydata()) == [4.0, 8.0, 300.0]
+    plt.close(fig)
+    assert plot_fig3(rows, tmp_path / "two.png") is not None
     plt.close(fig)
     assert plot_fig3(rows, tmp_path / "fig3.png") == tmp_path / "fig3.png"
 

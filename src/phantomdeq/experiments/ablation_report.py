@@ -249,12 +249,46 @@ def plot_fig3(rows: list[dict[str, Any]], path: Path) -> Path | None:
             curves.setdefault((r["grad"], r["lam"], r["source"]), []).append(r)
     if not curves and not flat:
         return None
+    norms = any(r.get("grad_norm_max") is not None for rs in curves.values() for r in rs)
     try:
-        with saved_figure(path, figsize=(7, 4.5)) as (_, ax):
-            _draw_fig3(ax, curves, flat)
+        if norms:
+            with saved_figure(path, 1, 2, figsize=(13, 4.5)) as (_, axes):
+                _draw_fig3(axes[0], curves, flat)
+                _draw_grad_norms(axes[1], curves)
+        else:
+            with saved_figure(path, figsize=(7, 4.5)) as (_, ax):
+                _draw_fig3(ax, curves, flat)
     except ImportError:  # matplotlib is optional (the `plots` extra)
         return None
     return path
+
+
+def _draw_grad_norms(ax: Any, curves: dict[tuple[str, float, str], list[dict[str, Any]]]) -> None:
+    """The second panel of Fig. 3 (when the runs logged ``grad_norm``): the largest global
+    gradient norm before clipping of any seed (filled) and the median over steps, mean over
+    seeds (open), against k -- where an estimator's instability shows before it diverges."""
+    sources = {key[2] for key in curves}
+    for i, ((grad, lam, source), rs) in enumerate(sorted(curves.items())):
+        rs = sorted(rs, key=lambda r: r["k"])
+        label = f"{_method_name(grad)} λ={lam:g}"
+        if len(sources) > 1:
+            label += f" ({Path(source).stem})"
+        pts = [(r["k"], r["grad_norm_max"]) for r in rs if r.get("grad_norm_max") is not None]
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts), marker="os^"[i % 3], color=f"C{i}", label=label)
+        med = [(r["k"], r["grad_norm_median"]) for r in rs if r.get("grad_norm_median")]
+        if med:
+            ax.plot(*zip(*med), marker="o", ls=":", mfc="none", color=line.get_color())
+    ks_run = sorted({r["k"] for rs in curves.values() for r in rs})
+    ax.set_xticks(ks_run)
+    ax.set_xticklabels([str(k) for k in ks_run])
+    ax.set_yscale("log")
+    ax.set_xlabel("k (unrolled / Neumann steps)")
+    ax.set_ylabel("gradient norm before clipping")
+    ax.set_title("Largest (solid) and median (dotted) gradient norm")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
 
 
 def _draw_fig3(
