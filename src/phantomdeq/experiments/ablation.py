@@ -46,7 +46,6 @@ Exit status: 0 when every run finished (diverged runs count as finished and are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -55,9 +54,7 @@ import json
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +65,7 @@ from phantomdeq.cli import HelpFormatter, user_error
 from phantomdeq.train.config import NESTED_SOLVERS
 
 from .ablation_report import write_reports
+from .stop_workers import StopWorkers
 
 __all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs"]
 
@@ -379,7 +377,7 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
             pool.submit(_run_worker, (s.config, str(out / "runs" / s.name), threads)): s
             for s in todo
         }
-        with _StopWorkers(pool, list(futures)) as stop:
+        with StopWorkers(pool, list(futures), PROG) as stop:
             for i, fut in enumerate(as_completed(futures), 1):
                 spec = futures[fut]
                 if stop.signum and (fut.cancelled() or fut.exception() is not None):
@@ -394,47 +392,6 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
 
         raise TrainingInterrupted(stop.signum, "the running runs checkpointed and stopped")
     return len(todo), crashed
-
-
-class _StopWorkers:
-    """While the study runs in worker processes, SIGINT/SIGTERM to this process are passed on
-    to the workers as SIGTERM (each running trainer then checkpoints after its current step
-    and stops; the run stays unfinished and resumable) and the runs not started are
-    cancelled; the caller collects what the workers return and then raises
-    :class:`~phantomdeq.train.stop_signals.TrainingInterrupted` -- no worker is left training
-    on after the command has gone."""
-
-    def __init__(self, pool: Any, futures: list[Any]) -> None:
-        self.pool = pool
-        self.futures = futures
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            return  # already stopping: wait for the workers' checkpoints
-        self.signum = signum
-        print(
-            f"{PROG}: {signal.Signals(signum).name} received; stopping the running "
-            "runs after their current step",
-            file=sys.stderr,
-            flush=True,
-        )
-        for fut in self.futures:
-            fut.cancel()  # not started yet
-        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-
-    def __enter__(self) -> _StopWorkers:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- command
