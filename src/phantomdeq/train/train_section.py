@@ -56,6 +56,8 @@ class TrainConfig(Section):
     0.5}]``) measured against the same exact gradient without training with them -- the paper's
     Fig. 2 along an IFT-trained run -- logged as ``monitor_cos_<label>`` /
     ``monitor_norm_ratio_<label>`` with ``<label>`` = :func:`monitor_label` (``upg_k5_lam0.5``).
+    ``{name: shine}`` reuses the forward solve's inverse estimate and needs ``solver.name:
+    broyden``.
 
     ``bn_recalibration_batches`` > 0 recomputes the BatchNorm running statistics before each
     evaluation ("precise BN") from that many training batches (fixed order, no augmentation)
