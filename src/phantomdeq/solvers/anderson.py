@@ -7,7 +7,8 @@ from torch import Tensor
 
 from .._state import FlatFn
 from .._validate import check_float, check_int
-from .base import SolverBase, _Tracker, into
+from .base import SolverBase, into
+from .tracker import _Tracker
 
 
 class Anderson(SolverBase):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import _Tracker
 from .linear import LinearOp, LinearSolverBase, dot, safe_div
+from .tracker import _Tracker
 
 
 class BiCGStab(LinearSolverBase):

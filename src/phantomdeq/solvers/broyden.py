@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec
 from .._validate import check_int
-from .base import Solution, SolverBase, _Tracker, into, sync_free
+from .base import Solution, SolverBase, into, sync_free
 from .inverse import LowRankInverse
+from .tracker import _Tracker
 
 
 class Broyden(SolverBase):

@@ -10,15 +10,8 @@ from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, as_tuple, like
 from .._validate import check_float
-from .base import (
-    Solution,
-    SolverBase,
-    _caller_autocast,
-    _in_autocast,
-    _Tracker,
-    compute_dtype,
-    sync_free,
-)
+from .base import Solution, SolverBase, _caller_autocast, _in_autocast, compute_dtype, sync_free
+from .tracker import _Tracker
 
 
 class FixedPoint(SolverBase):

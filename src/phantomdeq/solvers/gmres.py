@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
-from .base import REL_EPS, _Tracker
+from .base import REL_EPS
 from .linear import LinearOp, LinearSolverBase, dot, safe_div
+from .tracker import _Tracker
 
 
 class GMRES(LinearSolverBase):

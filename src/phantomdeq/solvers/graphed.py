@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._state import State, StateSpec
-from .base import Solution, SolverBase, _finish
+from .base import Solution, SolverBase
+from .tracker import _finish
 
 __all__ = [
     "CUDAGraphCapture",

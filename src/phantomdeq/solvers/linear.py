@@ -23,14 +23,8 @@ from torch import Tensor
 
 from .._state import StateSpec
 from .._validate import check_int
-from .base import (
-    Solution,
-    _Budgeted,
-    _caller_autocast,
-    _Tracker,
-    compute_dtype,
-    sync_free,
-)
+from .base import Solution, _Budgeted, _caller_autocast, compute_dtype, sync_free
+from .tracker import _Tracker
 
 LinearOp = Callable[[Tensor], Tensor]
 
