@@ -263,6 +263,14 @@ def plot_fig3(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def _k_axis(ax: Any, curves: dict[tuple[str, float, str], list[dict[str, Any]]]) -> None:
+    """The k axis of both Fig. 3 panels: exactly the k values that were run."""
+    ks_run = sorted({r["k"] for rs in curves.values() for r in rs})
+    ax.set_xticks(ks_run)
+    ax.set_xticklabels([str(k) for k in ks_run])
+    ax.set_xlabel("k (unrolled / Neumann steps)")
+
+
 def _draw_grad_norms(ax: Any, curves: dict[tuple[str, float, str], list[dict[str, Any]]]) -> None:
     """The second panel of Fig. 3 (when the runs logged ``grad_norm``): the largest global
     gradient norm before clipping of any seed (filled) and the median over steps, mean over
@@ -280,11 +288,8 @@ def _draw_grad_norms(ax: Any, curves: dict[tuple[str, float, str], list[dict[str
         med = [(r["k"], r["grad_norm_median"]) for r in rs if r.get("grad_norm_median")]
         if med:
             ax.plot(*zip(*med), marker="o", ls=":", mfc="none", color=line.get_color())
-    ks_run = sorted({r["k"] for rs in curves.values() for r in rs})
-    ax.set_xticks(ks_run)
-    ax.set_xticklabels([str(k) for k in ks_run])
+    _k_axis(ax, curves)
     ax.set_yscale("log")
-    ax.set_xlabel("k (unrolled / Neumann steps)")
     ax.set_ylabel("gradient norm before clipping")
     ax.set_title("Largest (solid) and median (dotted) gradient norm")
     ax.grid(alpha=0.3, which="both")
@@ -336,10 +341,7 @@ def _draw_fig3(
             lw=1.2,
             label=f"{r['label']} ({r['method']})",
         )
-    ks_run = sorted({r["k"] for rs in curves.values() for r in rs})
-    ax.set_xticks(ks_run)
-    ax.set_xticklabels([str(k) for k in ks_run])
-    ax.set_xlabel("k (unrolled / Neumann steps)")
+    _k_axis(ax, curves)
     ax.set_ylabel("test accuracy % (mean ± std over seeds; × best)")
     ax.set_title("Accuracy vs k and λ (paper Fig. 3)")
     ax.grid(alpha=0.3)
