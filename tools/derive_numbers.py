@@ -189,6 +189,17 @@ def derive() -> list[dict[str, Any]]:
             "100 * (warm fwd_nstep / cold fwd_nstep - 1)",
             ["mnist_warm_start.json"],
         )
+    name = "mnist_warm_start_full.json"
+    full = _load(name)
+    cold_e, warm_e = (full["results"][v]["per_epoch"] for v in ("cold", "warm"))
+    for c, w in zip(cold_e, warm_e):
+        for key, what in (("fwd_nstep", "forward iterations"), ("step_time_s", "mean step time")):
+            add(
+                f"MNIST full split, warm start, epoch {c['epoch']}: {what} warm vs cold (%)",
+                100 * (w[key] / c[key] - 1),
+                f"100 * (warm {key} / cold {key} - 1)",
+                [name],
+            )
     add(
         "MNIST warm start: bf16 store for the full 60,000-image split (MiB)",
         60000 * 5880 * 2 / 2**20,
