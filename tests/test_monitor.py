@@ -151,6 +151,17 @@ class _TinyModel(nn.Module):
         return ((z @ self.readout) ** 2).sum()
 
 
+def _fixed_point(model: _TinyModel, x: Tensor) -> Tensor:
+    """h* of the tiny model's cell by 300 plain fixed-point steps from zero, without the
+    library's solvers (the cell is a contraction: float64 rounding is reached)."""
+    cell = model.deq.f
+    with torch.no_grad():
+        z = torch.zeros(x.shape[0], 5, dtype=torch.float64)
+        for _ in range(300):
+            z = cell(z, x)
+    return z
+
+
 @pytest.mark.parametrize("used", [pdq.UPG(k=4, lam=0.7), pdq.BPTT()], ids=["upg", "bptt"])
 def test_monitor_exact_gradient_equals_dense_ift(used: pdq.GradientEstimator) -> None:
     model = _TinyModel(used)
@@ -160,10 +171,7 @@ def test_monitor_exact_gradient_equals_dense_ift(used: pdq.GradientEstimator) ->
 
     cell = model.deq.f
     params = list(cell.parameters())
-    with torch.no_grad():
-        z = torch.zeros(4, 5, dtype=torch.float64)
-        for _ in range(300):
-            z = cell(z, x)
+    z = _fixed_point(model, x)
     zr = z.clone().requires_grad_(True)
     dz = torch.autograd.grad(((zr @ model.readout) ** 2).sum(), zr)[0]
     dense = exact_gradient(cell, z, (x,), params, dz)
@@ -252,10 +260,7 @@ def _dense_phantom_gradient(model: _TinyModel, x: Tensor, k: int, lam: float, ki
     through k damped steps h ← λF(h) + (1 − λ)h started at h*."""
     cell = model.deq.f
     params = list(cell.parameters())
-    with torch.no_grad():
-        z = torch.zeros(4, 5, dtype=torch.float64)
-        for _ in range(300):
-            z = cell(z, x)
+    z = _fixed_point(model, x)
     if kind == "upg":
         h = z.clone()
         for _ in range(k):
@@ -288,10 +293,7 @@ def test_monitor_compare_measures_other_estimators_against_the_exact_gradient() 
     assert res["cosine"] == pytest.approx(1.0, abs=1e-9)  # the IFT in use is exact here
 
     cell = model.deq.f
-    with torch.no_grad():
-        z = torch.zeros(4, 5, dtype=torch.float64)
-        for _ in range(300):
-            z = cell(z, x)
+    z = _fixed_point(model, x)
     zr = z.clone().requires_grad_(True)
     dz = torch.autograd.grad(((zr @ model.readout) ** 2).sum(), zr)[0]
     exact = exact_gradient(cell, z, (x,), list(cell.parameters()), dz)

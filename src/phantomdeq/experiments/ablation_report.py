@@ -126,7 +126,9 @@ def summarize(out: Path) -> dict[str, Any]:
             for r in ok
             if r["result"].get("grad_norm_median") is not None
         ]
-        maxima = [r["result"]["grad_norm_max"] for r in rs if r["result"].get("grad_norm_max")]
+        maxima = [
+            r["result"]["grad_norm_max"] for r in rs if r["result"].get("grad_norm_max") is not None
+        ]
         row = {
             "key": key,
             "label": rs[0]["label"],
@@ -285,7 +287,7 @@ def _draw_grad_norms(ax: Any, curves: dict[tuple[str, float, str], list[dict[str
         if not pts:
             continue
         (line,) = ax.plot(*zip(*pts), marker="os^"[i % 3], color=f"C{i}", label=label)
-        med = [(r["k"], r["grad_norm_median"]) for r in rs if r.get("grad_norm_median")]
+        med = [(r["k"], r["grad_norm_median"]) for r in rs if r.get("grad_norm_median") is not None]
         if med:
             ax.plot(*zip(*med), marker="o", ls=":", mfc="none", color=line.get_color())
     _k_axis(ax, curves)
