@@ -65,7 +65,7 @@ from phantomdeq.cli import HelpFormatter, user_error
 from phantomdeq.train.config import NESTED_SOLVERS
 
 from .ablation_report import write_reports
-from .stop_workers import StopWorkers
+from .stop_workers import StopWorkers, ignore_stop_signals
 
 __all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs"]
 
@@ -370,23 +370,30 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
             report(i, spec, res)
         return len(todo), 0
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=ignore_stop_signals) as pool:
         futures = {
             pool.submit(_run_worker, (s.config, str(out / "runs" / s.name), threads)): s
             for s in todo
         }
-        with StopWorkers(pool, list(futures), PROG) as stop:
-            for i, fut in enumerate(as_completed(futures), 1):
-                spec = futures[fut]
-                if stop.signum and (fut.cancelled() or fut.exception() is not None):
-                    continue  # stopped or never started: resumed by the next command
-                try:
-                    report(i, spec, fut.result())
-                except Exception as exc:  # a crashed run must not stop the others
-                    crashed += 1
-                    report(i, spec, None, f"{type(exc).__name__}: {exc}")
+        pending, i = set(futures), 0
+        with StopWorkers(pool, list(futures), PROG, out / "runs") as stop:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                if stop.signum:
+                    stop.poke()  # a run locked after the signal
+                for fut in done:
+                    i += 1
+                    spec = futures[fut]
+                    if stop.signum and (fut.cancelled() or fut.exception() is not None):
+                        continue  # stopped or never started: resumed by the next command
+                    try:
+                        report(i, spec, fut.result())
+                    except Exception as exc:  # a crashed run must not stop the others
+                        crashed += 1
+                        report(i, spec, None, f"{type(exc).__name__}: {exc}")
     if stop.signum:
         from phantomdeq.train.stop_signals import TrainingInterrupted
 
