@@ -15,7 +15,12 @@ ratio to the eager bare loop is reported too. Cells (``benchmarks/_common.py``):
 
     python benchmarks/solver_overhead.py [--device cpu|cuda] [--cells light,mdeq]
         [--modes eager,compile,graph] [--torchdeq] [--threads 2] [--repeats 7]
-        [--out benchmarks/results/solver_overhead.json]
+        [--cpu-memory retain|system] [--out benchmarks/results/solver_overhead.json]
+
+``--cpu-memory retain`` (the default, as the ``phantomdeq`` command) keeps freed CPU memory in
+the process (``pdq.retain_cpu_memory``); ``system`` keeps glibc's defaults, under which every
+multi-MiB tensor is a fresh mmap and page faults take much of each f evaluation (see
+``benchmarks/cpu_memory.py``). Minor page faults per call are recorded beside the times.
 
 ``graph`` needs CUDA (it is skipped on CPU); ``compile`` uses inductor (minutes of compilation
 on a small CPU). TorchDEQ (``pip install --no-deps torchdeq==0.1.0``) is timed eagerly with the
@@ -39,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phantomdeq as pdq  # noqa: E402
 from _common import CELLS, machine, print_table, timeit, write_json  # noqa: E402
+from phantomdeq.cpu_memory import minor_page_faults  # noqa: E402
 from phantomdeq.solvers.graphed import CUDAGraphCapture, GraphedSolves  # noqa: E402
 
 SOLVERS = ("FixedPoint", "Anderson", "Broyden")
@@ -143,16 +149,20 @@ def variants(
 
 def measure(
     fns: dict[str, Callable[[], object]], repeats: int, sync: bool
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Times (s) and minor page faults of each callable, ``repeats`` interleaved rounds."""
     with torch.no_grad():
         for fn in fns.values():  # warm-up: compilation, capture, allocator
             fn()
             fn()
         times: dict[str, list[float]] = {k: [] for k in fns}
+        faults: dict[str, list[int]] = {k: [] for k in fns}
         for _ in range(repeats):
             for k, fn in fns.items():
+                f0 = minor_page_faults()
                 times[k].append(timeit(fn, sync=sync))
-    return times
+                faults[k].append(minor_page_faults() - f0)
+    return times, faults
 
 
 def _load() -> list[float] | None:
@@ -173,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=18)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--cpu-memory", default="retain", choices=["retain", "system"])
     ap.add_argument("--out", default="benchmarks/results/solver_overhead.json")
     args = ap.parse_args(argv)
+    if args.cpu_memory == "retain":
+        pdq.retain_cpu_memory()
     cells = tuple(c for c in args.cells.split(",") if c)
     modes = tuple(m for m in args.modes.split(",") if m)
     bad = [c for c in cells if c not in CELLS] + [m for m in modes if m not in MODES]
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(args.batch, args.channels, args.size, args.size, device=dev)
         load0 = _load()
         fns = variants(cell, x, n, modes, args.torchdeq)
-        times = measure(fns, args.repeats, sync)
+        times, faults = measure(fns, args.repeats, sync)
         med = {k: statistics.median(v) for k, v in times.items()}
         goals = GOALS.get((dev.type, cell_name), {})
         for key in fns:
@@ -223,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "bare/eager" in med
                 else None,
                 "ratio_min": min(times[key]) / min(times[f"bare/{floor_mode}"]),
+                "minor_faults": statistics.median(faults[key]),
+                "bare_minor_faults": statistics.median(faults[f"bare/{floor_mode}"]),
                 "goal": goal,
                 "met": None if goal is None else ratio <= goal,
                 "loadavg_before": load0,
@@ -237,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     rec["bare_ms"],
                     ratio,
                     rec["ratio_min"],
+                    int(rec["minor_faults"]),
                     "-" if goal is None else goal,
                     "-" if goal is None else ("yes" if ratio <= goal else "NO"),
                 ]
@@ -246,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         f"solver overhead: batch={args.batch} C={args.channels} {args.size}x{args.size}, {n} "
         f"evaluations (tol=0), {dev}, {torch.get_num_threads()} thread(s), median of "
         f"{args.repeats} interleaved repeats; ratio = solve / {n} bare f calls in the same mode "
-        f"(TorchDEQ: vs eager)"
+        f"(TorchDEQ: vs eager); CPU memory: {args.cpu_memory}"
     )
     print_table(
-        ["cell", "solver", "mode", "solve ms", f"{n} x f ms", "ratio", "(min)", "goal", "met"],
+        ["cell", "solver", "mode", "solve ms", f"{n} x f ms", "ratio", "(min)", "faults", "goal",
+         "met"],
         rows,
     )
     write_json(

@@ -1,0 +1,95 @@
+"""pdq.retain_cpu_memory: freed CPU tensor memory is reused without page faults (glibc), the
+``phantomdeq`` command applies it unless PHANTOMDEQ_CPU_MEMORY=system, and a wrong value of
+that variable is one line and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import phantomdeq as pdq
+from phantomdeq import cpu_memory
+from phantomdeq.cli import main as cli_main
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+# 20 tensors of 40 MiB allocated, written and freed in turn (each is 10,240 pages of 4 KiB):
+# above glibc's largest mmap threshold (32 MiB), so by default each one is a fresh mapping
+PROBE = textwrap.dedent(
+    """
+    import sys, torch
+    from phantomdeq.cpu_memory import minor_page_faults, retain_cpu_memory
+    if sys.argv[1] == "retain":
+        assert retain_cpu_memory()
+    for _ in range(3):  # first touches
+        t = torch.empty(40 << 20, dtype=torch.uint8); t.fill_(1); del t
+    before = minor_page_faults()
+    for _ in range(20):
+        t = torch.empty(40 << 20, dtype=torch.uint8); t.fill_(1); del t
+    print(minor_page_faults() - before)
+    """
+)
+
+
+def _faults(policy: str) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, policy], capture_output=True, text=True, env=env, check=True
+    )
+    return int(out.stdout.strip())
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_retained_memory_is_reused_without_page_faults() -> None:
+    pages = (40 << 20) // 4096
+    system = _faults("system")
+    retain = _faults("retain")
+    assert system >= 15 * pages  # a fresh mapping, faulted page by page, each time
+    # the freed block is reused: at most a block or two placed anew (glibc may settle it
+    # at another address once), instead of twenty fresh mappings
+    assert retain <= 2 * pages
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_retain_and_release_return_true_on_glibc() -> None:
+    assert pdq.retain_cpu_memory() is True
+    assert pdq.retain_cpu_memory(False) is True
+    assert pdq.retain_cpu_memory() is True  # leave the faster setting for the rest of the run
+
+
+def test_not_glibc_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_memory.sys, "platform", "darwin")
+    assert cpu_memory.retain_cpu_memory() is False
+    monkeypatch.setattr(cpu_memory.sys, "platform", "linux")
+    monkeypatch.setattr(cpu_memory.platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert cpu_memory.retain_cpu_memory() is False
+
+
+def test_env_policy_values() -> None:
+    assert cpu_memory.cpu_memory_from_env({}) == "retain"
+    assert cpu_memory.cpu_memory_from_env({"PHANTOMDEQ_CPU_MEMORY": " System "}) == "system"
+    with pytest.raises(ValueError, match="PHANTOMDEQ_CPU_MEMORY='keep'.*retain, system"):
+        cpu_memory.cpu_memory_from_env({"PHANTOMDEQ_CPU_MEMORY": "keep"})
+
+
+def test_cli_applies_policy_and_refuses_a_wrong_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr("phantomdeq.cli.retain_cpu_memory", lambda: calls.append(True) or True)
+    assert cli_main(["configs"]) == 0
+    assert calls == [True]
+    monkeypatch.setenv("PHANTOMDEQ_CPU_MEMORY", "system")
+    assert cli_main(["configs"]) == 0
+    assert calls == [True]  # not applied
+    capsys.readouterr()
+    monkeypatch.setenv("PHANTOMDEQ_CPU_MEMORY", "always")
+    assert cli_main(["configs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "PHANTOMDEQ_CPU_MEMORY='always'" in err[0] and "retain, system" in err[0]
