@@ -206,6 +206,19 @@ def derive() -> list[dict[str, Any]]:
         "60000 samples * 5880 values * 2 bytes / 2^20",
         ["mnist_warm_start.json"],
     )
+    for run in (1, 2, 3):
+        name = f"solver_overhead_cpu_retain_run{run}.json"
+        res = _load(name)["results"]
+        ours = {(r["cell"], r["solver"]): r["solve_ms"] for r in res if r["mode"] == "eager"}
+        theirs = {(r["cell"], r["solver"]): r["solve_ms"] for r in res if r["mode"] == "torchdeq"}
+        for (cell, solver), ms in ours.items():
+            add(
+                f"solver overhead, retained memory, run {run}: {cell} {solver} "
+                "phantomdeq / TorchDEQ solve time",
+                ms / theirs[(cell, solver)],
+                "eager solve_ms / torchdeq solve_ms",
+                [name],
+            )
     return out
 
 

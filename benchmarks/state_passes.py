@@ -1,0 +1,130 @@
+"""Question: what is the lowest solver overhead the memory traffic of each solver allows on this
+CPU, i.e. how far are the measured overheads (solver_overhead.py) from their floor?
+
+Each solver iteration reads and writes whole states beside its f evaluation; a state is a few
+MiB, larger than the caches once f has run, so each pass streams it from memory. Streams per
+iteration (one read or write of a state; ``n = m = 5`` Anderson slots, Broyden iteration ``j``):
+
+* FixedPoint (damping 1): ``diff = fx - x`` (3), ``|diff|`` (1), ``|x|`` (1): **5**.
+* Anderson m=5 (beta 1): ``fx`` into its slot (2), ``G = fx - x`` (3), Gram row over the ``n``
+  slots (n + 1), ``|x|`` (1), mixing over the ``n`` image slots (n + 1): **18**.
+* Broyden, full memory (directions form): ``x + φ w_j`` (3), ``r = fx - x`` (3), inner products
+  with the ``j + 2`` directions (j + 4), ``U a`` over ``j`` directions (j + 1), ``r -= U a``
+  (3), ``|x|`` (1): ``2j + 15``, **32** on average over an 18-evaluation solve.
+
+This script times, cold (after writing 64 MiB elsewhere, as f's activations do), the
+elementary passes at the benchmark's state size (batch 64 x 24 x 32 x 32 float32): a norm
+(1 stream), a copy (2), a subtraction (3) and Anderson's two batched products over 5 slots; it
+fits the time per stream, times f (the bare loop, as solver_overhead.py), and prints the floor
+ratio ``1 + streams x time per stream / time per f`` for each solver and cell.
+
+    python benchmarks/state_passes.py [--cells light,mdeq] [--threads 2] [--repeats 30]
+        [--out benchmarks/results/state_passes.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import phantomdeq as pdq  # noqa: E402
+from _common import CELLS, machine, print_table, write_json  # noqa: E402
+
+#: state streams per iteration (see the module docstring)
+STREAMS = {"FixedPoint": 5.0, "Anderson m=5": 18.0, "Broyden": 2 * 8.5 + 15}
+
+
+def cold_ms(fn: Callable[[], object], flush: torch.Tensor, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        flush.fill_(1.0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="light,mdeq")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default="benchmarks/results/state_passes.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pdq.retain_cpu_memory()
+    b, c, s = 64, 24, 32
+    d = c * s * s
+    x, fx, buf = (torch.randn(b, d) for _ in range(3))
+    hist = torch.randn(b, 5, d)
+    flush = torch.empty(64 * 1024 * 1024 // 4)
+    with torch.no_grad():
+        ops = {
+            "norm (1 stream)": (1, lambda: torch.linalg.vector_norm(x, dim=1)),
+            "copy (2)": (2, lambda: buf.copy_(fx)),
+            "sub (3)": (3, lambda: torch.sub(fx, x, out=buf)),
+            "Gram row over 5 slots (6)": (
+                6,
+                lambda: torch.bmm(hist[:, 0].unsqueeze(1), hist.transpose(1, 2)),
+            ),
+            "mix of 5 slots (6)": (
+                6,
+                lambda: torch.bmm(torch.rand(b, 1, 5), hist, out=buf.view(b, 1, d)),
+            ),
+        }
+        op_ms = {name: cold_ms(fn, flush, args.repeats) for name, (_, fn) in ops.items()}
+    per_stream = sum(op_ms.values()) / sum(k for k, _ in ops.values())
+    rows: list[list[object]] = [[name, k, op_ms[name], op_ms[name] / k] for name, (k, _) in
+                                ops.items()]
+    print(f"cold passes over a {b} x {d} float32 state ({b * d * 4 / 2**20:.1f} MiB), "
+          f"{args.threads} threads, median of {args.repeats}")
+    print_table(["pass", "streams", "ms", "ms / stream"], rows)
+    print(f"fitted: {per_stream:.3f} ms per stream")
+    floors = []
+    frows: list[list[object]] = []
+    for cell_name in args.cells.split(","):
+        torch.manual_seed(0)
+        cell = CELLS[cell_name](c).eval()
+        xin = torch.randn(b, c, s, s)
+        z = torch.zeros_like(xin)
+        with torch.no_grad():
+            cell(z, xin)
+            times = []
+            for _ in range(max(5, args.repeats // 3)):
+                t0 = time.perf_counter()
+                z = cell(z, xin)
+                times.append(time.perf_counter() - t0)
+        f_ms = statistics.median(times) * 1e3
+        for solver, streams in STREAMS.items():
+            floor = 1.0 + streams * per_stream / f_ms
+            floors.append(
+                {"cell": cell_name, "solver": solver, "f_ms": f_ms, "streams": streams,
+                 "floor_ratio": floor}
+            )
+            frows.append([cell_name, solver, f_ms, streams, floor])
+    print_table(["cell", "solver", "f ms", "streams / iter", "floor ratio"], frows)
+    write_json(
+        args.out,
+        {
+            "machine": {**machine(), "loadavg": os.getloadavg()},
+            "args": vars(args),
+            "state_mib": b * d * 4 / 2**20,
+            "pass_ms": op_ms,
+            "ms_per_stream": per_stream,
+            "floors": floors,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
