@@ -82,7 +82,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     applied = pdq.retain_cpu_memory() if args.child == "retain" else False
     out: dict[str, Any] = {
-        "policy": args.child, "applied": applied, "cell": args.cells, "group": args.group
+        "policy": args.child,
+        "applied": applied,
+        "cell": args.cells,
+        "group": args.group,
     }
     torch.manual_seed(0)
     cell = CELLS[args.cells](args.channels)
@@ -162,9 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                     {"cell": cell, "group": group, "variant": variant, **agg, "speedup": speedup}
                 )
                 rows.append(
-                    [cell, group, variant, agg["system"]["ms"], agg["retain"]["ms"], speedup,
-                     int(agg["system"]["faults"]), int(agg["retain"]["faults"]),
-                     agg["system"]["sys_ms"], agg["retain"]["sys_ms"]]
+                    [
+                        cell,
+                        group,
+                        variant,
+                        agg["system"]["ms"],
+                        agg["retain"]["ms"],
+                        speedup,
+                        int(agg["system"]["faults"]),
+                        int(agg["retain"]["faults"]),
+                        agg["system"]["sys_ms"],
+                        agg["retain"]["sys_ms"],
+                    ]
                 )
     print(
         f"CPU memory policy: batch {args.batch} x {args.channels} x {args.size}^2, "
@@ -172,8 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} calls; faults = minor page faults per call"
     )
     print_table(
-        ["cell", "process", "call", "system ms", "retain ms", "speedup", "faults sys", "faults ret",
-         "kernel ms sys", "kernel ms ret"],
+        [
+            "cell",
+            "process",
+            "call",
+            "system ms",
+            "retain ms",
+            "speedup",
+            "faults sys",
+            "faults ret",
+            "kernel ms sys",
+            "kernel ms ret",
+        ],
         rows,
     )
     for p in POLICIES:

@@ -265,8 +265,18 @@ def main(argv: list[str] | None = None) -> int:
         f"(TorchDEQ: vs eager); CPU memory: {args.cpu_memory}"
     )
     print_table(
-        ["cell", "solver", "mode", "solve ms", f"{n} x f ms", "ratio", "(min)", "faults", "goal",
-         "met"],
+        [
+            "cell",
+            "solver",
+            "mode",
+            "solve ms",
+            f"{n} x f ms",
+            "ratio",
+            "(min)",
+            "faults",
+            "goal",
+            "met",
+        ],
         rows,
     )
     write_json(

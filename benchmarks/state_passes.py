@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         op_ms = {name: cold_ms(fn, flush, args.repeats) for name, (_, fn) in ops.items()}
     per_stream = sum(op_ms.values()) / sum(k for k, _ in ops.values())
-    rows: list[list[object]] = [[name, k, op_ms[name], op_ms[name] / k] for name, (k, _) in
-                                ops.items()]
-    print(f"cold passes over a {b} x {d} float32 state ({b * d * 4 / 2**20:.1f} MiB), "
-          f"{args.threads} threads, median of {args.repeats}")
+    rows: list[list[object]] = [
+        [name, k, op_ms[name], op_ms[name] / k] for name, (k, _) in ops.items()
+    ]
+    print(
+        f"cold passes over a {b} x {d} float32 state ({b * d * 4 / 2**20:.1f} MiB), "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     print_table(["pass", "streams", "ms", "ms / stream"], rows)
     print(f"fitted: {per_stream:.3f} ms per stream")
     floors = []
@@ -107,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         for solver, streams in STREAMS.items():
             floor = 1.0 + streams * per_stream / f_ms
             floors.append(
-                {"cell": cell_name, "solver": solver, "f_ms": f_ms, "streams": streams,
-                 "floor_ratio": floor}
+                {
+                    "cell": cell_name,
+                    "solver": solver,
+                    "f_ms": f_ms,
+                    "streams": streams,
+                    "floor_ratio": floor,
+                }
             )
             frows.append([cell_name, solver, f_ms, streams, floor])
     print_table(["cell", "solver", "f ms", "streams / iter", "floor ratio"], frows)
