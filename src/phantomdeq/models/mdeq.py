@@ -47,6 +47,7 @@ from phantomdeq.precision import AutocastCell
 from phantomdeq.solvers.base import Solution, Solver
 
 from .mdeq_config import MDEQ_CONFIG_NAMES, MDEQConfig, mdeq_config, with_overrides
+from .mdeq_layers import Head, conv, conv3x3, make_stem
 
 __all__ = [
     "MDEQ",
@@ -62,27 +63,6 @@ _MODES = ("deq", "unrolled")
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-_INIT_STD = 0.01
-
-
-def _conv(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    """Convolution initialised as in MDEQ: weights ~ N(0, 0.01^2), zero bias.
-
-    Every convolution is followed by a normalisation, so the small scale only matters where a
-    convolution's output is added to an unnormalised signal -- in the block, ``conv2(...)`` is
-    added to the injection, which makes ``F`` close to contractive at initialisation.
-    """
-    conv = nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=bias)
-    nn.init.normal_(conv.weight, mean=0.0, std=_INIT_STD)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    return conv
-
-
-def _conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    return _conv(cin, cout, 3, stride, bias)
 
 
 def _maybe_wn(conv: nn.Conv2d, enabled: bool) -> nn.Conv2d:
@@ -104,9 +84,9 @@ class BasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         inner = channels * expansion
-        self.conv1 = _maybe_wn(_conv3x3(channels, inner), use_weight_norm)
+        self.conv1 = _maybe_wn(conv3x3(channels, inner), use_weight_norm)
         self.gn1 = nn.GroupNorm(num_groups, inner)
-        self.conv2 = _maybe_wn(_conv3x3(inner, channels), use_weight_norm)
+        self.conv2 = _maybe_wn(conv3x3(inner, channels), use_weight_norm)
         self.gn2 = nn.GroupNorm(num_groups, channels)
         self.gn3 = nn.GroupNorm(num_groups, channels)
         self.drop = VariationalDropout2d(dropout, spatial=spatial_dropout)
@@ -129,7 +109,7 @@ class _Downsample(nn.Module):
         for k in range(levels):
             last = k == levels - 1
             c_out = cout if last else cin
-            layers += [_conv3x3(cin, c_out, stride=2), nn.GroupNorm(num_groups, c_out)]
+            layers += [conv3x3(cin, c_out, stride=2), nn.GroupNorm(num_groups, c_out)]
             if not last:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
@@ -143,7 +123,7 @@ class _Upsample(nn.Module):
 
     def __init__(self, cin: int, cout: int, num_groups: int, mode: str) -> None:
         super().__init__()
-        self.conv = _conv(cin, cout, 1)
+        self.conv = conv(cin, cout, 1)
         self.gn = nn.GroupNorm(num_groups, cout)
         self.mode = mode
 
@@ -198,7 +178,7 @@ class MDEQCell(nn.Module):
         self.post_fuse = nn.ModuleList(
             nn.Sequential(
                 nn.ReLU(),
-                _maybe_wn(_conv(c, c, 1), cfg.weight_norm),
+                _maybe_wn(conv(c, c, 1), cfg.weight_norm),
                 nn.GroupNorm(g // 2, c),
             )
             for c in cfg.channels
@@ -238,84 +218,6 @@ class MDEQCell(nn.Module):
                     acc = acc + row[j](outs[j], size)
             fused.append(self.post_fuse[i](acc))
         return tuple(fused)
-
-
-class _Bottleneck(nn.Module):
-    """ResNet bottleneck (expansion 4) with a projection shortcut, used by MDEQ's head."""
-
-    expansion = 4
-
-    def __init__(self, cin: int, planes: int) -> None:
-        super().__init__()
-        cout = planes * self.expansion
-        self.body = nn.Sequential(
-            _conv(cin, planes, 1),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(),
-            _conv3x3(planes, planes),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(),
-            _conv(planes, cout, 1),
-            nn.BatchNorm2d(cout),
-        )
-        self.shortcut = nn.Sequential(_conv(cin, cout, 1), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-class _Head(nn.Module):
-    """MDEQ classification head: per-branch bottlenecks, downsample-and-add, 1x1, pool, linear."""
-
-    def __init__(self, cfg: MDEQConfig, num_classes: int) -> None:
-        super().__init__()
-        e = _Bottleneck.expansion
-        self.incre = nn.ModuleList(
-            _Bottleneck(c, hc) for c, hc in zip(cfg.channels, cfg.head_channels, strict=True)
-        )
-        self.down = nn.ModuleList(
-            nn.Sequential(
-                _conv3x3(cfg.head_channels[i] * e, cfg.head_channels[i + 1] * e, 2, bias=True),
-                nn.BatchNorm2d(cfg.head_channels[i + 1] * e),
-                nn.ReLU(),
-            )
-            for i in range(cfg.num_branches - 1)
-        )
-        self.final = nn.Sequential(
-            _conv(cfg.head_channels[-1] * e, cfg.final_channels, 1, bias=True),
-            nn.BatchNorm2d(cfg.final_channels),
-            nn.ReLU(),
-        )
-        self.classifier = nn.Linear(cfg.final_channels, num_classes)
-
-    def forward(self, h: Sequence[Tensor]) -> Tensor:
-        y = self.incre[0](h[0])
-        for i, down in enumerate(self.down):
-            y = self.incre[i + 1](h[i + 1]) + down(y)
-        y = self.final(y)
-        y = y.mean(dim=(-2, -1))
-        return self.classifier(y)
-
-
-def _make_stem(cfg: MDEQConfig, in_channels: int) -> nn.Sequential:
-    """Two conv3x3-BN-ReLU layers (stride 2 each while ``downsample_times`` allows).
-
-    As in MDEQ, an extra 1x1 conv-BN-ReLU projection is added unless the model is a small
-    (<= 2 branch) full-resolution one, where the stem itself is the injection transform.
-    """
-    c = cfg.channels[0]
-    ds = cfg.downsample_times
-    layers: list[nn.Module] = [
-        _conv3x3(in_channels, c, stride=2 if ds >= 1 else 1),
-        nn.BatchNorm2d(c),
-        nn.ReLU(),
-        _conv3x3(c, c, stride=2 if ds >= 2 else 1),
-        nn.BatchNorm2d(c),
-        nn.ReLU(),
-    ]
-    if not (ds == 0 and cfg.num_branches <= 2):
-        layers += [_conv(c, c, 1), nn.BatchNorm2d(c), nn.ReLU()]
-    return nn.Sequential(*layers)
 
 
 # --------------------------------------------------------------------------- the model
@@ -384,7 +286,7 @@ class MDEQ(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.stem = _make_stem(cfg, in_channels)
+        self.stem = make_stem(cfg, in_channels)
         self.deq = DEQ(
             MDEQCell(cfg),
             solver=solver,
@@ -392,7 +294,7 @@ class MDEQ(nn.Module):
             eval_solver=eval_solver,
             correction=correction,
         )
-        self.head = _Head(cfg, num_classes)
+        self.head = Head(cfg, num_classes)
 
     @property
     def f(self) -> MDEQCell:
