@@ -93,3 +93,22 @@ def test_cli_applies_policy_and_refuses_a_wrong_value(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "PHANTOMDEQ_CPU_MEMORY='always'" in err[0] and "retain, system" in err[0]
+
+
+def test_ablate_pool_workers_take_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from phantomdeq.experiments.stop_workers import init_worker
+
+    calls: list[bool] = []
+    monkeypatch.setattr(cpu_memory, "retain_cpu_memory", lambda: calls.append(True) or True)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        init_worker(False)
+        assert calls == []
+        init_worker(True)
+        assert calls == [True]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -62,10 +62,11 @@ from typing import Any
 
 from phantomdeq import grad as pdq_grad
 from phantomdeq.cli import HelpFormatter, user_error
+from phantomdeq.cpu_memory import cpu_memory_from_env
 from phantomdeq.train.config import NESTED_SOLVERS
 
 from .ablation_report import write_reports
-from .stop_workers import StopWorkers, ignore_stop_signals
+from .stop_workers import StopWorkers, init_worker
 
 __all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs"]
 
@@ -373,7 +374,10 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=ignore_stop_signals) as pool:
+    retain = cpu_memory_from_env() == "retain"  # validated by the command line already
+    with ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=init_worker, initargs=(retain,)
+    ) as pool:
         futures = {
             pool.submit(_run_worker, (s.config, str(out / "runs" / s.name), threads)): s
             for s in todo

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StopWorkers", "ignore_stop_signals"]
+__all__ = ["StopWorkers", "ignore_stop_signals", "init_worker"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -22,6 +22,17 @@ def ignore_stop_signals() -> None:
     their checkpoint)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def init_worker(retain_memory: bool) -> None:
+    """Pool initializer of ``ablate --jobs``: :func:`ignore_stop_signals`, and the parent's CPU
+    memory policy (a spawned worker starts with the C library's defaults; see
+    :func:`phantomdeq.retain_cpu_memory`)."""
+    ignore_stop_signals()
+    if retain_memory:
+        from phantomdeq.cpu_memory import retain_cpu_memory
+
+        retain_cpu_memory()
 
 
 class StopWorkers:
