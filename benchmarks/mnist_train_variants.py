@@ -9,8 +9,15 @@ test accuracy. Used for the warm-start and adaptive-k measurements in EXPERIMENT
         --out benchmarks/results/mnist_adaptive.json
 
 ``--set KEY=VALUE`` applies to every variant; ``--variant NAME:KEY=VALUE,...`` adds a run;
-``--jobs N`` trains N variants at once (one process and one thread each), so that variants
-compared on step time run under the same machine load.
+``--jobs N`` trains N variants at once (one fresh process and one thread each), so that variants
+compared on step time run under the same machine load. The variant key ``cpu_memory=retain``
+or ``cpu_memory=system`` (not a config key; needs ``--jobs`` >= 2) sets the process's CPU memory
+policy (``pdq.retain_cpu_memory``); without it a variant runs under glibc's defaults:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mnist_train_variants.py --jobs 2 \
+        --config configs/ablation/mnist_upg.yaml --set data.root=../shared/data/mnist \
+        --variant system:cpu_memory=system --variant retain:cpu_memory=retain \
+        --out benchmarks/results/mnist_cpu_memory.json
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any
 import torch
 import yaml
 
+import phantomdeq as pdq
+from phantomdeq.cpu_memory import minor_page_faults
 from phantomdeq.train import config_from_dict, run_training
 from phantomdeq.train.metrics_log import read_metrics
 
@@ -74,7 +83,16 @@ def _run_variant(base: dict[str, Any], spec: str) -> tuple[str, dict[str, Any]]:
     torch.set_num_threads(1)
     name, _, rest = spec.partition(":")
     raw = json.loads(json.dumps(base))
-    _apply(raw, [a for a in rest.split(",") if a])
+    items = [a for a in rest.split(",") if a]
+    for item in [a for a in items if a.startswith("cpu_memory=")]:
+        items.remove(item)
+        policy = item.partition("=")[2]
+        if policy not in ("retain", "system"):
+            raise SystemExit(f"variant {name}: cpu_memory={policy!r}; allowed: retain, system")
+        if policy == "retain":
+            pdq.retain_cpu_memory()
+    _apply(raw, items)
+    faults0 = minor_page_faults()
     raw.setdefault("log", {}).update(progress=False, every=1, tensorboard=False, plot=False)
     cfg = config_from_dict(raw)
     t0 = time.perf_counter()
@@ -82,6 +100,7 @@ def _run_variant(base: dict[str, Any], spec: str) -> tuple[str, dict[str, Any]]:
         final = run_training(cfg, Path(tmp) / name, progress=False)
         summary = _summary(Path(tmp) / name)
     summary["wall_s"] = time.perf_counter() - t0
+    summary["minor_page_faults"] = minor_page_faults() - faults0
     summary["final"] = {k: final.get(k) for k in ("test_acc", "best_test_acc", "fwd_nstep")}
     summary["overrides"] = rest
     print(f"{name}: {json.dumps(summary['per_epoch'])} acc {summary['test_acc']}", flush=True)
@@ -108,9 +127,12 @@ def main() -> None:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        # one fresh process per variant: a CPU memory policy is process-wide
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
             done = list(pool.map(_run_variant, [base] * len(args.variant), args.variant))
     else:
+        if any("cpu_memory=" in spec for spec in args.variant):
+            ap.error("--variant ...cpu_memory=...: needs --jobs 2 or more (a process per variant)")
         done = [_run_variant(base, spec) for spec in args.variant]
     results = dict(done)
     out = {
