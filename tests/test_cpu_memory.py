@@ -18,20 +18,24 @@ from phantomdeq.cli import main as cli_main
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
-# 20 tensors of 40 MiB allocated, written and freed in turn (each is 10,240 pages of 4 KiB):
-# above glibc's largest mmap threshold (32 MiB), so by default each one is a fresh mapping
+# 20 blocks of 40 MiB allocated, written and freed in turn (each is 10,240 pages of 4 KiB):
+# above glibc's largest mmap threshold (32 MiB), so by default each one is a fresh mapping.
+# bytearray(n) is a malloc'd block that CPython zero-fills (every page written), as a CPU tensor
+# is; the module is loaded from its file, without torch, so that the probe starts in a moment.
 PROBE = textwrap.dedent(
     """
-    import sys, torch
-    from phantomdeq.cpu_memory import minor_page_faults, retain_cpu_memory
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("cpu_memory", sys.argv[2])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     if sys.argv[1] == "retain":
-        assert retain_cpu_memory()
+        assert mod.retain_cpu_memory()
     for _ in range(3):  # first touches
-        t = torch.empty(40 << 20, dtype=torch.uint8); t.fill_(1); del t
-    before = minor_page_faults()
+        b = bytearray(40 << 20); del b
+    before = mod.minor_page_faults()
     for _ in range(20):
-        t = torch.empty(40 << 20, dtype=torch.uint8); t.fill_(1); del t
-    print(minor_page_faults() - before)
+        b = bytearray(40 << 20); del b
+    print(mod.minor_page_faults() - before)
     """
 )
 
@@ -39,7 +43,11 @@ PROBE = textwrap.dedent(
 def _faults(policy: str) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, policy], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", PROBE, policy, cpu_memory.__file__],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     return int(out.stdout.strip())
 
