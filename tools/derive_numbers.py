@@ -30,6 +30,16 @@ def _record(doc: dict[str, Any], method: str) -> dict[str, Any]:
     raise KeyError(f"no record {method!r}")
 
 
+def _ours_over_torchdeq(name: str) -> dict[tuple[str, str], float]:
+    """(cell, solver) -> our eager solve time / TorchDEQ's, from a solver_overhead.py file."""
+    ms = {(r["cell"], r["solver"], r["mode"]): r["solve_ms"] for r in _load(name)["results"]}
+    return {
+        (cell, solver): v / ms[(cell, solver, "torchdeq")]
+        for (cell, solver, mode), v in ms.items()
+        if mode == "eager" and (cell, solver, "torchdeq") in ms
+    }
+
+
 def derive() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
@@ -134,19 +144,11 @@ def derive() -> list[dict[str, Any]]:
         "solver_overhead_cpu_2threads.json",
     ]
     for name in runs:
-        res = _load(name)["results"]
+        ratios = _ours_over_torchdeq(name)
         for solver in ("FixedPoint", "Anderson", "Broyden"):
-            ours = next(
-                r for r in res if (r["cell"], r["solver"], r["mode"]) == ("light", solver, "eager")
-            )
-            peer = next(
-                r
-                for r in res
-                if (r["cell"], r["solver"], r["mode"]) == ("light", solver, "torchdeq")
-            )
             add(
                 f"dev CPU light cell, {name}: {solver} solve time ours / TorchDEQ",
-                ours["solve_ms"] / peer["solve_ms"],
+                ratios[("light", solver)],
                 "eager solve_ms / torchdeq solve_ms",
                 [name],
             )
@@ -208,14 +210,11 @@ def derive() -> list[dict[str, Any]]:
     )
     for run in (1, 2, 3):
         name = f"solver_overhead_cpu_retain_run{run}.json"
-        res = _load(name)["results"]
-        ours = {(r["cell"], r["solver"]): r["solve_ms"] for r in res if r["mode"] == "eager"}
-        theirs = {(r["cell"], r["solver"]): r["solve_ms"] for r in res if r["mode"] == "torchdeq"}
-        for (cell, solver), ms in ours.items():
+        for (cell, solver), ratio in _ours_over_torchdeq(name).items():
             add(
                 f"solver overhead, retained memory, run {run}: {cell} {solver} "
                 "phantomdeq / TorchDEQ solve time",
-                ms / theirs[(cell, solver)],
+                ratio,
                 "eager solve_ms / torchdeq solve_ms",
                 [name],
             )

@@ -5,8 +5,9 @@ the mmap threshold (128 KiB, growing up to 32 MiB with use) is a fresh ``mmap`` 
 unmapped when the tensor dies, so the next tensor of that size costs one page fault per 4 KiB
 page touched (the kernel zero-fills each page). A DEQ's forward solve allocates and frees
 states and the cell's activations every iteration, each several MiB: on the development
-machine's 2 cores the MDEQ-Tiny cell at batch 64 spent 1.8 s of 2.5 s per 18 evaluations
-in the kernel, serving 547,000 page faults (``benchmarks/cpu_memory.py``).
+machine's 2 cores, 18 evaluations of the MDEQ-Tiny cell at batch 64 took 2.29 s, 1.34 s of it
+in the kernel serving 357,216 page faults (``benchmarks/cpu_memory.py``,
+``benchmarks/results/cpu_memory.json``).
 
 :func:`retain_cpu_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block from the heap) and
 ``M_TRIM_THRESHOLD`` to its largest value (free memory is kept for reuse), the effect of

@@ -22,11 +22,11 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False) 
     convolution's output is added to an unnormalised signal -- in the block, ``conv2(...)`` is
     added to the injection, which makes ``F`` close to contractive at initialisation.
     """
-    conv = nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=bias)
-    nn.init.normal_(conv.weight, mean=0.0, std=_INIT_STD)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    return conv
+    layer = nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=bias)
+    nn.init.normal_(layer.weight, mean=0.0, std=_INIT_STD)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
