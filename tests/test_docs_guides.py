@@ -1,5 +1,5 @@
-"""The code of the documentation pages runs: every ```python block of docs/index.md and
-docs/guides/*.md, each page's blocks in order in one namespace (a block right after a
+"""The code of the documentation pages runs: every ```python block of README.md, docs/index.md
+and docs/guides/*.md, each page's blocks in order in one namespace (a block right after a
 ``<!-- no-test -->`` line is skipped), from a temporary working directory."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = [DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
 SKIP = "<!-- no-test -->"
 _FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
@@ -35,6 +36,8 @@ def test_the_guides_exist_and_each_runs_code() -> None:
         "training",
         "reproducing",
         "migrating-from-torchdeq",
+        "speed",
+        "second-order",
     } <= names
     for page in PAGES:
         assert python_blocks(page.read_text(encoding="utf-8")), f"{page.name}: no tested code"
@@ -45,7 +48,7 @@ def test_block_extraction_honours_the_marker() -> None:
     assert python_blocks(text) == [(3, "x = 1\n")]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).as_posix() for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
 def test_page_code_runs(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -55,7 +58,7 @@ def test_page_code_runs(
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
     try:
         for line, code in python_blocks(page.read_text(encoding="utf-8")):
-            compiled = compile(code, f"{page.relative_to(DOCS)}:{line}", "exec")
+            compiled = compile(code, f"{page.relative_to(ROOT)}:{line}", "exec")
             exec(compiled, namespace)  # noqa: S102 - the documentation's own code
     finally:
         torch.set_num_threads(threads)

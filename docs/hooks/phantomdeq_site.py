@@ -7,6 +7,9 @@
 * Math: ``$...$`` / ``$$...$$`` (pymdownx.arithmatex, generic mode) in pages and docstrings is
   converted to MathML at build time (latex2mathml), so the site renders equations with no
   JavaScript and no network.
+* The repository's ``EXPERIMENTS.md`` and ``BENCHMARKS.md`` become the site's pages
+  ``experiments.md`` and ``benchmarks.md`` (:data:`ROOT_PAGES`; their ``docs/`` image paths
+  rewritten), so the measured numbers live in one file each and the site shows them.
 * The build fails when a public object (a name in the ``__all__`` of a module listed in
   :data:`PUBLIC_MODULES`) has no docstring or appears on no page of the API reference.
 """
@@ -44,6 +47,9 @@ PUBLIC_MODULES = (
 )
 
 _MARKERS = ("config-options", "cli-help", "presets")
+
+#: repository files published as site pages: file at the repository root -> page in the site
+ROOT_PAGES = {"EXPERIMENTS.md": "experiments.md", "BENCHMARKS.md": "benchmarks.md"}
 
 
 # --------------------------------------------------------------------------- generated pages
@@ -227,6 +233,21 @@ _GENERATORS = {
     "cli-help": cli_help_markdown,
     "presets": presets_markdown,
 }
+
+
+def root_page_markdown(text: str) -> str:
+    """A root document as a page at the top of the site: ``docs/x.png`` becomes ``x.png``."""
+    return re.sub(r"\]\(docs/", "](", text)
+
+
+def on_files(files: Any, config: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    root = Path(config["docs_dir"]).resolve().parent
+    for name, uri in ROOT_PAGES.items():
+        text = (root / name).read_text(encoding="utf-8")
+        files.append(File.generated(config, uri, content=root_page_markdown(text)))
+    return files
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
