@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks tools docs/hooks
 	$(PY) -m ruff format --check src tests benchmarks tools docs/hooks
 
-# every measured number in README.md, EXPERIMENTS.md, BENCHMARKS.md against its committed source
+# every measured number in README.md, EXPERIMENTS.md, BENCHMARKS.md and docs/ against its committed source
 # (convention: results/README.md); also run by `make test` (tests/test_check_results.py)
 check-results:
 	$(PYTHON) tools/check_results.py

@@ -2,7 +2,7 @@
 
 The checker is tested on small documents written here (what counts as a measured number, how a
 source comment applies, rounding to the printed precision, the messages), and then run on the
-real README.md, EXPERIMENTS.md and BENCHMARKS.md: that last test is what makes `make test` fail
+real README.md, EXPERIMENTS.md, BENCHMARKS.md and every page under docs/: that last test is what makes `make test` fail
 when a document gains a number without a source or one that differs from it."""
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def test_what_counts_as_a_measured_number() -> None:
     assert _numbers("UPG(5, 0.5) and A_{5,0.5}, NPG(5|9, 0.5), k ∈ {0.3, 0.5}") == []
     assert _numbers("on 2026-11-27 at 02:27 UTC with torch 2.13.0, 28×28 maps") == []
     assert _numbers("λ = 0.5 and tol=1e-3") == []
+    assert _numbers("math $\\|W\\|_2 = 0.9$ and $(1-\\lambda) h_{t+1}$, $$x^{2.5}$$") == []
+    assert _numbers("`$OUT` holds 1.5 s") == ["1.5"]  # a lone $ in code opens no math
     # table rows: every number after the first cell, integers included
     assert _numbers("| 0.5 | 0.951 | 12 | 5 (0) |") == ["0.951", "12", "5", "0"]
     assert _numbers("|---|---|") == []
@@ -117,5 +119,8 @@ def test_main_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_the_documents_have_a_source_for_every_number() -> None:
+    assert {"README.md", "EXPERIMENTS.md", "BENCHMARKS.md", "docs/guides/choosing.md"} <= set(
+        cr.DOCUMENTS
+    )
     problems = [str(p) for d in cr.DOCUMENTS for p in cr.check_document(REPO / d)]
     assert not problems, "\n".join(problems)

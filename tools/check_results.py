@@ -1,6 +1,6 @@
 """Check that every measured number in the project's documents has a committed source.
 
-    python tools/check_results.py [DOC ...]        # default: README.md EXPERIMENTS.md BENCHMARKS.md
+    python tools/check_results.py [DOC ...]        # default: README.md EXPERIMENTS.md BENCHMARKS.md docs/**/*.md
 
 The convention is documented at the top of ``results/README.md``. In short:
 
@@ -12,7 +12,7 @@ The convention is documented at the top of ``results/README.md``. In short:
   ``640 ms``, ``1.4×``, ``255 MiB``, ``2 points``); in a range ``50–80 ms`` both ends are.
   In a table row every number after the first cell is measured, integers included.
 * Not measurements, and never checked: text in code (fenced or 4-space indented blocks, inline
-  backticks), headings, HTML comments, link targets; the first cell of every table row and the
+  backticks), math (``$...$``, ``$$...$$`` on one line), headings, HTML comments, link targets; the first cell of every table row and the
   header row (labels); dates, clock times and versions; ``N×M`` shapes; estimator notation
   ``UPG(5, 0.5)``, ``A_{5,0.5}``; a number right after ``=`` or inside ``{...}`` of a set
   (``λ = 0.5``, ``k ∈ {1, 3}``); a number right after one of :data:`LABEL_WORDS` (``eq. 17``,
@@ -47,7 +47,13 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "EXPERIMENTS.md", "BENCHMARKS.md")
+#: the documents checked by default: the three top-level ones and every page of the site
+DOCUMENTS = (
+    "README.md",
+    "EXPERIMENTS.md",
+    "BENCHMARKS.md",
+    *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").rglob("*.md")),
+)
 
 #: words after which a number is a label, not a measurement
 LABEL_WORDS = (
@@ -88,6 +94,7 @@ _SOURCE = re.compile(r"<!--\s*source:\s*(?P<paths>.*?)\s*-->")
 _STRIP = [
     re.compile(r"<!--.*?-->"),  # HTML comments
     re.compile(r"`[^`]*`"),  # inline code
+    re.compile(r"\$\$.*?\$\$|\$[^$\s][^$]*\$"),  # math: notation, not measurements
     re.compile(r"\]\([^)]*\)"),  # link targets
     re.compile(r"https?://\S+"),
     re.compile(r"\b\d{4}-\d{2}-\d{2}\b"),  # dates
