@@ -521,26 +521,27 @@ def test_phantom_second_order_differs_from_the_true_one():
     assert D.relative_error(hvp_npg, hvp_ift) > 1e-2
 
 
-# --------------------------------------------------------------------------- README example
+# --------------------------------------------------------------------------- the guide's example
 
 
-def test_readme_gradient_penalty_example():
-    """The README's example, executed as written: a finite penalty, every backward and adjoint
-    solve converged (no warning: pytest turns warnings into errors), gradients in .grad that
-    include the penalty's second-order term."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Second-order gradients") :]
-    code = section[section.index("```python") + len("```python") : section.index("```\n\n")]
+def test_guide_gradient_penalty_example():
+    """The gradient-penalty example of docs/guides/second-order.md (formerly in the README),
+    executed as written: a finite penalty, every backward and adjoint solve converged (no
+    warning: pytest turns warnings into errors), gradients in .grad that include the penalty's
+    second-order term."""
+    guide = Path(__file__).resolve().parents[1] / "docs" / "guides" / "second-order.md"
+    text = guide.read_text(encoding="utf-8")
+    code = text[text.index("```python") + len("```python") : text.index("```\n\n")]
     torch.manual_seed(0)
     ns: dict = {}
-    exec(compile(code, "README.md", "exec"), ns)
+    exec(compile(code, str(guide.name), "exec"), ns)
     cell, info, penalty = ns["cell"], ns["info"], ns["penalty"]
     assert math.isfinite(float(penalty.detach())) and float(penalty.detach()) > 0
     assert info.result == "converged" and info.backward.result == "converged"
     assert ns["deq"].grad.last_adjoint.result == "converged"
     with_penalty = [p.grad.clone() for p in cell.parameters()]
     cell.zero_grad()
-    z, _ = ns["deq"](torch.zeros(32, 64), ns["x"])
+    z, _ = ns["deq"](torch.zeros_like(ns["x"]), ns["x"])
     z.square().mean().backward()
     assert D.relative_error([p.grad for p in cell.parameters()], with_penalty) > 1e-3
 
