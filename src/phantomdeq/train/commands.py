@@ -6,7 +6,8 @@
 A run folder that already holds a run is refused unless ``--resume`` (continue it from
 ``last.pt``; without it from ``best.pt``, which holds the same complete state of its epoch,
 with a notice; with no checkpoint yet the run starts from the beginning, unless
-``metrics.jsonl`` records finished epochs: then the resume is refused and nothing changes) or
+``metrics.jsonl`` records more than the first epoch or the config differs from the folder's
+``config.yaml``: then the resume is refused and nothing changes) or
 ``--overwrite`` (delete the old run's files and start afresh). ``--resume --set
 train.epochs=N`` with a larger N extends a finished run.
 

@@ -10,9 +10,11 @@ Where ``--resume`` starts (:meth:`CheckpointMixin._resume_position`), nothing lo
   ``last.pt`` written with it, so the run continues bit for bit from that epoch; the records
   after it in ``metrics.jsonl`` are dropped and trained again, and ``train.epochs`` may not be
   below the epochs the history records;
-* with neither, from the beginning only when ``metrics.jsonl`` records no finished epoch (a
-  run killed before its first checkpoint) and the config matches the folder's ``config.yaml``;
-  otherwise the resume is refused, nothing changed, with what to do.
+* with neither, from the beginning only when ``metrics.jsonl`` records at most one finished
+  epoch (what a run killed before its first checkpoint leaves: the first epoch's record is
+  written just before its checkpoint) and the config matches the folder's ``config.yaml``
+  (beyond what a resume may change), so that the records dropped are trained again as they
+  were; otherwise the resume is refused, nothing changed, with what to do.
 
 A ``best.pt`` written by another model (a config that differs beyond what a resume may change)
 is refused rather than overwritten, a ``metrics.jsonl`` deleted or emptied since the checkpoint
@@ -83,13 +85,15 @@ class CheckpointMixin(TrainerState):
                     if history > epoch
                     else ""
                 )
-                self._note(
-                    f"no last.pt in {str(self.out_dir)!r}; resuming from best.pt, the complete "
-                    f"state after epoch {epoch} (step {step}){later}"
+                self._load_resume(
+                    best,
+                    state=state,
+                    history_epochs=history,
+                    announce=f"no last.pt in {str(self.out_dir)!r}; resuming from best.pt, the "
+                    f"complete state after epoch {epoch} (step {step}){later}",
                 )
-                self._load_resume(best, state=state, history_epochs=history)
                 return
-        if history > 0:
+        if history > 1:  # a kill before the first checkpoint leaves one epoch at most
             raise RunFolderError(
                 f"--resume: {str(self.out_dir)!r} has no last.pt{best_problem or ' nor best.pt'} "
                 f"to continue from, but its metrics.jsonl records {history} trained epoch(s); "
@@ -130,10 +134,12 @@ class CheckpointMixin(TrainerState):
         *,
         state: dict[str, Any] | None = None,
         history_epochs: int = 0,
+        announce: str = "",
     ) -> None:
         """Restore the run from the checkpoint ``path`` (default ``last.pt``; ``state`` when
         already loaded); ``history_epochs``: the epochs ``metrics.jsonl`` records, which
-        ``train.epochs`` may not go below either."""
+        ``train.epochs`` may not go below either; ``announce``: a note printed once every
+        check has passed."""
         cfg = self.config
         path = self.out_dir / "last.pt" if path is None else path
         if state is None:
@@ -196,6 +202,8 @@ class CheckpointMixin(TrainerState):
         self._saved_epochs = saved.train.epochs
         if path.name != "best.pt":
             self._adopt_best()
+        if announce:
+            self._note(announce)
         if self.dist.is_main:
             metrics = self.out_dir / "metrics.jsonl"
             kept = truncate_metrics(metrics, self.epoch, self.step, self.batch)
