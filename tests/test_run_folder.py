@@ -6,6 +6,7 @@ evaluated (NaN weights, another model)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -500,7 +501,7 @@ def test_a_file_size_limit_while_saving_a_checkpoint_is_one_line(
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("phantomdeq train:")]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert f"cannot write {str(trained)!r}"[:-1] in lines[0] and ".pt'" in lines[0]
+    assert re.search(rf"cannot write '{re.escape(str(trained))}/(best|last)\.pt'", lines[0])
     assert "(EFBIG" in lines[0] and "then continue with:" in lines[0]
     assert load_checkpoint(trained / "last.pt")["epoch"] == 1
     assert [r["kind"] for r in read_metrics(trained / "metrics.jsonl")][-1] == "epoch"

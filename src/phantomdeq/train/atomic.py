@@ -57,7 +57,7 @@ class OutputWriteError(OSError):
     no permission ...). ``str()`` is one line naming the file, the cause and what to do; the
     original error is ``__cause__``, its number ``errno``, the file ``filename``."""
 
-    def __init__(self, message: str, *, code: int | None, path: str) -> None:
+    def __init__(self, message: str, *, code: int | None = None, path: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.errno = code  # type: ignore[assignment]
