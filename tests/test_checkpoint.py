@@ -4,6 +4,7 @@ checkpoint intact."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -92,6 +93,59 @@ def test_failed_write_keeps_the_previous_file(
         save_checkpoint(path, {**_state(), "step": 99})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (errno.ENOSPC, "no space left on the device (ENOSPC"),
+        (errno.EFBIG, "file too large for the file-size limit (ulimit -f)"),
+        (errno.EROFS, "read-only file system (EROFS"),
+    ],
+)
+def test_a_write_the_environment_refuses_is_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: str
+) -> None:
+    # torch.save reports a failed write as "RuntimeError: [enforce fail at
+    # inline_container.cc...]", the OSError only in its context: the error names the file
+    from phantomdeq.train import OutputWriteError
+
+    path = save_checkpoint(tmp_path / "last.pt", _state())
+    before = path.read_bytes()
+
+    def failing_save(obj: object, f: object, *a: object, **k: object) -> None:
+        f.write(b"part of a checkpoint")  # type: ignore[attr-defined]
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos"
+            ) from None
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OutputWriteError) as err:
+        save_checkpoint(path, {**_state(), "step": 99})
+    msg = str(err.value)
+    assert f"cannot write {str(path)!r}: {words}" in msg and "\n" not in msg
+    assert "last.pt is unchanged" in msg and err.value.errno == code
+    assert isinstance(err.value, OSError)
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_checkpoint_without_its_hash_loads_unverified(tmp_path: Path) -> None:
+    from phantomdeq.train import UnverifiedCheckpointWarning
+
+    path = save_checkpoint(tmp_path / "last.pt", _state())
+    raw = torch.load(path, weights_only=True)
+    del raw["sha256"]
+    torch.save(raw, path)
+    with pytest.warns(UnverifiedCheckpointWarning, match="has no sha256 hash.*unverified"):
+        state = load_checkpoint(path)
+    assert state["step"] == 3
+    notes: list[str] = []
+    load_checkpoint(path, on_unverified=notes.append)  # no warning: told to the caller
+    assert len(notes) == 1 and str(path) in notes[0] and "unverified" in notes[0]
 
 
 def test_rng_state_round_trip() -> None:
@@ -453,6 +507,39 @@ def test_resume_after_a_torn_metrics_line(
     assert all(
         line.startswith("{") and line.endswith("}") for line in path.read_text().splitlines()
     )
+
+
+def test_no_space_while_appending_metrics_is_one_line_and_keeps_the_records(
+    tmp_path: Path,
+) -> None:
+    from phantomdeq.train import OutputWriteError
+    from phantomdeq.train.metrics_log import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False, append=False)
+    logger.log("step", {"epoch": 1, "batch": 1, "step": 1, "train_loss": 1.0})
+    real = logger._fh
+
+    class Full:
+        def write(self, text: str) -> int:
+            assert real is not None
+            real.write(text[:10])  # part of the line reaches the file
+            real.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            assert real is not None
+            real.close()
+
+    logger._fh = Full()  # type: ignore[assignment]
+    with pytest.raises(OutputWriteError) as err:
+        logger.log("step", {"epoch": 1, "batch": 2, "step": 2, "train_loss": 0.5})
+    path = tmp_path / "metrics.jsonl"
+    msg = str(err.value)
+    assert f"cannot append to {str(path)!r}: no space left on the device (ENOSPC" in msg
+    assert "the records before are kept" in msg and "\n" not in msg
+    logger.close()  # nothing left to fail
+    assert real is not None and real.closed
+    assert [r["step"] for r in read_metrics(path)] == [1]  # the torn line is skipped
 
 
 def test_damaged_metrics_line_in_the_middle_is_named(tmp_path: Path) -> None:

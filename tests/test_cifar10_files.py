@@ -135,13 +135,76 @@ def test_object_arrays_and_other_globals_are_refused(tmp_path: Path) -> None:
         _Py2Pickler(fh, protocol=2).dump({"data": np.array([1, "x"], dtype=object), "labels": [0]})
     with pytest.raises(DataError, match=r"test_batch.*object dtype"):
         load_dataset("cifar10", tmp_path)
-    with open(bdir / "test_batch", "wb") as fh:  # Python 3 protocol 2 writes bytes via _codecs
-        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}, fh, protocol=2)
-    with pytest.raises(DataError, match=r"test_batch.*'_codecs.encode'"):
-        load_dataset("cifar10", tmp_path)
     with open(bdir / "test_batch", "wb") as fh:
         pickle.dump({b"data": torch.zeros(1), b"labels": [0]}, fh)
     with pytest.raises(DataError, match=r"test_batch.*torch"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_a_batch_repickled_by_python3_at_protocol_2_loads(tmp_path: Path) -> None:
+    # Python 3's pickler writes bytes at protocol 2 as _codecs.encode(text, "latin1") and b""
+    # as __builtin__.bytes(): both are admitted, in exactly that form
+    bdir = tmp_path / "cifar-10-batches-py"
+    written = _write_py2_cifar(bdir)
+    data, labels = written["data_batch_2"]
+    data = data.copy()
+    data[0, :3] = (0, 128, 255)  # bytes outside ASCII go through latin1 unchanged
+    content = {"data": data, "labels": labels, "batch_label": b"", "x": b"\xff"}
+    for name, as_bytes in (("data_batch_2", True), ("test_batch", False)):
+        batch = {(k.encode() if as_bytes else k): v for k, v in content.items()}
+        with open(bdir / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    raw = (bdir / "data_batch_2").read_bytes()
+    assert raw[:2] == b"\x80\x02" and "_codecs.encode" in _globals_of(raw)
+    assert "__builtin__.bytes" in _globals_of(raw)
+    train, test, _ = load_dataset("cifar10", tmp_path)
+    assert torch.equal(train.images[3:6], torch.from_numpy(data.reshape(3, 3, 32, 32)))
+    assert train.labels[3:6].tolist() == labels
+    assert torch.equal(test.images, torch.from_numpy(data.reshape(3, 3, 32, 32)))
+
+
+class _Encode:
+    """Pickles as ``_codecs.encode(*args)``: the admitted global with other arguments."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        import _codecs
+
+        return (_codecs.encode, self.args)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _Encode("x", "rot13"),
+        _Encode("eJwDAAAAAAE=", "base64"),
+        _Encode(b"x", "latin1"),
+        _Encode("x"),
+        _Encode("x", "latin1", "strict"),
+    ],
+    ids=["rot13", "base64", "bytes-arg", "one-arg", "errors-arg"],
+)
+def test_codecs_encode_is_admitted_only_as_latin1_of_a_str(tmp_path: Path, payload: Any) -> None:
+    bdir = tmp_path / "cifar-10-batches-py"
+    _write_py2_cifar(bdir)
+    with open(bdir / "test_batch", "wb") as fh:
+        pickle.dump({b"data": payload, b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(DataError, match=r"test_batch.*_codecs.encode is allowed only"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_bytes_is_admitted_only_without_arguments(tmp_path: Path) -> None:
+    class Big:
+        def __reduce__(self) -> tuple[Any, tuple[int]]:
+            return (bytes, (10**12,))
+
+    bdir = tmp_path / "cifar-10-batches-py"
+    _write_py2_cifar(bdir)
+    with open(bdir / "test_batch", "wb") as fh:
+        pickle.dump({b"data": Big(), b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(DataError, match=r"test_batch.*bytes is allowed only as bytes\(\)"):
         load_dataset("cifar10", tmp_path)
 
 

@@ -6,6 +6,7 @@ evaluated (NaN weights, another model)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,248 @@ def test_eval_of_weights_that_do_not_fit_their_own_config(
 def test_eval_still_works(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["eval", "--checkpoint", str(trained / "best.pt"), "--device", "cpu"]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["test_acc"] <= 1.0
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    """The run's files (not the folder's lock, which any use of the folder writes)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name[0] != "."}
+
+
+def _epoch_records(run: Path) -> list[dict[str, Any]]:
+    timing = ("time", "eval_time_s", "epoch_time_s", "time_s", "time_per_step_s")
+    return [
+        {k: v for k, v in r.items() if not any(t in k for t in timing)}
+        for r in read_metrics(run / "metrics.jsonl")
+        if r["kind"] == "epoch"
+    ]
+
+
+def test_resume_without_last_pt_continues_from_best_pt_bit_for_bit(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """last.pt deleted, best.pt (the complete state after epoch 1) and the history of 2 epochs
+    left: fewer epochs than the history are refused with nothing changed; --resume continues
+    from best.pt, drops the records after it, trains epoch 2 again and ends where the run
+    ended (was: restarted from epoch 1, history emptied, config.yaml rewritten)."""
+    run = tmp_path / "run"
+    assert train(config_file, run) == 0
+    after_epoch_1 = (run / "last.pt").read_bytes()
+    assert train(config_file, run, "--resume", "--set", "train.epochs=2") == 0
+    final = load_checkpoint(run / "last.pt")
+    history = _epoch_records(run)
+    (run / "last.pt").unlink()
+    (run / "best.pt").write_bytes(after_epoch_1)
+    capsys.readouterr()
+    before = _files(run)
+    assert cli(["train", "--out", str(run), "--resume", "--set", "train.epochs=1"]) == 2
+    err = one_line_error(capsys)
+    assert "train.epochs: the run in" in err and "already trained 2 epoch(s)" in err
+    assert _files(run) == before
+    assert cli(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "no last.pt in" in err and "resuming from best.pt" in err and "after epoch 1" in err
+    again = load_checkpoint(run / "last.pt")
+    assert again["epoch"] == 2 and again["step"] == final["step"]
+    assert all(torch.equal(again["model"][k], v) for k, v in final["model"].items())
+    assert _epoch_records(run) == history
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_a_history_without_any_checkpoint_is_not_restarted(
+    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two epochs recorded and no checkpoint: they were deleted (a kill before the first
+    checkpoint leaves one epoch at most, which a restart trains again as it was)."""
+    for name in ("last.pt", "best.pt"):
+        (trained / name).unlink()
+    metrics = trained / "metrics.jsonl"
+    epoch_1 = json.loads(metrics.read_text().splitlines()[-1])
+    with metrics.open("a") as fh:
+        fh.write(json.dumps({**epoch_1, "epoch": 2, "step": 2}) + "\n")
+    before = _files(trained)
+    assert cli(["train", "--out", str(trained), "--resume", "--set", "train.epochs=3"]) == 2
+    err = one_line_error(capsys)
+    assert "has no last.pt nor best.pt" in err and "records 2 trained epoch(s)" in err
+    assert "nothing was changed" in err and "--overwrite" in err
+    assert _files(trained) == before
+    # one epoch recorded (killed between its record and its checkpoint): trained again
+    metrics.write_bytes(b"".join(metrics.read_bytes().splitlines(keepends=True)[:-1]))
+    assert cli(["train", "--out", str(trained), "--resume", "--no-progress"]) == 0
+    assert "starting the run from the beginning" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(metrics) if r["kind"] == "epoch"] == [1]
+    assert load_checkpoint(trained / "last.pt")["epoch"] == 1
+
+
+def test_restarting_a_run_without_checkpoint_keeps_its_config(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed in its first epoch: --resume starts again only with the config it started with
+    (a larger train.epochs is fine)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    (run / "metrics.jsonl").write_text('{"kind": "step", "epoch": 1, "batch": 1, "step": 1}\n')
+    before = _files(run)
+    assert train(config_file, run, "--resume", "--set", "optim.lr=0.1") == 2
+    err = one_line_error(capsys)
+    assert "differs from its config.yaml in optim.lr" in err and "--overwrite" in err
+    assert _files(run) == before
+
+
+def test_an_emptied_or_deleted_metrics_file_is_reported_on_resume(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (trained / "metrics.jsonl").write_text("")
+    assert cli(["train", "--out", str(trained), "--resume", "--set", "train.epochs=2"]) == 0
+    err = capsys.readouterr().err
+    assert "metrics.jsonl' is empty" in err and "the history up to epoch 1" in err
+    assert [
+        r["epoch"] for r in read_metrics(trained / "metrics.jsonl") if r["kind"] == "epoch"
+    ] == [2]
+
+
+def test_a_foreign_best_pt_is_refused_not_overwritten(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = load_checkpoint(trained / "best.pt")
+    state["config"]["model"]["dropout"] = 0.25
+    state["best_acc"] = 0.0
+    save_checkpoint(trained / "best.pt", state)
+    before = _files(trained)
+    assert cli(["train", "--out", str(trained), "--resume", "--set", "train.epochs=2"]) == 2
+    err = one_line_error(capsys)
+    assert f"{str(trained / 'best.pt')!r} holds another model" in err
+    assert "model.dropout" in err and "move it out" in err
+    assert _files(trained) == before
+
+
+def test_an_unverified_checkpoint_is_said(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = torch.load(trained / "best.pt", weights_only=True)
+    del raw["sha256"]
+    torch.save(raw, trained / "best.pt")
+    assert cli(["eval", "--checkpoint", str(trained / "best.pt"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "phantomdeq: checkpoint" in err and "no sha256 hash" in err and "unverified" in err
+
+
+def test_an_empty_config_file_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert train(empty, tmp_path / "run") == 2
+    err = one_line_error(capsys)
+    assert f"config file {str(empty)!r} is empty" in err and "{}" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- the environment
+
+
+def test_out_under_a_file_is_one_line(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for extra in ((), ("--resume",)):
+        assert train(config_file, afile / "sub", *extra) == 2
+        err = one_line_error(capsys)
+        assert f"lies under {str(afile)!r}, which is a file, not a folder" in err
+    assert afile.read_text() == "keep me"
+
+
+def _refuse_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """The run folder's lock file cannot be opened for writing, as on a read-only file system
+    (the tests run as root, for whom chmod does not make a folder read-only)."""
+    import os
+
+    import phantomdeq.train.run_dir as run_dir
+
+    def refused(file: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(code, os.strerror(code), str(file))
+
+    monkeypatch.setattr(run_dir, "open", refused, raising=False)
+
+
+@pytest.mark.parametrize("code", ["EROFS", "EACCES"])
+def test_a_read_only_folder_is_one_line_for_train_and_resume(
+    tmp_path: Path,
+    trained: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    code: str,
+) -> None:
+    import errno
+
+    before = _files(trained)
+    _refuse_writes(monkeypatch, getattr(errno, code))
+    words = {"EROFS": "read-only file system", "EACCES": "permission denied"}[code]
+    assert cli(["train", "--out", str(trained), "--resume", "--set", "train.epochs=2"]) == 2
+    err = one_line_error(capsys)
+    assert f"--out: cannot write in folder {str(trained)!r}: {words} ({code}" in err
+    assert "nothing in it was changed" in err
+    assert _files(trained) == before
+    fresh = tmp_path / "new" / "run"
+    assert train(config_file, fresh) == 2
+    assert f"cannot write in folder {str(fresh)!r}: {words}" in one_line_error(capsys)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert load_checkpoint(trained / "last.pt")["epoch"] == 1
+
+
+def test_no_space_while_rewriting_metrics_is_one_line_and_keeps_the_files(
+    trained: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import phantomdeq.train.atomic as atomic
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = _files(trained)
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    assert cli(["train", "--out", str(trained), "--resume", "--set", "train.epochs=2"]) == 2
+    monkeypatch.undo()
+    err = one_line_error(capsys)
+    path = trained / "metrics.jsonl"
+    assert f"cannot write {str(path)!r}: no space left on the device (ENOSPC" in err
+    assert "metrics.jsonl is unchanged" in err and "then continue with:" in err
+    assert _files(trained) == before
+    assert not [p.name for p in trained.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_file_size_limit_while_saving_a_checkpoint_is_one_line(
+    trained: Path, config_file: Path
+) -> None:
+    """A real failed write (Errno 27 under RLIMIT_FSIZE, SIGXFSZ ignored) in a fresh process:
+    torch.save's RuntimeError becomes one line naming the checkpoint; the previous checkpoint
+    and the metrics still load."""
+    import subprocess
+    import sys
+
+    limit = (trained / "last.pt").stat().st_size // 2
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from phantomdeq.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["train", "--out", str(trained), "--resume", "--no-progress", "--set", "train.epochs=2"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("phantomdeq train:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(rf"cannot write '{re.escape(str(trained))}/(best|last)\.pt'", lines[0])
+    assert "(EFBIG" in lines[0] and "then continue with:" in lines[0]
+    assert load_checkpoint(trained / "last.pt")["epoch"] == 1
+    assert [r["kind"] for r in read_metrics(trained / "metrics.jsonl")][-1] == "epoch"

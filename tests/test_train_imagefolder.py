@@ -101,3 +101,29 @@ def test_batched_crop_is_not_applied_on_top_of_the_per_image_transform() -> None
     assert augment(x, folder, torch.Generator().manual_seed(0)) is x
     digits = config_from_dict({"data": {"name": "digits", "augment": True}})
     assert not torch.equal(augment(x, digits, torch.Generator().manual_seed(0)), x)
+
+
+def test_a_bad_evaluation_image_keeps_the_trained_epoch(tmp_path: Path) -> None:
+    """A corrupt image in val/ is met only by the evaluation after a trained epoch: last.pt is
+    written first (every batch done, not yet evaluated), the error names the file and says so;
+    once the file is fixed, --resume evaluates and ends as an uninterrupted run."""
+    root = tmp_path / "images"
+    _folder(root)
+    reference = run_training(_config(root, 0), tmp_path / "reference", progress=False)
+    bad = root / "val" / "b" / "1.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200])
+    run = tmp_path / "run"
+    with pytest.raises(DataError) as err:
+        run_training(_config(root, 0), run, progress=False)
+    msg = str(err.value)
+    assert str(bad) in msg and "\n" not in msg
+    assert f"epoch 1's training is saved in {str(run / 'last.pt')!r}" in msg
+    saved = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (0, 2, 2)
+    bad.write_bytes(good)
+    result = run_training(_config(root, 0), run, resume=True, progress=False)
+    assert result["steps"] == reference["steps"] == 2
+    assert result["test_acc"] == reference["test_acc"]
+    pa, pb = _params(tmp_path / "reference"), _params(run)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)

@@ -125,6 +125,8 @@ def download_cifar10(root: str | Path) -> Path:
 
 def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     d = load_restricted(path, "CIFAR-10 batch")
+    if isinstance(d, dict):  # a batch re-pickled from Python 3 may have str keys
+        d = {k.encode() if isinstance(k, str) else k: v for k, v in d.items()}
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise DataError(f"CIFAR-10: {path} must hold a dict with keys b'data' and b'labels'")
     try:

@@ -12,6 +12,14 @@ strings are pickle opcodes that need no global; the array needs exactly three:
 * ``numpy.ndarray`` -- the class passed to it,
 * ``numpy.dtype`` -- the element type, restored with its ``__setstate__``.
 
+A batch re-pickled by Python 3 at protocol 2 (``pickle.dump(batch, f, protocol=2)``) has no
+byte-string opcode and writes every ``bytes`` value (the array's data, byte-string keys) as
+``_codecs.encode(text, "latin1")`` and an empty one as ``__builtin__.bytes()``. These two are
+admitted as well, but not as themselves: ``_codecs.encode`` resolves to a function that accepts
+a ``str`` and the encoding ``"latin1"`` only (the one the pickler writes: it maps each character
+to one byte, running no codec but Latin-1's), and ``bytes`` to one that accepts no argument and
+returns ``b""``. Neither can reach any other callable.
+
 :class:`RestrictedUnpickler` resolves only these (to the objects of the installed NumPy, never by
 importing the module the file names) and refuses every other global with a :class:`DataError`
 naming the file and the global. Object dtypes are refused as well: an array of Python objects
@@ -40,11 +48,33 @@ def _plain_dtype(*args: Any) -> np.dtype[Any]:
     return dt
 
 
+def _latin1_bytes(*args: Any) -> bytes:
+    """``_codecs.encode(text, "latin1")`` as Python 3's protocol-2 pickler writes ``bytes``."""
+    if len(args) != 2 or not isinstance(args[0], str) or args[1] != "latin1":
+        raise pickle.UnpicklingError(
+            f"_codecs.encode is allowed only as encode(str, 'latin1'), got "
+            f"{len(args)} argument(s) {tuple(type(a).__name__ for a in args)}"
+        )
+    return args[0].encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as Python 3's protocol-2 pickler writes ``b""``."""
+    if args:
+        raise pickle.UnpicklingError(
+            f"bytes is allowed only as bytes(), got {len(args)} argument(s)"
+        )
+    return b""
+
+
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
 }
 """The ``(module, name)`` globals a CIFAR-10 batch may reference, and what they resolve to."""
 

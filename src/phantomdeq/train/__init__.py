@@ -8,7 +8,13 @@ matplotlib, TensorBoard) are imported only when used.
 
 from __future__ import annotations
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .atomic import OutputWriteError
+from .checkpoint import (
+    CheckpointError,
+    UnverifiedCheckpointWarning,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import (
     Config,
     ConfigError,
@@ -36,11 +42,13 @@ __all__ = [
     "LogConfig",
     "ModelConfig",
     "OptimConfig",
+    "OutputWriteError",
     "SolverConfig",
     "TrainConfig",
     "Trainer",
     "TrainingError",
     "TrainingInterrupted",
+    "UnverifiedCheckpointWarning",
     "config_from_dict",
     "evaluate",
     "load_checkpoint",

@@ -12,8 +12,11 @@ Integrity: :func:`save_checkpoint` stores ``sha256``, a hash of every value in t
 (:func:`content_hash`: each tensor's dtype, shape and bytes and every other value's ``repr``,
 walked in sorted key order), and :func:`load_checkpoint` recomputes it, so a file whose weights
 were changed after it was written (bit rot, a partial copy, an edited tensor) is refused with a
-:class:`CheckpointError` naming the file. Checkpoints written before hashes existed (no
-``sha256`` entry) still load. Loading uses ``weights_only=True`` (no code runs from a file).
+:class:`CheckpointError` naming the file. A checkpoint without a ``sha256`` entry (written
+before hashes existed, or the entry was removed) still loads, *unverified*: with an
+:class:`UnverifiedCheckpointWarning`, or a call of ``on_unverified`` with the message (the
+commands print it as a ``phantomdeq:`` note). Loading uses ``weights_only=True`` (no code runs
+from a file).
 
 Crash-consistency invariant of a run folder (the trainer writes ``best.pt`` *before*
 ``last.pt`` whenever an epoch improves the best test accuracy): after a kill at any instant,
@@ -33,7 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ from .atomic import atomic_write
 __all__ = [
     "FORMAT",
     "CheckpointError",
+    "UnverifiedCheckpointWarning",
     "capture_rng_state",
     "content_hash",
     "load_checkpoint",
@@ -60,6 +65,10 @@ REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "rng", "config", "
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, corrupted or of another format."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint has no ``sha256`` entry: it loaded, but nothing shows it is unchanged."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -141,8 +150,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; raises :class:`CheckpointError` naming the file."""
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    on_unverified: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Read and check a checkpoint; raises :class:`CheckpointError` naming the file.
+
+    A checkpoint without its ``sha256`` entry loads unverified: ``on_unverified`` is called
+    with a one-line message saying so, or, without it, an :class:`UnverifiedCheckpointWarning`
+    is issued."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
@@ -162,7 +180,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}"
         )
     recorded = state.get("sha256")
-    if recorded is not None and recorded != content_hash(state):
+    if recorded is None:
+        message = (
+            f"checkpoint {str(path)!r} has no sha256 hash (written before hashes existed, or "
+            f"the entry was removed): loaded unverified, a change since it was written would "
+            f"go unnoticed"
+        )
+        if on_unverified is not None:
+            on_unverified(message)
+        else:
+            warnings.warn(message, UnverifiedCheckpointWarning, stacklevel=2)
+    elif recorded != content_hash(state):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is damaged: its content does not match the sha256 hash "
             f"recorded when it was written (changed or corrupted since); use another checkpoint"

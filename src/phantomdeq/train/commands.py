@@ -4,13 +4,19 @@
                      [--set key=value ...] [--resume | --overwrite] [--no-progress]
 
 A run folder that already holds a run is refused unless ``--resume`` (continue it from
-``last.pt``; with no checkpoint yet the run starts from the beginning) or ``--overwrite``
-(delete the old run's files and start afresh). ``--resume --set train.epochs=N`` with a larger
-N extends a finished run.
+``last.pt``; without it from ``best.pt``, which holds the same complete state of its epoch,
+with a notice; with no checkpoint yet the run starts from the beginning, unless
+``metrics.jsonl`` records more than the first epoch or the config differs from the folder's
+``config.yaml``: then the resume is refused and nothing changes) or
+``--overwrite`` (delete the old run's files and start afresh). ``--resume --set
+train.epochs=N`` with a larger N extends a finished run.
 
 Multi-process: ``torchrun --nproc_per_node=N -m phantomdeq train --config ...``.
 Exit status: 0 on success; 2 for a bad command line, config, run folder or data (a
-:class:`phantomdeq.data.DataError`, also one met while training), one line on stderr; 1 when
+:class:`phantomdeq.data.DataError`, also one met while training), and for a file the
+environment does not let the run write (disk full, a file-size limit, a read-only folder, no
+permission: :class:`~phantomdeq.train.atomic.OutputWriteError`; the files already written are
+intact and the message says how to go on), one line on stderr; 1 when
 training fails (divergence, unreadable checkpoint or metrics file); 130 on SIGINT and 143 on
 SIGTERM (the run stops after the current step, writes ``last.pt`` there and
 prints the command that continues it).
@@ -28,6 +34,7 @@ from pathlib import Path
 from phantomdeq.cli import HelpFormatter, user_error
 from phantomdeq.data import DataError
 
+from .atomic import OutputWriteError
 from .checkpoint import CheckpointError
 from .config import ConfigError, add_set_argument, load_config
 from .distributed import DistributedError
@@ -96,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
+    except OutputWriteError as exc:
+        if (out / "last.pt").is_file() or (out / "best.pt").is_file():
+            then = f"then continue with: {again}"
+        else:
+            then = "then start the run again (no checkpoint was written)"
+        return user_error(PROG, f"{exc}; {then}", 2)
     except (ConfigError, DataError) as exc:
         return user_error(PROG, str(exc), 2)
     except (CheckpointError, TrainingError, MetricsFileError, DistributedError) as exc:

@@ -351,7 +351,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
     ``path`` is a file or the name of a shipped preset (``mdeq_tiny_digits``,
     ``ablation/mnist_upg``; :mod:`phantomdeq.presets`). A relative ``data.root`` is resolved to
-    an existing directory (:func:`resolve_data_root`).
+    an existing directory (:func:`resolve_data_root`). An empty file (or comments only) is a
+    :class:`ConfigError`; ``{}`` asks for the defaults.
     """
     import yaml
 
@@ -363,8 +364,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-    if raw is None:
-        raw = {}
+    if raw is None:  # empty, or comments only: a mistake far more often than a wish
+        raise ConfigError(
+            f"config file {str(p)!r} is empty (no settings); write the settings in it (the "
+            f"presets are a start: phantomdeq configs), or {{}} to train the defaults"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
     raw = apply_overrides(raw, parse_overrides(overrides or []))

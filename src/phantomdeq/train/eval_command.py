@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     source = str(args.checkpoint)
     try:
-        state = load_checkpoint(args.checkpoint)
+        state = load_checkpoint(
+            args.checkpoint, on_unverified=lambda m: print(f"phantomdeq: {m}", file=sys.stderr)
+        )
         stored = config_from_dict(state["config"])
         raw = apply_overrides(state["config"], parse_overrides(args.overrides))
         if args.device != "auto":

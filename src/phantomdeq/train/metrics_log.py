@@ -13,6 +13,7 @@ without that output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -21,13 +22,15 @@ from typing import Any
 
 from phantomdeq._extras import is_available, missing_message
 
-from .atomic import atomic_write
+from .atomic import atomic_write, output_write_error
 
 __all__ = [
     "MetricsFileError",
     "MetricsLogger",
+    "history_gap",
     "missing_output_notes",
     "read_metrics",
+    "recorded_epochs",
     "truncate_metrics",
 ]
 
@@ -63,8 +66,11 @@ class MetricsLogger:
         self._tb: Any = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+        except OSError as exc:
+            raise output_write_error(self.path, exc, "open") from exc
         if tensorboard:
             self._tb = _make_writer(Path(out_dir) / "tensorboard")
 
@@ -76,8 +82,17 @@ class MetricsLogger:
         if not self.enabled or self._fh is None:
             return
         row = {"kind": kind, **{k: _clean(v) for k, v in record.items()}}
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            # at most a torn last line is left, which readers skip
+            fh, self._fh = self._fh, None
+            with contextlib.suppress(OSError):
+                fh.close()  # closes the file even when flushing the buffer fails again
+            raise output_write_error(
+                self.path, exc, "append to", "the records before are kept"
+            ) from exc
         if self._tb is not None:
             step = int(record.get("step", 0))
             for key, value in record.items():
@@ -163,12 +178,41 @@ def _position_of(row: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def truncate_metrics(path: Path, epoch: int, step: int, batch: int = 0) -> None:
+def recorded_epochs(path: Path) -> int:
+    """The finished epochs ``metrics.jsonl`` records (its highest ``epoch`` record; 0 when the
+    file is missing)."""
+    if not path.is_file():
+        return 0
+    done = [r.get("epoch") for r in read_metrics(path) if r.get("kind") == "epoch"]
+    return max((e for e in done if isinstance(e, int)), default=0)
+
+
+def history_gap(kept: list[dict[str, Any]] | None, epoch: int, step: int) -> str:
+    """Why the records ``kept`` (None: no ``metrics.jsonl``) cannot be the history of a run
+    resumed after ``epoch`` finished epochs and ``step`` steps, or ``""`` when they can."""
+    if epoch == 0 and step == 0:
+        return ""
+    if kept is None:
+        return "is missing"
+    if not kept:
+        return "is empty"
+    done = max(
+        (r["epoch"] for r in kept if r.get("kind") == "epoch" and isinstance(r.get("epoch"), int)),
+        default=0,
+    )
+    if done < epoch:
+        return f"records {done} of the {epoch} finished epochs"
+    return ""
+
+
+def truncate_metrics(
+    path: Path, epoch: int, step: int, batch: int = 0
+) -> list[dict[str, Any]] | None:
     """Drop the records written after the checkpoint being resumed from (``epoch`` completed
     epochs, then ``batch`` batches of the next one, ``step`` optimiser steps) and a torn last
-    line; the file is replaced atomically."""
+    line; the file is replaced atomically. Returns the records kept (None: no file)."""
     if not path.is_file():
-        return
+        return None
     keep = []
     for r in read_metrics(path):
         pos = _position_of(r)
@@ -179,3 +223,4 @@ def truncate_metrics(path: Path, epoch: int, step: int, batch: int = 0) -> None:
             keep.append(r)  # records of older versions (no batch field)
     with atomic_write(path, "w") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in keep))
+    return keep

@@ -3,7 +3,11 @@
 * A folder holding a run (any of :data:`RUN_FILES`) is refused unless the run is continued
   (``resume``) or explicitly replaced (``overwrite``, which deletes the files a run writes --
   :data:`OUTPUT_FILES` -- and nothing else, and reports them).
-* A path that exists and is not a folder is refused.
+* A path that exists and is not a folder is refused, and so is a path under a file
+  (``--out notes.txt/run``).
+* A folder that cannot be created or written (read-only file system, no permission, disk
+  full) is refused on one line naming the folder, the cause and what to do, before anything
+  in it changes.
 * One process at a time: the folder is locked (``fcntl.flock`` on :data:`LOCK_FILE`, held
   until :meth:`RunFolder.release` or the process's end, a kill included) before anything in
   it is deleted; a folder locked by another process (a run still going, an orphaned worker of
@@ -29,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no folder lock
     fcntl = None  # type: ignore[assignment]
 
-from .atomic import sweep_temp_files
+from .atomic import output_write_error, sweep_temp_files
 from .config import ConfigError
 
 __all__ = [
@@ -98,6 +102,12 @@ def check_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> list
             f"--out: {str(path)!r} is a file, not a folder; give a folder path "
             f"(created when missing)"
         )
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise RunFolderError(
+            f"--out: {str(path)!r} lies under {str(blocker)!r}, which is a file, not a folder; "
+            f"give a folder path (created when missing)"
+        )
     found = existing_run_files(path) if path.is_dir() else []
     if found and not resume and not overwrite:
         raise RunFolderError(
@@ -114,7 +124,10 @@ def lock_run_folder(path: Path) -> IO[str] | None:
     when another process holds it. None where ``fcntl`` is missing (not POSIX)."""
     if fcntl is None:  # pragma: no cover
         return None
-    fh = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fh = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+    except OSError as exc:
+        raise _unwritable(path, exc) from exc
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -125,11 +138,22 @@ def lock_run_folder(path: Path) -> IO[str] | None:
             f"--out: folder {str(path)!r} is in use by another process (pid {holder}); wait "
             f"for it to end or stop it, then resume"
         ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+    except OSError as exc:
+        fh.close()
+        raise _unwritable(path, exc) from exc
     return fh
+
+
+def _unwritable(path: Path, exc: OSError) -> RunFolderError:
+    """The one-line refusal of a folder that cannot be created or written."""
+    return RunFolderError(
+        f"--out: {output_write_error(path, exc, 'write in folder')}; nothing in it was changed"
+    )
 
 
 def prepare_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:
@@ -140,21 +164,34 @@ def prepare_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> Ru
     found = check_run_folder(path, resume=resume, overwrite=overwrite)
     folder = RunFolder(path)
     missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        made = [p for p in reversed(missing) if p.is_dir()]
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise RunFolderError(f"--out: {output_write_error(path, exc, 'create folder')}") from exc
     folder.created = list(reversed(missing))
     try:
         folder.lock = lock_run_folder(path)
     except RunFolderError:
         folder.discard()
         raise
-    if overwrite and found:
-        for name in OUTPUT_FILES:
-            target = path / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-                folder.removed.append(name + "/")
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-                folder.removed.append(name)
-    sweep_temp_files(path, RUN_FILES)
+    try:
+        if overwrite and found:
+            for name in OUTPUT_FILES:
+                target = path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                    folder.removed.append(name + "/")
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+                    folder.removed.append(name)
+        sweep_temp_files(path, RUN_FILES)
+    except OSError as exc:
+        folder.release()
+        gone = f"; deleted so far: {', '.join(folder.removed)}" if folder.removed else ""
+        raise RunFolderError(
+            f"--out: {output_write_error(path, exc, 'delete files in folder')}{gone}"
+        ) from exc
     return folder

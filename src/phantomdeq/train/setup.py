@@ -27,7 +27,7 @@ from .distributed import (
     rank0_first,
     shard_batches,
 )
-from .metrics_log import MetricsLogger, missing_output_notes, truncate_metrics
+from .metrics_log import MetricsLogger, missing_output_notes
 from .precision import MixedPrecision, check_precision
 from .run_dir import RunFolderError, prepare_run_folder
 from .schedule import LRSchedule
@@ -94,19 +94,8 @@ class SetupMixin(TrainerState):
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.schedule = self._make_schedule(cfg.train.epochs)
         self._start_position()
-        resume_from = self.out_dir / "last.pt"
-        if self.resume and resume_from.is_file():
-            self._load_resume()
-        elif self.resume:
-            # killed before its first last.pt (best.pt may exist: a kill between the two writes)
-            self._adopt_best()
-            if self.dist.is_main:
-                print(
-                    f"phantomdeq: no checkpoint in {str(self.out_dir)!r} yet; starting the run "
-                    f"from the beginning",
-                    file=sys.stderr,
-                )
-                truncate_metrics(self.out_dir / "metrics.jsonl", 0, 0, 0)
+        if self.resume:  # last.pt, else best.pt, else the beginning, or refused
+            self._resume_position()
         if self.dist.is_main:
             dump_config(cfg, self.out_dir / "config.yaml")
         self.monitor = None

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phantomdeq._state import as_tuple
+from phantomdeq.data import DataError
 from phantomdeq.errors import DEQError
 
 from .batches import augment
@@ -444,6 +445,8 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
             raise self._diverged(
                 f"non-finite DEQ state in {stage} ({' '.join(str(exc).split())})", at
             ) from exc
+        except DataError as exc:  # a bad file: keep the trained epoch before stopping
+            raise self._keep_trained_epoch(exc, stage) from exc
         if not math.isfinite(eval_rec["test_loss"]):
             raise self._diverged(f"non-finite test loss ({eval_rec['test_loss']})", at)
         eval_rec["eval_time_s"] = time.perf_counter() - t_eval

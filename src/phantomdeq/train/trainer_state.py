@@ -86,7 +86,7 @@ class TrainerState:
     last_eval: dict[str, float]
 
     # the parts of the trainer call each other through these (defined in their modules)
-    def _load_resume(self) -> None:
+    def _resume_position(self) -> None:
         raise NotImplementedError  # .resume
 
     def _adopt_best(self) -> None:
