@@ -106,7 +106,7 @@ def test_cli_applies_policy_and_refuses_a_wrong_value(
 def test_ablate_pool_workers_take_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
-    from phantomdeq.experiments.stop_workers import init_worker
+    from phantomdeq.experiments.ablation import init_worker
 
     calls: list[bool] = []
     monkeypatch.setattr(cpu_memory, "retain_cpu_memory", lambda: calls.append(True) or True)
