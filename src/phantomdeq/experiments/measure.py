@@ -210,6 +210,8 @@ def without_profiler_noise() -> Iterator[None]:
 
 
 def machine() -> dict[str, Any]:
+    """The machine stored with a measurement: torch and Python versions, CPU model, torch
+    threads, GPU name (or None) and the load averages (or None)."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
