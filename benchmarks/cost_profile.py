@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import phantomdeq.grad.base as grad_base
 from phantomdeq.experiments import cost
-from phantomdeq.experiments.profiling import Clock
+from phantomdeq.experiments.measure import Clock
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import torch
 
 import phantomdeq.train.metrics_log as metrics_log
 from phantomdeq import cli, presets
-from phantomdeq.experiments.profiling import cpu_peak_memory
+from phantomdeq.experiments.measure import cpu_peak_memory
 from phantomdeq.train import ConfigError, load_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -193,7 +193,7 @@ def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     os.environ.get("PHANTOMDEQ_FULL_PRECISION_TEST") != "1",
     reason="25 min of bf16 on CPUs without AVX512-BF16; set PHANTOMDEQ_FULL_PRECISION_TEST=1 "
-    "(benchmarks/gpu_check.sh checks the same criterion on a GPU)",
+    "(benchmarks/gpu_check.py, part digits_bf16, checks the same criterion on a GPU)",
 )
 def test_bf16_digits_two_epochs_within_two_points_of_fp32(tmp_path: Path) -> None:
     """The full digits recipe, 2 epochs (train.device auto: the GPU when there is one). Measured
