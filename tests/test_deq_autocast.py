@@ -78,17 +78,18 @@ class Cell(torch.nn.Module):
         return (na.reshape(a.shape), torch.tanh(self.W2(c) + self.Q(af)))
 
 
-def _problem(tuple_state: bool):
-    cell = Cell(tuple_state)
-    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+def _problem(tuple_state: bool, device: str = "cpu"):
+    cell = Cell(tuple_state).to(device)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)).to(device)
     z0 = (torch.zeros(4, 2, 3), torch.zeros(4, 4)) if tuple_state else torch.zeros(4, 6)
+    z0 = tuple(t.to(device) for t in z0) if tuple_state else z0.to(device)
     return cell, x, z0
 
 
-def _gradients(deq, cell, x, z0, *, amp: bool):
+def _gradients(deq, cell, x, z0, *, amp: bool, dtype: torch.dtype = BF16):
     deq.zero_grad()
     x = x.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=dtype, enabled=amp):
         z, info = deq(z0, x)
         loss = inner(z, state_target(z))
     loss.backward()
@@ -112,6 +113,20 @@ def test_every_solver_and_estimator_runs_under_the_callers_autocast(solver, grad
     assert cosine_similarity(xg, x32) > 0.99
     # and it is a different computation: f ran in bfloat16
     assert not all(torch.equal(a, b) for a, b in zip(params, p32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("grad", ESTIMATORS)
+def test_every_estimator_under_a_cuda_autocast(grad, dtype):
+    cell, x, z0 = _problem(False, "cuda")
+    deq = pdq.DEQ(cell, solver=_solver(NEEDS.get(grad, "anderson"), grad), grad=ESTIMATORS[grad]())
+    _, _, p32, x32 = _gradients(deq, cell, x, z0, amp=False)
+    z, _, params, xg = _gradients(deq, cell, x, z0, amp=True, dtype=dtype)
+    assert z.dtype == torch.float32
+    assert all(torch.isfinite(g).all() for g in [*params, xg])
+    assert cosine_similarity(params, p32) > 0.99
+    assert cosine_similarity(xg, x32) > 0.99
 
 
 def test_f_runs_under_the_autocast_and_the_solver_outside_it():
