@@ -200,7 +200,7 @@ class DEQ(nn.Module):
             sol = fp.solve()
             return sol.z, sol
         corr = self.correction
-        recorder = None if corr is None or self.grad.tracks_forward else corr.record(fp)
+        recorder = None if corr is None else corr.record(fp, self.grad)
         z, sol = self.grad.equilibrium(fp)
         if corr is not None and recorder is not None:
             corr.attach_states(self.grad, fp, recorder, sol, z)

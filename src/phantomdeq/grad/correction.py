@@ -83,8 +83,12 @@ class Correction:
                     f"a solver with an integer max_iter, got {chosen!r}"
                 )
 
-    def record(self, fp: ForwardPass) -> StateRecorder:
-        """Record the states of the forward pass ``fp``: its solve then calls the recorder."""
+    def record(self, fp: ForwardPass, grad: GradientEstimator) -> StateRecorder | None:
+        """Record the states of the forward pass ``fp``: its solve then calls the recorder.
+        None for an estimator that back-propagates through the solve itself (nothing is
+        recorded; ``info.states`` stays None)."""
+        if grad.tracks_forward:
+            return None
         budget = getattr(fp.solver, "max_iter", None)
         if isinstance(budget, bool) or not isinstance(budget, int):  # replaced since
             raise TypeError(f"DEQ: correction needs a solver with max_iter, got {fp.solver!r}")
