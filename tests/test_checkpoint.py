@@ -4,6 +4,7 @@ checkpoint intact."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,6 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+import conftest
+from conftest import steps
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
@@ -37,25 +41,7 @@ from phantomdeq.train.checkpoint import (  # noqa: E402
 )
 from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
 
-
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """MDEQ-Tiny on a 64-image digits subset without dropout (sections update the defaults)."""
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 64},
-        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 3, "seed": 0, "num_threads": 1, "device": "cpu"},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
-
-
-def steps(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+tiny_config = functools.partial(conftest.tiny_config, {"train": {"epochs": 3}})
 
 
 def _state() -> dict:

@@ -165,8 +165,8 @@ def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkey
     pytest.importorskip("sklearn")
     pytest.importorskip("yaml")
     import phantomdeq.train.compile as compile_module
+    from conftest import steps, tiny_config
     from phantomdeq.train import run_training
-    from test_train import steps, tiny_config
 
     real = compile_module.compile_model
     calls = []
@@ -181,7 +181,9 @@ def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkey
     for name, compiled, epochs in (("eager", False, 2), ("short", True, 2), ("long", True, 5)):
         torch._dynamo.reset()
         counters.clear()
-        raw = tiny_config(train={"epochs": epochs, "compile": compiled}, data=data)
+        raw = tiny_config(
+            train={"epochs": epochs, "compile": compiled, "device": "auto"}, data=data
+        )
         run_training(raw, tmp_path / name, progress=False)
         losses[name] = [s["train_loss"] for s in steps(tmp_path / name)]
         graphs[name] = _graphs()

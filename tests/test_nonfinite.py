@@ -4,6 +4,7 @@ reaching a checkpoint, and the final accuracy-at-chance verdict."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+
+import conftest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
@@ -37,20 +40,14 @@ DIGITS = str(REPO / "configs" / "mdeq_tiny_digits.yaml")
 QUIET = ["--no-progress", "--set", "log.tensorboard=false", "--set", "log.plot=false"]
 
 
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """MDEQ-Tiny on 64 digits images, batch 32 (2 steps per epoch), no dropout."""
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 32},
-        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "cosine"},
-        "train": {"epochs": 2, "seed": 0, "num_threads": 1, "device": "cpu"},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
+tiny_config = functools.partial(
+    conftest.tiny_config,
+    {
+        "data": {"batch_size": 32},
+        "optim": {"schedule": "cosine"},
+        "train": {"epochs": 2},
+    },
+)
 
 
 def finite_checkpoint(path: Path) -> dict[str, Any]:

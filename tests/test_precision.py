@@ -4,6 +4,7 @@ gradient scaler surviving a checkpoint round trip."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+
+import conftest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
@@ -34,19 +37,14 @@ from phantomdeq.train.precision import MixedPrecision, check_precision  # noqa: 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "mdeq_tiny_digits.yaml"
 
 
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 32, "batch_size": 32},
-        "solver": {"name": "anderson", "max_iter": 4, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 2, "seed": 0, "num_threads": 1, "bn_recalibration_batches": 1},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
+tiny_config = functools.partial(
+    conftest.tiny_config,
+    {
+        "data": {"test_size": 32, "batch_size": 32},
+        "solver": {"max_iter": 4},
+        "train": {"epochs": 2, "device": "auto", "bn_recalibration_batches": 1},
+    },
+)
 
 
 # --------------------------------------------------------------------------- config

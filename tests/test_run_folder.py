@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+
+from conftest import tiny_config
 
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("sklearn")
@@ -18,22 +19,6 @@ pytest.importorskip("sklearn")
 from phantomdeq.cli import main as cli  # noqa: E402
 from phantomdeq.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
-
-
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """MDEQ-Tiny on 64 digits images, one step per epoch."""
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 64},
-        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 1, "seed": 0, "num_threads": 1, "device": "cpu"},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
 
 
 @pytest.fixture

@@ -104,9 +104,9 @@ def test_trainer_starts_each_sample_at_its_last_equilibrium(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("sklearn")
+    from conftest import tiny_config
     from phantomdeq.models.mdeq import MDEQ
     from phantomdeq.train import run_training
-    from test_checkpoint import tiny_config
 
     calls: list[tuple] = []
     real = MDEQ.forward
@@ -168,8 +168,8 @@ def test_warm_started_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytes
 
 def test_warm_start_needs_the_same_setting_on_resume(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
+    from conftest import tiny_config
     from phantomdeq.train import ConfigError, run_training
-    from test_checkpoint import tiny_config
 
     raw = tiny_config(data={"train_size": 32, "batch_size": 32}, train={"epochs": 1})
     run_training(raw, tmp_path, progress=False)
