@@ -152,8 +152,12 @@ def test_convergence_checks_split_the_graph_a_bounded_number_of_times():
     xi = x.detach().requires_grad_()
     z_c, info_c = compiled(cell.z0(3), xi)
     z_e, info_e = deq(cell.z0(3), xi)
-    assert info_c.result == info_e.result == "converged" and info_c.niter == info_e.niter < 40
-    assert D.relative_error([t.detach() for t in z_c], [t.detach() for t in z_e]) < 1e-12
+    assert info_c.result == info_e.result == "converged" and max(info_c.niter, info_e.niter) < 40
+    # inductor may fuse and reorder the residual's reductions: a residual at the tolerance may
+    # then pass one check later (check_every=2 steps); otherwise the same iterates
+    assert abs(info_c.niter - info_e.niter) <= 2
+    err = D.relative_error([t.detach() for t in z_c], [t.detach() for t in z_e])
+    assert err < (1e-12 if info_c.niter == info_e.niter else 1e-7)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes about the cell's modules
