@@ -185,6 +185,7 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> None:
     monkeypatch.setattr(Trainer, "_train_step", step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("train", "stop_call", "how", "position"),
     [
@@ -234,6 +235,7 @@ def test_resume_is_bit_identical(
         assert (a["train_loss"], a["test_acc"]) == (b["train_loss"], b["test_acc"])
 
 
+@pytest.mark.slow
 def test_sigint_message_and_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -253,6 +255,7 @@ def test_sigint_message_and_exit_code(
     assert load_checkpoint(run / "last.pt")["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM twice during the first step of epoch 2: no waiting for the step's end; the
     report names the last checkpoint written (epoch 1's) and the handlers are restored."""
@@ -277,6 +280,7 @@ def test_a_second_signal_stops_at_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
     raw = tiny_config(train={"epochs": 1})
     run_training(raw, tmp_path, progress=False)
@@ -285,6 +289,7 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
         run_training(changed, tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_last_checkpoint_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -312,6 +317,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(
 # --------------------------------------------------------------------------- integrity
 
 
+@pytest.mark.slow
 def test_changed_weights_are_refused_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -363,6 +369,7 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path: Path, umask: int) -> 
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.slow
 def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The order that keeps best.pt and last.pt consistent under a kill at any instant: an
     improving epoch writes best.pt, then last.pt. A kill between the two writes (simulated at
@@ -403,6 +410,7 @@ def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert_same_weights(full / "last.pt", part / "last.pt")
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_are_swept_on_start(tmp_path: Path) -> None:
     raw = tiny_config(train={"epochs": 1})
     run_training(raw, tmp_path, progress=False)
@@ -418,6 +426,7 @@ def test_stale_temporary_files_are_swept_on_start(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- metrics.jsonl
 
 
+@pytest.mark.slow
 def test_resume_after_a_torn_metrics_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -453,6 +462,7 @@ def test_damaged_metrics_line_in_the_middle_is_named(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- extending a run
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_replans_the_cosine_schedule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

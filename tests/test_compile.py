@@ -20,8 +20,10 @@ from core_problems import inner, make_problem, state_target
 from phantomdeq import diagnostics as D
 from phantomdeq._state import as_tuple
 
-# inductor's own internals call deprecated torch APIs (pytest turns warnings into errors)
+# slow tier: every test compiles with inductor or dynamo (minutes on 2 cores); inductor's own
+# internals call deprecated torch APIs (pytest turns warnings into errors)
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*"),
     pytest.mark.filterwarnings("ignore::FutureWarning:torch.*"),
     pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf"),

@@ -209,6 +209,7 @@ def test_config_takes_auto_and_names_fields():
         config_from_dict(raw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["upg", "npg"])
 def test_trainer_logs_the_chosen_k(tmp_path: Path, name: str) -> None:
     pytest.importorskip("sklearn")

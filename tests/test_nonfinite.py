@@ -62,6 +62,7 @@ def finite_checkpoint(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the issue's runs
 
 
+@pytest.mark.slow
 def test_sgd_blow_up_at_an_epoch_end_never_saves_inf_batchnorm_statistics(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,6 +88,7 @@ def test_sgd_blow_up_at_an_epoch_end_never_saves_inf_batchnorm_statistics(
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_blow_up_during_precise_bn_recalibration_is_a_divergence_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -107,6 +109,7 @@ def test_blow_up_during_precise_bn_recalibration_is_a_divergence_report(
         assert "after epoch 1 (step 4)" in err
 
 
+@pytest.mark.slow
 def test_nonfinite_state_in_precise_bn_recalibration_names_the_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,6 +137,7 @@ def test_nonfinite_state_in_precise_bn_recalibration_names_the_stage(
     assert "after epoch 1 (step 2)" in message, message
 
 
+@pytest.mark.slow
 def test_adam_blow_up_with_chance_accuracy_is_not_a_success(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -210,6 +214,7 @@ def _nan_grad_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     monkeypatch.setattr(Trainer, "_train_step", step)
 
 
+@pytest.mark.slow
 def test_nan_gradient_is_caught_before_the_update(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +227,7 @@ def test_nan_gradient_is_caught_before_the_update(
     assert not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_buffers_name_the_last_finite_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,6 +264,7 @@ def _state_of(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["loss", "gradient"])
 def test_skip_drops_the_step_without_side_effects(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
@@ -308,6 +315,7 @@ def test_skip_drops_the_step_without_side_effects(
     finite_checkpoint(tmp_path / "last.pt")
 
 
+@pytest.mark.slow
 def test_too_many_consecutive_skips_stop_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,6 +329,7 @@ def test_too_many_consecutive_skips_stop_the_run(
     assert [r.get("skipped", False) for r in rows] == [False, True, True]
 
 
+@pytest.mark.slow
 def test_stop_policy_reports_the_step_and_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -391,6 +400,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_ranks_agree_on_a_nonfinite_loss_of_one_rank(tmp_path: Path) -> None:
     """Two gloo processes; only rank 1's loss is NaN at step 2. The finite flag is all-reduced:

@@ -155,6 +155,7 @@ def test_bf16_model_output_is_close_to_fp32() -> None:
 DIGITS_RUN = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
 
+@pytest.mark.slow
 def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
     """The digits recipe (configs/mdeq_tiny_digits.yaml) for one epoch of 16 steps on 256
     images, batch 16, in fp32 and in bf16 from the same initial weights: the first loss (before
@@ -188,6 +189,7 @@ def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
         assert sum(run[-4:]) / 4 < run[0] - 0.3, run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("PHANTOMDEQ_FULL_PRECISION_TEST") != "1",
     reason="25 min of bf16 on CPUs without AVX512-BF16; set PHANTOMDEQ_FULL_PRECISION_TEST=1 "
@@ -205,6 +207,7 @@ def test_bf16_digits_two_epochs_within_two_points_of_fp32(tmp_path: Path) -> Non
     assert abs(acc["bf16"] - acc["fp32"]) <= 0.02, acc
 
 
+@pytest.mark.slow
 def test_bf16_checkpoint_keeps_precision_and_eval_uses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -230,6 +233,7 @@ def test_bf16_checkpoint_keeps_precision_and_eval_uses_it(
     assert '"test_acc"' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fp16_scaler_state_survives_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 with dynamic loss scaling: the scale found in epoch 1 (2^16 overflows at first, so
     steps are skipped and the scale halves) is checkpointed and restored, so an interrupted and

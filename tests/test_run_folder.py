@@ -41,6 +41,7 @@ def train(config: Path, out: Path, *extra: str) -> int:
 # --------------------------------------------------------------------------- run folders
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -55,6 +56,7 @@ def test_a_finished_run_is_not_overwritten(
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_run_and_says_what_it_deleted(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -70,6 +72,7 @@ def test_overwrite_replaces_the_run_and_says_what_it_deleted(
     assert (run / "notes.txt").read_text() == "mine"  # not a file a run writes
 
 
+@pytest.mark.slow
 def test_a_folder_in_use_by_another_process_is_refused_until_that_process_ends(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -132,6 +135,7 @@ def test_out_pointing_at_a_file(
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_from_the_beginning(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -200,6 +204,7 @@ def trained(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str
     return run
 
 
+@pytest.mark.slow
 def test_eval_of_a_nan_checkpoint(
     tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,6 +219,7 @@ def test_eval_of_a_nan_checkpoint(
     assert f"checkpoint {str(path)!r} holds non-finite values (NaN/inf) in {name!r}" in err
 
 
+@pytest.mark.slow
 def test_eval_of_another_model_names_the_config_keys(
     trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -229,6 +235,7 @@ def test_eval_of_another_model_names_the_config_keys(
     assert "tensor(s) differ in shape, e.g." in err
 
 
+@pytest.mark.slow
 def test_eval_of_weights_that_do_not_fit_their_own_config(
     tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -241,6 +248,7 @@ def test_eval_of_weights_that_do_not_fit_their_own_config(
     assert "missing from the checkpoint, e.g. 'head." in err
 
 
+@pytest.mark.slow
 def test_eval_still_works(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["eval", "--checkpoint", str(trained / "best.pt"), "--device", "cpu"]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["test_acc"] <= 1.0

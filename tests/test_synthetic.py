@@ -38,6 +38,7 @@ def cli_run(tmp_path_factory):
     return rc, buf.getvalue(), out
 
 
+@pytest.mark.slow
 def test_cli_writes_every_requested_record(cli_run):
     rc, _, out = cli_run
     assert rc == 0
@@ -115,6 +116,7 @@ def test_invalid_options_exit_nonzero_naming_the_option(tmp_path, capsys, args, 
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_command_line_entry_point_rejects_bad_lipschitz(tmp_path):
     proc = subprocess.run(
         [

@@ -34,6 +34,7 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
 tiny_config = functools.partial(conftest.tiny_config, {"train": {"epochs": 3, "device": "auto"}})
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings(
     "ignore:IFT backward solve did not reach:RuntimeWarning"
 )  # loose IFT budget: intended
@@ -53,6 +54,7 @@ def test_training_steps_lower_the_loss(tmp_path: Path, grad: str) -> None:
     assert 1.0 <= result["fwd_nstep"] <= 6.0
 
 
+@pytest.mark.slow
 def test_pretraining_stage_then_deq_and_jacobian_regulariser(tmp_path: Path) -> None:
     raw = tiny_config(
         data={"batch_size": 32},
@@ -74,6 +76,7 @@ def test_pretraining_stage_then_deq_and_jacobian_regulariser(tmp_path: Path) -> 
     assert recs[2]["jac_loss"] > 0.0
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_config_checkpoints_and_curves(tmp_path: Path) -> None:
     raw = tiny_config(
         data={"batch_size": 32},
@@ -146,6 +149,7 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert const.lr_at(7) == 0.1
 
 
+@pytest.mark.slow
 def test_optimizer_options_reach_torch(tmp_path: Path) -> None:
     """SGD with momentum / weight decay and gradient clipping: the checkpointed optimiser state
     carries the configured hyper-parameters and a momentum buffer."""
@@ -160,6 +164,7 @@ def test_optimizer_options_reach_torch(tmp_path: Path) -> None:
     assert any("momentum_buffer" in v for v in state["optimizer"]["state"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MNIST.is_dir(), reason="shared MNIST t10k folder not present")
 def test_mnist_config_trains_one_step(tmp_path: Path) -> None:
     cfg = load_config(
@@ -180,6 +185,7 @@ def test_mnist_config_trains_one_step(tmp_path: Path) -> None:
     assert result["steps"] == 1 and math.isfinite(result["test_loss"])
 
 
+@pytest.mark.slow
 def test_logged_grad_norm_is_the_norm_of_an_sgd_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -100,6 +100,7 @@ def test_ift_is_independent_of_the_start_when_converged(tuple_state):
     assert D.relative_error(out[1], exact) <= 1e-10
 
 
+@pytest.mark.slow
 def test_trainer_starts_each_sample_at_its_last_equilibrium(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,6 +145,7 @@ def test_trainer_starts_each_sample_at_its_last_equilibrium(
     assert len(solved) == 32
 
 
+@pytest.mark.slow
 def test_warm_started_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("sklearn")
     from phantomdeq.train import Trainer, TrainingInterrupted, config_from_dict, run_training
@@ -166,6 +168,7 @@ def test_warm_started_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytes
     assert [r["fwd_nstep"] for r in steps(part)] == [r["fwd_nstep"] for r in steps(full)]
 
 
+@pytest.mark.slow
 def test_warm_start_needs_the_same_setting_on_resume(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     from conftest import tiny_config
