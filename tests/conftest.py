@@ -3,7 +3,8 @@
 Tiers: ``pytest`` with no arguments runs the fast tier (``-m "not slow"`` in pyproject's
 addopts); ``make test-all`` (``pytest -m "slow or not slow"``) adds the tests marked
 ``@pytest.mark.slow``: full training runs, subprocess and multi-process runs, and the
-expensive twin of a property a fast test already proves.
+expensive twin of a property a fast test already proves. Naming a test file or id runs all
+of it (:func:`pytest_configure`).
 
 The training helpers are plain functions (test modules import them: ``from conftest import
 tiny_config``), one definition each instead of a copy per module.
@@ -51,6 +52,16 @@ def steps(run_dir: Path) -> list[dict[str, Any]]:
     from phantomdeq.train.metrics_log import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Naming test files or test ids (``pytest tests/test_train.py``) runs every test they hold,
+    slow ones included; the default ``-m "not slow"`` applies to directories (and to bare
+    ``pytest``), and an explicit ``-m`` always wins."""
+    explicit_m = any(a.startswith("-m") for a in config.invocation_params.args)
+    named = [a for a in config.args if a.split("::")[0].endswith(".py")]
+    if named and not explicit_m and config.option.markexpr == "not slow":
+        config.option.markexpr = ""
 
 
 @pytest.fixture(params=[False, True], ids=["tensor", "tuple"])
