@@ -38,7 +38,6 @@ def cli_run(tmp_path_factory):
     return rc, buf.getvalue(), out
 
 
-@pytest.mark.slow
 def test_cli_writes_every_requested_record(cli_run):
     rc, _, out = cli_run
     assert rc == 0
