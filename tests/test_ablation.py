@@ -65,6 +65,7 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in (out / "runs").iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 def test_ablate_grid_table_json_figure_and_resume(config: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "study"
     argv = ["--config", str(config), "--grid", "k=1,2", "--grid", "lam=0.5,1.0", "--seeds", "1"]
@@ -239,6 +240,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc for the worker processes")
 def test_sigterm_to_a_parallel_study_stops_its_workers_and_the_study_resumes(
     config: Path, tmp_path: Path

@@ -17,6 +17,7 @@ from phantomdeq.experiments import cost, measure
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_cost_quick_end_to_end_writes_every_method(tmp_path: Path) -> None:
     out = tmp_path / "cost"
     proc = subprocess.run(

@@ -54,6 +54,7 @@ def _faults(policy: str) -> int:
     return int(out.stdout.strip())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_retained_memory_is_reused_without_page_faults() -> None:
     pages = (40 << 20) // 4096

@@ -114,6 +114,7 @@ def test_invalid_options_exit_nonzero_naming_the_option(tmp_path, capsys, args, 
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_command_line_entry_point_rejects_bad_lipschitz(tmp_path):
     proc = subprocess.run(
         [
