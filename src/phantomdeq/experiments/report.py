@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,8 +26,16 @@ from phantomdeq._plot import saved_figure
 
 from .command import Outputs
 
-if TYPE_CHECKING:
-    from .synthetic import SyntheticResult
+
+class SyntheticResult(Protocol):
+    """What the Fig. 1 report reads of :class:`.synthetic.SyntheticResult` (a protocol, so
+    that this module does not import the experiment that imports it)."""
+
+    config: Any
+    records: list[dict[str, Any]]
+    cosines: dict[tuple[str, int, float, bool], np.ndarray]
+    summary: dict[str, Any]
+
 
 __all__ = [
     "cost_plot",
