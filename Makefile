@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test docs demo lint typecheck bench clean check-results
+.PHONY: venv test test-all docs demo lint typecheck bench clean check-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# the documentation site is built first (quiet unless it fails: warnings are errors), so that
-# pytest's summary stays the last line
+# the fast tier (unit tests and one short training run, a few minutes); the documentation site
+# is built first (quiet unless it fails: warnings are errors), so that pytest's summary stays
+# the last line
 test: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest -q -x --durations=15
+
+# every test: the fast tier and the `slow` one (full training runs, multi-process runs); what CI runs
+test-all: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+	$(PY) -m pytest -q -x --durations=25 -m "slow or not slow"
 
 # the documentation site into site/ (open site/index.html); offline, warnings are errors
 docs: $(STAMP)

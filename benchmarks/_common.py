@@ -1,13 +1,20 @@
-"""Helpers shared by the benchmark scripts: timing, the reference conv cell, JSON output."""
+"""The one timing helper of the benchmark scripts: the reference cells, timing (one call,
+interleaved rounds), the machine and its load, a baseline version of the package loaded beside
+this one (A/B of a change), JSON output and the terminal table."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -70,11 +77,11 @@ def timeit(fn: Callable[[], object], *, sync: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1, sync: bool = False
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """Run each callable ``warmup`` times, then ``repeats`` rounds alternating between them;
-    return the median time of each (seconds). Alternation spreads machine noise evenly."""
+    return every timed call of each (seconds). Alternation spreads machine noise evenly."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -82,7 +89,44 @@ def interleaved_medians(
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(timeit(fn, sync=sync))
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1, sync: bool = False
+) -> dict[str, float]:
+    """The median of each callable's :func:`interleaved_times` (seconds)."""
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, sync=sync)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return list(os.getloadavg())
+    return None
+
+
+def load_baseline(path: str | Path) -> ModuleType:
+    """Import another version of the package -- ``path`` is its ``src`` folder or the
+    ``phantomdeq`` folder itself, e.g. from ``git archive <rev> src | tar -x -C /tmp/base`` --
+    as the package ``phantomdeq_baseline`` beside this one (its modules import each other
+    relatively), for an A/B measurement of a change in one process."""
+    root = Path(path)
+    if not (root / "__init__.py").is_file():
+        root = root / "phantomdeq"
+    init = root / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline: no phantomdeq package at {path}")
+    spec = importlib.util.spec_from_file_location(
+        "phantomdeq_baseline", init, submodule_search_locations=[str(root)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load {init}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["phantomdeq_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine() -> dict[str, object]:

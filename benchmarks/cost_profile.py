@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import phantomdeq.grad.base as grad_base
 from phantomdeq.experiments import cost
-from phantomdeq.experiments.profiling import Clock
+from phantomdeq.experiments.measure import Clock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
     cfg = cost.CostConfig(model=args.model, batch=args.batch, methods=methods, repeats=1, warmup=0)
     bench = cost._Bench(cfg)
-    original = grad_base._VJPAt.__call__
+    original = grad_base.VJPAt.__call__
 
     def traced_vjp(self, w):  # type: ignore[no-untyped-def]
         with record_function("VJP(autograd.grad)"):
             return original(self, w)
 
-    grad_base._VJPAt.__call__ = traced_vjp  # type: ignore[method-assign]
+    grad_base.VJPAt.__call__ = traced_vjp  # type: ignore[method-assign]
     try:
         for name in methods:
             bench.step(name, Clock(bench.dev))
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     finally:
-        grad_base._VJPAt.__call__ = original  # type: ignore[method-assign]
+        grad_base.VJPAt.__call__ = original  # type: ignore[method-assign]
     return 0
 
 

@@ -1,6 +1,6 @@
 """Question: how much of a CPU solve and training step goes to page faults, with glibc's default
 allocation (every multi-MiB tensor a fresh mmap) and with freed memory kept in the process
-(``pdq.retain_cpu_memory()``, what the ``phantomdeq`` command does)?
+(``phantomdeq.cpu_memory.retain_cpu_memory()``, what the ``phantomdeq`` command does)?
 
 Each (cell, group, policy) runs in its own fresh process (the setting is process-wide, and
 whether glibc's adaptive threshold keeps a block depends on the whole history of the heap, so a
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phantomdeq as pdq  # noqa: E402
 from _common import CELLS, machine, print_table, write_json  # noqa: E402
+from phantomdeq.cpu_memory import retain_cpu_memory  # noqa: E402
 
 POLICIES = ("system", "retain")
 GROUPS = ("solve", "train")
@@ -80,7 +81,7 @@ def _variants(
 def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    applied = pdq.retain_cpu_memory() if args.child == "retain" else False
+    applied = retain_cpu_memory() if args.child == "retain" else False
     out: dict[str, Any] = {
         "policy": args.child,
         "applied": applied,

@@ -1,5 +1,37 @@
-"""Python part of benchmarks/gpu_check.sh: generated CIFAR-shaped data in the real on-disk
-format, and training runs of the real trainer timed per precision.
+"""The one GPU script: every GPU-only measurement in one command, written to one JSON.
+
+    python benchmarks/gpu_check.py [--out gpu_check.json] [--parts cuda_tests,...]
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json   # CPU, tiny, seconds
+
+Parts, in this order (each one a fresh process with its own time limit; a part that fails or
+runs out of time is recorded as such and the others still run; the limits add up to 11 min
+10 s):
+
+* ``cuda_tests``: ``tests/test_cuda.py`` (CPU/CUDA agreement, host syncs, CUDA-graph replay);
+* ``solver_overhead``: ``benchmarks/solver_overhead.py`` on the MDEQ-Tiny cell (``mdeq``),
+  batch 64, eager and CUDA graph, TorchDEQ's solvers beside: solve / bare f, goal ``<= 1.3``;
+* ``precision``: ``phantomdeq cost`` on MDEQ-CIFAR-10M, batch 64, UPG(5, 0.5) and IFT
+  (Broyden x20) steps in fp32 and in bf16 autocast, eager and CUDA graph: bf16 / fp32 step
+  time, goal ``<= 0.67``;
+* ``tiny_epoch``: one MDEQ-Tiny epoch (``configs/mdeq_tiny_cifar10.yaml``, the trainer itself)
+  on 50,000 generated CIFAR-shaped images written in the real on-disk format: the training
+  epoch's time (evaluation excluded), goal ``<= 12 s``;
+* ``vs_torchdeq``: ``benchmarks/vs_torchdeq.py``, MDEQ-Tiny batch 64, eager and CUDA graph:
+  phantomdeq / TorchDEQ step time, goal ``<= 0.6``;
+* ``digits_bf16``: the digits recipe (``configs/mdeq_tiny_digits.yaml``), 2 epochs in fp32 and in
+  bf16: test accuracies within 2 points (the criterion the CPU suite checks on a subset,
+  ``tests/test_precision.py``);
+* ``lm_tokens``: tokens per second of the DEQ-LM preset (skipped, with the reason, while no
+  ``deq_lm*`` preset ships).
+
+The JSON holds the machine, and per part its command, exit status, wall time, the headline
+numbers against their goals, the part's own full JSON and the tail of its output. Exit status
+0 when every part that ran succeeded. ``--dry-run`` runs the same parts on the CPU at tiny sizes
+(no CUDA graphs; goals not judged; the CUDA tests only collected, their CPU cases run in the test
+suite; time limits tripled): what the tests run, so that this script cannot rot. It took 142 s
+on the shared 2-core development machine at load average 7.
+
+Helpers, also usable alone (they produced ``benchmarks/results/precision_steps_digits_cpu.json``)::
 
     python benchmarks/gpu_check.py make-cifar DIR [--train-per-batch N] [--test N]
     python benchmarks/gpu_check.py steps --config configs/mdeq_cifar10m.yaml --data DIR \\
@@ -17,21 +49,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
-import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from phantomdeq.train import load_config, run_training
-from phantomdeq.train.metrics_log import read_metrics
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import loadavg, machine  # noqa: E402
 
 CIFAR_DIR = "cifar-10-batches-py"
+CUDA_TESTS = "tests/test_cuda.py"
+DRY_RUN_SLACK = 3  # the dry run's time limits: this many times the GPU ones
+HELPERS = ("make-cifar", "steps", "run")
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def make_cifar(root: Path, *, train_per_batch: int, test: int, seed: int = 0) -> Path:
@@ -63,11 +106,9 @@ def make_cifar(root: Path, *, train_per_batch: int, test: int, seed: int = 0) ->
 
 
 def _machine(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-    }
+    import torch
+
+    info: dict[str, Any] = {**machine(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
@@ -76,6 +117,9 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, Any]:
+    from phantomdeq.train import load_config, run_training
+    from phantomdeq.train.metrics_log import read_metrics
+
     records = []
     base = [
         *([f"data.root={args.data}"] if args.data is not None else []),
@@ -131,18 +175,24 @@ def time_steps(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One training run; its result with the mean training-epoch time (evaluation excluded)."""
+    from phantomdeq.train import load_config, run_training
+    from phantomdeq.train.metrics_log import read_metrics
+
     cfg = load_config(args.config, args.set)
     t0 = time.perf_counter()
     result = run_training(cfg, args.out_dir, progress=False)
     result["wall_s"] = time.perf_counter() - t0
+    epochs = [r for r in read_metrics(Path(args.out_dir) / "metrics.jsonl") if r["kind"] == "epoch"]
+    result["epoch_time_s"] = [float(r["epoch_time_s"]) for r in epochs if "epoch_time_s" in r]
     result["overrides"] = args.set
     result["machine"] = _machine(cfg.train.device)
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result, default=str), flush=True)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n")[0])
+def helper_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gpu_check.py", description="helpers of the GPU script")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make-cifar", help="write CIFAR-shaped pickled batches")
     m.add_argument("root", type=Path)
@@ -180,6 +230,458 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2, default=str))
     return 0
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+@dataclass
+class Part:
+    """One measurement: ``commands`` (run in turn, each under ``limit_s``) write JSON files
+    that ``headline`` reads; ``skip`` gives the reason when the part cannot run here."""
+
+    name: str
+    limit_s: int
+    goal: str
+    commands: Callable[[Context], list[list[str]]]
+    headline: Callable[[Context], dict[str, Any]]
+    skip: Callable[[Context], str | None] = lambda ctx: None
+    results: Callable[[Context], dict[str, Any]] = field(default=lambda ctx: {})
+
+
+@dataclass
+class Context:
+    dry: bool
+    work: Path
+    py: str = sys.executable
+    output: str = ""  # the last command's stdout and stderr
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.dry else "cuda"
+
+    @property
+    def graph_modes(self) -> str:
+        return "eager" if self.dry else "eager,graph"
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _bench(name: str) -> str:
+    return str(ROOT / "benchmarks" / name)
+
+
+# cuda_tests ---------------------------------------------------------------
+
+
+def _cuda_tests_cmd(ctx: Context) -> list[list[str]]:
+    """The CUDA tests; in a dry run only collected (their CPU cases run in the test suite)."""
+    mode = ["--collect-only"] if ctx.dry else [f"--junitxml={ctx.work / 'cuda_tests.xml'}"]
+    return [[ctx.py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *mode, CUDA_TESTS]]
+
+
+def _cuda_tests_headline(ctx: Context) -> dict[str, Any]:
+    path = ctx.work / "cuda_tests.xml"
+    if ctx.dry or not path.is_file():
+        found = re.search(r"(\d+) tests? collected", ctx.output)
+        return {"collected": int(found[1])} if found else {}
+    suite = re.search(r"<testsuite [^>]*>", path.read_text())
+    out: dict[str, Any] = {}
+    if suite:
+        for key in ("tests", "failures", "errors", "skipped"):
+            m = re.search(rf'\b{key}="(\d+)"', suite[0])
+            out[key] = int(m[1]) if m else None
+    return out
+
+
+# solver_overhead ----------------------------------------------------------
+
+
+def _overhead_cmd(ctx: Context) -> list[list[str]]:
+    size = ["--batch", "2", "--size", "8", "--iters", "4", "--repeats", "2"] if ctx.dry else []
+    return [
+        [ctx.py, _bench("solver_overhead.py"), "--device", ctx.device, "--cells", "mdeq"]
+        + ["--modes", ctx.graph_modes, "--torchdeq", *(size or ["--batch", "64", "--repeats", "9"])]
+        + ["--out", str(ctx.work / "solver_overhead.json")]
+    ]
+
+
+def _overhead_headline(ctx: Context) -> dict[str, Any]:
+    data = _read(ctx.work / "solver_overhead.json") or {}
+    return {
+        f"{r['solver']}/{r['mode']}": r["ratio"]
+        for r in data.get("results", [])
+        if r.get("cell") == "mdeq"
+    }
+
+
+# precision ----------------------------------------------------------------
+
+
+def _cost_cmd(ctx: Context, amp: str) -> list[str]:
+    tag = "fp32" if amp == "none" else amp
+    size = (
+        ["--model", "mdeq_tiny", "--batch", "2", "--fwd-iters", "2", "--bwd-iters", "2"]
+        + ["--repeats", "1", "--warmup", "0"]
+        if ctx.dry
+        else ["--model", "mdeq_cifar10m", "--batch", "64", "--repeats", "5", "--warmup", "2"]
+    )
+    return [
+        ctx.py,
+        "-m",
+        "phantomdeq",
+        "cost",
+        "--device",
+        ctx.device,
+        "--amp",
+        amp,
+        *size,
+        "--no-memory",
+        "--methods",
+        "ift_broyden,upg_k5",
+        "--modes",
+        ctx.graph_modes,
+        "--out",
+        str(ctx.work / f"cost_{tag}"),
+    ]
+
+
+def _precision_headline(ctx: Context) -> dict[str, Any]:
+    steps: dict[tuple[str, str, str], float] = {}
+    for tag in ("fp32", "bf16"):
+        for r in (_read(ctx.work / f"cost_{tag}" / "cost.json") or {}).get("records", []):
+            steps[(tag, r["mode"], r["method"])] = r["step_ms"]
+    return {
+        f"{method}/{mode}": ms / steps[("fp32", mode, method)]
+        for (tag, mode, method), ms in sorted(steps.items())
+        if tag == "bf16" and ("fp32", mode, method) in steps
+    }
+
+
+def _precision_results(ctx: Context) -> dict[str, Any]:
+    return {tag: _read(ctx.work / f"cost_{tag}" / "cost.json") for tag in ("fp32", "bf16")}
+
+
+# tiny_epoch ---------------------------------------------------------------
+
+
+def _tiny_epoch_cmd(ctx: Context) -> list[list[str]]:
+    per_batch, test = ("8", "8") if ctx.dry else ("10000", "2000")
+    data = ctx.work / "cifar"
+    shrink = (
+        ["data.batch_size=8", "data.eval_batch_size=8", "solver.max_iter=2"]
+        + ["eval_solver.max_iter=2", "grad.k=2", "train.bn_recalibration_batches=1"]
+        if ctx.dry
+        else []
+    )
+    sets = [
+        f"data.root={data}",
+        "train.epochs=1",
+        f"train.device={ctx.device}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.plot=false",
+        *shrink,
+    ]
+    script = _bench("gpu_check.py")
+    return [
+        [ctx.py, script, "make-cifar", str(data), "--train-per-batch", per_batch, "--test", test],
+        [ctx.py, script, "run", "--config", str(ROOT / "configs" / "mdeq_tiny_cifar10.yaml")]
+        + [
+            "--out-dir",
+            str(ctx.work / "tiny_epoch_run"),
+            "--json",
+            str(ctx.work / "tiny_epoch.json"),
+        ]
+        + [arg for s in sets for arg in ("--set", s)],
+    ]
+
+
+def _tiny_epoch_headline(ctx: Context) -> dict[str, Any]:
+    data = _read(ctx.work / "tiny_epoch.json") or {}
+    times = data.get("epoch_time_s") or []
+    return {"epoch_time_s": times[0] if times else None, "test_acc": data.get("test_acc")}
+
+
+# vs_torchdeq --------------------------------------------------------------
+
+
+def _vs_cmd(ctx: Context) -> list[list[str]]:
+    size = ["--quick"] if ctx.dry else ["--batch", "64", "--repeats", "5"]
+    return [
+        [ctx.py, _bench("vs_torchdeq.py"), "--device", ctx.device, "--models", "mdeq_tiny"]
+        + [*size, "--modes", ctx.graph_modes, "--out", str(ctx.work / "vs_torchdeq.json")]
+    ]
+
+
+def _vs_headline(ctx: Context) -> dict[str, Any]:
+    data = _read(ctx.work / "vs_torchdeq.json") or {}
+    out: dict[str, Any] = {}
+    for r in data.get("timing", []):
+        for mode in ctx.graph_modes.split(","):
+            suffix = "" if mode == "eager" else f"_{mode}"
+            for grad in ("upg", "ift"):
+                value = r.get(f"{grad}_step_ratio{suffix}")
+                if value is not None:
+                    out[f"{grad} {r['solver']}/{mode}"] = value
+    return out
+
+
+def _vs_skip(ctx: Context) -> str | None:
+    probe = subprocess.run([ctx.py, "-c", "import torchdeq"], capture_output=True, env=_env(ctx))
+    return None if probe.returncode == 0 else "TorchDEQ is not importable (the `peer` extra)"
+
+
+# digits_bf16 --------------------------------------------------------------
+
+
+def _digits_cmd(ctx: Context) -> list[list[str]]:
+    shrink = (
+        ["data.train_size=32", "data.test_size=16", "data.batch_size=16"]
+        + ["solver.max_iter=3", "eval_solver.max_iter=3"]
+        if ctx.dry
+        else []
+    )
+    sets = ["train.epochs=2", f"train.device={ctx.device}", "log.progress=false"]
+    sets += ["log.tensorboard=false", "log.plot=false", *shrink]
+    return [
+        [
+            ctx.py,
+            _bench("gpu_check.py"),
+            "run",
+            "--config",
+            str(ROOT / "configs" / "mdeq_tiny_digits.yaml"),
+        ]
+        + ["--out-dir", str(ctx.work / f"digits_{p}"), "--json", str(ctx.work / f"digits_{p}.json")]
+        + [arg for s in [*sets, f"train.precision={p}"] for arg in ("--set", s)]
+        for p in ("fp32", "bf16")
+    ]
+
+
+def _digits_headline(ctx: Context) -> dict[str, Any]:
+    acc = {
+        p: (_read(ctx.work / f"digits_{p}.json") or {}).get("test_acc") for p in ("fp32", "bf16")
+    }
+    if None in acc.values():
+        return {}
+    return {
+        "fp32_test_acc": acc["fp32"],
+        "bf16_test_acc": acc["bf16"],
+        "within_2_points": abs(acc["bf16"] - acc["fp32"]) <= 0.02,
+    }
+
+
+def _digits_results(ctx: Context) -> dict[str, Any]:
+    return {p: _read(ctx.work / f"digits_{p}.json") for p in ("fp32", "bf16")}
+
+
+# lm_tokens ----------------------------------------------------------------
+
+
+def _lm_preset() -> Path | None:
+    found = sorted((ROOT / "configs").glob("deq_lm*.yaml"))
+    return found[0] if found else None
+
+
+def _lm_cmd(ctx: Context) -> list[list[str]]:
+    preset = _lm_preset()
+    assert preset is not None
+    steps = "3" if ctx.dry else "20"
+    return [
+        [ctx.py, _bench("gpu_check.py"), "steps", "--config", str(preset), "--precisions", "fp32"]
+        + ["--steps", steps, "--batch", "2" if ctx.dry else "32", "--device", ctx.device]
+        + ["--work", str(ctx.work / "lm_runs"), "--out", str(ctx.work / "lm_tokens.json")]
+    ]
+
+
+def _lm_headline(ctx: Context) -> dict[str, Any]:
+    """Median step time; tokens/s = batch x the preset's ``data.seq_len`` / step time."""
+    import yaml
+
+    data = _read(ctx.work / "lm_tokens.json") or {}
+    recs = data.get("records") or []
+    preset = _lm_preset()
+    if not recs or preset is None:
+        return {}
+    seq_len = (yaml.safe_load(preset.read_text()).get("data") or {}).get("seq_len")
+    step = recs[0]["median_step_s"]
+    tokens = data["batch"] * seq_len if isinstance(seq_len, int) else None
+    return {"step_s": step, "tokens_per_s": tokens / step if tokens else None}
+
+
+def _lm_skip(ctx: Context) -> str | None:
+    return None if _lm_preset() else "no DEQ-LM preset ships yet (configs/deq_lm*.yaml)"
+
+
+PARTS: tuple[Part, ...] = (
+    Part("cuda_tests", 60, "no failures", _cuda_tests_cmd, _cuda_tests_headline),
+    Part(
+        "solver_overhead",
+        90,
+        "solve / bare f <= 1.3 (MDEQ-Tiny)",
+        _overhead_cmd,
+        _overhead_headline,
+    ),
+    Part(
+        "precision",
+        120,
+        "bf16 / fp32 step <= 0.67 (MDEQ-CIFAR-10M)",
+        lambda ctx: [_cost_cmd(ctx, "none"), _cost_cmd(ctx, "bf16")],
+        _precision_headline,
+        results=_precision_results,
+    ),
+    Part(
+        "tiny_epoch", 150, "<= 12 s per epoch (50k images)", _tiny_epoch_cmd, _tiny_epoch_headline
+    ),
+    Part(
+        "vs_torchdeq",
+        100,
+        "phantomdeq / TorchDEQ step <= 0.6",
+        _vs_cmd,
+        _vs_headline,
+        skip=_vs_skip,
+    ),
+    Part(
+        "digits_bf16",
+        90,
+        "bf16 within 2 points of fp32 after 2 digits epochs",
+        _digits_cmd,
+        _digits_headline,
+        results=_digits_results,
+    ),
+    Part("lm_tokens", 60, "tokens/s (no goal)", _lm_cmd, _lm_headline, skip=_lm_skip),
+)
+_RESULT_FILES = {
+    "solver_overhead": "solver_overhead.json",
+    "tiny_epoch": "tiny_epoch.json",
+    "vs_torchdeq": "vs_torchdeq.json",
+    "lm_tokens": "lm_tokens.json",
+}
+
+
+def _env(ctx: Context) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(ROOT / "src"), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+    site = ctx.work / "site"
+    if site.is_dir():
+        paths.append(str(site))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    if ctx.dry:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _install_torchdeq(ctx: Context) -> None:
+    """TorchDEQ from a wheel in ``.whl/`` (a machine without network), when not importable."""
+    wheels = sorted((ROOT / ".whl").glob("torchdeq*.whl"))
+    if not wheels or _vs_skip(ctx) is None:
+        return
+    subprocess.run(
+        [ctx.py, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+        + ["--target", str(ctx.work / "site"), *map(str, wheels)],
+        check=False,
+    )
+
+
+def run_part(part: Part, ctx: Context) -> dict[str, Any]:
+    reason = part.skip(ctx)
+    rec: dict[str, Any] = {"goal": part.goal, "limit_s": part.limit_s}
+    if reason is not None:
+        print(f"== {part.name}: skipped ({reason})", flush=True)
+        return {**rec, "status": "skipped", "reason": reason}
+    # a dry run's low precision runs on reference CPU kernels, on a machine that may be shared
+    limit = part.limit_s * (DRY_RUN_SLACK if ctx.dry else 1)
+    t0 = time.perf_counter()
+    commands, tail, status = part.commands(ctx), "", "ok"
+    rc = 0
+    for cmd in commands:
+        left = limit - (time.perf_counter() - t0)
+        print(f"== {part.name}: {' '.join(cmd)}", flush=True)
+        try:
+            proc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env=_env(ctx),
+                capture_output=True,
+                text=True,
+                timeout=max(left, 1.0),
+            )
+            rc = proc.returncode
+            ctx.output = proc.stdout + proc.stderr
+            tail = ctx.output[-3000:]
+        except subprocess.TimeoutExpired as exc:
+            rc, status = 124, "timeout"
+            out = exc.stdout or b""
+            tail = (out.decode() if isinstance(out, bytes) else out)[-3000:]
+        if rc != 0:
+            status = "timeout" if rc == 124 else "failed"
+            break
+    wall = time.perf_counter() - t0
+    print(f"   {status} (rc {rc}) in {wall:.1f} s", flush=True)
+    name = _RESULT_FILES.get(part.name)
+    return {
+        **rec,
+        "status": status,
+        "rc": rc,
+        "wall_s": wall,
+        "commands": [" ".join(c) for c in commands],
+        "headline": part.headline(ctx),
+        "result": part.results(ctx) if name is None else _read(ctx.work / name),
+        "output_tail": tail,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in HELPERS:
+        return helper_main(argv)
+    names = [p.name for p in PARTS]
+    ap = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the one JSON")
+    ap.add_argument("--parts", default=",".join(names), help=f"comma list of {names}")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes (seconds)")
+    ap.add_argument("--work", type=Path, default=None, help="folder of the parts' own files")
+    args = ap.parse_args(argv)
+    chosen = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in chosen if p not in names]
+    if unknown or not chosen:
+        ap.error(f"--parts: unknown {unknown}; allowed: {', '.join(names)}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(dry=args.dry_run, work=work.resolve())
+    if not ctx.dry:
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device here; --dry-run runs the same parts on the CPU")
+    _install_torchdeq(ctx)
+    t0 = time.perf_counter()
+    payload: dict[str, Any] = {
+        "dry_run": ctx.dry,
+        "machine": _machine(ctx.device),
+        "loadavg_start": loadavg(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parts": {},
+    }
+    for part in PARTS:
+        if part.name in chosen:
+            payload["parts"][part.name] = run_part(part, ctx)
+    payload["wall_s"] = time.perf_counter() - t0
+    payload["loadavg_end"] = loadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    for name, rec in payload["parts"].items():
+        head = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in (rec.get("headline") or {}).items()
+        )
+        print(f"{name:<16} {rec['status']:<8} {head or rec.get('reason', '')} [{rec['goal']}]")
+    print(f"wrote {args.out} ({payload['wall_s']:.0f} s)")
+    bad = [n for n, r in payload["parts"].items() if r["status"] not in ("ok", "skipped")]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

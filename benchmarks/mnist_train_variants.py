@@ -12,7 +12,7 @@ test accuracy. Used for the warm-start and adaptive-k measurements in EXPERIMENT
 ``--jobs N`` trains N variants at once (one fresh process and one thread each), so that variants
 compared on step time run under the same machine load. The variant key ``cpu_memory=retain``
 or ``cpu_memory=system`` (not a config key; needs ``--jobs`` >= 2) sets the process's CPU memory
-policy (``pdq.retain_cpu_memory``); without it a variant runs under glibc's defaults:
+policy (``phantomdeq.cpu_memory.retain_cpu_memory``, applied by the Trainer); without it a variant runs under glibc's defaults:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mnist_train_variants.py --jobs 2 \
         --config configs/ablation/mnist_upg.yaml --set data.root=../shared/data/mnist \
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 import yaml
 
-import phantomdeq as pdq
 from phantomdeq.cpu_memory import minor_page_faults
 from phantomdeq.train import config_from_dict, run_training
 from phantomdeq.train.metrics_log import read_metrics
@@ -84,13 +84,13 @@ def _run_variant(base: dict[str, Any], spec: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = spec.partition(":")
     raw = json.loads(json.dumps(base))
     items = [a for a in rest.split(",") if a]
+    policy = "system"  # glibc's defaults unless the variant asks (the Trainer reads the variable)
     for item in [a for a in items if a.startswith("cpu_memory=")]:
         items.remove(item)
         policy = item.partition("=")[2]
         if policy not in ("retain", "system"):
             raise SystemExit(f"variant {name}: cpu_memory={policy!r}; allowed: retain, system")
-        if policy == "retain":
-            pdq.retain_cpu_memory()
+    os.environ["PHANTOMDEQ_CPU_MEMORY"] = policy
     _apply(raw, items)
     faults0 = minor_page_faults()
     raw.setdefault("log", {}).update(progress=False, every=1, tensorboard=False, plot=False)

@@ -20,7 +20,6 @@ DEQ(F) -> head -> cross-entropy. Forward: Anderson, 22 iterations (tol 0); IFT b
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -37,24 +36,13 @@ import phantomdeq as pdq
 from phantomdeq.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians, machine, print_table, write_json  # noqa: E402
-
-
-def load_baseline(path: str) -> ModuleType:
-    """Import the package at ``path`` (a ``phantomdeq`` folder) under the name
-    ``phantomdeq_base``; its core modules use relative imports only."""
-    init = Path(path) / "__init__.py"
-    if not init.is_file():
-        raise SystemExit(f"--baseline: {path} is not a package folder (no __init__.py)")
-    spec = importlib.util.spec_from_file_location(
-        "phantomdeq_base", init, submodule_search_locations=[str(Path(path))]
-    )
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"--baseline: cannot import {path}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["phantomdeq_base"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from _common import (  # noqa: E402
+    interleaved_medians,
+    load_baseline,
+    machine,
+    print_table,
+    write_json,
+)
 
 
 class Setup:

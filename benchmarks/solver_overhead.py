@@ -18,7 +18,7 @@ ratio to the eager bare loop is reported too. Cells (``benchmarks/_common.py``):
         [--cpu-memory retain|system] [--out benchmarks/results/solver_overhead.json]
 
 ``--cpu-memory retain`` (the default, as the ``phantomdeq`` command) keeps freed CPU memory in
-the process (``pdq.retain_cpu_memory``); ``system`` keeps glibc's defaults, under which every
+the process (``phantomdeq.cpu_memory.retain_cpu_memory``); ``system`` keeps glibc's defaults, under which every
 multi-MiB tensor is a fresh mmap and page faults take much of each f evaluation (see
 ``benchmarks/cpu_memory.py``). Minor page faults per call are recorded beside the times.
 
@@ -30,8 +30,6 @@ same budget in evaluations of f (its Broyden evaluates f once more than its max_
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import sys
 import time
@@ -43,8 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phantomdeq as pdq  # noqa: E402
-from _common import CELLS, machine, print_table, timeit, write_json  # noqa: E402
-from phantomdeq.cpu_memory import minor_page_faults  # noqa: E402
+from _common import CELLS, loadavg, machine, print_table, timeit, write_json  # noqa: E402
+from phantomdeq.cpu_memory import (
+    minor_page_faults,  # noqa: E402
+    retain_cpu_memory,  # noqa: E402
+)
 from phantomdeq.solvers.graphed import CUDAGraphCapture, GraphedSolves  # noqa: E402
 
 SOLVERS = ("FixedPoint", "Anderson", "Broyden")
@@ -165,12 +166,6 @@ def measure(
     return times, faults
 
 
-def _load() -> list[float] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return list(os.getloadavg())
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -187,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/solver_overhead.json")
     args = ap.parse_args(argv)
     if args.cpu_memory == "retain":
-        pdq.retain_cpu_memory()
+        retain_cpu_memory()
     cells = tuple(c for c in args.cells.split(",") if c)
     modes = tuple(m for m in args.modes.split(",") if m)
     bad = [c for c in cells if c not in CELLS] + [m for m in modes if m not in MODES]
@@ -210,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         cell = CELLS[cell_name](args.channels).to(dev).eval()
         x = torch.randn(args.batch, args.channels, args.size, args.size, device=dev)
-        load0 = _load()
+        load0 = loadavg()
         fns = variants(cell, x, n, modes, args.torchdeq)
         times, faults = measure(fns, args.repeats, sync)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -257,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     "-" if goal is None else ("yes" if ratio <= goal else "NO"),
                 ]
             )
-        print(f"  {cell_name} done (load {load0} -> {_load()})", file=sys.stderr, flush=True)
+        print(f"  {cell_name} done (load {load0} -> {loadavg()})", file=sys.stderr, flush=True)
     print(
         f"solver overhead: batch={args.batch} C={args.channels} {args.size}x{args.size}, {n} "
         f"evaluations (tol=0), {dev}, {torch.get_num_threads()} thread(s), median of "
@@ -282,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(
         args.out,
         {
-            "machine": {**machine(), "loadavg_end": _load()},
+            "machine": {**machine(), "loadavg_end": loadavg()},
             "args": vars(args),
             "wall_s": time.perf_counter() - t_start,
             "results": records,

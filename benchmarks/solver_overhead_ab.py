@@ -13,7 +13,6 @@ both versions' solvers run alternately on the same cell, input and thread. Ratio
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phantomdeq as pdq  # noqa: E402
-from _common import ConvCell, LightCell, machine, print_table, timeit, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    ConvCell,
+    LightCell,
+    interleaved_times,
+    load_baseline,
+    machine,
+    print_table,
+    write_json,
+)
 
 
 class CheapCell(torch.nn.Module):
@@ -33,36 +40,6 @@ class CheapCell(torch.nn.Module):
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh_(torch.add(x, z, alpha=0.5))
-
-
-def interleaved(
-    fns: dict[str, object], *, repeats: int, warmup: int, sync: bool
-) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()  # type: ignore[operator]
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(timeit(fn, sync=sync))  # type: ignore[arg-type]
-    return times
-
-
-def load_baseline(src: Path) -> ModuleType:
-    """Import ``src/phantomdeq`` as the package ``phantomdeq_baseline`` (relative imports
-    resolve inside it; only its solvers are used here)."""
-    init = src / "phantomdeq" / "__init__.py"
-    if not init.is_file():
-        raise SystemExit(f"--baseline: no phantomdeq package under {src}")
-    spec = importlib.util.spec_from_file_location(
-        "phantomdeq_baseline", init, submodule_search_locations=[str(init.parent)]
-    )
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"--baseline: cannot load {init}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["phantomdeq_baseline"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_solvers(lib: ModuleType, n: int) -> dict[str, object]:
@@ -115,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in before:
         fns[f"before {name}"] = lambda s=before[name]: s(g, z0)  # type: ignore[operator]
         fns[f"after {name}"] = lambda s=after[name]: s(g, z0)  # type: ignore[operator]
-    times = interleaved(fns, repeats=args.repeats, warmup=1, sync=sync)
+    times = interleaved_times(fns, repeats=args.repeats, warmup=1, sync=sync)  # type: ignore[arg-type]
     rows, records = [], []
     for stat, pick in (("median", statistics.median), ("min", min)):
         t = {k: pick(v) for k, v in times.items()}

@@ -35,8 +35,6 @@ the ``peer`` extra).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +47,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phantomdeq as pdq  # noqa: E402
-from _common import ConvCell, interleaved_medians, machine, print_table, write_json  # noqa: E402
+from _common import ConvCell, interleaved_medians, loadavg, machine, print_table, write_json  # noqa: E402
 
 SOLVERS = ("fixed_point", "anderson", "broyden")
 TD_SOLVER = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
@@ -370,13 +368,13 @@ def timing(
                 for mode in args.modes:
                     ours_e = _ours(prob.cell, mode, opts, train=False)
                     fns[f"ours_{mode}/solve"] = lambda d=ours_e: prob.solve("ours", d)
-        load0 = _load()
+        load0 = loadavg()
         med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup, sync=sync)
         rec: dict[str, Any] = {
             "model": kind,
             "solver": solver,
             "load_before": load0,
-            "load_after": _load(),
+            "load_after": loadavg(),
         }
         for key, v in med.items():
             rec[key.replace("/", "_") + "_ms"] = v * 1e3
@@ -405,12 +403,6 @@ def _ours(cell: nn.Module, mode: str, opts: dict[str, Any], *, train: bool = Tru
     deq = make_ours(cell, cuda_graph=mode == "graph", **opts)
     deq.train(train)
     return torch.compile(deq) if mode == "compile" else deq
-
-
-def _load() -> list[float] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return list(os.getloadavg())
-    return None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -542,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchdeq
 
     payload = {
-        "machine": {**machine(), "loadavg_end": _load()},
+        "machine": {**machine(), "loadavg_end": loadavg()},
         "torchdeq": getattr(torchdeq, "__version__", "0.1.0"),
         "args": vars(args),
         "agreement": agree,

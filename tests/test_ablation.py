@@ -65,6 +65,7 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in (out / "runs").iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 def test_ablate_grid_table_json_figure_and_resume(config: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "study"
     argv = ["--config", str(config), "--grid", "k=1,2", "--grid", "lam=0.5,1.0", "--seeds", "1"]
@@ -159,7 +160,7 @@ def _row(label: str, grad: str, k: int | None, lam: float | None, accs: dict[int
 
 
 def test_table_prints_na_for_the_spread_of_one_seed() -> None:
-    from phantomdeq.experiments.ablation_report import table_markdown
+    from phantomdeq.experiments.report import table_markdown
 
     one = _row("one", "upg", 5, 0.5, {0: 0.9})
     two = _row("two", "upg", 5, 1.0, {0: 0.9, 1: 0.92})
@@ -176,7 +177,7 @@ def test_fig3_only_for_a_k_grid_and_only_with_the_k_values_run(tmp_path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from phantomdeq.experiments.ablation_report import _draw_fig3, is_k_grid, plot_fig3
+    from phantomdeq.experiments.report import _draw_fig3, is_k_grid, plot_fig3
 
     # a grid over another key (k fixed at 5): no "accuracy vs k" figure
     flat = [
@@ -200,7 +201,7 @@ def test_fig3_only_for_a_k_grid_and_only_with_the_k_values_run(tmp_path: Path) -
     assert list(ax.get_xticks()) == [1, 3, 9]
 
     # runs that logged gradient norms get the second panel, on a log scale, same k axis
-    from phantomdeq.experiments.ablation_report import _draw_grad_norms
+    from phantomdeq.experiments.report import _draw_grad_norms
 
     for r, (med, top) in zip(rows[:3], [(1.0, 4.0), (1.5, 8.0), (2.0, 300.0)]):
         r["grad_norm_median"], r["grad_norm_max"] = med, top
@@ -215,7 +216,7 @@ def test_fig3_only_for_a_k_grid_and_only_with_the_k_values_run(tmp_path: Path) -
 
 
 def test_paired_difference_by_seed() -> None:
-    from phantomdeq.experiments.ablation_report import paired_difference
+    from phantomdeq.experiments.report import paired_difference
 
     a = {0: 0.90, 1: 0.95, 2: 0.91, 3: 0.99}
     b = {0: 0.88, 1: 0.96, 2: 0.87}  # seed 3 missing in b: not paired
@@ -239,6 +240,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc for the worker processes")
 def test_sigterm_to_a_parallel_study_stops_its_workers_and_the_study_resumes(
     config: Path, tmp_path: Path

@@ -5,6 +5,7 @@ checkpoint intact."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -16,6 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+import conftest
+from conftest import steps
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
@@ -38,25 +42,7 @@ from phantomdeq.train.checkpoint import (  # noqa: E402
 )
 from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
 
-
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """MDEQ-Tiny on a 64-image digits subset without dropout (sections update the defaults)."""
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 64},
-        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 3, "seed": 0, "num_threads": 1, "device": "cpu"},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
-
-
-def steps(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+tiny_config = functools.partial(conftest.tiny_config, {"train": {"epochs": 3}})
 
 
 def _state() -> dict:
@@ -253,6 +239,7 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> None:
     monkeypatch.setattr(Trainer, "_train_step", step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("train", "stop_call", "how", "position"),
     [
@@ -302,6 +289,7 @@ def test_resume_is_bit_identical(
         assert (a["train_loss"], a["test_acc"]) == (b["train_loss"], b["test_acc"])
 
 
+@pytest.mark.slow
 def test_sigint_message_and_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,6 +309,7 @@ def test_sigint_message_and_exit_code(
     assert load_checkpoint(run / "last.pt")["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM twice during the first step of epoch 2: no waiting for the step's end; the
     report names the last checkpoint written (epoch 1's) and the handlers are restored."""
@@ -345,6 +334,7 @@ def test_a_second_signal_stops_at_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
     raw = tiny_config(train={"epochs": 1})
     run_training(raw, tmp_path, progress=False)
@@ -353,6 +343,7 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
         run_training(changed, tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_last_checkpoint_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,6 +371,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(
 # --------------------------------------------------------------------------- integrity
 
 
+@pytest.mark.slow
 def test_changed_weights_are_refused_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -431,6 +423,7 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path: Path, umask: int) -> 
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.slow
 def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The order that keeps best.pt and last.pt consistent under a kill at any instant: an
     improving epoch writes best.pt, then last.pt. A kill between the two writes (simulated at
@@ -471,6 +464,7 @@ def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert_same_weights(full / "last.pt", part / "last.pt")
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_are_swept_on_start(tmp_path: Path) -> None:
     raw = tiny_config(train={"epochs": 1})
     run_training(raw, tmp_path, progress=False)
@@ -486,6 +480,7 @@ def test_stale_temporary_files_are_swept_on_start(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- metrics.jsonl
 
 
+@pytest.mark.slow
 def test_resume_after_a_torn_metrics_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -554,6 +549,7 @@ def test_damaged_metrics_line_in_the_middle_is_named(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- extending a run
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_replans_the_cosine_schedule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

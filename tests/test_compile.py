@@ -20,8 +20,10 @@ from core_problems import inner, make_problem, state_target
 from phantomdeq import diagnostics as D
 from phantomdeq._state import as_tuple
 
-# inductor's own internals call deprecated torch APIs (pytest turns warnings into errors)
+# slow tier: every test compiles with inductor or dynamo (minutes on 2 cores); inductor's own
+# internals call deprecated torch APIs (pytest turns warnings into errors)
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*"),
     pytest.mark.filterwarnings("ignore::FutureWarning:torch.*"),
     pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf"),
@@ -152,8 +154,12 @@ def test_convergence_checks_split_the_graph_a_bounded_number_of_times():
     xi = x.detach().requires_grad_()
     z_c, info_c = compiled(cell.z0(3), xi)
     z_e, info_e = deq(cell.z0(3), xi)
-    assert info_c.result == info_e.result == "converged" and info_c.niter == info_e.niter < 40
-    assert D.relative_error([t.detach() for t in z_c], [t.detach() for t in z_e]) < 1e-12
+    assert info_c.result == info_e.result == "converged" and max(info_c.niter, info_e.niter) < 40
+    # inductor may fuse and reorder the residual's reductions: a residual at the tolerance may
+    # then pass one check later (check_every=2 steps); otherwise the same iterates
+    assert abs(info_c.niter - info_e.niter) <= 2
+    err = D.relative_error([t.detach() for t in z_c], [t.detach() for t in z_e])
+    assert err < (1e-12 if info_c.niter == info_e.niter else 1e-7)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes about the cell's modules
@@ -165,8 +171,8 @@ def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkey
     pytest.importorskip("sklearn")
     pytest.importorskip("yaml")
     import phantomdeq.train.compile as compile_module
+    from conftest import steps, tiny_config
     from phantomdeq.train import run_training
-    from test_train import steps, tiny_config
 
     real = compile_module.compile_model
     calls = []
@@ -181,7 +187,9 @@ def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkey
     for name, compiled, epochs in (("eager", False, 2), ("short", True, 2), ("long", True, 5)):
         torch._dynamo.reset()
         counters.clear()
-        raw = tiny_config(train={"epochs": epochs, "compile": compiled}, data=data)
+        raw = tiny_config(
+            train={"epochs": epochs, "compile": compiled, "device": "auto"}, data=data
+        )
         run_training(raw, tmp_path / name, progress=False)
         losses[name] = [s["train_loss"] for s in steps(tmp_path / name)]
         graphs[name] = _graphs()

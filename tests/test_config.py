@@ -280,6 +280,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_a_new_estimator_is_one_class_and_its_registry_line() -> None:
     """Registering an estimator class is all it takes: its options become config keys (typed and
     validated by the class, refusals naming the dotted key), grid short keys, collapsed when

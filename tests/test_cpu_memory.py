@@ -1,6 +1,7 @@
-"""pdq.retain_cpu_memory: freed CPU tensor memory is reused without page faults (glibc), the
-``phantomdeq`` command applies it unless PHANTOMDEQ_CPU_MEMORY=system, and a wrong value of
-that variable is one line and exit status 2."""
+"""phantomdeq.cpu_memory.retain_cpu_memory: freed CPU tensor memory is reused without page faults
+(glibc), the ``phantomdeq`` command and the Trainer apply it unless PHANTOMDEQ_CPU_MEMORY=system
+(it is not part of the top-level API), and a wrong value of that variable is one line and exit
+status 2."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +54,7 @@ def _faults(policy: str) -> int:
     return int(out.stdout.strip())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_retained_memory_is_reused_without_page_faults() -> None:
     pages = (40 << 20) // 4096
@@ -65,9 +68,16 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_retain_and_release_return_true_on_glibc() -> None:
-    assert pdq.retain_cpu_memory() is True
-    assert pdq.retain_cpu_memory(False) is True
-    assert pdq.retain_cpu_memory() is True  # leave the faster setting for the rest of the run
+    assert cpu_memory.retain_cpu_memory() is True
+    assert cpu_memory.retain_cpu_memory(False) is True
+    assert (
+        cpu_memory.retain_cpu_memory() is True
+    )  # leave the faster setting for the rest of the run
+
+
+def test_not_in_the_top_level_namespace() -> None:
+    """A process-wide allocator switch, applied by the command and the Trainer: not model API."""
+    assert not hasattr(pdq, "retain_cpu_memory") and "retain_cpu_memory" not in pdq.__all__
 
 
 def test_not_glibc_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,7 +116,7 @@ def test_cli_applies_policy_and_refuses_a_wrong_value(
 def test_ablate_pool_workers_take_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
-    from phantomdeq.experiments.stop_workers import init_worker
+    from phantomdeq.experiments.ablation import init_worker
 
     calls: list[bool] = []
     monkeypatch.setattr(cpu_memory, "retain_cpu_memory", lambda: calls.append(True) or True)
@@ -120,3 +130,20 @@ def test_ablate_pool_workers_take_the_policy(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_the_trainer_applies_the_policy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from phantomdeq.train import Trainer, load_config
+
+    calls: list[bool] = []
+    monkeypatch.setattr(cpu_memory, "retain_cpu_memory", lambda: calls.append(True) or True)
+    cfg = load_config("mdeq_tiny_digits")
+    monkeypatch.setenv("PHANTOMDEQ_CPU_MEMORY", "system")
+    Trainer(cfg, tmp_path / "a")
+    assert calls == []
+    monkeypatch.delenv("PHANTOMDEQ_CPU_MEMORY")
+    Trainer(cfg, tmp_path / "b")
+    assert calls == [True]
+    monkeypatch.setenv("PHANTOMDEQ_CPU_MEMORY", "always")
+    with pytest.raises(ValueError, match="PHANTOMDEQ_CPU_MEMORY"):
+        Trainer(cfg, tmp_path / "c")

@@ -153,6 +153,7 @@ def test_shards_partition_each_global_batch() -> None:
         shard_batches(order, 30, DistInfo(0, world), drop_last=True)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings(
     "ignore:IFT backward solve did not reach:RuntimeWarning"
 )  # loose IFT budget: intended
@@ -274,6 +275,7 @@ print("REPORT " + json.dumps(report))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_process_group_left_after_setup_error_and_after_fit(tmp_path: Path) -> None:
     raw = ddp_config("upg")
@@ -373,6 +375,7 @@ print("REPORT " + json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_global_batchnorm_is_stable_and_precise_bn_handles_uneven_shards() -> None:
     """Old code: var = E[x^2] - mean^2 in fp32 lost the variance of 1e4 + N(0, 1) entirely, and
     precise BN dropped the empty shard on rank 1, whose next collective then met rank 0's extra
@@ -390,6 +393,7 @@ def test_global_batchnorm_is_stable_and_precise_bn_handles_uneven_shards() -> No
         assert recal["vs_single"] < 1e-5, recal
 
 
+@pytest.mark.slow
 def test_torchrun_cli_run_exits_cleanly_on_every_rank(tmp_path: Path) -> None:
     """``torchrun --standalone --nproc_per_node=2 -m phantomdeq train`` (progress bar and
     TensorBoard on, as in the shipped config): exit status 0 and no abort at exit."""

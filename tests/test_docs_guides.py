@@ -48,7 +48,15 @@ def test_block_extraction_honours_the_marker() -> None:
     assert python_blocks(text) == [(3, "x = 1\n")]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def _page(page: Path) -> object:
+    """A page whose code trains a model (the trainer or the command line) is in the slow tier."""
+    code = "".join(c for _, c in python_blocks(page.read_text(encoding="utf-8")))
+    trains = re.search(r"run_training|Trainer\(|\.fit\(|phantomdeq\.cli|commands\.main", code)
+    marks = [pytest.mark.slow] if trains else []
+    return pytest.param(page, id=page.relative_to(ROOT).as_posix(), marks=marks)
+
+
+@pytest.mark.parametrize("page", [_page(p) for p in PAGES])
 def test_page_code_runs(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

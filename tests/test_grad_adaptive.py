@@ -43,22 +43,31 @@ def _per_sample_norms(vec, index, batch):
     return torch.zeros(batch, dtype=vec.dtype).index_add_(0, index, vec * vec).sqrt()
 
 
-def _upg_steps_by_definition(cell, x, h0, lam, tol, k_max):
-    """First j with ‖h_j − h_{j−1}‖ < tol ‖h_1 − h_0‖ for every sample (damped iteration)."""
+def _upg_ratios_by_definition(cell, x, h0, lam, k_max):
+    """max over samples of ‖h_j − h_{j−1}‖ / ‖h_1 − h_0‖ for j = 1..k_max (damped iteration):
+    the criterion holds at the first j whose ratio is below tol."""
     batch = x.shape[0]
     index = _sample_index(h0)
-    h, first = h0, None
+    h, first, ratios = h0, None, []
     with torch.no_grad():
-        for j in range(1, k_max + 1):
+        for _ in range(k_max):
             fh = _parts(cell(h, x))
             new = tuple(lam * a + (1 - lam) * b for a, b in zip(fh, _parts(h)))
             new = new if isinstance(h0, tuple) else new[0]
             change = _per_sample_norms(_flat(new) - _flat(h), index, batch)
             first = change if first is None else first
             h = new
-            if bool((change < tol * first).all()):
-                return j
-    return k_max
+            ratios.append(float((change / first).max()))
+    return ratios
+
+
+def _assert_first_step_below(ratios, tol, k, k_max, rel=1e-9):
+    """k is the first step whose criterion ratio is below tol (or the cap k_max): a ratio
+    within ``rel`` of tol may fall on either side, since the estimator and this definition
+    sum the norms in different orders."""
+    assert all(r >= tol * (1 - rel) for r in ratios[: k - 1]), (k, ratios)
+    if k < k_max:
+        assert ratios[k - 1] < tol * (1 + rel), (k, ratios)
 
 
 def test_adaptive_upg_stops_by_its_criterion_and_equals_eq17_with_that_k(tuple_state):
@@ -68,8 +77,9 @@ def test_adaptive_upg_stops_by_its_criterion_and_equals_eq17_with_that_k(tuple_s
     solver = pdq.FixedPoint(max_iter=4, tol=1e-13)
     est = pdq.UPG(k="auto", lam=0.5, tol=0.1, k_max=40)
     grads, info, t, wrt = _grads(cell, x, est, solver)
-    j = _upg_steps_by_definition(cell, x, info.z, 0.5, 0.1, 40)
-    assert est.last_k == j and 3 <= j < 40  # neither the first step nor the cap
+    j = est.last_k
+    assert 3 <= j < 40  # neither the first step nor the cap
+    _assert_first_step_below(_upg_ratios_by_definition(cell, x, info.z, 0.5, 40), 0.1, j, 40)
     fixed, *_ = _grads(cell, x, pdq.UPG(k=j, lam=0.5), solver)
     assert all(torch.equal(a, b) for a, b in zip(grads, fixed))
     A = D.unrolled_matrix(cell, info.z, (x,), wrt, j, 0.5)
@@ -101,16 +111,16 @@ def test_adaptive_npg_stops_by_its_criterion_and_equals_eq18_with_that_k(tuple_s
     # the partial sum for every sample
     index, batch = _sample_index(info.z), x.shape[0]
     g = _flat(t)
-    w, acc, terms = g, g.clone(), 1
+    w, acc, ratios = g, g.clone(), [float("inf")]  # the first term is never the last
     Bt = lam * J_h.T + (1 - lam) * torch.eye(J_h.shape[0], dtype=J_h.dtype)
-    while terms < 60:
+    for _ in range(59):
         w = Bt @ w
         acc = acc + w
-        terms += 1
         ratio = _per_sample_norms(w, index, batch) / _per_sample_norms(acc, index, batch)
-        if bool((ratio < tol).all()):
-            break
-    assert est.last_k == terms and 3 <= terms < 60
+        ratios.append(float(ratio.max()))
+    terms = est.last_k
+    assert 3 <= terms < 60
+    _assert_first_step_below(ratios, tol, terms, 60)
     fixed, *_ = _grads(cell, x, pdq.NPG(k=terms, lam=lam), solver)
     assert all(torch.equal(a, b) for a, b in zip(grads, fixed))
     A = D.neumann_matrix(D.paper_layout(J_h), D.paper_layout(J_w), terms, lam)
@@ -199,6 +209,7 @@ def test_config_takes_auto_and_names_fields():
         config_from_dict(raw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["upg", "npg"])
 def test_trainer_logs_the_chosen_k(tmp_path: Path, name: str) -> None:
     pytest.importorskip("sklearn")

@@ -193,6 +193,7 @@ def test_config_correction_is_validated(grad, message):
         config_from_dict(_raw(**grad))
 
 
+@pytest.mark.slow
 def test_trainer_minimises_the_corrected_loss(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     from phantomdeq.train import run_training

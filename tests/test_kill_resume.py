@@ -28,7 +28,10 @@ from phantomdeq.train import commands, run_training  # noqa: E402
 from phantomdeq.train.checkpoint import load_checkpoint  # noqa: E402
 from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+pytestmark = [  # training processes killed and resumed: the slow tier
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)"),
+]
 
 STEPS = 12  # 3 epochs of 4 steps
 CONFIG: dict[str, Any] = {

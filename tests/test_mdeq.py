@@ -239,6 +239,7 @@ def test_jacobian_regulariser_is_a_differentiable_positive_scalar() -> None:
     assert ev.jac_loss is not None and not ev.jac_loss.requires_grad
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings(
     "ignore:IFT backward solve did not reach:RuntimeWarning"
 )  # loose IFT budget: intended

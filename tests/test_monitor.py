@@ -195,6 +195,7 @@ def test_monitor_rejects_bad_options() -> None:
         GradientMonitor().measure(nn.Linear(2, 2), lambda: torch.zeros(()))
 
 
+@pytest.mark.slow
 def test_trainer_monitor_logs_and_does_not_change_training(tmp_path) -> None:
     import json
 

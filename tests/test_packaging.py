@@ -18,7 +18,7 @@ import torch
 
 import phantomdeq.train.metrics_log as metrics_log
 from phantomdeq import cli, presets
-from phantomdeq.experiments.profiling import cpu_peak_memory
+from phantomdeq.experiments.measure import cpu_peak_memory
 from phantomdeq.train import ConfigError, load_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,7 @@ def test_an_optional_module_met_while_running_is_one_line(
     )
 
 
+@pytest.mark.slow
 def test_commands_run_without_tqdm_matplotlib_tensorboard(tmp_path: Path) -> None:
     """A fresh interpreter in which tqdm, matplotlib, TensorBoard, Pillow and TorchDEQ cannot be
     imported: every ``--help`` works, and ``synthetic`` runs (with and without progress)."""
@@ -179,6 +180,7 @@ def test_help_shows_defaults(command: str, shown: str, capsys: pytest.CaptureFix
 # ----------------------------------------------------------------------------- training notes
 
 
+@pytest.mark.slow
 def test_training_says_once_which_outputs_it_cannot_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -64,6 +64,7 @@ def test_upg_and_ift_differ_so_agreement_is_informative() -> None:
     )  # ~3e-2 here, vs 1e-8 agreement
 
 
+@pytest.mark.slow
 def test_peer_script_end_to_end_tiny(tmp_path: Path) -> None:
     pytest.importorskip("torchdeq")
     out = tmp_path / "vs.json"
@@ -86,6 +87,7 @@ def test_peer_script_end_to_end_tiny(tmp_path: Path) -> None:
     assert "gradient agreement" in proc.stdout
 
 
+@pytest.mark.slow
 def test_peer_script_skips_cleanly_without_torchdeq(tmp_path: Path) -> None:
     out = tmp_path / "vs.json"
     code = (

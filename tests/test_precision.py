@@ -4,6 +4,7 @@ gradient scaler surviving a checkpoint round trip."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+
+import conftest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
@@ -34,19 +37,14 @@ from phantomdeq.train.precision import MixedPrecision, check_precision  # noqa: 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "mdeq_tiny_digits.yaml"
 
 
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 32, "batch_size": 32},
-        "solver": {"name": "anderson", "max_iter": 4, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 2, "seed": 0, "num_threads": 1, "bn_recalibration_batches": 1},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
+tiny_config = functools.partial(
+    conftest.tiny_config,
+    {
+        "data": {"test_size": 32, "batch_size": 32},
+        "solver": {"max_iter": 4},
+        "train": {"epochs": 2, "device": "auto", "bn_recalibration_batches": 1},
+    },
+)
 
 
 # --------------------------------------------------------------------------- config
@@ -157,6 +155,7 @@ def test_bf16_model_output_is_close_to_fp32() -> None:
 DIGITS_RUN = ["log.progress=false", "log.tensorboard=false", "log.plot=false"]
 
 
+@pytest.mark.slow
 def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
     """The digits recipe (configs/mdeq_tiny_digits.yaml) for one epoch of 16 steps on 256
     images, batch 16, in fp32 and in bf16 from the same initial weights: the first loss (before
@@ -190,10 +189,11 @@ def test_bf16_training_follows_fp32(tmp_path: Path) -> None:
         assert sum(run[-4:]) / 4 < run[0] - 0.3, run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("PHANTOMDEQ_FULL_PRECISION_TEST") != "1",
     reason="25 min of bf16 on CPUs without AVX512-BF16; set PHANTOMDEQ_FULL_PRECISION_TEST=1 "
-    "(benchmarks/gpu_check.sh checks the same criterion on a GPU)",
+    "(benchmarks/gpu_check.py, part digits_bf16, checks the same criterion on a GPU)",
 )
 def test_bf16_digits_two_epochs_within_two_points_of_fp32(tmp_path: Path) -> None:
     """The full digits recipe, 2 epochs (train.device auto: the GPU when there is one). Measured
@@ -207,6 +207,7 @@ def test_bf16_digits_two_epochs_within_two_points_of_fp32(tmp_path: Path) -> Non
     assert abs(acc["bf16"] - acc["fp32"]) <= 0.02, acc
 
 
+@pytest.mark.slow
 def test_bf16_checkpoint_keeps_precision_and_eval_uses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -232,6 +233,7 @@ def test_bf16_checkpoint_keeps_precision_and_eval_uses_it(
     assert '"test_acc"' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fp16_scaler_state_survives_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 with dynamic loss scaling: the scale found in epoch 1 (2^16 overflows at first, so
     steps are skipped and the scale halves) is checkpointed and restored, so an interrupted and

@@ -13,28 +13,14 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import tiny_config
+
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("sklearn")
 
 from phantomdeq.cli import main as cli  # noqa: E402
 from phantomdeq.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
-
-
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """MDEQ-Tiny on 64 digits images, one step per epoch."""
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 64},
-        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 1, "seed": 0, "num_threads": 1, "device": "cpu"},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
 
 
 @pytest.fixture
@@ -57,6 +43,7 @@ def train(config: Path, out: Path, *extra: str) -> int:
 # --------------------------------------------------------------------------- run folders
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -71,6 +58,7 @@ def test_a_finished_run_is_not_overwritten(
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_run_and_says_what_it_deleted(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,6 +74,7 @@ def test_overwrite_replaces_the_run_and_says_what_it_deleted(
     assert (run / "notes.txt").read_text() == "mine"  # not a file a run writes
 
 
+@pytest.mark.slow
 def test_a_folder_in_use_by_another_process_is_refused_until_that_process_ends(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -148,6 +137,7 @@ def test_out_pointing_at_a_file(
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_from_the_beginning(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -216,6 +206,7 @@ def trained(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str
     return run
 
 
+@pytest.mark.slow
 def test_eval_of_a_nan_checkpoint(
     tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -230,6 +221,7 @@ def test_eval_of_a_nan_checkpoint(
     assert f"checkpoint {str(path)!r} holds non-finite values (NaN/inf) in {name!r}" in err
 
 
+@pytest.mark.slow
 def test_eval_of_another_model_names_the_config_keys(
     trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -245,6 +237,7 @@ def test_eval_of_another_model_names_the_config_keys(
     assert "tensor(s) differ in shape, e.g." in err
 
 
+@pytest.mark.slow
 def test_eval_of_weights_that_do_not_fit_their_own_config(
     tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -257,6 +250,7 @@ def test_eval_of_weights_that_do_not_fit_their_own_config(
     assert "missing from the checkpoint, e.g. 'head." in err
 
 
+@pytest.mark.slow
 def test_eval_still_works(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["eval", "--checkpoint", str(trained / "best.pt"), "--device", "cpu"]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out)["test_acc"] <= 1.0

@@ -199,6 +199,7 @@ def test_ift_started_from_shine_is_exact_and_starts_converged_where_h_is_exact(t
         pdq.IFT(init="warm")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*")
 @pytest.mark.filterwarnings("ignore::FutureWarning:torch.*")
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")

@@ -16,7 +16,6 @@ import torch
 
 import phantomdeq as pdq
 from phantomdeq.experiments import synthetic as syn
-from phantomdeq.experiments import synthetic_cli
 from phantomdeq.models.synthetic import SyntheticF
 
 D = torch.float64
@@ -34,7 +33,7 @@ def cli_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = synthetic_cli.main(argv)
+        rc = syn.main(argv)
     return rc, buf.getvalue(), out
 
 
@@ -109,12 +108,13 @@ def test_upg_cosine_rises_with_k_and_is_accurate_at_k10(cli_run):
     ],
 )
 def test_invalid_options_exit_nonzero_naming_the_option(tmp_path, capsys, args, option):
-    rc = synthetic_cli.main(["--out", str(tmp_path / "o"), "--no-progress", *args])
+    rc = syn.main(["--out", str(tmp_path / "o"), "--no-progress", *args])
     assert rc != 0
     assert option in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_command_line_entry_point_rejects_bad_lipschitz(tmp_path):
     proc = subprocess.run(
         [

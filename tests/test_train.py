@@ -3,6 +3,7 @@ Jacobian regularisation, the files a run writes, the CLI and the learning-rate s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+
+import conftest
+from conftest import steps
 
 pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
@@ -27,26 +31,10 @@ from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
 
 
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """MDEQ-Tiny on a 64-image digits subset, full batch, no dropout: fast and deterministic."""
-    raw: dict[str, Any] = {
-        "model": {"name": "mdeq_tiny", "dropout": 0.0},
-        "data": {"name": "digits", "train_size": 64, "test_size": 64, "batch_size": 64},
-        "solver": {"name": "anderson", "max_iter": 6, "tol": 1e-3},
-        "grad": {"name": "upg", "k": 2, "lam": 0.5},
-        "optim": {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "schedule": "constant"},
-        "train": {"epochs": 3, "seed": 0, "num_threads": 1},
-        "log": {"progress": False, "tensorboard": False, "plot": False},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return raw
+tiny_config = functools.partial(conftest.tiny_config, {"train": {"epochs": 3, "device": "auto"}})
 
 
-def steps(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
-
-
+@pytest.mark.slow
 @pytest.mark.filterwarnings(
     "ignore:IFT backward solve did not reach:RuntimeWarning"
 )  # loose IFT budget: intended
@@ -66,6 +54,7 @@ def test_training_steps_lower_the_loss(tmp_path: Path, grad: str) -> None:
     assert 1.0 <= result["fwd_nstep"] <= 6.0
 
 
+@pytest.mark.slow
 def test_pretraining_stage_then_deq_and_jacobian_regulariser(tmp_path: Path) -> None:
     raw = tiny_config(
         data={"batch_size": 32},
@@ -87,6 +76,7 @@ def test_pretraining_stage_then_deq_and_jacobian_regulariser(tmp_path: Path) -> 
     assert recs[2]["jac_loss"] > 0.0
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_config_checkpoints_and_curves(tmp_path: Path) -> None:
     raw = tiny_config(
         data={"batch_size": 32},
@@ -159,6 +149,7 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert const.lr_at(7) == 0.1
 
 
+@pytest.mark.slow
 def test_optimizer_options_reach_torch(tmp_path: Path) -> None:
     """SGD with momentum / weight decay and gradient clipping: the checkpointed optimiser state
     carries the configured hyper-parameters and a momentum buffer."""
@@ -173,6 +164,7 @@ def test_optimizer_options_reach_torch(tmp_path: Path) -> None:
     assert any("momentum_buffer" in v for v in state["optimizer"]["state"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MNIST.is_dir(), reason="shared MNIST t10k folder not present")
 def test_mnist_config_trains_one_step(tmp_path: Path) -> None:
     cfg = load_config(
@@ -193,6 +185,7 @@ def test_mnist_config_trains_one_step(tmp_path: Path) -> None:
     assert result["steps"] == 1 and math.isfinite(result["test_loss"])
 
 
+@pytest.mark.slow
 def test_logged_grad_norm_is_the_norm_of_an_sgd_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,6 +54,7 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
     return dict(state["model"])
 
 
+@pytest.mark.slow
 def test_streamed_training_does_not_depend_on_num_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,6 +83,7 @@ def test_streamed_training_does_not_depend_on_num_workers(
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+@pytest.mark.slow
 def test_truncated_image_stops_training_with_one_line(tmp_path: Path) -> None:
     root = tmp_path / "images"
     _folder(root)

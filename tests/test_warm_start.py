@@ -100,13 +100,14 @@ def test_ift_is_independent_of_the_start_when_converged(tuple_state):
     assert D.relative_error(out[1], exact) <= 1e-10
 
 
+@pytest.mark.slow
 def test_trainer_starts_each_sample_at_its_last_equilibrium(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("sklearn")
+    from conftest import tiny_config
     from phantomdeq.models.mdeq import MDEQ
     from phantomdeq.train import run_training
-    from test_checkpoint import tiny_config
 
     calls: list[tuple] = []
     real = MDEQ.forward
@@ -144,6 +145,7 @@ def test_trainer_starts_each_sample_at_its_last_equilibrium(
     assert len(solved) == 32
 
 
+@pytest.mark.slow
 def test_warm_started_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("sklearn")
     from phantomdeq.train import Trainer, TrainingInterrupted, config_from_dict, run_training
@@ -166,10 +168,11 @@ def test_warm_started_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytes
     assert [r["fwd_nstep"] for r in steps(part)] == [r["fwd_nstep"] for r in steps(full)]
 
 
+@pytest.mark.slow
 def test_warm_start_needs_the_same_setting_on_resume(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
+    from conftest import tiny_config
     from phantomdeq.train import ConfigError, run_training
-    from test_checkpoint import tiny_config
 
     raw = tiny_config(data={"train_size": 32, "batch_size": 32}, train={"epochs": 1})
     run_training(raw, tmp_path, progress=False)

@@ -96,7 +96,7 @@ def collect_study(runs: Path, name: str) -> list[dict[str, Any]]:
     if not (src / "runs").is_dir():
         print(f"skip: {src}/runs missing")
         return []
-    from phantomdeq.experiments.ablation_report import paired_table, summarize, table_markdown
+    from phantomdeq.experiments.report import paired_table, summarize, table_markdown
 
     summary = summarize(src)
     rows = summary["rows"]
@@ -123,7 +123,7 @@ def collect_study(runs: Path, name: str) -> list[dict[str, Any]]:
 
 def draw_fig3() -> None:
     """``docs/fig3_mnist.png`` from the committed Fig. 3 studies (UPG over k and λ, NPG over k)."""
-    from phantomdeq.experiments.ablation_report import plot_fig3
+    from phantomdeq.experiments.report import plot_fig3
 
     rows: list[dict[str, Any]] = []
     for name in ("fig3_upg_mnist", "fig3_npg_mnist"):
@@ -180,7 +180,7 @@ def _pooled(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[
 def fig3_claims() -> None:
     """``results/fig3_mnist/claims.json``: the paper's Fig. 3 claims as paired differences by
     seed (in accuracy fractions) with the verdict rule of :func:`_verdict`."""
-    from phantomdeq.experiments.ablation_report import paired_difference
+    from phantomdeq.experiments.report import paired_difference
 
     files = [RESULTS / n / "ablation.json" for n in ("fig3_upg_mnist", "fig3_npg_mnist")]
     if not all(f.is_file() for f in files):

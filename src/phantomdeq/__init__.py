@@ -13,7 +13,6 @@ solvers share :class:`SolverBase`. Submodules: ``solvers``, ``grad``, ``diagnost
 """
 
 from . import diagnostics, grad, models, nn, precision, solvers
-from .cpu_memory import retain_cpu_memory
 from .deq import DEQ
 from .errors import DEQError
 from .grad import (
@@ -71,6 +70,5 @@ __all__ = [
     "models",
     "nn",
     "precision",
-    "retain_cpu_memory",
     "solvers",
 ]

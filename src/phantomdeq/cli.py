@@ -18,12 +18,12 @@ from phantomdeq.cpu_memory import cpu_memory_from_env, retain_cpu_memory
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("phantomdeq.experiments.demo", "run the demonstration that `make demo` runs"),
     "synthetic": (
-        "phantomdeq.experiments.synthetic_cli",
+        "phantomdeq.experiments.synthetic",
         "paper Fig. 1: phantom vs exact gradient cosine",
     ),
     "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
     "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
-    "cost": ("phantomdeq.experiments.cost_cli", "paper Table 2: time and memory of each gradient"),
+    "cost": ("phantomdeq.experiments.cost", "paper Table 2: time and memory of each gradient"),
     "ablate": ("phantomdeq.experiments.ablation", "paper Table 1 / Fig. 3: grid of training runs"),
     "configs": ("phantomdeq.presets", "list the shipped training configs (presets for --config)"),
 }

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch import nn
 
-from ._state import State, StateSpec, detach, tree_map
+from ._state import State, StateSpec
 from ._validate import check_bool, check_choice
-from .errors import DEQError
-from .grad.base import GradientEstimator
-from .grad.correction import Correction, StateRecorder, state_estimator
+from .forward import NONFINITE_MODES, ForwardPass
+from .grad.base import GradientEstimator, check_estimator
+from .grad.correction import Correction
 from .nn.norms import update_norms
-from .solvers.base import (
-    InverseSolver,
-    Solution,
-    Solver,
-    SolverBase,
-    SolveResult,
-    UnrollingSolver,
-    check_solver,
-    sync_free,
-)
-from .solvers.graphed import GraphedSolves
+from .precision import under_autocast
+from .solvers.base import Solution, Solver, SolverBase, check_solver, sync_free
+from .solvers.graphed import GraphedSolves, check_graphable
 
-NONFINITE_MODES = ("raise", "warn")
+__all__ = ["DEQ", "NONFINITE_MODES"]
 
 _KEEP: Any = object()
 
@@ -49,7 +39,17 @@ class DEQ(nn.Module):
     iteration for BPTT. In ``eval()`` mode ``z`` is the solver's (best) solution without a
     graph — unless ``grad_in_eval=True``, which attaches the same estimator in eval mode too
     (with the eval solver for the forward solve), e.g. for saliency maps or adversarial
-    evaluation of a trained model. Under ``torch.no_grad()`` nothing is attached.
+    evaluation of a trained model. Under ``torch.no_grad()`` nothing is attached. How the
+    gradient is attached, and what that needs from the solver, is the estimator's: the DEQ hands
+    each forward pass to :meth:`~phantomdeq.grad.GradientEstimator.equilibrium` and lets the
+    estimator refuse the solvers it cannot work with
+    (:meth:`~phantomdeq.grad.GradientEstimator.check_solver`).
+
+    Mixed precision. Called inside ``torch.autocast`` (``with torch.autocast("cuda"): out =
+    model(x)``), ``f`` runs under the caller's autocast with its output cast back to ``z0``'s
+    dtype; the state, the solvers' arithmetic and ``z`` keep ``z0``'s dtype
+    (:func:`~phantomdeq.precision.under_autocast`). Outside autocast, an ``f`` whose output
+    dtype differs from ``z0``'s is refused.
 
     Weight norms. In training mode every :class:`~phantomdeq.nn.SpectralNorm` inside ``f``
     advances its power iteration once per forward pass, before the solve
@@ -130,71 +130,24 @@ class DEQ(nn.Module):
     def _validated(
         self, solver: object, eval_solver: object, grad: object
     ) -> tuple[Solver, Solver | None, GradientEstimator]:
-        if not isinstance(grad, GradientEstimator):
-            raise TypeError(
-                "DEQ: grad must be a phantomdeq.grad estimator (IFT, UPG, NPG, OneStep, BPTT), "
-                f"got {type(grad).__name__} {grad!r}"
-            )
+        """The solvers and estimator checked against each other: the estimator refuses the
+        solvers it cannot attach its gradient after (``eval_solver`` too with
+        ``grad_in_eval``), the correction and the captured solves what they cannot record."""
+        grad = check_estimator(grad, owner="DEQ")
         solver = check_solver(solver, "solver", owner="DEQ")
         if eval_solver is not None:
             eval_solver = check_solver(eval_solver, "eval_solver", owner="DEQ")
-        if grad.tracks_forward:
-            needed = [("solver", solver)]
-            if self.grad_in_eval and eval_solver is not None:
-                needed.append(("eval_solver", eval_solver))
-            for name, s in needed:
-                if not isinstance(s, UnrollingSolver):
-                    raise TypeError(
-                        f"DEQ: grad=BPTT() back-propagates through the forward iterations and "
-                        f"needs {name}=FixedPoint(...) (a solver with an unroll(g, z0) method), "
-                        f"got {type(s).__name__}"
-                    )
-        if self.correction is not None and self.correction.active:
-            state_estimator(grad)  # UPG or NPG
-            if self.cuda_graph:
-                raise ValueError(
-                    "DEQ: correction records states inside the solve, which cuda_graph=True "
-                    "replays from a captured graph; use cuda_graph=False"
-                )
-            for name, chosen in (("solver", solver), ("eval_solver", eval_solver)):
-                budget = getattr(chosen, "max_iter", None)
-                if chosen is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-                    raise TypeError(
-                        f"DEQ: correction spaces its states over the {name}'s budget and needs "
-                        f"a solver with an integer max_iter, got {chosen!r}"
-                    )
-        if grad.needs_forward_inverse:
-            needed = [("solver", solver)]
-            if self.grad_in_eval and eval_solver is not None:
-                needed.append(("eval_solver", eval_solver))
-            for name, s in needed:
-                if not isinstance(s, InverseSolver):
-                    raise TypeError(
-                        f"DEQ: grad={type(grad).__name__}() reuses the forward solve's "
-                        f"inverse-Jacobian estimate and needs {name}=Broyden(...) (a solver "
-                        f"with a solve_with_inverse(g, z0) method), got {s!r}"
-                    )
+        solvers: list[tuple[str, Solver]] = [("solver", solver)]
+        if eval_solver is not None:
+            solvers.append(("eval_solver", eval_solver))
+        for name, chosen in solvers if self.grad_in_eval else solvers[:1]:
+            grad.check_solver(chosen, name)
+        if self.correction is not None:
+            self.correction.check(grad, solvers, cuda_graph=self.cuda_graph)
         if self.cuda_graph:
-            if grad.needs_forward_inverse:
-                raise ValueError(
-                    f"DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
-                    f"does not return Broyden's inverse estimate that grad="
-                    f"{type(grad).__name__}() needs; use cuda_graph=False"
-                )
-            if grad.tracks_forward:
-                raise ValueError(
-                    "DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
-                    "grad=BPTT() cannot back-propagate through; use cuda_graph=False"
-                )
-            for name, chosen in (("solver", solver), ("eval_solver", eval_solver)):
-                if chosen is not None and not (
-                    isinstance(chosen, SolverBase) and chosen.fixed_budget
-                ):
-                    raise ValueError(
-                        f"DEQ: cuda_graph=True needs {name} to be a library solver with a fixed "
-                        f"budget (tol=0, e.g. Anderson(max_iter=22, tol=0)): a convergence test "
-                        f"reads the device on the host, which a CUDA graph cannot; got {chosen!r}"
-                    )
+            grad.check_graphed()
+            for name, chosen in solvers:
+                check_graphable(chosen, name)
         return solver, eval_solver, grad
 
     @contextlib.contextmanager
@@ -226,192 +179,29 @@ class DEQ(nn.Module):
         spec = StateSpec.of(z0)
         attach = torch.is_grad_enabled() and (self.training or self.grad_in_eval)
         solver = self.solver if (self.training or self.eval_solver is None) else self.eval_solver
-        f = self.f
-        if self.training and isinstance(f, nn.Module):
-            update_norms(f)
-
-        def g(z: State) -> Any:
-            return f(z, *inputs)
-
-        call: Callable[[State], Any] = g
-        corr = self.correction
-        recorder: StateRecorder | None = None
-        if attach and corr is not None and not self.grad.tracks_forward:
-            budget = getattr(solver, "max_iter", None)
-            if isinstance(budget, bool) or not isinstance(budget, int):  # replaced since
-                raise TypeError(f"DEQ: correction needs a solver with max_iter, got {solver!r}")
-            recorder = corr.recorder(g, budget)
-            call = recorder
-
-        if attach and self.grad.tracks_forward:
-            if not isinstance(solver, UnrollingSolver):  # replaced after construction
-                raise TypeError(
-                    f"DEQ: grad=BPTT() needs a solver with unroll(g, z0), got "
-                    f"{type(solver).__name__}"
-                )
-            z, sol = solver.unroll(call, z0)
-            bad = self._check(sol, spec, "forward (BPTT)")
-            if bad is not None:
-                # rerun with the marked samples held still: the first run's graph holds NaNs
-                frozen = _finite(sol.z)
-                fm = _Frozen(f, bad, frozen)
-                cut = _cut_inputs(inputs, bad, spec.batch)
-                start = _hold(z0, bad, frozen)
-                z, _ = solver.unroll(lambda s: fm(s, *cut), start)
-            return z, sol
-        if attach and self.grad.needs_forward_inverse:  # SHINE: Broyden keeps its inverse
-            if not isinstance(solver, InverseSolver):  # replaced after construction
-                raise TypeError(
-                    f"DEQ: grad={type(self.grad).__name__}() needs a solver with "
-                    f"solve_with_inverse(g, z0) (Broyden), got {type(solver).__name__}"
-                )
-            if sync_free() or getattr(parametrize, "_cache_enabled", False):
-                sol = solver.solve_with_inverse(g, detach(z0))
-            else:
-                with parametrize.cached():
-                    sol = solver.solve_with_inverse(g, detach(z0))
-            bad = self._check(sol, spec, "forward")
-            return self._attach(f, sol, inputs, spec, bad), sol
-        # the weights hold still during the solve: compute each parametrization once (not
-        # while torch.compile traces: a context manager around the solve would split the
-        # compiled graph, and the traced parametrizations give the same weight at each call)
+        if self.training and isinstance(self.f, nn.Module):
+            update_norms(self.f)
         graphed = (
             self.cuda_graph
             and isinstance(solver, SolverBase)
             and self._graphs.supports(spec.device)
             and not sync_free()
         )
-        if sync_free() or getattr(parametrize, "_cache_enabled", False):
-            sol = solver(call, detach(z0))
-        elif graphed:
-            with parametrize.cached():
-                sol = self._graphs(solver, f, detach(z0), inputs)  # type: ignore[arg-type]
-        else:
-            with parametrize.cached():
-                sol = solver(call, detach(z0))
-        bad = self._check(sol, spec, "forward")
+        fp = ForwardPass(
+            under_autocast(self.f, z0),
+            inputs,
+            z0,
+            spec,
+            solver,
+            on_nonfinite=self.on_nonfinite,
+            graphs=self._graphs if graphed else None,
+        )
         if not attach:
+            sol = fp.solve()
             return sol.z, sol
-        return self._attach(f, sol, inputs, spec, bad, recorder), sol
-
-    def _attach(
-        self,
-        f: Any,
-        sol: Solution,
-        inputs: Sequence[Any],
-        spec: StateSpec,
-        bad: Tensor | None,
-        recorder: StateRecorder | None = None,
-    ) -> State:
-        """The solution with the estimator's gradient; samples in ``bad`` cut off from it; with
-        fixed-point correction, the recorded states attached too (``sol.states``)."""
-        if bad is None:
-            z = self.grad.attach(f, sol.z, inputs, spec, info=sol)
-            if recorder is not None:
-                self._corrected(sol, recorder.states(sol.z), z, f, inputs, spec)
-            return z
-        frozen = _finite(sol.z)
-        cut = _cut_inputs(inputs, bad, spec.batch)
-        fm = _Frozen(f, bad, frozen)
-        z = self.grad.attach(fm, frozen, cut, spec, info=sol)
-        if recorder is not None:
-            held = [_hold(_finite(s), bad, frozen) for s in recorder.states(sol.z)]
-            self._corrected(sol, held, z, fm, cut, spec)
-        return z
-
-    def _corrected(
-        self,
-        sol: Solution,
-        states: list[State],
-        z: State,
-        f: Any,
-        inputs: Sequence[Any],
-        spec: StateSpec,
-    ) -> None:
-        """Fixed-point correction: the recorded states with UPG from each, then ``z``."""
-        if self.correction is None:
-            return
-        attached = []
-        if states:
-            est = state_estimator(self.grad)
-            attached = [est.attach(f, s, inputs, spec) for s in states]
-        sol.states = [*attached, z]
-        sol.state_weights = self.correction.weights()
-
-    @torch.compiler.disable
-    def _check(self, sol: Solution, spec: StateSpec, what: str) -> Tensor | None:
-        """None when every sample is finite; else raise or warn and return the mask. Not traced
-        by ``torch.compile`` (it reads the solve's outcome on the host)."""
-        if sol.result != SolveResult.NONFINITE:
-            return None
-        bad = sol.nonfinite
-        if bad is None or bad.shape != (spec.batch,):
-            raise DEQError(
-                f"DEQ {what} solve reported non-finite values without a per-sample mask",
-                solution=sol,
-            )
-        idx = bad.nonzero().flatten().tolist()
-        shown = ", ".join(str(i) for i in idx[:20]) + (", ..." if len(idx) > 20 else "")
-        healthy = ~bad
-        n_ok = int((sol.converged & healthy).sum())
-        msg = (
-            f"DEQ {what} solve hit non-finite values in {len(idx)} of {spec.batch} samples "
-            f"(indices [{shown}]); the other {spec.batch - len(idx)} kept iterating: {n_ok} "
-            f"converged after {sol.niter} iterations (tol {sol.tol:g}, stop {sol.stop!r})"
-        )
-        if self.on_nonfinite == "raise":
-            raise DEQError(msg + "; the error's .solution holds the solve", solution=sol)
-        warnings.warn(
-            msg + "; returning their best finite iterates, cut off from the gradient",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return bad
-
-
-class _Frozen(nn.Module):
-    """``f`` with the samples in ``bad`` held at ``frozen``: the gradient pass of a batch with
-    non-finite samples differentiates only through the healthy ones."""
-
-    def __init__(self, f: Any, bad: Tensor, frozen: State) -> None:
-        super().__init__()
-        self.f = f
-        self.bad = bad
-        self.frozen = frozen
-
-    def forward(self, z: State, *inputs: Any) -> Any:
-        return _hold(self.f(z, *inputs), self.bad, self.frozen)
-
-
-def _hold(out: Any, bad: Tensor, frozen: State) -> Any:
-    """``out`` with the rows ``bad`` replaced by ``frozen``'s (a constant: zero gradient)."""
-    if isinstance(out, Tensor) != isinstance(frozen, Tensor):
-        return out  # wrong structure: the DEQ's output check names it
-
-    def hold(o: Tensor, fr: Tensor) -> Tensor:
-        return torch.where(bad.view(-1, *([1] * (o.dim() - 1))), fr.to(o.dtype), o)
-
-    return tree_map(hold, out, frozen)
-
-
-def _finite(z: State) -> State:
-    return tree_map(lambda t: torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), z)
-
-
-def _cut_inputs(inputs: Sequence[Any], bad: Tensor, batch: int) -> tuple[Any, ...]:
-    """Zero the rows ``bad`` of every floating tensor (in tuples/lists too) with leading size
-    ``batch``; their gradient is zero, not NaN."""
-
-    def cut(v: Any) -> Any:
-        if isinstance(v, Tensor):
-            if v.is_floating_point() and v.dim() >= 1 and v.shape[0] == batch:
-                mask = bad.view(-1, *([1] * (v.dim() - 1)))
-                return torch.where(mask, torch.zeros((), dtype=v.dtype, device=v.device), v)
-            return v
-        if isinstance(v, tuple):
-            return tuple(cut(u) for u in v)
-        if isinstance(v, list):
-            return [cut(u) for u in v]
-        return v
-
-    return tuple(cut(v) for v in inputs)
+        corr = self.correction
+        recorder = None if corr is None else corr.record(fp, self.grad)
+        z, sol = self.grad.equilibrium(fp)
+        if corr is not None and recorder is not None:
+            corr.attach_states(self.grad, fp, recorder, sol, z)
+        return z, sol

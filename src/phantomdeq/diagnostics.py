@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._state import State, StateSpec, as_tuple, detach, like
-from .grad.base import _VJPAt
+from .grad.base import VJPAt
 
 TensorOrSeq = Tensor | Sequence[Tensor]
 
@@ -313,7 +313,7 @@ def spectral_radius(
     v = torch.randn(spec.batch, spec.dim, dtype=spec.dtype, device=spec.device, generator=generator)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     logs = []
-    vjp = _VJPAt(ys, z_req, spec)
+    vjp = VJPAt(ys, z_req, spec)
     for i in range(iters):
         w = vjp(v)
         norm = torch.linalg.vector_norm(w, dim=1)

@@ -46,6 +46,7 @@ Exit status: 0 when every run finished (diverged runs count as finished and are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -54,21 +55,33 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phantomdeq import grad as pdq_grad
-from phantomdeq.cli import HelpFormatter, user_error
+from phantomdeq.cli import user_error
 from phantomdeq.cpu_memory import cpu_memory_from_env
 from phantomdeq.train.config import NESTED_SOLVERS
 
-from .ablation_report import write_reports
-from .stop_workers import StopWorkers, init_worker
+from .command import Outputs, Parser, UsageError, run_command
+from .report import write_reports
 
-__all__ = ["GRID_ALIASES", "RunSpec", "build_parser", "main", "plan_runs"]
+__all__ = [
+    "GRID_ALIASES",
+    "RunSpec",
+    "StopWorkers",
+    "build_parser",
+    "ignore_stop_signals",
+    "init_worker",
+    "main",
+    "plan_runs",
+]
 
 PROG = "phantomdeq ablate"
 
@@ -105,7 +118,7 @@ _NOT_IDENTITY = (
 )
 
 
-class GridError(ValueError):
+class GridError(UsageError):
     """A bad ``--grid`` specification (the message names the key / value and what is allowed)."""
 
 
@@ -341,6 +354,99 @@ def _run_worker(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
     return run_one(*args)
 
 
+# --------------------------------------------------------------------------- stopping the pool
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals() -> None:
+    """Pool initializer: a worker ignores SIGINT/SIGTERM outside a run. Inside one the trainer's
+    own handlers stop it after the current step; between runs a signal would kill the worker,
+    and a dead worker breaks the whole pool (whose remaining workers are then killed without
+    their checkpoint)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def init_worker(retain_memory: bool) -> None:
+    """Pool initializer of ``ablate --jobs``: :func:`ignore_stop_signals`, and the parent's CPU
+    memory policy (a spawned worker starts with the C library's defaults; see
+    :func:`phantomdeq.cpu_memory.retain_cpu_memory`)."""
+    ignore_stop_signals()
+    if retain_memory:
+        from phantomdeq.cpu_memory import retain_cpu_memory
+
+        retain_cpu_memory()
+
+
+class StopWorkers:
+    """While a study runs in pool workers, SIGINT/SIGTERM to this process cancel the runs not
+    started and stop the running ones: each worker that holds a run folder's lock
+    (:data:`~phantomdeq.train.run_dir.LOCK_FILE`, which names its pid) gets SIGTERM once per
+    run, so its trainer checkpoints after the current step and stops; :meth:`poke` is called
+    again while waiting, for runs a worker locks after the signal. (On SIGINT the runs that
+    already held their lock are left to the terminal, which sends SIGINT to every process of
+    the foreground group: a second signal would stop them without the checkpoint.) The caller
+    collects what the workers return and then raises
+    :class:`~phantomdeq.train.stop_signals.TrainingInterrupted` -- no worker trains on after
+    the command has gone."""
+
+    def __init__(self, pool: Any, futures: list[Any], prog: str, runs: Path) -> None:
+        self.pool = pool
+        self.prog = prog
+        self.futures = futures
+        self.runs = runs
+        self.signum = 0
+        self._told: set[tuple[int, str]] = set()
+        self._previous: dict[int, Any] = {}
+
+    def _holders(self) -> set[tuple[int, str]]:
+        """(pid, run folder) of this pool's workers holding a run folder's lock."""
+        from phantomdeq.train.run_dir import LOCK_FILE
+
+        workers = set(getattr(self.pool, "_processes", None) or {})
+        out = set()
+        for lock in self.runs.glob(f"*/{LOCK_FILE}"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(lock.read_text().strip() or 0)
+                if pid in workers and not (lock.parent / "result.json").exists():
+                    out.add((pid, lock.parent.name))
+        return out
+
+    def poke(self) -> None:
+        """SIGTERM to each worker in a run it has not been told to stop yet."""
+        for pid, run in self._holders() - self._told:
+            self._told.add((pid, run))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            return  # already stopping: wait for the workers' checkpoints
+        self.signum = signum
+        print(
+            f"{self.prog}: {signal.Signals(signum).name} received; stopping the running "
+            "runs after their current step",
+            file=sys.stderr,
+            flush=True,
+        )
+        for fut in self.futures:
+            fut.cancel()  # not started yet
+        if signum == signal.SIGINT:
+            self._told |= self._holders()
+        self.poke()
+
+    def __enter__(self) -> StopWorkers:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
     """Run the unfinished specs; returns (ran, crashed)."""
     # seed-major order: every configuration gets its first seed before any gets its second
@@ -408,13 +514,11 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from phantomdeq.train.config import add_set_argument
 
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Train a grid of configurations x seeds and tabulate them (paper Table 1, Fig. 3).",
-        formatter_class=HelpFormatter,
+    p = Parser(
+        PROG, "Train a grid of configurations x seeds and tabulate them (paper Table 1, Fig. 3)."
     )
     p.add_argument(
         "--config",
@@ -441,27 +545,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def _command(args: argparse.Namespace, argv: list[str]) -> int:
     from phantomdeq.train.config import ConfigError
     from phantomdeq.train.stop_signals import TrainingInterrupted
 
     if args.jobs < 1:
-        return user_error(PROG, f"--jobs: must be >= 1, got {args.jobs}")
+        raise UsageError(f"--jobs: must be >= 1, got {args.jobs}")
     if args.seeds < 1:
-        return user_error(PROG, f"--seeds: must be >= 1, got {args.seeds}")
+        raise UsageError(f"--seeds: must be >= 1, got {args.seeds}")
     out: Path = args.out
     if not args.report_only and not args.config:
-        return user_error(
-            PROG, "--config: at least one config file is required (unless --report-only)"
-        )
+        raise UsageError("--config: at least one config file is required (unless --report-only)")
+    crashed = 0
     if not args.report_only:
         try:
-            grid = parse_grid(args.grid)
-            specs = plan_runs(args.config, grid, seeds=args.seeds, overrides=args.overrides)
-        except (GridError, ConfigError) as exc:
-            return user_error(PROG, str(exc))
+            specs = plan_runs(
+                args.config, parse_grid(args.grid), seeds=args.seeds, overrides=args.overrides
+            )
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
         if args.dry_run:
             for s in specs:
                 done = "done" if _find_finished(out, s) else "todo"
@@ -486,12 +588,19 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return user_error(PROG, "interrupted; run the same command again to continue", 130)
         print(f"{PROG}: {ran} runs in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    else:
-        crashed = 0
     if not (out / "runs").is_dir():
-        return user_error(PROG, f"--out: no runs under {str(out)!r}")
-    write_reports(out, argv, prog=PROG)
+        raise UsageError(f"--out: no runs under {str(out)!r}")
+    outputs = Outputs(out)
+    write_reports(outputs, argv, prog=PROG)
+    outputs.report()
     return 1 if crashed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``phantomdeq ablate``: 0 when every run finished, 1 when a run crashed, 2 for a bad
+    command line / grid / config, 130 / 143 when interrupted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(build_parser(), lambda ns: _command(ns, args), args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,38 +38,49 @@ forward solve is traced into the graph, so no solve time is reported); ``graph``
 forward solve replayed from a CUDA graph (``DEQ(cuda_graph=True)``). Ratios to the reference
 method are taken within each mode.
 
-The method list and the options are in :mod:`.cost_methods`. Outputs in ``--out`` (:mod:`.cost_cli`, :mod:`.cost_report`): ``cost.json``
-(configuration, machine, records), ``cost.png`` (step time and peak memory vs k per method);
-the Table-2-style table with ratios to the reference IFT on stdout. The measuring tools are in
-:mod:`.profiling`.
+The method list is derived from the estimator registry (``pdq.grad.ESTIMATORS`` and
+``pdq.grad.options``, :func:`method_specs`): an estimator with a ``solver`` option gets one
+method per backward solver class, one with ``k`` one per ``--ks`` value (and a checkpointed one
+when it has ``checkpoint``), any other one method. :class:`CostConfig` holds the options of
+:func:`run`; the command's flags are its fields (``--fwd-iters`` for ``fwd_iters`` ...).
+Outputs in ``--out``: ``cost.json`` (configuration, machine, records), ``cost.png`` (step time
+and peak memory vs k per method, :mod:`.report`); the Table-2-style table with ratios to the
+reference IFT on stdout. The measuring tools are in :mod:`.measure`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import statistics
-from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
+import pydantic
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt
 from torch import nn
 
 import phantomdeq as pdq
 from phantomdeq.train.seeds import seed_of
 
-from .cost_methods import (
-    BACKWARD_SOLVERS,
-    COMPLEXITY,
-    EXEC_MODES,
-    SOLVERS,
-    CostConfig,
-    MethodSpec,
-    method_specs,
+from .command import (
+    Outputs,
+    Parser,
+    UsageError,
+    add_flags,
+    config_from_flags,
+    int_list,
+    run_command,
+    word_list,
 )
-from .profiling import Clock, cpu_peak_memory, timed_solver
+from .measure import Clock, cpu_peak_memory, machine, timed_solver
 
 __all__ = [
     "BACKWARD_SOLVERS",
@@ -78,9 +89,162 @@ __all__ = [
     "SOLVERS",
     "CostConfig",
     "MethodSpec",
+    "build_parser",
+    "main",
     "method_specs",
     "run",
 ]
+
+PROG = "phantomdeq cost"
+
+# --------------------------------------------------------------------------- methods and options
+
+#: Paper Table 2: (time, memory, peak memory) complexity per family; T >> t ≈ 1.
+COMPLEXITY: dict[str, tuple[str, str, str]] = {
+    "ift": ("O(T)", "O(1)", "O(t)"),
+    "upg": ("O(t)", "O(t)", "O(1)"),
+    "upg_ckpt": ("O(t)", "O(1)", "O(1)"),
+    "npg": ("O(t)", "O(1)", "O(t)"),
+    "onestep": ("O(1)", "O(1)", "O(1)"),
+    "bptt": ("O(N)", "O(N)", "O(N)"),
+    # SHINE: no backward solve; the forward Broyden factors (about one state per forward
+    # iteration) are held until the backward pass
+    "shine": ("O(1)", "O(T)", "O(T)"),
+}
+SOLVERS = tuple(pdq.solvers.SOLVERS)
+#: the IFT methods: one per solver of the backward system (fixed-point and Krylov)
+BACKWARD_SOLVERS = tuple(pdq.solvers.BACKWARD_SOLVERS)
+EXEC_MODES = ("eager", "compile", "graph")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One gradient estimator of the cost table: ``estimator`` (its registry name) with the
+    options ``k``, ``checkpoint`` and ``backward_solver`` where it declares them."""
+
+    name: str
+    family: str  # key of COMPLEXITY
+    label: str
+    estimator: str
+    k: int | None = None
+    backward_solver: str | None = None
+    checkpoint: bool = False
+
+    def make(self, cfg: CostConfig) -> pdq.GradientEstimator:
+        declared = pdq.grad.options(self.estimator)
+        opts: dict[str, Any] = {}
+        if self.backward_solver is not None:
+            opts["solver"] = pdq.solvers.from_name(
+                self.backward_solver, max_iter=cfg.bwd_iters, tol=0.0
+            )
+        if "warn_unconverged" in declared:  # a fixed budget (tol 0) never converges by design
+            opts["warn_unconverged"] = False
+        if self.k is not None:
+            opts["k"] = self.k
+        if "lam" in declared:
+            opts["lam"] = cfg.lam
+        if self.checkpoint:
+            opts["checkpoint"] = True
+        return pdq.grad.from_name(self.estimator, **opts)
+
+    @property
+    def tracks_forward(self) -> bool:
+        """Back-propagates through the forward solver (BPTT): needs a FixedPoint forward."""
+        return bool(pdq.grad.ESTIMATORS[self.estimator].tracks_forward)
+
+    @property
+    def needs_forward_inverse(self) -> bool:
+        """Reuses the forward Broyden inverse estimate (SHINE): needs a Broyden forward."""
+        return bool(pdq.grad.ESTIMATORS[self.estimator].needs_forward_inverse)
+
+    def forward_solver(self, cfg: CostConfig) -> str:
+        """The forward solver this method runs with."""
+        if self.tracks_forward:
+            return "fixed_point"
+        if self.needs_forward_inverse and cfg.solver != "broyden":
+            return "broyden"
+        return cfg.solver
+
+
+def method_specs(ks: Sequence[int] = (1, 3, 5, 9)) -> list[MethodSpec]:
+    """Every method of the table, in registry order (see the module docstring)."""
+    specs: list[MethodSpec] = []
+    for name, cls in pdq.grad.ESTIMATORS.items():
+        declared, label = pdq.grad.options(name), cls.__name__
+        if "solver" in declared:
+            for s in BACKWARD_SOLVERS:
+                specs.append(MethodSpec(f"{name}_{s}", name, f"{label} ({s})", name, None, s))
+        elif "k" in declared:
+            specs += [MethodSpec(f"{name}_k{k}", name, f"{label} k={k}", name, k) for k in ks]
+            if "checkpoint" in declared:
+                specs += [
+                    MethodSpec(
+                        f"{name}_ckpt_k{k}",
+                        f"{name}_ckpt",
+                        f"{label}-ckpt k={k}",
+                        name,
+                        k,
+                        checkpoint=True,
+                    )
+                    for k in ks
+                ]
+        else:
+            specs.append(MethodSpec(name, name, label, name))
+    return specs
+
+
+def _model_name(value: str) -> str:
+    from phantomdeq.models import MDEQ_CONFIG_NAMES
+
+    if value not in MDEQ_CONFIG_NAMES:
+        raise ValueError(f"must be one of {', '.join(MDEQ_CONFIG_NAMES)}")
+    return value
+
+
+_LIST = Field(min_length=1, strict=False)
+
+
+@pydantic.dataclasses.dataclass(
+    frozen=True, config=pydantic.ConfigDict(strict=True, allow_inf_nan=False)
+)
+class CostConfig:
+    """Options of :func:`run` (the CLI flags); a refused value raises ``ValueError`` naming
+    the field."""
+
+    model: Annotated[str, pydantic.AfterValidator(_model_name)] = "mdeq_tiny"
+    batch: PositiveInt = 64
+    device: Literal["cpu", "cuda"] = "cpu"
+    solver: Literal[SOLVERS] = "anderson"  # type: ignore[valid-type]
+    fwd_iters: Annotated[int, Field(ge=2)] = 22
+    bwd_iters: Annotated[int, Field(ge=2)] = 20
+    ks: Annotated[tuple[PositiveInt, ...], _LIST] = (1, 3, 5, 9)
+    lam: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    repeats: PositiveInt = 5
+    warmup: Annotated[int, Field(ge=0)] = 1
+    amp: Literal["none", "bf16"] = "none"
+    seed: int = 0
+    image_size: Annotated[int, Field(ge=4)] = 32
+    num_classes: Annotated[int, Field(ge=2)] = 10
+    methods: Annotated[tuple[str, ...], _LIST] | None = None  # None: all
+    reference: str = "ift_broyden"
+    memory: bool = True
+    modes: Annotated[tuple[str, ...], _LIST] = ("eager",)
+
+    @pydantic.model_validator(mode="after")
+    def _known_methods(self) -> CostConfig:
+        names = [m.name for m in method_specs(self.ks)]
+        unknown = [m for m in self.methods or () if m not in names]
+        if unknown:
+            raise ValueError(f"methods: unknown method(s) {unknown}; allowed: {', '.join(names)}")
+        if self.reference not in names:
+            raise ValueError(f"reference must be one of {names}, got {self.reference!r}")
+        bad = [m for m in self.modes if m not in EXEC_MODES]
+        if bad or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must be distinct entries of {EXEC_MODES}, got {self.modes!r}")
+        if "graph" in self.modes and self.device != "cuda":
+            raise ValueError("modes: 'graph' (CUDA graphs) needs device='cuda'")
+        return self
+
 
 # --------------------------------------------------------------------------- the experiment
 
@@ -411,3 +575,96 @@ def _add_ratios(records: list[dict[str, Any]], reference: str) -> None:
             if rec["peak_mb"] is not None and ref["peak_mb"]
             else None
         )
+
+
+# --------------------------------------------------------------------------- command
+
+#: flag -> (type, help); defaults and allowed values come from CostConfig
+_FLAGS: dict[str, tuple[Any, str]] = {
+    "model": (str, "MDEQ configuration (mdeq_tiny, mdeq_cifar10m, ...)"),
+    "batch": (int, "batch size"),
+    "device": (str, "cpu or cuda"),
+    "solver": (str, "forward solver"),
+    "fwd_iters": (int, "forward solver budget (tol=0)"),
+    "bwd_iters": (int, "IFT backward solver budget (tol=0)"),
+    "ks": (int_list, "k values of UPG/NPG, e.g. 1,3,5,9"),
+    "lam": (float, "damping λ of UPG/NPG, in (0, 1]"),
+    "repeats": (int, "timed steps per method"),
+    "warmup": (int, "untimed steps per method first"),
+    "amp": (str, "none, or bf16: autocast f, stem and head"),
+    "seed": (int, "seed of weights and data"),
+    "methods": (
+        word_list,
+        "comma-separated subset of methods (default: all), e.g. ift_broyden,upg_k5",
+    ),
+    "reference": (str, "method the ratios are taken against"),
+    "modes": (
+        word_list,
+        "comma list of execution modes timed side by side: eager, compile, graph (CUDA)",
+    ),
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        PROG, "Paper Table 2: time and peak memory of one training step per gradient estimator."
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory (cost.json, cost.png)")
+    add_flags(p, _FLAGS, CostConfig())
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke-test setting: batch 2, 1 repeat, no warm-up, 2 forward / 2 backward iterations",
+    )
+    return p
+
+
+def _command(args: argparse.Namespace, argv: list[str]) -> int:
+    from .report import cost_plot, cost_table
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    opts: dict[str, Any] = {name: getattr(args, name) for name in _FLAGS}
+    opts["memory"] = not args.no_memory
+    if args.quick:
+        opts.update(batch=2, repeats=1, warmup=0, fwd_iters=2, bwd_iters=2)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available (allowed here: cpu)")
+    cfg = config_from_flags(CostConfig, **opts)
+    outputs = Outputs(args.out)
+    before = machine()
+    print(
+        f"{PROG}: {cfg.model} batch {cfg.batch} {cfg.device} amp={cfg.amp}; load {before['loadavg']}",
+        file=sys.stderr,
+    )
+    t0 = time.perf_counter()
+    records = run(cfg, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    wall = time.perf_counter() - t0
+    payload = {
+        "config": asdict(cfg),
+        "argv": argv,
+        "machine": before,
+        "loadavg_after": machine()["loadavg"],
+        "wall_s": wall,
+        "records": records,
+    }
+    outputs.json("cost.json", payload)
+    print(cost_table(records))
+    # a bare GPU box may lack matplotlib (the `plots` extra): cost.png is then left out
+    outputs.figure("cost.png", lambda path: cost_plot(records, path))
+    outputs.report(f"({wall:.1f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``phantomdeq cost``: returns 0 on success, 2 for invalid options."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(build_parser(), lambda ns: _command(ns, args), args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +20,10 @@ from torch import nn
 
 import phantomdeq as pdq
 from phantomdeq import diagnostics as D
-from phantomdeq.cli import HelpFormatter
+
+from .command import Parser, run_command
+
+PROG = "phantomdeq demo"
 
 
 class _TanhCell(nn.Module):
@@ -136,25 +141,24 @@ def run_core_demo() -> None:
     print()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="phantomdeq demo",
-        description=__doc__.splitlines()[0],
-        formatter_class=HelpFormatter,
-    )
-    ap.add_argument("--out", default="runs/demo", help="directory for the demo's outputs")
-    ap.add_argument("--skip-train", action="store_true", help="skip the MDEQ training part")
-    ap.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic experiment")
-    args = ap.parse_args(argv)
+def build_parser() -> Parser:
+    p = Parser(PROG, __doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's outputs")
+    p.add_argument("--skip-train", action="store_true", help="skip the MDEQ training part")
+    p.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic experiment")
+    return p
+
+
+def _command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     run_core_demo()
     if not args.skip_synthetic:
-        from phantomdeq.experiments import synthetic, synthetic_cli
+        from . import synthetic
 
         print("== 2. Synthetic setting (paper Fig. 1), quick settings ==")
-        synthetic_cli.main(["--out", str(out / "synthetic"), *synthetic.QUICK_ARGS])
+        synthetic.main(["--out", str(out / "synthetic"), *synthetic.QUICK_ARGS])
         print()
     if not args.skip_train:
         from phantomdeq.train import run_training
@@ -172,3 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{float(res['time_s']):.0f} s in all"
         )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``phantomdeq demo``: returns 0 on success, 2 for invalid options."""
+    return run_command(build_parser(), _command, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """Synthetic setting of the paper (Sec. 3, "Precision of the Phantom Gradient", Fig. 1) and the
 Theorem 1 descent check, computed by the library: every gradient by ``phantomdeq.DEQ`` with the
 estimators of ``phantomdeq.grad``, every matrix and condition by ``phantomdeq.diagnostics``.
-The command is ``phantomdeq synthetic --out DIR`` (:mod:`.synthetic_cli`; text and figures in
-:mod:`.synthetic_report`).
+The command is ``phantomdeq synthetic --out DIR`` (:func:`main`; its flags are the fields of
+:class:`SyntheticConfig`, ``--input-dim`` for ``input_dim`` ...; text and figures in
+:mod:`.report`).
 
 Setting. ``F(h, x) = σ(W h + U x + b)`` (:class:`~phantomdeq.models.synthetic.SyntheticF`) with
 ``W`` spectrally normalised so that ``F`` is ``L_h = 0.9``-Lipschitz in ``h``. Each *draw* is an
@@ -32,8 +33,12 @@ cosine, solver statistics), ``fig1.png`` and ``fig1_error.png``.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -47,7 +52,28 @@ from phantomdeq import diagnostics as D
 from phantomdeq._progress import progress_bar
 from phantomdeq.models.synthetic import ACTIVATIONS, SyntheticF
 
-__all__ = ["METHODS", "QUICK_ARGS", "SyntheticConfig", "SyntheticResult", "run"]
+from .command import (
+    Outputs,
+    Parser,
+    add_flags,
+    config_from_flags,
+    float_list,
+    int_list,
+    run_command,
+    word_list,
+)
+
+__all__ = [
+    "METHODS",
+    "QUICK_ARGS",
+    "SyntheticConfig",
+    "SyntheticResult",
+    "build_parser",
+    "main",
+    "run",
+]
+
+PROG = "phantomdeq synthetic"
 
 METHODS = ("upg", "npg")
 #: reduced settings for a quick look (used by ``phantomdeq demo``; a few seconds)
@@ -329,3 +355,76 @@ def _run(cfg: SyntheticConfig, progress: bool) -> SyntheticResult:
         "seconds": time.perf_counter() - start,
     }
     return SyntheticResult(config=cfg, records=records, cosines=cosines, summary=summary)
+
+
+# --------------------------------------------------------------------------- command
+
+#: flag -> (type, help); the defaults and the allowed values come from SyntheticConfig
+_FLAGS: dict[str, tuple[Any, str]] = {
+    "draws": (int, "independent draws (problem, input, target)"),
+    "hidden": (int, "dimension of h"),
+    "input_dim": (int, "dimension of x"),
+    "lipschitz": (float, "L_h of F in h, in (0, 1)"),
+    "activation": (str, "the activation σ: tanh, sigmoid or relu"),
+    "ks": (int_list, "unrolling/Neumann steps, e.g. 1-10 or 1,2,5"),
+    "lams": (float_list, "damping λ values in (0, 1], comma-separated"),
+    "methods": (word_list, "comma-separated subset of upg,npg"),
+    "tol": (float, "rel. residual defining the exact h*"),
+    "max_iter": (int, "fixed-point updates at most"),
+    "inexact_tol": (float, "rel. residual at which the inexact h~ is stopped"),
+    "broyden_iter": (int, "Broyden iterations of the IFT check"),
+    "seed": (int, "seed of the draws"),
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        PROG,
+        "Paper Fig. 1: cosine similarity of the unrolled (UPG) and Neumann (NPG) phantom "
+        "gradients to the exact gradient on F(h, x) = act(W h + U x + b) with Lipschitz "
+        "constant L_h in h, plus the Theorem 1 descent-condition check.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    add_flags(p, _FLAGS, SyntheticConfig())
+    p.add_argument("--no-inexact", action="store_true", help="skip the inexact-solution variant")
+    p.add_argument("--no-theorem", action="store_true", help="skip the Theorem 1 matrix check")
+    p.add_argument(
+        "--fig",
+        type=Path,
+        default=None,
+        help="where to write the figure (default OUT/fig1.png; the log-scale companion goes "
+        "next to it with the suffix _error)",
+    )
+    p.add_argument("--no-figure", action="store_true", help="do not write the figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _command(args: argparse.Namespace) -> int:
+    from .report import synthetic_error_figure, synthetic_figure, synthetic_table
+
+    options = {name: getattr(args, name) for name in _FLAGS}
+    if args.no_inexact:
+        options["inexact_tol"] = None
+    cfg = config_from_flags(SyntheticConfig, **options, theorem=not args.no_theorem)
+    outputs = Outputs(args.out)
+    result = run(cfg, progress=not args.no_progress)
+    outputs.json("results.json", result.records, indent=1)
+    outputs.json("summary.json", result.summary, indent=1)
+    if not args.no_figure:
+        fig: Path = args.fig if args.fig is not None else args.out / "fig1.png"
+        outputs.figure(fig, lambda path: synthetic_figure(result, path))
+        error_fig = fig.with_name(f"{fig.stem}_error{fig.suffix}")
+        outputs.figure(error_fig, lambda path: synthetic_error_figure(result, path))
+    print(synthetic_table(result))
+    outputs.report()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``phantomdeq synthetic``: returns 0 on success, 2 for invalid options."""
+    return run_command(build_parser(), _command, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from .._state import State, StateSpec, as_tuple, like
+from ..solvers.base import InverseSolver, Solution, Solver
 
 if TYPE_CHECKING:
-    from ..solvers.base import Solution
+    from ..forward import ForwardPass
 
 Cell = Callable[..., Any]
 
@@ -41,8 +42,27 @@ def check_k(k: object, owner: str) -> int:
     return k
 
 
+def check_estimator(value: object, *, owner: str) -> GradientEstimator:
+    """``value`` if it is a :class:`GradientEstimator`; ``TypeError`` naming ``owner`` otherwise."""
+    if not isinstance(value, GradientEstimator):
+        raise TypeError(
+            f"{owner}: grad must be a phantomdeq.grad estimator (IFT, UPG, NPG, OneStep, BPTT), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
 class GradientEstimator:
-    """How the DEQ output gets its gradient.
+    """How the DEQ output gets its gradient, and what the estimator needs from the forward solve.
+
+    A :class:`~phantomdeq.DEQ` asks its estimator three things. At construction (and in
+    ``DEQ.using``), :meth:`check_solver` for each forward solver the estimator will run with
+    and, with ``cuda_graph=True``, :meth:`check_graphed`: each refuses what the estimator cannot
+    work with. In a forward pass that attaches a gradient, :meth:`equilibrium` receives the
+    pass (:class:`~phantomdeq.forward.ForwardPass`), runs the solve it needs and returns the
+    state carrying its gradient with the forward :class:`~phantomdeq.Solution`. The default
+    runs the solver without a graph and calls :meth:`attach`; an estimator with another need
+    (a recorded solve, the solver's inverse estimate) overrides these methods in its own module.
 
     :meth:`attach` receives ``f``, the detached forward solution ``z_star``, the extra inputs
     and (keyword ``info``) the forward :class:`~phantomdeq.Solution`, and returns a state whose
@@ -50,11 +70,53 @@ class GradientEstimator:
     """
 
     name = "estimator"
-    #: BPTT needs the forward solve itself to be recorded; the DEQ module handles that case.
+    #: True when the estimator back-propagates through the forward solve itself (BPTT): it
+    #: records the solve in :meth:`equilibrium`, and no fixed-point correction records it.
     tracks_forward = False
-    #: SHINE needs the forward solve's inverse-Jacobian estimate (``info.inverse``): the DEQ
-    #: then requires a solver with ``solve_with_inverse`` (Broyden) and calls that.
+    #: True when the estimator needs the forward solve's inverse-Jacobian estimate
+    #: (``info.inverse``; SHINE, ``IFT(init="shine")``): the default :meth:`check_solver`,
+    #: :meth:`check_graphed` and :meth:`equilibrium` then require a solver with
+    #: ``solve_with_inverse`` (Broyden) and call that.
     needs_forward_inverse = False
+
+    def check_solver(self, solver: Solver, name: str) -> None:
+        """Refuse (``TypeError`` naming the DEQ and ``name``, e.g. ``"eval_solver"``) a forward
+        solver this estimator cannot attach its gradient after."""
+        if self.needs_forward_inverse and not isinstance(solver, InverseSolver):
+            raise TypeError(
+                f"DEQ: grad={type(self).__name__}() reuses the forward solve's "
+                f"inverse-Jacobian estimate and needs {name}=Broyden(...) (a solver "
+                f"with a solve_with_inverse(g, z0) method), got {solver!r}"
+            )
+
+    def check_graphed(self) -> None:
+        """Refuse (``ValueError``) a forward solve replayed from a CUDA graph
+        (``DEQ(cuda_graph=True)``), which returns the solution and its statistics only."""
+        if self.needs_forward_inverse:
+            raise ValueError(
+                f"DEQ: cuda_graph=True replays the forward solve from a CUDA graph, which "
+                f"does not return Broyden's inverse estimate that grad="
+                f"{type(self).__name__}() needs; use cuda_graph=False"
+            )
+
+    def equilibrium(self, fp: ForwardPass) -> tuple[State, Solution]:
+        """Solve the forward pass ``fp`` and attach this estimator's gradient: ``(z, info)``."""
+        if self.needs_forward_inverse:  # Broyden keeps its inverse estimate
+            solver = fp.solver
+            if not isinstance(solver, InverseSolver):  # replaced after construction
+                raise TypeError(
+                    f"DEQ: grad={type(self).__name__}() needs a solver with "
+                    f"solve_with_inverse(g, z0) (Broyden), got {type(solver).__name__}"
+                )
+            sol = fp.solve(solver.solve_with_inverse)
+        else:
+            sol = fp.solve()
+        return fp.attach(self.attach, sol), sol
+
+    def correction_estimator(self) -> GradientEstimator | None:
+        """The estimator of the earlier states under fixed-point correction
+        (:class:`~phantomdeq.grad.Correction`), None when this one supports no correction."""
+        return None
 
     def attach(
         self,
@@ -92,8 +154,9 @@ def contiguous_parts(spec: StateSpec, flat: Tensor) -> tuple[Tensor, ...]:
     return tuple(p.contiguous() for p in as_tuple(spec.unflatten(flat)))
 
 
-class _VJPAt:
-    """Vector-Jacobian products of ``f`` at ``z*`` on the retained graph of ``y = f(z*)``.
+class VJPAt:
+    """Vector-Jacobian products of ``f`` at ``z*`` on the retained graph of ``y = f(z*)``
+    (the backward rules' ``vjp``; also :func:`~phantomdeq.diagnostics.spectral_radius`).
 
     ``create_graph=False`` (first order): the products are detached. ``create_graph=True``:
     they are differentiable w.r.t. ``w``, θ and the inputs (``z*`` is a detached leaf, i.e.
@@ -113,9 +176,9 @@ class _VJPAt:
         self.spec = spec
         self.create_graph = create_graph
 
-    def differentiable(self) -> _VJPAt:
+    def differentiable(self) -> VJPAt:
         """The same products with ``create_graph=True``."""
-        return _VJPAt(self.ys, self.z_req, self.spec, create_graph=True)
+        return VJPAt(self.ys, self.z_req, self.spec, create_graph=True)
 
     def __call__(self, w: Tensor) -> Tensor:
         ws = contiguous_parts(self.spec, w)
@@ -148,7 +211,7 @@ class BackwardRule:
         raise NotImplementedError
 
     def create_graph_backward(
-        self, node: _NodeState, grads: tuple[Tensor, ...]
+        self, node: NodeState, grads: tuple[Tensor, ...]
     ) -> tuple[Tensor | None, ...]:
         """Backward under ``create_graph=True``; returns one gradient per Function input after
         the first three (``ys`` then the extras). Default: the explicit formula ``v = rule(g)``
@@ -160,13 +223,15 @@ class BackwardRule:
         return (*parts, *([None] * node.n_extra))
 
 
-class _NodeState:
-    """What the backward of :class:`_ImplicitBackward` needs, kept on its ``ctx``."""
+class NodeState:
+    """What the backward of :class:`_ImplicitBackward` needs, kept on its ``ctx``: the rule, the
+    products at ``z*`` and the rule's point (what :meth:`BackwardRule.create_graph_backward`
+    reads)."""
 
     def __init__(
         self,
         rule: BackwardRule,
-        vjp: _VJPAt,
+        vjp: VJPAt,
         point: Any,
         n_extra: int,
     ) -> None:
@@ -186,13 +251,13 @@ class _ImplicitBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, node: _NodeState, n_ys: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, node: NodeState, n_ys: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.node = node
         return tuple(y.detach().clone() for y in tensors[:n_ys])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        node: _NodeState = ctx.node
+        node: NodeState = ctx.node
         if torch.is_grad_enabled():  # create_graph=True
             return (None, None, *node.rule.create_graph_backward(node, grads))
         vjp = node.vjp
@@ -211,7 +276,7 @@ def attach_rule(
     inputs: Sequence[Any],
     spec: StateSpec,
     *,
-    point_factory: Callable[[_VJPAt], tuple[Any, Sequence[Tensor]]] | None = None,
+    point_factory: Callable[[VJPAt], tuple[Any, Sequence[Tensor]]] | None = None,
 ) -> State:
     """Output ``y = f(z*)`` (tracked to θ and inputs) whose incoming gradient is mapped by ``rule``.
 
@@ -221,17 +286,17 @@ def attach_rule(
     z_req = tuple(t.detach().requires_grad_() for t in as_tuple(z_star))
     with torch.enable_grad():
         ys = spec.check(f(like(spec, z_req), *inputs))
-    vjp = _VJPAt(ys, z_req, spec)
+    vjp = VJPAt(ys, z_req, spec)
     point: Any = None
     extras: Sequence[Tensor] = ()
     if point_factory is not None:
         point, extras = point_factory(vjp)
-    node = _NodeState(rule, vjp, point, len(extras))
+    node = NodeState(rule, vjp, point, len(extras))
     out = _ImplicitBackward.apply(node, len(ys), *ys, *extras)
     return like(spec, list(out))
 
 
-def reapply(node: _NodeState, extras: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def reapply(node: NodeState, extras: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """A new node with the same backward as ``node`` (same ``y`` graph, same rule), created
     inside a ``create_graph`` backward: its outputs carry ``h*``'s dependence on θ and the
     inputs (the implicit map) into the graph being built."""

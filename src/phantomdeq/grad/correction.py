@@ -14,15 +14,17 @@ the weighted sum of the per-state phantom gradients. ``states=1`` is the plain e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from .._state import State
 from .._validate import check_float, check_int
+from ..solvers.base import Solution
 from .base import GradientEstimator
-from .neumann import NPG
-from .unrolled import UPG
+
+if TYPE_CHECKING:
+    from ..forward import ForwardPass
 
 __all__ = ["Correction", "corrected_loss"]
 
@@ -59,6 +61,60 @@ class Correction:
     def recorder(self, g: Callable[[State], Any], max_iter: int) -> StateRecorder:
         return StateRecorder(g, self.evaluations(max_iter))
 
+    def check(
+        self, grad: GradientEstimator, solvers: Sequence[tuple[str, object]], *, cuda_graph: bool
+    ) -> None:
+        """What an active correction needs from a DEQ: an estimator with a
+        :meth:`~phantomdeq.grad.GradientEstimator.correction_estimator` (UPG, NPG), no replayed
+        solve, and solvers (``(name, solver)`` pairs) with an integer ``max_iter``."""
+        if not self.active:
+            return
+        state_estimator(grad)
+        if cuda_graph:
+            raise ValueError(
+                "DEQ: correction records states inside the solve, which cuda_graph=True "
+                "replays from a captured graph; use cuda_graph=False"
+            )
+        for name, chosen in solvers:
+            budget = getattr(chosen, "max_iter", None)
+            if isinstance(budget, bool) or not isinstance(budget, int):
+                raise TypeError(
+                    f"DEQ: correction spaces its states over the {name}'s budget and needs "
+                    f"a solver with an integer max_iter, got {chosen!r}"
+                )
+
+    def record(self, fp: ForwardPass, grad: GradientEstimator) -> StateRecorder | None:
+        """Record the states of the forward pass ``fp``: its solve then calls the recorder.
+        None for an estimator that back-propagates through the solve itself (nothing is
+        recorded; ``info.states`` stays None)."""
+        if grad.tracks_forward:
+            return None
+        budget = getattr(fp.solver, "max_iter", None)
+        if isinstance(budget, bool) or not isinstance(budget, int):  # replaced since
+            raise TypeError(f"DEQ: correction needs a solver with max_iter, got {fp.solver!r}")
+        recorder = self.recorder(fp.g, budget)
+        fp.record = recorder
+        return recorder
+
+    def attach_states(
+        self,
+        grad: GradientEstimator,
+        fp: ForwardPass,
+        recorder: StateRecorder,
+        sol: Solution,
+        z: State,
+    ) -> None:
+        """``sol.states``: the recorded states, each with the unrolled phantom gradient of
+        ``grad`` from there, then ``z``; ``sol.state_weights``: :meth:`weights`. Non-finite
+        samples stay held and cut off, as for ``z``."""
+        states = [fp.held(s) for s in recorder.states(sol.z)]
+        attached = []
+        if states:
+            est = state_estimator(grad)
+            attached = [est.attach(fp.cell, s, fp.grad_inputs, fp.spec) for s in states]
+        sol.states = [*attached, z]
+        sol.state_weights = self.weights()
+
 
 class StateRecorder:
     """``g`` that keeps a detached copy of its input at the chosen evaluations."""
@@ -88,18 +144,18 @@ def _clone(z: State) -> State:
     return tuple(t.detach().clone() for t in z)
 
 
-def state_estimator(grad: GradientEstimator) -> UPG:
-    """The phantom gradient of the earlier states: ``UPG`` with ``grad``'s ``k``, ``λ`` (and,
-    for ``k="auto"``, ``tol`` and ``k_max``). Only UPG and NPG have them."""
-    if not isinstance(grad, UPG | NPG):
+def state_estimator(grad: GradientEstimator) -> GradientEstimator:
+    """The phantom gradient of the earlier states: ``grad``'s
+    :meth:`~phantomdeq.grad.GradientEstimator.correction_estimator` (for UPG and NPG: ``UPG``
+    with ``grad``'s ``k``, ``λ`` and, for ``k="auto"``, ``tol`` and ``k_max``)."""
+    est = grad.correction_estimator()
+    if est is None:
         raise TypeError(
             "Correction: fixed-point correction gives every earlier state the unrolled phantom "
             "gradient UPG(k, lam) of the DEQ's estimator and needs grad=UPG(...) or NPG(...), "
             f"got {type(grad).__name__}"
         )
-    if grad.adaptive:
-        return UPG(k="auto", lam=grad.lam, tol=grad.tol, k_max=grad.k_max)
-    return UPG(k=grad.k, lam=grad.lam)
+    return est
 
 
 def corrected_loss(

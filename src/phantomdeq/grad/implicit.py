@@ -22,8 +22,8 @@ from .base import (
     BackwardRule,
     Cell,
     GradientEstimator,
-    _NodeState,
-    _VJPAt,
+    NodeState,
+    VJPAt,
     attach_rule,
     reapply,
 )
@@ -131,7 +131,7 @@ class _ImplicitRule(BackwardRule):
 
     # ---------------------------------------------------------------- create_graph
     def create_graph_backward(
-        self, node: _NodeState, grads: tuple[Tensor, ...]
+        self, node: NodeState, grads: tuple[Tensor, ...]
     ) -> tuple[Tensor | None, ...]:
         """``θ̄, x̄ = J_{θ,x}(h*, θ, x)ᵀ v`` built as a differentiable function of ``g``, θ, x
         and ``h*(θ, x)`` (see :mod:`phantomdeq.grad.second_order`); ``y``'s graph gets nothing."""
@@ -244,7 +244,7 @@ class IFT(GradientEstimator):
                     "(info.inverse): use it through phantomdeq.DEQ with solver=Broyden(...)"
                 )
 
-        def point_factory(vjp: _VJPAt) -> tuple[ImplicitPoint, list[Tensor]]:
+        def point_factory(vjp: VJPAt) -> tuple[ImplicitPoint, list[Tensor]]:
             point = ImplicitPoint(f, inputs, as_tuple(vjp.z_req), spec)
             return point, point.extras
 

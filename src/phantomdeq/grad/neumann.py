@@ -12,6 +12,7 @@ from .._state import State, StateSpec
 from ..solvers.base import Solution
 from .adaptive import AUTO, all_below, check_k_auto, refuse_when_compiling, row_norms
 from .base import BackwardRule, Cell, GradientEstimator, attach_rule, check_lam
+from .unrolled import UPG
 
 
 class _NeumannRule(BackwardRule):
@@ -81,6 +82,13 @@ class NPG(GradientEstimator):
     def adaptive(self) -> bool:
         """True for ``k="auto"``."""
         return self.k == AUTO
+
+    def correction_estimator(self) -> UPG:
+        """The unrolled phantom gradient with this one's ``k`` and ``λ`` (and, for ``k="auto"``,
+        ``tol`` and ``k_max``): the same truncation of the same series, from an earlier state."""
+        if self.adaptive:
+            return UPG(k="auto", lam=self.lam, tol=self.tol, k_max=self.k_max)
+        return UPG(k=self.k, lam=self.lam)
 
     def _options(self) -> dict[str, object]:
         opts: dict[str, object] = {"k": self.k, "lam": self.lam}

@@ -77,6 +77,13 @@ class UPG(GradientEstimator):
             opts.update(tol=self.tol, k_max=self.k_max)
         return opts
 
+    def correction_estimator(self) -> UPG:
+        """A UPG with this one's ``k`` and ``λ`` (and, for ``k="auto"``, ``tol`` and
+        ``k_max``)."""
+        if self.adaptive:
+            return UPG(k="auto", lam=self.lam, tol=self.tol, k_max=self.k_max)
+        return UPG(k=self.k, lam=self.lam)
+
     def _step(self, f: Cell, spec: StateSpec, h: State, inputs: Sequence[Any]) -> State:
         if self.checkpoint:
             return checkpoint(_damped_step, f, spec, self.lam, h, *inputs, use_reentrant=False)  # type: ignore[no-any-return]

@@ -8,7 +8,7 @@ from torch import Tensor
 from .._state import FlatFn
 from .._validate import check_float, check_int
 from .base import SolverBase, into
-from .tracker import _Tracker
+from .tracker import Tracker
 
 
 class Anderson(SolverBase):
@@ -44,7 +44,7 @@ class Anderson(SolverBase):
     def _options(self) -> dict[str, object]:
         return {**super()._options(), "m": self.m, "beta": self.beta, "lam": self.lam}
 
-    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         b, d = x0.shape
         m, beta = self.m, self.beta
         dtype, dev = x0.dtype, x0.device

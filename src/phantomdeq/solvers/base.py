@@ -6,100 +6,22 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, make_flat_fn
 from .._validate import check_bool, check_choice, check_float, check_int
-from .inverse import LowRankInverse
+from ..precision import caller_autocast, in_autocast
 
-if TYPE_CHECKING:
-    from .tracker import _Tracker
+# the outcome of a solve, re-exported where the solver protocol names it
+from .solution import REL_EPS as REL_EPS
+from .solution import Solution as Solution
+from .solution import SolveResult as SolveResult
+from .tracker import Tracker
 
 STOP_MODES = ("abs", "rel")
-#: denominator guard of the relative residual ||g(z) - z|| / (||z|| + REL_EPS); the residuals are
-#: computed in float32 or wider (see :func:`compute_dtype`), where it neither underflows nor
-#: changes a relative residual of a state of norm >= 1e-6 by more than 1e-6.
-REL_EPS = 1e-12
-
-
-class SolveResult(str, Enum):
-    """Outcome of a solve. A ``str`` subclass: ``sol.result == "converged"`` works."""
-
-    CONVERGED = "converged"  #: every sample reached ``tol``
-    MAX_ITER = "max_iter"  #: the iteration budget ran out first
-    NONFINITE = "nonfinite"  #: at least one sample hit inf/NaN (see ``Solution.nonfinite``)
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-
-@dataclass
-class Solution:
-    """Outcome of a fixed-point solve ``z = g(z)``.
-
-    Every per-sample field has shape ``(B,)``. ``z`` is the best (lowest-residual) iterate of
-    each sample, in the structure and dtype of ``z0``. ``residual`` is in the solver's stop mode;
-    ``abs_residual`` is ``||g(z) - z||`` and ``rel_residual`` is ``||g(z) - z|| / ||z||`` (the
-    paper's ``||h - F(h)|| / ||h||``), in float32 for half/bfloat16 states (the solvers' own
-    precision). ``nstep`` is, per sample, the number of ``g`` evaluations until its returned
-    iterate was found. ``converged`` is ``residual <= tol`` per sample. ``nonfinite`` marks the
-    samples that hit inf/NaN: each was frozen at that point (its ``z``, residuals and ``nstep``
-    are those of its best finite iterate; a residual stays ``inf`` if none was ever measured,
-    ``converged`` is False) while the rest of the batch kept iterating. ``trace`` holds, per
-    iteration, the largest residual (stop mode) over the samples not marked non-finite.
-    ``result`` is a :class:`SolveResult`: ``"converged"`` (every sample reached ``tol``),
-    ``"max_iter"`` or ``"nonfinite"`` (some sample is marked in ``nonfinite``). ``backward``
-    is set on a DEQ's forward ``info`` when ``grad=IFT(...)`` runs its backward solve: that
-    solve's own :class:`Solution` (None until then, and for the other estimators).
-    ``states`` and ``state_weights`` are set on a DEQ's forward ``info`` under fixed-point
-    correction (:class:`~phantomdeq.grad.Correction`): the supervised states along the
-    trajectory, the DEQ's output last, each carrying its phantom gradient, and their loss
-    weights (None otherwise).
-    """
-
-    z: State
-    nstep: Tensor
-    residual: Tensor
-    abs_residual: Tensor
-    rel_residual: Tensor
-    converged: Tensor
-    nonfinite: Tensor | None = None
-    trace: list[float] = field(default_factory=list)
-    result: SolveResult = SolveResult.MAX_ITER
-    niter: int = 0
-    stop: str = "rel"
-    tol: float = 0.0
-    backward: Solution | None = None
-    states: list[Any] | None = None
-    state_weights: list[float] | None = None
-    inverse: LowRankInverse | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.result, SolveResult):
-            if not isinstance(self.result, str):
-                raise TypeError(
-                    f"Solution.result must be a SolveResult or one of "
-                    f"{[r.value for r in SolveResult]}, got {type(self.result).__name__}"
-                )
-            try:
-                self.result = SolveResult(self.result)
-            except ValueError:
-                raise ValueError(
-                    f"Solution.result must be one of {[r.value for r in SolveResult]}, "
-                    f"got {self.result!r}"
-                ) from None
-        if self.nonfinite is None:
-            self.nonfinite = torch.full_like(
-                self.converged, self.result is SolveResult.NONFINITE, dtype=torch.bool
-            )
 
 
 @runtime_checkable
@@ -206,23 +128,6 @@ def _rounding(gf: FlatFn, dtype: torch.dtype, cdt: torch.dtype) -> FlatFn:
     return gf_low
 
 
-def _caller_autocast(device_type: str) -> tuple[torch.dtype, bool] | None:
-    """The caller's autocast ``(dtype, cache_enabled)`` on ``device_type``, None when it is off."""
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type), torch.is_autocast_cache_enabled()
-
-
-def _in_autocast(
-    g: Callable[[State], Any], device_type: str, dtype: torch.dtype, cache: bool
-) -> Callable[[State], Any]:
-    def g_autocast(z: State) -> Any:
-        with torch.autocast(device_type, dtype=dtype, cache_enabled=cache):
-            return g(z)
-
-    return g_autocast
-
-
 def sync_free() -> bool:
     """True while ``torch.compile`` traces the solver (dynamo): the iteration must not read
     tensor values on the host there (each read would split the compiled graph)."""
@@ -242,7 +147,7 @@ def into(out: Tensor, value: Callable[..., Tensor], *args: Any) -> Tensor:
 # ---------------------------------------------------------------------------- base class
 
 
-class _Budgeted:
+class Budgeted:
     """What every library solver shares, forward (:class:`SolverBase`) and linear
     (:class:`~phantomdeq.solvers.linear.LinearSolverBase`): the ``max_iter``/``tol``/``stop``
     options, their ``repr``, the fixed-budget test and the reusable work buffers (a cache:
@@ -278,7 +183,7 @@ class _Budgeted:
         return self.tol == 0.0
 
 
-class SolverBase(_Budgeted):
+class SolverBase(Budgeted):
     """Shared base of the library's solvers. Subclasses implement :meth:`_solve` on flat
     ``(B, D)`` states in the compute dtype (:func:`compute_dtype`).
 
@@ -332,7 +237,7 @@ class SolverBase(_Budgeted):
 
         The solver's arithmetic runs outside any autocast region of the caller and, for
         half/bfloat16 states, in float32; ``g`` itself runs in the caller's autocast context.
-        The outcome is read on the host once, after the loop (:meth:`_Tracker.solution`).
+        The outcome is read on the host once, after the loop (:meth:`Tracker.solution`).
         """
         spec = StateSpec.of(z0)
         if sync_free() and not self.fixed_budget:
@@ -351,17 +256,17 @@ class SolverBase(_Budgeted):
         *,
         sync_free: bool,
         keep_inverse: bool = False,
-    ) -> _Tracker:
+    ) -> Tracker:
         """Run the iteration; returns the tracker holding the outcome on the device. With
         ``sync_free`` the loop reads no tensor value on the host, except for the convergence
         test every ``check_every`` iterations when ``tol > 0``. ``keep_inverse``: a solver
         with an inverse-Jacobian estimate leaves it in ``tracker.inverse``."""
-        amp = _caller_autocast(spec.device.type)
+        amp = caller_autocast(spec.device.type)
         with torch.no_grad():
             if amp is None:
                 return self._iterate_flat(g, z0, spec, sync_free, keep_inverse)
             with torch.autocast(spec.device.type, enabled=False):
-                g_amp = _in_autocast(g, spec.device.type, *amp)
+                g_amp = in_autocast(g, spec.device.type, *amp)
                 return self._iterate_flat(g_amp, z0, spec, sync_free, keep_inverse)
 
     def _iterate_flat(
@@ -371,7 +276,7 @@ class SolverBase(_Budgeted):
         spec: StateSpec,
         sync_free: bool,
         keep_inverse: bool = False,
-    ) -> _Tracker:
+    ) -> Tracker:
         cdt = compute_dtype(spec.dtype)
         gf = make_flat_fn(g, spec)
         if cdt != spec.dtype:
@@ -387,9 +292,7 @@ class SolverBase(_Budgeted):
         # for Broyden's history at batch 64); not while tracing or in a nested solve
         reuse = spec.device.type == "cpu" and not sync_free and not self._workspace_busy
         workspace = self._workspace if reuse else None
-        from .tracker import _Tracker  # the tracker module imports this one
-
-        tracker = _Tracker(self, x0, sync_free=sync_free, workspace=workspace)
+        tracker = Tracker(self, x0, sync_free=sync_free, workspace=workspace)
         tracker.keep_inverse = keep_inverse
         if spec.batch > 0 and reuse:
             self._workspace_busy = True
@@ -401,7 +304,7 @@ class SolverBase(_Budgeted):
             self._solve(gf, x0, tracker)
         return tracker
 
-    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         """Iterate from ``x0`` (B, D), calling ``tracker.update`` once per evaluation of ``gf``
         until it returns True. ``gf(x, out=None)`` may round ``x`` in place to the state's
         dtype (low-precision states): call it before handing ``x`` to the tracker."""

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .linear import LinearOp, LinearSolverBase, dot, safe_div
-from .tracker import _Tracker
+from .tracker import Tracker
 
 
 class BiCGStab(LinearSolverBase):
@@ -35,7 +35,7 @@ class BiCGStab(LinearSolverBase):
         super().__init__(max_iter=max_iter, tol=tol, stop=stop)
 
     def _solve(
-        self, apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: _Tracker
+        self, apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: Tracker
     ) -> None:
         r, stop = self.start(apply_a, b, x, zero_start, tracker)
         if stop:

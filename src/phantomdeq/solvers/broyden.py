@@ -12,7 +12,7 @@ from .._state import FlatFn, State, StateSpec
 from .._validate import check_int
 from .base import Solution, SolverBase, into, sync_free
 from .inverse import LowRankInverse
-from .tracker import _Tracker
+from .tracker import Tracker
 
 
 class Broyden(SolverBase):
@@ -71,14 +71,14 @@ class Broyden(SolverBase):
             tracker.inverse = LowRankInverse(empty.to(spec.device), empty.to(spec.device))
         return tracker.solution(spec)
 
-    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         # a solve makes at most max_iter - 2 pairs (none after the first and the last evaluation)
         if self.memory is None or self.memory >= self.max_iter - 2:
             self._solve_directions(gf, x0, tracker)
         else:
             self._solve_pairs(gf, x0, tracker)
 
-    def _solve_directions(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+    def _solve_directions(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         """Good Broyden without evictions, ``H`` kept in the basis of its step directions.
 
         Directions ``w_0 = r_0`` and ``w_{j+1} = q_j = -H_j r_{j+1}``; step ``j`` is
@@ -144,7 +144,7 @@ class Broyden(SolverBase):
             phi = torch.where(ok, 1.0 - vr_new * inv, 1.0)
             j += 1
 
-    def _solve_pairs(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+    def _solve_pairs(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         # Notation: r = g(x) - x, H = -I + U Vᵀ (rows of U, V stored per sample), step p = -H r.
         # The step satisfies s + H r = 0, so s - H y = -H r_new =: q and the good-Broyden pair of
         # the current H is  v = Hᵀ s = -s + V (Uᵀ s),  u = q / (vᵀ y).  The next step uses the
@@ -200,7 +200,7 @@ class Broyden(SolverBase):
             r = r_new
 
 
-def _keep_directions(tracker: _Tracker, W: Tensor, C: Tensor, beta: Tensor, n: int) -> None:
+def _keep_directions(tracker: Tracker, W: Tensor, C: Tensor, beta: Tensor, n: int) -> None:
     """With ``tracker.keep_inverse``: ``H`` over the first ``n`` pairs of the directions form,
     ``u_i = β_i w_{i+1}``, ``v_i = Σ_l C[i, l] w_l`` (``l <= i``), i.e. ``H = -I + L K Rᵀ``
     with ``L = [w_1 .. w_n]``, ``K = diag(β) C[:n, :n]``, ``R = [w_0 .. w_{n-1}]``."""
@@ -211,7 +211,7 @@ def _keep_directions(tracker: _Tracker, W: Tensor, C: Tensor, beta: Tensor, n: i
     tracker.inverse = LowRankInverse(left=w[:, 1:], right=w[:, :n], core=core)
 
 
-def _keep_pairs(tracker: _Tracker, U: Tensor, V: Tensor, n: int) -> None:
+def _keep_pairs(tracker: Tracker, U: Tensor, V: Tensor, n: int) -> None:
     """With ``tracker.keep_inverse``: ``H = -I + Σ_i u_i v_iᵀ`` over the ``n`` stored pairs."""
     if not tracker.keep_inverse:
         return

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .._state import FlatFn, State, StateSpec, as_tuple, like
 from .._validate import check_float
-from .base import Solution, SolverBase, _caller_autocast, _in_autocast, compute_dtype, sync_free
-from .tracker import _Tracker
+from ..precision import caller_autocast, in_autocast
+from .base import Solution, SolverBase, compute_dtype, sync_free
+from .tracker import Tracker
 
 
 class FixedPoint(SolverBase):
@@ -47,7 +48,7 @@ class FixedPoint(SolverBase):
         opts = {**super()._options(), "damping": self.damping}
         return {**opts, "freeze_converged": True} if self.freeze_converged else opts
 
-    def _solve(self, gf: FlatFn, x0: Tensor, tracker: _Tracker) -> None:
+    def _solve(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         x = x0
         while True:
             fx = gf(x)
@@ -73,15 +74,15 @@ class FixedPoint(SolverBase):
         def flat(z: State) -> Tensor:
             return spec.flatten(z).detach().to(cdt, copy=True)
 
-        tracker = _Tracker(self, flat(z0), sync_free=sync_free())
+        tracker = Tracker(self, flat(z0), sync_free=sync_free())
         if spec.batch == 0:  # one evaluation keeps the (empty) output connected to f
             return like(spec, spec.check(g(z0), who="f")), tracker.solution(spec)
-        amp = _caller_autocast(spec.device.type)
+        amp = caller_autocast(spec.device.type)
         if amp is None:
             iterates = self._unroll_loop(g, z0, spec, tracker, flat)
         else:
             with torch.autocast(spec.device.type, enabled=False):
-                g_amp = _in_autocast(g, spec.device.type, *amp)
+                g_amp = in_autocast(g, spec.device.type, *amp)
                 iterates = self._unroll_loop(g_amp, z0, spec, tracker, flat)
         sol = tracker.solution(spec)
         return _select(spec, iterates, sol.nstep), sol
@@ -91,7 +92,7 @@ class FixedPoint(SolverBase):
         g: Callable[[State], Any],
         z0: State,
         spec: StateSpec,
-        tracker: _Tracker,
+        tracker: Tracker,
         flat: Callable[[State], Tensor],
     ) -> list[State]:
         lam = self.damping

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
-from .base import REL_EPS
 from .linear import LinearOp, LinearSolverBase, dot, safe_div
-from .tracker import _Tracker
+from .solution import REL_EPS
+from .tracker import Tracker
 
 
 class GMRES(LinearSolverBase):
@@ -46,7 +46,7 @@ class GMRES(LinearSolverBase):
         return {**super()._options(), "restart": self.restart}
 
     def _solve(
-        self, apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: _Tracker
+        self, apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: Tracker
     ) -> None:
         r, stop = self.start(apply_a, b, x, zero_start, tracker)
         if stop:

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._state import State, StateSpec
 from .base import Solution, SolverBase
-from .tracker import _finish
+from .tracker import TrackedSolver, finish_solve
 
 __all__ = [
     "CUDAGraphCapture",
@@ -40,6 +40,7 @@ __all__ = [
     "EagerCapture",
     "GraphedSolves",
     "NoHostSync",
+    "check_graphable",
 ]
 
 #: ops that read a device value on the host (``.item()``, ``bool(t)``) or whose output shape
@@ -219,8 +220,7 @@ class _Captured:
 
         def run() -> tuple[Tensor, ...]:
             tracker = solver._iterate(g, self.z0, spec, sync_free=True)
-            converged, flags = tracker.outcome()
-            values = torch.cat((torch.stack(tracker._trace), flags))
+            converged, values = tracker.device_values()
             self.tracker = tracker
             return (tracker.best, tracker.best_pair, tracker.nstep, tracker.bad, converged, values)
 
@@ -244,19 +244,31 @@ class _Captured:
         best, pair, nstep, bad, converged, values = (t.clone() for t in self.out)
         tracker = self.tracker
         view = _TrackerView(tracker, pair, nstep, bad)
-        return _finish(view, self.spec, best, converged, values)  # type: ignore[arg-type]
+        return finish_solve(view, self.spec, best, converged, values)
 
 
 class _TrackerView:
-    """The fields :func:`_finish` reads, from copies of a captured tracker's outputs."""
+    """The fields :func:`~phantomdeq.solvers.tracker.finish_solve` reads, from copies of a
+    captured tracker's outputs."""
 
     def __init__(self, tracker: Any, pair: Tensor, nstep: Tensor, bad: Tensor) -> None:
         self.best_pair = pair
-        self._col = tracker._col
+        self.column: int = tracker.column
         self.nstep = nstep
         self.bad = bad
-        self.niter = tracker.niter
-        self.solver = tracker.solver
+        self.niter: int = tracker.niter
+        self.solver: TrackedSolver = tracker.solver
+
+
+def check_graphable(solver: object, name: str) -> None:
+    """Refuse (``ValueError`` naming ``name``) a forward solver whose solve cannot be captured:
+    only a library solver with a fixed budget reads nothing on the host until it returns."""
+    if not (isinstance(solver, SolverBase) and solver.fixed_budget):
+        raise ValueError(
+            f"DEQ: cuda_graph=True needs {name} to be a library solver with a fixed "
+            f"budget (tol=0, e.g. Anderson(max_iter=22, tol=0)): a convergence test "
+            f"reads the device on the host, which a CUDA graph cannot; got {solver!r}"
+        )
 
 
 class GraphedSolves:

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from .._state import StateSpec
 from .._validate import check_int
-from .base import Solution, _Budgeted, _caller_autocast, compute_dtype, sync_free
-from .tracker import _Tracker
+from ..precision import caller_autocast
+from .base import Budgeted, Solution, compute_dtype, sync_free
+from .tracker import Tracker
 
 LinearOp = Callable[[Tensor], Tensor]
 
@@ -39,7 +40,7 @@ def safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), 0.0)
 
 
-class LinearSolverBase(_Budgeted):
+class LinearSolverBase(Budgeted):
     """Matrix-free solver of ``x = op(x) + rhs``, i.e. ``(I - op) x = rhs``, on flat
     ``(B, D)`` tensors (the :class:`~phantomdeq.solvers.base.LinearSolver` protocol).
 
@@ -69,7 +70,7 @@ class LinearSolverBase(_Budgeted):
         owner = type(self).__name__
         self.max_iter = check_int("max_iter", max_iter, minimum=1, owner=owner)
         self._set_tol_stop(tol, stop, owner)
-        # the _Tracker's view of the solver: a convergence test at every record
+        # the Tracker's view of the solver: a convergence test at every record
         self.check_every: int | None = 1
         self.freeze_converged = False
 
@@ -95,7 +96,7 @@ class LinearSolverBase(_Budgeted):
         if sync_free():
             return _eager_linear(self, op, rhs, x0)
         spec = StateSpec.of(rhs, name="rhs")
-        amp = _caller_autocast(spec.device.type)
+        amp = caller_autocast(spec.device.type)
         with torch.no_grad():
             if amp is None:
                 return self._run(op, rhs, x0, spec)
@@ -124,7 +125,7 @@ class LinearSolverBase(_Budgeted):
         b = rhs.detach().to(cdt)
         x = torch.zeros_like(b) if x0 is None else x0.detach().to(cdt, copy=True)
         reuse = spec.device.type == "cpu" and not self._workspace_busy
-        tracker = _Tracker(self, x, workspace=self._workspace if reuse else None)
+        tracker = Tracker(self, x, workspace=self._workspace if reuse else None)
         if spec.batch > 0 and reuse:
             self._workspace_busy = True  # a nested solve gets its own buffers
             try:
@@ -136,7 +137,7 @@ class LinearSolverBase(_Budgeted):
         return tracker.solution(spec)
 
     def _solve(
-        self, apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: _Tracker
+        self, apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: Tracker
     ) -> None:
         """Iterate on ``A x = b`` (``apply_a`` costs one product), recording iterates in
         ``tracker``; ``zero_start``: ``x`` is zero, its residual ``b`` is known for free."""
@@ -145,7 +146,7 @@ class LinearSolverBase(_Budgeted):
     # ------------------------------------------------------------------ shared steps
     @staticmethod
     def start(
-        apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: _Tracker
+        apply_a: LinearOp, b: Tensor, x: Tensor, zero_start: bool, tracker: Tracker
     ) -> tuple[Tensor, bool]:
         """The initial residual ``r = b - A x`` (free from zero) recorded for ``x``; returns
         ``(r, stop)``."""
@@ -155,14 +156,14 @@ class LinearSolverBase(_Budgeted):
         )
         return r, stop
 
-    def verify(self, apply_a: LinearOp, b: Tensor, tracker: _Tracker) -> tuple[Tensor, bool]:
+    def verify(self, apply_a: LinearOp, b: Tensor, tracker: Tracker) -> tuple[Tensor, bool]:
         """Re-measure the residual of every sample's best iterate with one product; returns
         ``(r, stop)`` with ``r = b - A x_best`` (the restart vector when the solve goes on)."""
         r = b - apply_a(tracker.best)
         stop = tracker.remeasure(torch.linalg.vector_norm(r, dim=1))
         return r, stop
 
-    def budget(self, tracker: _Tracker) -> int:
+    def budget(self, tracker: Tracker) -> int:
         """Products left before the one reserved for the final re-measurement."""
         return self.max_iter - self.reserve - tracker.niter
 

@@ -1,6 +1,9 @@
-"""Per-sample bookkeeping of a solve (:class:`_Tracker`): residuals, the best iterate, step
-counts, non-finite marks and the stopping test, with few host reads; and :func:`_finish`, the
-one host read that ends a solve and builds its :class:`~phantomdeq.solvers.base.Solution`."""
+"""Per-sample bookkeeping of a solve (:class:`Tracker`): residuals, the best iterate, step
+counts, non-finite marks and the stopping test, with few host reads; and :func:`finish_solve`,
+the one host read that ends a solve and builds its :class:`~phantomdeq.solvers.Solution`.
+
+Used by every library solver (forward and linear) and by the captured solves of
+:mod:`phantomdeq.solvers.graphed`; a custom solver need not use it."""
 
 from __future__ import annotations
 
@@ -11,12 +14,12 @@ import torch
 from torch import Tensor
 
 from .._state import StateSpec
-from .base import REL_EPS, Solution, SolveResult
 from .inverse import LowRankInverse
+from .solution import REL_EPS, Solution, SolveResult
 
 
-class _TrackedSolver(Protocol):
-    """What :class:`_Tracker` reads from its solver (a :class:`SolverBase` or a linear
+class TrackedSolver(Protocol):
+    """What :class:`Tracker` reads from its solver (a :class:`SolverBase` or a linear
     solver)."""
 
     max_iter: int
@@ -26,7 +29,7 @@ class _TrackedSolver(Protocol):
     freeze_converged: bool
 
 
-class _Tracker:
+class Tracker:
     """Per-sample residuals, best iterate, step counts, non-finite marks and stopping, with few
     host syncs.
 
@@ -42,7 +45,7 @@ class _Tracker:
 
     def __init__(
         self,
-        solver: _TrackedSolver,
+        solver: TrackedSolver,
         x0: Tensor,
         *,
         sync_free: bool = False,
@@ -55,7 +58,7 @@ class _Tracker:
         self.best = x0
         # best (abs, rel) residual pair per sample; the stop mode picks the column
         self.best_pair = torch.full((b, 2), math.inf, dtype=x0.dtype, device=dev)
-        self._col = 0 if solver.stop == "abs" else 1
+        self.column = 0 if solver.stop == "abs" else 1
         self.nstep = torch.zeros(b, dtype=torch.long, device=dev)
         self.bad = torch.zeros(b, dtype=torch.bool, device=dev)
         self._trace: list[Tensor] = []
@@ -92,7 +95,7 @@ class _Tracker:
 
     @property
     def best_res(self) -> Tensor:
-        return self.best_pair[:, self._col]
+        return self.best_pair[:, self.column]
 
     @property
     def last(self) -> bool:
@@ -119,20 +122,20 @@ class _Tracker:
         if abs_res is None:
             if diff is None:
                 if fx is None:
-                    raise TypeError("_Tracker.update: pass fx, diff or abs_res")
+                    raise TypeError("Tracker.update: pass fx, diff or abs_res")
                 if self._diff is None:
                     self._diff = self.buffer("tracker_diff", *x.shape, like=x)
                 diff = torch.sub(fx, x, out=self._diff)
             abs_res = torch.linalg.vector_norm(diff, dim=1)
         xnorm = torch.linalg.vector_norm(x, dim=1)
         tol = self.solver.tol
-        best_res = self.best_pair[:, self._col]
+        best_res = self.best_pair[:, self.column]
         # a sample is non-finite once its iterate or its image holds inf/NaN before it has
         # converged (a converged sample keeps its solution); from then on it stays frozen
         healthy = torch.isfinite(abs_res + xnorm).logical_or_(best_res <= tol)
         self.bad = self.bad | healthy.logical_not_()
         pair = torch.stack((abs_res, abs_res / xnorm.add_(REL_EPS)), dim=1)
-        res = pair[:, self._col]
+        res = pair[:, self.column]
         improved = (res < best_res).logical_and_(self.bad.logical_not())
         if self.solver.freeze_converged:
             improved.logical_and_(best_res > tol)
@@ -151,7 +154,7 @@ class _Tracker:
         if self.niter >= self.solver.max_iter:
             return True
         if self._checks and self.niter % self.check_every == 0:
-            done = (self.best_pair[:, self._col] <= tol).logical_or_(self.bad)
+            done = (self.best_pair[:, self.column] <= tol).logical_or_(self.bad)
             if bool(done.all()):
                 self.stopped = True
                 return True
@@ -168,12 +171,12 @@ class _Tracker:
         self.bad = self.bad | healthy.logical_not()
         pair = torch.stack((abs_res, abs_res / xnorm.add_(REL_EPS)), dim=1)
         self.best_pair = torch.where(self.bad[:, None], self.best_pair, pair)
-        self._trace.append(pair[:, self._col].masked_fill(self.bad, -math.inf).amax())
+        self._trace.append(pair[:, self.column].masked_fill(self.bad, -math.inf).amax())
         self.stopped = False
         if self.niter >= self.solver.max_iter:
             return True
         if self._checks:
-            done = (self.best_pair[:, self._col] <= self.solver.tol).logical_or_(self.bad)
+            done = (self.best_pair[:, self.column] <= self.solver.tol).logical_or_(self.bad)
             if bool(done.all()):
                 self.stopped = True
                 return True
@@ -182,17 +185,23 @@ class _Tracker:
     def outcome(self) -> tuple[Tensor, Tensor]:
         """``(converged, flags)`` on the device: per-sample convergence and a float vector
         ``[any sample non-finite, every sample converged or non-finite]``."""
-        reached = self.best_pair[:, self._col] <= self.solver.tol
+        reached = self.best_pair[:, self.column] <= self.solver.tol
         converged = reached & ~self.bad
         flags = torch.stack((self.bad.any(), (reached | self.bad).all()))
         return converged, flags.to(self.best_pair.dtype)
 
+    def device_values(self) -> tuple[Tensor, Tensor]:
+        """``(converged, values)`` on the device, what :func:`finish_solve` reads on the host:
+        per-sample convergence and the trace followed by the two :meth:`outcome` flags."""
+        converged, flags = self.outcome()
+        values = torch.cat((torch.stack(self._trace), flags)) if self._trace else flags
+        return converged, values
+
     def solution(self, spec: StateSpec, *, best: Tensor | None = None) -> Solution:
         """The :class:`Solution`; one host read for the trace and the outcome flags (``best``
         replaces the tracked best iterate, e.g. a copy out of a CUDA graph's memory)."""
-        converged, flags = self.outcome()
-        values = torch.cat((torch.stack(self._trace), flags)) if self._trace else flags
-        sol = _finish(self, spec, self.best if best is None else best, converged, values)
+        converged, values = self.device_values()
+        sol = finish_solve(self, spec, self.best if best is None else best, converged, values)
         if self.inverse is not None:
             # a non-finite sample's factors may hold inf/NaN: its estimate becomes -I
             bad = sol.result is SolveResult.NONFINITE
@@ -200,9 +209,21 @@ class _Tracker:
         return sol
 
 
+class TrackedOutcome(Protocol):
+    """What :func:`finish_solve` reads from a :class:`Tracker` (or from copies of a captured
+    tracker's outputs)."""
+
+    best_pair: Tensor
+    column: int
+    nstep: Tensor
+    bad: Tensor
+    niter: int
+    solver: TrackedSolver
+
+
 @torch.compiler.disable
-def _finish(
-    tracker: _Tracker, spec: StateSpec, best: Tensor, converged: Tensor, values: Tensor
+def finish_solve(
+    tracker: TrackedOutcome, spec: StateSpec, best: Tensor, converged: Tensor, values: Tensor
 ) -> Solution:
     """The host read that ends a solve and the :class:`Solution` built from it. Never traced
     by ``torch.compile``: the values read (trace, outcome) would become guards of the code
@@ -216,7 +237,7 @@ def _finish(
         result = SolveResult.CONVERGED
     else:
         result = SolveResult.MAX_ITER
-    col = tracker.best_pair[:, tracker._col]
+    col = tracker.best_pair[:, tracker.column]
     return Solution(
         z=spec.unflatten(best.to(spec.dtype)),
         nstep=tracker.nstep,

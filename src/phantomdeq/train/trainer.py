@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phantomdeq import cpu_memory
 from phantomdeq._state import as_tuple
 from phantomdeq.data import DataError
 from phantomdeq.errors import DEQError
@@ -93,6 +94,9 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
     accuracy) and ``curves.png``. A folder that already holds a run is refused unless
     ``resume=True`` (continue from ``last.pt``; a folder without a checkpoint yet starts from the
     beginning) or ``overwrite=True`` (delete the old run's files and start afresh).
+
+    Like the ``phantomdeq`` command, it keeps freed CPU memory in the process
+    (:func:`phantomdeq.cpu_memory.retain_cpu_memory`) unless ``PHANTOMDEQ_CPU_MEMORY=system``.
     """
 
     def __init__(
@@ -105,6 +109,8 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
         progress: bool = True,
     ) -> None:
         config.validate()
+        if cpu_memory.cpu_memory_from_env() == "retain":  # a bad value: ValueError naming it
+            cpu_memory.retain_cpu_memory()
         self.config = config
         self.out_dir = Path(out_dir)
         self.resume = resume

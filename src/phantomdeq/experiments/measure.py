@@ -1,22 +1,45 @@
 """Measuring one training step: named time marks (:class:`Clock`), a solver wrapper that marks
-its calls (:func:`timed_solver`) and the peak of live CPU tensor memory from the allocator's
-own events (:func:`cpu_peak_memory`; there is no allocator peak counter on CPU)."""
+its calls (:func:`timed_solver`), the peak of live CPU tensor memory from the allocator's own
+events (:func:`cpu_peak_memory`; there is no allocator peak counter on CPU) with the profiler's
+native log lines kept off stderr (:func:`without_profiler_noise`), and the description of the
+machine stored with every measurement (:func:`machine`).
+
+``torch.profiler`` (libkineto) writes lines such as ``USDT:2026-11-27 21:26:37 31955:31955
+SyncActivityProfilerHandler.cpp:52] profiler_start`` straight to file descriptor 2, where no
+Python-level setting (``KINETO_LOG_LEVEL`` does not cover them) reaches, and c10 warns there
+about blocks allocated before profiling and freed during it. :func:`without_profiler_noise`
+sends descriptor 2 to a temporary file while its block runs and then writes back every line
+that is not such a log line, so warnings and errors still reach the user.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import platform
+import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import phantomdeq as pdq
 
-from .native_stderr import without_profiler_noise
-
-__all__ = ["Clock", "MemoryProfile", "cpu_peak_memory", "timed_solver"]
+__all__ = [
+    "NOISE",
+    "Clock",
+    "MemoryProfile",
+    "cpu_peak_memory",
+    "machine",
+    "timed_solver",
+    "without_profiler_noise",
+]
 
 
 class Clock:
@@ -152,3 +175,57 @@ def cpu_peak_memory(fn: Callable[[], object], *, marks: Sequence[str] = ()) -> M
     for _, m in pending[i:]:
         at[m] = live
     return MemoryProfile(peak_bytes=peak, at_marks=at, events=len(mem))
+
+
+#: a libkineto log line (severity tag, timestamp, pid:tid, source file and line), or c10's
+#: warning that a block allocated before profiling was freed during it -- expected here: such
+#: frees carry no size and are left out of the peak on purpose (``cpu_peak_memory``)
+NOISE = re.compile(
+    r"^(USDT|STAGE|INFO|LOG):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\] "
+    r"|^\[W\d{4} [\d:.]+ \S*CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated "
+    r"before the profiling started"
+)
+
+
+@contextlib.contextmanager
+def without_profiler_noise() -> Iterator[None]:
+    """Run the block with file descriptor 2 captured; replay all but the profiler's log lines
+    on stderr afterwards (also when the block raises)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def machine() -> dict[str, Any]:
+    """The machine stored with a measurement: torch and Python versions, CPU model, torch
+    threads, GPU name (or None) and the load averages (or None)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = None
+    with contextlib.suppress(OSError, AttributeError):
+        load = list(os.getloadavg())
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": model,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg": load,
+    }

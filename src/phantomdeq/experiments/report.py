@@ -1,26 +1,225 @@
-"""Reports of an ablation study (:mod:`.ablation`): per-configuration aggregates over seeds,
-the Table-1-style ``table.md``, ``ablation.json`` and the Fig. 3 plot ``fig3.png``."""
+"""The reports of the experiments: the terminal tables, the figures and the study files.
+
+* synthetic setting (paper Fig. 1, :mod:`.synthetic`): :func:`synthetic_table`,
+  :func:`synthetic_figure` (``fig1.png``) and its log-scale companion
+  :func:`synthetic_error_figure`;
+* ablation studies (paper Table 1 and Fig. 3, :mod:`.ablation`): per-configuration aggregates
+  over seeds (:func:`summarize`, :func:`paired_table`), the Table-1-style ``table.md``
+  (:func:`table_markdown`), ``ablation.json`` and the Fig. 3 plot ``fig3.png``
+  (:func:`plot_fig3`), all written by :func:`write_reports`;
+* cost of each gradient (paper Table 2, :mod:`.cost`): :func:`cost_table` and ``cost.png``
+  (:func:`cost_plot`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from phantomdeq import grad as pdq_grad
 from phantomdeq._plot import saved_figure
 
+from .command import Outputs
+
+if TYPE_CHECKING:
+    from .synthetic import SyntheticResult
+
 __all__ = [
+    "cost_plot",
+    "cost_table",
     "is_k_grid",
     "paired_difference",
     "paired_table",
     "plot_fig3",
     "summarize",
+    "synthetic_error_figure",
+    "synthetic_figure",
+    "synthetic_table",
     "table_markdown",
     "write_reports",
 ]
+
+
+def _fmt(x: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x * scale, spec)
+
+
+# --------------------------------------------------------------------------- synthetic (Fig. 1)
+
+COLORS = {"upg": "tab:blue", "npg": "tab:orange"}
+
+
+def synthetic_table(result: SyntheticResult) -> str:
+    """The terminal report: BPTT-vs-IFT cosine, solver statistics, and per (variant, method) grids
+    (rows λ, columns k) of mean / p10 / p90 cosine and of the Theorem 1 shares."""
+    cfg, s = result.config, result.summary
+    lines = [
+        f"BPTT vs IFT (Broyden, {cfg.broyden_iter} it) cosine over {cfg.draws} draws: "
+        f"min {s['bptt_ift_cos_min']:.8f}  mean {s['bptt_ift_cos_mean']:.8f}",
+        f"exact h*: {s['exact_solution']['iterations_mean']:.1f} iterations on average "
+        f"(max {s['exact_solution']['iterations_max']}), rel. residual max "
+        f"{s['exact_solution']['rel_residual_max']:.2e}, converged "
+        f"{100 * s['exact_solution']['converged']:.0f}% (tol {cfg.tol:g})",
+    ]
+    if s["inexact_solution"] is not None:
+        ie = s["inexact_solution"]
+        lines.append(
+            f"inexact h~: {ie['iterations_mean']:.1f} iterations on average, rel. residual mean "
+            f"{ie['rel_residual_mean']:.2e} (tol {cfg.inexact_tol:g})"
+        )
+    if s["kappa_mean"] is not None:
+        lines.append(
+            f"kappa(dF/dtheta) at h*: mean {s['kappa_mean']:.3f}, median "
+            f"{s['kappa_median']:.3f}, max {s['kappa_max']:.3f}"
+        )
+    by_key = {(r["method"], r["k"], r["lam"], r["exact_solution"]): r for r in result.records}
+    head = "lam\\k " + "".join(f"{k:>10d}" for k in cfg.ks)
+    variants = [True] + ([False] if cfg.inexact_tol is not None else [])
+    for is_exact in variants:
+        for method in cfg.methods:
+            sol = "exact h*" if is_exact else f"inexact h~ (tol {cfg.inexact_tol:g})"
+            blocks = [
+                ("cosine to exact gradient, mean", "cos_mean", ".4f"),
+                ("cosine, p10", "cos_p10", ".4f"),
+                ("cosine, p90", "cos_p90", ".4f"),
+                ("1 - cosine, median", "err_median", ".2e"),
+            ]
+            for label, key, fmt in blocks:
+                lines.append("")
+                lines.append(f"{method.upper()}, {sol}: {label}")
+                lines.append(head)
+                for lam in cfg.lams:
+                    row = "".join(
+                        f"{by_key[(method, k, lam, is_exact)][key]:>10{fmt}}" for k in cfg.ks
+                    )
+                    lines.append(f"{lam:<6g}{row}")
+            lines.append("")
+            lines.append(
+                f"{method.upper()}, {sol}: share of draws with condition (6) holding / descent"
+            )
+            lines.append(head)
+            for lam in cfg.lams:
+                cells = []
+                for k in cfg.ks:
+                    r = by_key[(method, k, lam, is_exact)]
+                    c = "  -" if r["condition_holds"] is None else f"{r['condition_holds']:.2f}"
+                    cells.append(f"{c}/{r['descent']:.2f}".rjust(10))
+                lines.append(f"{lam:<6g}" + "".join(cells))
+    lines.append("")
+    lines.append(f"run time {s['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def synthetic_figure(result: SyntheticResult, path: str | Path) -> Path:
+    """Fig. 1 layout: one panel per (method, solution variant) × λ, violins of the per-draw
+    cosine similarity against the exact gradient along k, with the mean marked."""
+    cfg = result.config
+    variants = [True] + ([False] if cfg.inexact_tol is not None else [])
+    rows = [(m, v) for v in variants for m in cfg.methods]
+    ncols = len(cfg.lams)
+    size = (2.3 * ncols + 1.0, 2.1 * len(rows) + 0.6)
+    with saved_figure(
+        path, len(rows), ncols, figsize=size, sharex=True, sharey=True, squeeze=False
+    ) as (fig, axes):
+        _draw_violins(result, rows, axes)
+        fig.suptitle(
+            f"Cosine similarity between phantom and exact gradients (synthetic setting, "
+            f"L_h = {cfg.lipschitz:g}, {cfg.draws} draws; line = mean)",
+            fontsize=10,
+        )
+    return Path(path)
+
+
+def _draw_violins(result: SyntheticResult, rows: list[tuple[str, bool]], axes: Any) -> None:
+    cfg = result.config
+    lo = min(float(c.min()) for c in result.cosines.values())
+    for i, (method, is_exact) in enumerate(rows):
+        for j, lam in enumerate(cfg.lams):
+            ax = axes[i][j]
+            data = [result.cosines[(method, k, lam, is_exact)] for k in cfg.ks]
+            parts = ax.violinplot(
+                data, positions=list(cfg.ks), widths=0.8, showextrema=False, showmedians=False
+            )
+            for body in parts["bodies"]:  # type: ignore[attr-defined]
+                body.set_facecolor(COLORS[method])
+                body.set_edgecolor(COLORS[method])
+                body.set_alpha(0.45)
+            ax.plot(cfg.ks, [float(d.mean()) for d in data], "k.-", lw=0.8, ms=3)
+            ax.axhline(1.0, color="grey", lw=0.5, ls=":")
+            ax.set_ylim(max(lo, -1.0) - 0.05, 1.02)
+            if i == 0:
+                ax.set_title(f"λ = {lam:g}", fontsize=10)
+            if j == 0:
+                sol = "exact h*" if is_exact else f"h̃ (res<{cfg.inexact_tol:g})"
+                ax.set_ylabel(f"{method.upper()}, {sol}\ncosine", fontsize=9)
+            if i == len(rows) - 1:
+                ax.set_xlabel("k")
+            ax.tick_params(labelsize=8)
+
+
+def synthetic_error_figure(result: SyntheticResult, path: str | Path) -> Path:
+    """Companion to Fig. 1 on a log scale: median of ``1 − cos`` (band: 10th–90th percentile)
+    along k, one panel per λ, UPG and NPG from the exact and the inexact solution. Cosines near
+    1 hide the differences that the logarithm of ``1 − cos`` shows."""
+    cfg = result.config
+    ncols = len(cfg.lams)
+    size = (2.6 * ncols + 1.0, 3.2)
+    with saved_figure(path, 1, ncols, figsize=size, sharey=True, squeeze=False) as (_, axes):
+        _draw_errors(result, axes)
+        axes[0][0].set_ylabel("1 − cosine (median, p10–p90)")
+        axes[0][-1].legend(fontsize=7, loc="lower left")
+    return Path(path)
+
+
+def _draw_errors(result: SyntheticResult, axes: Any) -> None:
+    cfg = result.config
+    variants = [True] + ([False] if cfg.inexact_tol is not None else [])
+    ks = np.asarray(cfg.ks)
+    for j, lam in enumerate(cfg.lams):
+        ax = axes[0][j]
+        for method in cfg.methods:
+            for is_exact in variants:
+                errs = [
+                    np.clip(1.0 - result.cosines[(method, k, lam, is_exact)], 1e-16, None)
+                    for k in cfg.ks
+                ]
+                med = [float(np.median(e)) for e in errs]
+                lo = [float(np.percentile(e, 10)) for e in errs]
+                hi = [float(np.percentile(e, 90)) for e in errs]
+                ls = "-" if is_exact else "--"
+                label = f"{method.upper()}, " + (
+                    "exact h*" if is_exact else f"h̃ (res<{cfg.inexact_tol:g})"
+                )
+                # UPG wide and translucent underneath, NPG thin on top: both stay visible
+                # where they coincide (they do at an exact fixed point)
+                wide = method == "upg"
+                ax.plot(
+                    ks,
+                    med,
+                    ls,
+                    color=COLORS[method],
+                    marker="o" if wide else ".",
+                    ms=5 if wide else 3,
+                    lw=3.0 if wide else 1.0,
+                    alpha=0.5 if wide else 1.0,
+                    label=label,
+                    zorder=2 if wide else 3,
+                )
+                ax.fill_between(ks, lo, hi, color=COLORS[method], alpha=0.08, lw=0, zorder=1)
+        ax.set_yscale("log")
+        ax.set_title(f"λ = {lam:g}", fontsize=10)
+        ax.set_xlabel("k")
+        ax.tick_params(labelsize=8)
+
+
+# --------------------------------------------------------------------------- ablation (Table 1, Fig. 3)
 
 
 def _method_name(grad: str) -> str:
@@ -82,12 +281,6 @@ def _collect(out: Path) -> list[dict[str, Any]]:
             cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         runs.append({**meta, "config": cfg, "result": result, "dir": run_dir.name})
     return runs
-
-
-def _fmt(x: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(x * scale, spec)
 
 
 def summarize(out: Path) -> dict[str, Any]:
@@ -350,22 +543,128 @@ def _draw_fig3(
     ax.legend(fontsize=8)
 
 
-def write_reports(out: Path, argv: list[str], *, prog: str = "phantomdeq ablate") -> dict[str, Any]:
-    """Write ``ablation.json``, ``table.md`` and ``fig3.png`` from every finished run."""
+def write_reports(
+    outputs: Outputs, argv: list[str], *, prog: str = "phantomdeq ablate"
+) -> dict[str, Any]:
+    """Write ``ablation.json``, ``table.md`` and ``fig3.png`` into ``outputs.out`` from every
+    finished run under it, and print the table."""
+    out = outputs.out
     summary = summarize(out)
     table = table_markdown(summary["rows"])
-    (out / "table.md").write_text(table)
+    outputs.text("table.md", table)
     doc = {
         "command": f"{prog} " + " ".join(argv),
         "rows": summary["rows"],
         "paired": paired_table(summary["rows"]),
         "runs": summary["runs"],
     }
-    tmp = out / "ablation.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, out / "ablation.json")
+    outputs.json("ablation.json", doc)
     fig = out / "fig3.png"
-    if plot_fig3(summary["rows"], fig) is None and fig.exists():
+    if plot_fig3(summary["rows"], fig) is not None:
+        outputs.add(fig)
+    elif fig.exists():
         fig.unlink()  # a figure from an earlier k grid no longer describes the study
     print(table, end="")
     return doc
+
+
+# --------------------------------------------------------------------------- cost (Table 2)
+
+
+def cost_table(records: Sequence[dict[str, Any]]) -> str:
+    """The paper's Table 2 (complexities) next to the measured times, memory and ratios."""
+    if not records:
+        return "(no records)"
+    ref = records[0]["reference"]
+    head = [
+        "method",
+        "mode",
+        "Time",
+        "Mem",
+        "Peak",
+        "solve ms",
+        "fwd ms",
+        "bwd ms",
+        "step ms",
+        "graph MiB",
+        "peak MiB",
+        f"speed-up vs {ref}",
+        "(min)",
+        "peak / ref",
+    ]
+    rows = []
+    for r in records:
+        c = r["complexity"]
+        rows.append(
+            [
+                r["label"],
+                r.get("mode", "eager"),
+                c["time"],
+                c["mem"],
+                c["peak_mem"],
+                _fmt(r["solve_ms"]),
+                _fmt(r["forward_ms"]),
+                _fmt(r["backward_ms"]),
+                _fmt(r["step_ms"]),
+                _fmt(r["graph_mb"]),
+                _fmt(r["peak_mb"]),
+                _fmt(r["step_ratio"], ".2f") + "x",
+                _fmt(r.get("step_ratio_min"), ".2f") + "x",
+                _fmt(r["peak_ratio"], ".2f"),
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(
+            "  ".join(
+                str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                for i, (x, w) in enumerate(zip(row, widths))
+            )
+        )
+    return "\n".join(lines)
+
+
+def cost_plot(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """``cost.png``: step time and peak memory vs k for UPG, UPG-ckpt and NPG, with IFT,
+    OneStep and BPTT as horizontal reference lines."""
+    modes = [r.get("mode", "eager") for r in records]
+    first = modes[0] if modes else "eager"
+    records = [r for r, m in zip(records, modes) if m == first]  # one curve set: the first mode
+    with saved_figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
+        _draw_cost(records, fig, axes)
+    return Path(path)
+
+
+def _draw_cost(records: Sequence[dict[str, Any]], fig: Any, axes: Any) -> None:
+    metrics = (("step_ms", "step time (ms)"), ("peak_mb", "peak memory (MiB)"))
+    ks = sorted({int(r["k"]) for r in records if r["family"] in ("upg", "upg_ckpt", "npg")})
+    styles = {"upg": ("UPG", "o-"), "upg_ckpt": ("UPG (checkpointed)", "s--"), "npg": ("NPG", "^-")}
+    for ax, (key, ylabel) in zip(axes, metrics):
+        for fam, (lab, st) in styles.items():
+            pts = sorted(
+                (r["k"], r[key]) for r in records if r["family"] == fam and r[key] is not None
+            )
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], st, label=lab)
+        flat = [
+            r for r in records if r["family"] in ("ift", "onestep", "bptt") and r[key] is not None
+        ]
+        for i, r in enumerate(flat):
+            ax.axhline(r[key], color=f"C{3 + i}", linestyle=":", label=r["label"])
+        if ks:
+            ax.set_xticks(ks)
+        ax.set_xlabel("k (phantom-gradient steps)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    r0 = records[0]
+    fig.suptitle(
+        f"{r0['model']} batch {r0['batch']} on {r0['device']} ({r0['amp']}), forward "
+        f"{r0['forward_solver']} x{r0['fwd_iters']}; IFT backward {records[0].get('bwd_iters') or ''} iters"
+    )
+    axes[0].legend(fontsize=7, loc="best")
