@@ -1,15 +1,23 @@
-# Every target creates .venv and installs the package into it when needed.
+# Every target creates .venv and installs the package into it when needed: `make demo` only
+# what the demo needs (torch and the train and plots extras, DEMO_STAMP); every other target
+# the whole development environment on top of it (STAMP: dev, tensorboard, docs, TorchDEQ), so
+# `make demo` then `make test` installs the rest, and `make test` then `make demo` nothing more.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+DEMO_STAMP := $(VENV)/.demo-stamp
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: venv test test-all docs demo lint typecheck bench clean check-results
 
-$(STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[train,plots]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP) pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,tensorboard,docs]'
 	# TorchDEQ, the peer library of the side-by-side tests, without its own dependencies
 	$(PY) -m pip install -q --no-deps torchdeq==0.1.0
@@ -33,7 +41,7 @@ test-all: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m phantomdeq demo
 
 lint: $(STAMP)

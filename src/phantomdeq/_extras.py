@@ -47,13 +47,24 @@ def missing_modules(modules: Iterable[str]) -> list[str]:
 def missing_message(modules: Iterable[str], what: str) -> str:
     """One line: ``what`` needs the missing ``modules`` and the ``pip install`` that brings
     them, e.g. ``this command needs pydantic, PyYAML (not installed): pip install
-    'phantomdeq[train]'``."""
+    'phantomdeq[train]'``. Every other package of the same extras that is missing too is named
+    as well (``...; also missing from phantomdeq[train]: tqdm, Pillow``), so one install
+    brings all that the message lists."""
     names = list(dict.fromkeys(modules))
     listed = ", ".join(OPTIONAL_MODULES.get(m, (m, ""))[0] for m in names)
     extras = sorted({OPTIONAL_MODULES[m][1] for m in names if m in OPTIONAL_MODULES})
     if not extras:
         return f"{what} needs {listed} (not installed)"
-    return f"{what} needs {listed} (not installed): pip install 'phantomdeq[{','.join(extras)}]'"
+    install = f"pip install 'phantomdeq[{','.join(extras)}]'"
+    others = [
+        dist
+        for mod, (dist, extra) in OPTIONAL_MODULES.items()
+        if extra in extras and mod not in names and not is_available(mod)
+    ]
+    if not others:
+        return f"{what} needs {listed} (not installed): {install}"
+    also = f"also missing from phantomdeq[{','.join(extras)}]: {', '.join(others)}"
+    return f"{what} needs {listed} (not installed; {also}): {install}"
 
 
 def top_module(exc: ModuleNotFoundError) -> str | None:

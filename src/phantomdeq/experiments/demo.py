@@ -141,6 +141,34 @@ def run_core_demo() -> None:
     print()
 
 
+def next_steps(out: Path, *, trained: bool, synthetic: bool) -> str:
+    """The demo's closing lines: where its outputs went and what to run next."""
+    run = out / "mdeq_tiny_digits"
+    lines = ["== Where the outputs went, and what to run next =="]
+    if trained:
+        lines.append(f"training run: {run}/ (best.pt, last.pt, metrics.jsonl, config.yaml)")
+        curves = run / "curves.png"
+        plots = "pip install 'phantomdeq[plots]' for them"
+        lines.append(f"  its curves: {curves}" if curves.is_file() else f"  no curves: {plots}")
+    if synthetic:
+        fig = out / "synthetic" / "fig1.png"
+        where = f"figure {fig}" if fig.is_file() else "no figure: pip install 'phantomdeq[plots]'"
+        lines.append(
+            f"synthetic (Fig. 1): {out / 'synthetic'}/ (results.json, summary.json; {where})"
+        )
+    lines.append("next:")
+    if trained:
+        lines.append(
+            f"  phantomdeq eval {run}   # re-evaluate its best checkpoint, metrics explained"
+        )
+    lines += [
+        "  phantomdeq train --config mdeq_tiny_mnist --set data.root=data/mnist "
+        "--set data.download=true --out runs/mnist   # MNIST",
+        "  phantomdeq configs   # every shipped config; docs/guides/training.md for the options",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> Parser:
     p = Parser(PROG, __doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="directory for the demo's outputs")
@@ -175,6 +203,8 @@ def _command(args: argparse.Namespace) -> int:
             f"{float(res['fwd_nstep']):.1f} forward solver steps per batch, "
             f"{float(res['time_s']):.0f} s in all"
         )
+        print()
+    print(next_steps(out, trained=not args.skip_train, synthetic=not args.skip_synthetic))
     return 0
 
 

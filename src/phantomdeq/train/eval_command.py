@@ -1,12 +1,17 @@
 """``phantomdeq eval``: evaluate a checkpoint on its data set's test split.
 
-    phantomdeq eval --checkpoint RUN_DIR/best.pt [--set key=value ...] [--device cpu]
+    phantomdeq eval RUN_DIR [--set key=value ...] [--device cpu]
+    phantomdeq eval --checkpoint RUN_DIR/best.pt [...]
+
+A run folder stands for its ``best.pt``, or its ``last.pt`` when there is no ``best.pt``.
 
 The model, data set, solvers and compute precision (``train.precision``: precise BatchNorm
 and the evaluation run under the same autocast as training) come from the config stored in
 the checkpoint; ``--set``
 changes them (e.g. ``--set eval_solver.max_iter=50`` or ``--set data.root=...``). Prints a JSON
-object with the accuracy and the forward-solver statistics.
+object with the accuracy and the forward-solver statistics, and under ``"meaning"`` what each
+of them is in words (``test_fwd_converged``: the share of test samples whose forward solve
+reached the eval solver's tolerance, which it names).
 
 Exit status: 0 on success; 2 (one line on stderr) for a bad option, config or data and for a
 checkpoint that cannot be evaluated -- missing, corrupted or changed since it was written (its
@@ -38,6 +43,50 @@ from .config import (
 from .precision import check_precision
 
 PROG = "phantomdeq eval"
+#: what a run folder given instead of a checkpoint stands for, in order of preference
+RUN_CHECKPOINTS = ("best.pt", "last.pt")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """``path`` itself, or for a run folder its ``best.pt`` (else its ``last.pt``)."""
+    if not path.is_dir():
+        return path
+    for name in RUN_CHECKPOINTS:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(
+        f"{str(path)!r} is a folder without best.pt or last.pt: give the folder of a run "
+        "(phantomdeq train --out / phantomdeq demo --out) or a checkpoint file"
+    )
+
+
+def explain(result: dict[str, float], solver: object) -> dict[str, str]:
+    """Each metric of :func:`~phantomdeq.train.evaluation.evaluate` in words; ``solver`` is the
+    evaluation's forward-solver config (its ``name``, ``max_iter``, ``tol``, ``stop``)."""
+    name = getattr(solver, "name", "?")
+    max_iter = getattr(solver, "max_iter", "?")
+    tol = getattr(solver, "tol", "?")
+    stop = getattr(solver, "stop", "rel")
+    residual = "||F(z) - z|| / ||z||" if stop == "rel" else "||F(z) - z||"
+    n = int(result.get("test_n", 0))
+    converged = result.get("test_fwd_converged", float("nan"))
+    return {
+        "test_acc": f"fraction of the {n} test samples classified correctly",
+        "test_loss": "mean cross-entropy loss over the test samples",
+        "test_fwd_nstep": (
+            f"mean forward-solver iterations per sample (eval solver {name}, at most {max_iter})"
+        ),
+        "test_fwd_residual": "mean relative residual ||F(z) - z|| / ||z|| of the returned states",
+        "test_fwd_converged": (
+            f"fraction of test samples whose forward solve converged: {residual} <= {tol} "
+            f"(the eval solver's tol, stop={stop!r}) within {max_iter} iterations; here "
+            f"{100 * converged:.1f} %. The others are scored at their best iterate (raise "
+            "eval_solver.max_iter with --set to solve further)"
+        ),
+        "test_n": "number of test samples",
+        "epoch": "epochs completed when the checkpoint was written",
+        "step": "optimiser steps taken when the checkpoint was written",
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a training checkpoint.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a last.pt / best.pt file")
+    p.add_argument(
+        "run",
+        nargs="?",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="a run folder (its best.pt, else its last.pt) or a checkpoint file",
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="a last.pt / best.pt file (or a run folder)"
+    )
     add_set_argument(p, "override a value of the stored config (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument(
@@ -67,10 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import evaluate, recalibrate_batchnorm
     from .model_state import check_finite_weights, load_model_weights
 
-    source = str(args.checkpoint)
+    if (args.run is None) == (args.checkpoint is None):
+        return user_error(
+            PROG,
+            "give one run folder or checkpoint: phantomdeq eval RUN_DIR, or "
+            f"phantomdeq eval --checkpoint RUN_DIR/best.pt (got {'both' if args.run else 'none'})",
+            2,
+        )
+    try:
+        path = resolve_checkpoint(args.run if args.run is not None else args.checkpoint)
+    except CheckpointError as exc:
+        return user_error(PROG, str(exc), 2)
+    source = str(path)
     try:
         state = load_checkpoint(
-            args.checkpoint, on_unverified=lambda m: print(f"phantomdeq: {m}", file=sys.stderr)
+            path, on_unverified=lambda m: print(f"phantomdeq: {m}", file=sys.stderr)
         )
         stored = config_from_dict(state["config"])
         raw = apply_overrides(state["config"], parse_overrides(args.overrides))
@@ -124,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "epoch": int(state["epoch"]),
         "step": int(state["step"]),
         **result,
+        "meaning": explain(result, cfg.eval_solver or cfg.solver),
     }
     print(json.dumps(report, indent=2))
     return 0
