@@ -360,3 +360,13 @@ def test_configs_and_checkpoints_from_before_target_and_task_still_load(tmp_path
     raw["train"]["epochs"] = 2
     result = run_training(raw, tmp_path, resume=True, progress=False)
     assert result["epochs"] == 2 and result["best_test_acc"] >= first["best_test_acc"]
+
+
+@pytest.mark.filterwarnings("ignore:IFT backward solve did not reach:RuntimeWarning")
+def test_gradient_monitor_on_a_custom_deq(tmp_path: Path) -> None:
+    """``train.monitor_every`` finds the DEQ inside a user's model and compares its gradient
+    with the exact one on the task's loss."""
+    raw = custom_config(train={"monitor_every": 1})
+    run_training(raw, tmp_path, progress=False)
+    steps = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 2 and all(-1.0 <= r["monitor_cos"] <= 1.0 for r in steps)
