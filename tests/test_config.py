@@ -84,7 +84,7 @@ def test_unknown_key_names_key_and_allowed_keys() -> None:
         ),
         (
             {"optim": {"name": "rmsprop"}},
-            r"optim\.name: input should be 'sgd' or 'adam'; got str 'rmsprop'",
+            r"optim\.name: input should be 'sgd', 'adam' or 'adamw'; got str 'rmsprop'",
         ),
         (
             {"grad": {"name": "exact"}},

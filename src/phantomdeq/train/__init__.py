@@ -1,5 +1,7 @@
-"""Training of DEQ image classifiers: typed YAML configs, the training loop, checkpoints,
-metrics logging and multi-process data parallelism.
+"""Training of DEQ models: typed YAML configs, the training loop, checkpoints, metrics
+logging and multi-process data parallelism. The model is a shipped preset or any ``nn.Module``
+from ``model.target`` (:mod:`.model_target`); the ``task`` section chooses the loss and the
+metrics (:mod:`.tasks`).
 
 ``phantomdeq train --config configs/X.yaml`` (see :mod:`phantomdeq.train.commands`) and
 :func:`run_training` are the entry points. Heavy optional dependencies (PyYAML, tqdm,
@@ -9,6 +11,7 @@ matplotlib, TensorBoard) are imported only when used.
 from __future__ import annotations
 
 from .atomic import OutputWriteError
+from .build import weight_decay_groups
 from .checkpoint import (
     CheckpointError,
     UnverifiedCheckpointWarning,
@@ -24,6 +27,7 @@ from .config import (
     ModelConfig,
     OptimConfig,
     SolverConfig,
+    TaskConfig,
     TrainConfig,
     config_from_dict,
     load_config,
@@ -44,6 +48,7 @@ __all__ = [
     "OptimConfig",
     "OutputWriteError",
     "SolverConfig",
+    "TaskConfig",
     "TrainConfig",
     "Trainer",
     "TrainingError",
@@ -55,4 +60,5 @@ __all__ = [
     "load_config",
     "run_training",
     "save_checkpoint",
+    "weight_decay_groups",
 ]

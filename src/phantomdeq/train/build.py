@@ -20,6 +20,7 @@ __all__ = [
     "info_get",
     "load_data",
     "make_optimizer",
+    "weight_decay_groups",
     "prepare_data",
     "resolve_device",
 ]
@@ -52,31 +53,33 @@ def build_correction(cfg: GradConfig) -> Any:
     return Correction(states=c.states, gamma=c.gamma) if c.states > 1 else None
 
 
-def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
-    """``phantomdeq.models.build_model``; with ``model.dropout`` / ``model.overrides`` set, the
-    named MDEQ configuration is modified first (``with_overrides``)."""
-    from phantomdeq.models import build_model
+def build_model(
+    cfg: Config,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    *,
+    info: Any = None,
+) -> nn.Module:
+    """The model of ``cfg.model`` (a preset or ``model.target``; see
+    :mod:`.model_target`), given the solvers and estimator of the config's sections and the
+    data set's description ``info`` (:class:`phantomdeq.data.DataInfo`; ``num_classes`` and
+    ``in_channels``, when given, replace its fields)."""
+    from .model_target import build_target, info_fields
 
-    m = cfg.model
-    kwargs: dict[str, Any] = {
-        "num_classes": num_classes,
-        "in_channels": in_channels,
+    fields = info_fields(info)
+    if num_classes is not None:
+        fields["num_classes"] = num_classes
+    if in_channels is not None:
+        fields["in_channels"] = in_channels
+    sections = {
         "solver": build_solver(cfg.solver),
         "grad": build_grad(cfg.grad),
         "eval_solver": None if cfg.eval_solver is None else build_solver(cfg.eval_solver),
         "correction": build_correction(cfg.grad),
     }
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in m.overrides.items()}
-    if m.dropout is not None:
-        changes["dropout"] = m.dropout
-    try:
-        if not changes:
-            return build_model(m.name, **kwargs)
-        from phantomdeq.models.mdeq import MDEQ, mdeq_config, with_overrides
-
-        return MDEQ(with_overrides(mdeq_config(m.name), **changes), **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model: {exc}") from exc
+    target, kwargs = cfg.model.resolved()
+    key = "model.target" if cfg.model.target is not None else "model"
+    return build_target(target, kwargs, sections=sections, info=fields, key=key)
 
 
 def prepare_data(cfg: Config) -> None:
@@ -142,8 +145,51 @@ def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
     return torch.device(name)
 
 
+#: modules whose parameters are never decayed by ``optim.name: adamw``
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` in two optimiser parameter groups: those decayed
+    with ``weight_decay`` (the weights of linear, convolution and embedding layers: parameters
+    with two or more dimensions) and those not decayed (``weight_decay`` 0): biases, every
+    parameter of a normalisation layer (:data:`NORM_LAYERS`) and every other 0-d or 1-d
+    parameter. A parameter shared by several modules is listed once; an empty group is
+    left out."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        norm = isinstance(module, NORM_LAYERS)
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            bias = name == "bias" or name.endswith("_bias") or name.startswith("bias")
+            (no_decay if norm or bias or p.dim() < 2 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    """SGD or Adam over the trainable parameters of ``model`` (``optim.*`` options)."""
+    """SGD, Adam or AdamW (:func:`weight_decay_groups`) over the trainable parameters of
+    ``model`` (``optim.*`` options)."""
+    if o.name == "adamw":
+        return torch.optim.AdamW(
+            weight_decay_groups(model, o.weight_decay),
+            lr=o.lr,
+            betas=(o.betas[0], o.betas[1]),
+            eps=o.eps,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "sgd":
         return torch.optim.SGD(

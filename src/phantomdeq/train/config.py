@@ -1,7 +1,7 @@
 """Typed training configuration, parsed once from YAML at the command-line edge.
 
 A config file is a mapping with the sections of :class:`Config` (``model``, ``data``,
-``solver``, ``eval_solver``, ``grad``, ``optim``, ``train``, ``log``). Every section is a
+``task``, ``solver``, ``eval_solver``, ``grad``, ``optim``, ``train``, ``log``). Every section is a
 pydantic model (strict types, unknown keys refused); a refusal is a :class:`ConfigError` naming
 the dotted key, what is allowed and the value given. ``--set key=value`` overrides are applied
 to the raw mapping before parsing, so they are checked the same way.
@@ -26,10 +26,12 @@ from pydantic import BaseModel, Field
 from phantomdeq import grad as grad_estimators
 from phantomdeq import solvers as solver_classes
 from phantomdeq.data import DATASET_CHANNELS, DOWNLOADABLE
+from phantomdeq.models import MDEQ_CONFIG_NAMES
 from phantomdeq.presets import PresetError, resolve_config
 
 from .atomic import atomic_write
 from .data_root import resolve_data_root
+from .model_target import check_target, preset_target
 from .sections import (
     NESTED_SOLVERS,
     ConfigError,
@@ -44,6 +46,7 @@ from .sections import (
     SolverConfig,
     SolverSection,
 )
+from .tasks import TASKS, task_class
 from .train_section import TrainConfig, monitor_label
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "SolverConfig",
+    "TaskConfig",
     "TrainConfig",
     "NESTED_SOLVERS",
     "GradSection",
@@ -77,13 +81,80 @@ __all__ = [
 
 
 class ModelConfig(Section):
-    """Which model ``phantomdeq.models.build_model`` builds (``mdeq_tiny``, ``mdeq_cifar10m``,
-    ``mdeq_imagenet18m``). ``dropout`` replaces the configuration's variational-dropout rate
-    (null keeps it); ``overrides`` replaces other architecture fields (e.g. ``channels``)."""
+    """The model: a shipped preset (``name``) or any ``nn.Module`` from a factory (``target``).
 
-    name: Annotated[str, Field(min_length=1)] = "mdeq_tiny"
+    ``name`` is one of the MDEQ sizes (``mdeq_tiny``, ``mdeq_cifar10m``, ``mdeq_imagenet18m``),
+    presets of ``target: "phantomdeq.models:build_mdeq"`` with ``kwargs: {size: NAME}``;
+    ``dropout`` replaces the preset's variational-dropout rate (null keeps it) and
+    ``overrides`` other architecture fields (e.g. ``channels``).
+
+    ``target: "package.module:factory"`` builds any model: the factory (a function or an
+    ``nn.Module`` class, imported from the working directory or the installed packages) is
+    called with ``kwargs`` plus what its signature names among the solver and estimator built
+    from the config (``solver``, ``grad``, ``eval_solver``, ``correction``) and the data set's
+    description (``num_classes``, ``in_channels``, ...). Its ``forward(x)`` returns predictions,
+    ``(predictions, info)`` with the DEQ's :class:`phantomdeq.Solution`, or an object with
+    ``.logits`` (:mod:`phantomdeq.train.model_target`). Give ``name`` or ``target``, not both
+    (``name`` is null when ``target`` is given).
+    """
+
+    name: Annotated[str, Field(min_length=1)] | None = "mdeq_tiny"
+    target: Annotated[str, Field(min_length=1)] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     dropout: Annotated[Float, Field(ge=0.0, lt=1.0)] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    def check(self, prefix: str) -> None:
+        if self.target is None:
+            if self.name is None:
+                raise ConfigError(
+                    f"{prefix}.name: give a preset ({', '.join(MDEQ_CONFIG_NAMES)}) or "
+                    f"{prefix}.target: 'package.module:factory'"
+                )
+            if self.name not in MDEQ_CONFIG_NAMES:
+                raise ConfigError(
+                    f"{prefix}.name: unknown preset {self.name!r}; allowed: "
+                    f"{', '.join(MDEQ_CONFIG_NAMES)} (or {prefix}.target: 'package.module:factory')"
+                )
+            if self.kwargs:
+                raise ConfigError(
+                    f"{prefix}.kwargs: applies to {prefix}.target; a preset takes "
+                    f"{prefix}.dropout and {prefix}.overrides"
+                )
+            return
+        if self.name is not None:
+            if "name" in self.model_fields_set:
+                raise ConfigError(
+                    f"{prefix}.name: give {prefix}.name (a preset) or {prefix}.target, not both"
+                )
+            self.name = None  # the default preset does not apply to a target
+        for key in ("dropout", "overrides"):
+            if key in self.model_fields_set and getattr(self, key):
+                raise ConfigError(
+                    f"{prefix}.{key}: applies to the {prefix}.name presets; with "
+                    f"{prefix}.target pass the factory's arguments in {prefix}.kwargs"
+                )
+        check_target(self.target, self.kwargs, prefix)
+
+    def resolved(self) -> tuple[str, dict[str, Any]]:
+        """``(target, kwargs)`` of this model, a preset's included."""
+        if self.target is not None:
+            return self.target, dict(self.kwargs)
+        return preset_target(str(self.name), self.dropout, dict(self.overrides))
+
+
+class TaskConfig(Section):
+    """What the run minimises and measures (:mod:`phantomdeq.train.tasks`):
+    ``image_classification`` -- cross-entropy on class scores, accuracy (which picks
+    ``best.pt``) and the chance-level divergence check."""
+
+    name: str = "image_classification"
+
+    def check(self, prefix: str) -> None:
+        if self.name not in TASKS:
+            raise ConfigError(
+                f"{prefix}.name: unknown task {self.name!r}; allowed: {', '.join(TASKS)}"
+            )
 
 
 class DataConfig(Section):
@@ -154,12 +225,19 @@ Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
 class OptimConfig(Section):
     """Optimiser and per-iteration learning-rate schedule.
 
+    ``sgd`` (``momentum``, ``nesterov``) and ``adam`` (``betas``, ``eps``) apply
+    ``weight_decay`` to every parameter (L2, added to the gradient); ``adamw`` (``betas``,
+    ``eps``) decays decoupled from the gradient and only the weights of linear, convolution and
+    embedding layers: no decay on biases, on normalisation layers' parameters (BatchNorm,
+    GroupNorm, LayerNorm, ...) nor on any other 1-d parameter
+    (:func:`~phantomdeq.train.weight_decay_groups`).
+
     The schedule is linear warm-up over ``warmup_steps`` iterations from 0 to ``lr``, then (for
     ``schedule: cosine``) a cosine decay to ``min_lr`` at the last iteration; ``constant`` keeps
     ``lr``. ``grad_clip`` is the max global gradient norm (0 disables clipping).
     """
 
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: PosFloat = 0.1
     momentum: NonNegFloat = 0.9
     nesterov: bool = False
@@ -194,6 +272,7 @@ class Config(Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     solver: SolverConfig = Field(default_factory=SolverConfig)
     eval_solver: SolverConfig | None = None
     grad: GradConfig = Field(default_factory=GradConfig)
@@ -203,8 +282,11 @@ class Config(Section):
 
     def validate(self) -> None:  # type: ignore[override]
         """Cross-field checks beyond the types (ranges the classes own, combinations)."""
-        for name in ("model", "data", "solver", "grad", "optim", "train", "log"):
+        for name in ("model", "data", "task", "solver", "grad", "optim", "train", "log"):
             getattr(self, name).check(name)
+        problem = task_class(self.task.name).check(self)
+        if problem is not None:
+            raise ConfigError(problem)
         if self.eval_solver is not None:
             self.eval_solver.check("eval_solver")
         for i, g in enumerate(self.train.monitor_compare):

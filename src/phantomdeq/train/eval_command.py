@@ -9,9 +9,9 @@ The model, data set, solvers and compute precision (``train.precision``: precise
 and the evaluation run under the same autocast as training) come from the config stored in
 the checkpoint; ``--set``
 changes them (e.g. ``--set eval_solver.max_iter=50`` or ``--set data.root=...``). Prints a JSON
-object with the accuracy and the forward-solver statistics, and under ``"meaning"`` what each
-of them is in words (``test_fwd_converged``: the share of test samples whose forward solve
-reached the eval solver's tolerance, which it names).
+object with the task's metrics (a classifier: loss and accuracy) and the forward-solver
+statistics, and under ``"meaning"`` what each of them is in words (``test_fwd_converged``: the
+share of test samples whose forward solve reached the eval solver's tolerance, which it names).
 
 Exit status: 0 on success; 2 (one line on stderr) for a bad option, config or data and for a
 checkpoint that cannot be evaluated -- missing, corrupted or changed since it was written (its
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import DistInfo
     from .evaluation import evaluate, recalibrate_batchnorm
     from .model_state import check_finite_weights, load_model_weights
+    from .tasks import build_task
 
     if (args.run is None) == (args.checkpoint is None):
         return user_error(
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             raise ConfigError(problem)
         train_ds, test_ds, info = load_data(cfg)
-        get = (lambda k: info[k]) if isinstance(info, dict) else (lambda k: getattr(info, k))
-        model = build_model(cfg, int(get("num_classes")), int(get("in_channels")))
+        task = build_task(cfg, info)
+        model = build_model(cfg, info=info)
         load_model_weights(model, state["model"], source=source, stored=stored, requested=cfg)
         check_finite_weights(model, source=source)
         model.to(device, getattr(torch, cfg.train.dtype))
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=cfg.data.eval_batch_size,
                 device=device,
                 precision=cfg.train.precision,
+                task=task,
             )
     except (ConfigError, CheckpointError, DataError) as exc:
         return user_error(PROG, str(exc), 2)

@@ -1,4 +1,5 @@
-"""Evaluation of a classifier in eval mode and precise-BatchNorm recalibration before it."""
+"""Evaluation of a model in eval mode (the metrics of its task) and precise-BatchNorm
+recalibration before it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .batches import Batches
 from .distributed import DistInfo, all_reduce_sum
+from .model_target import as_output
 from .precision import autocast_context
+from .tasks import Task
 
 __all__ = ["evaluate", "forward_stats", "recalibrate_batchnorm", "unwrap"]
 
@@ -100,10 +102,19 @@ def evaluate(
     dist_info: DistInfo | None = None,
     num_workers: int = 0,
     precision: str = "fp32",
+    task: Task | None = None,
 ) -> dict[str, float]:
-    """Accuracy, loss and forward-solver statistics (mean steps, mean relative residual, share
-    of converged samples) of ``model`` in eval mode (the eval solver) on ``dataset``, computed
-    in ``precision`` (``fp32`` | ``bf16`` | ``fp16``: autocast; the loss in fp32)."""
+    """The ``task``'s metrics (default image classification: ``test_loss``, ``test_acc``), the
+    forward-solver statistics (``test_fwd_nstep``, ``test_fwd_residual``,
+    ``test_fwd_converged``: mean steps, mean relative residual, share of converged units; NaN
+    for a model without DEQ info) and the number of units ``test_n`` of ``model`` in eval mode
+    (the eval solver) on ``dataset``, computed in ``precision`` (``fp32`` | ``bf16`` |
+    ``fp16``: autocast; the loss in fp32)."""
+    if task is None:
+        from .tasks.classification import ImageClassification
+
+        task = ImageClassification()
+    names = task.metric_names
     dist_info = dist_info or DistInfo()
     device = torch.device(device)
     net = unwrap(model)
@@ -116,28 +127,29 @@ def evaluate(
         for i in range(0, len(source), batch_size)
     ]
     batches = [b for b in batches if b.numel() > 0]
-    sums = torch.zeros(6, dtype=torch.float64)
+    k = len(names)  # sums: the task's metrics, then units, forward steps, residual, converged
+    sums = torch.zeros(k + 4, dtype=torch.float64)
     try:
         dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
         for x, y in source.iterate(batches, device, dtype):
             with autocast_context(precision, device.type):
-                out = net(x)
-            sums[0] += float(F.cross_entropy(out.logits.float(), y, reduction="sum"))
-            sums[1] += float((out.logits.argmax(1) == y).sum())
-            sums[2] += y.numel()
+                out = as_output(net(x))
+            batch = task.metrics(out.prediction, y)
+            for i, m in enumerate(names):
+                sums[i] += batch[m]
+            sums[k] += task.count(y)
             nstep, res, conv = forward_stats(out.info)
-            sums[3] += nstep
-            sums[4] += res
-            sums[5] += conv
+            sums[k + 1] += nstep
+            sums[k + 2] += res
+            sums[k + 3] += conv
     finally:
         net.train(was_training)
     sums = all_reduce_sum(sums, dist_info)
-    n = max(float(sums[2]), 1.0)
+    n = max(float(sums[k]), 1.0)
     return {
-        "test_loss": float(sums[0]) / n,
-        "test_acc": float(sums[1]) / n,
-        "test_fwd_nstep": float(sums[3]) / n,
-        "test_fwd_residual": float(sums[4]) / n,
-        "test_fwd_converged": float(sums[5]) / n,
-        "test_n": float(sums[2]),
+        **{f"test_{m}": float(sums[i]) / n for i, m in enumerate(names)},
+        "test_fwd_nstep": float(sums[k + 1]) / n,
+        "test_fwd_residual": float(sums[k + 2]) / n,
+        "test_fwd_converged": float(sums[k + 3]) / n,
+        "test_n": float(sums[k]),
     }

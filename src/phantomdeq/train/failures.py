@@ -11,7 +11,7 @@ import math
 import signal
 from typing import Any
 
-from .guard import BufferSnapshot, chance_divergence
+from .guard import BufferSnapshot
 from .stop_signals import TrainingInterrupted
 from .trainer_state import TrainerState
 
@@ -79,13 +79,10 @@ class FailureMixin(TrainerState):
         return {**base, "skipped": True, "skip_reason": what}
 
     def _check_divergence(self, train_rec: dict[str, Any]) -> None:
-        """After the last epoch: accuracy at chance with a blown-up loss is a divergence."""
-        verdict = chance_divergence(
-            accuracy=self.last_eval.get("test_acc", math.nan),
-            n=int(self.last_eval.get("test_n", 0)),
-            num_classes=self.num_classes,
-            first_loss=self.initial_loss,
-            last_loss=float(train_rec.get("train_loss", math.nan)),
+        """After the last epoch: the task's verdict (a classifier: accuracy at chance with a
+        blown-up loss) on the last evaluation and the training loss."""
+        verdict = self.task.divergence(
+            self.last_eval, self.initial_loss, float(train_rec.get("train_loss", math.nan))
         )
         if verdict:
             raise TrainingError(

@@ -73,7 +73,11 @@ def load_model_weights(
             f"{', '.join(keys)} differ(s) from the checkpoint's config ({detail}); "
             f"drop those --set overrides"
         )
-    name = requested.model.name if requested is not None else type(model).__name__
+    name = (
+        (requested.model.name or requested.model.target)
+        if requested is not None
+        else type(model).__name__
+    )
     raise CheckpointError(
         f"checkpoint {source!r} does not match the model {name!r} built from its config ({detail})"
     )

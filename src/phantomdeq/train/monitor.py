@@ -383,12 +383,11 @@ class GradientMonitor:
 def monitor_record(
     monitor: GradientMonitor,
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    loss_closure: Callable[[], Tensor],
     generator: torch.Generator | None,
-    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
-    """:meth:`GradientMonitor.measure_classifier` as the ``monitor_*`` fields of a training
+    """:meth:`GradientMonitor.measure` of ``loss_closure`` (a training step's loss: the task's
+    loss of the model's prediction on the step's batch) as the ``monitor_*`` fields of the
     step's ``metrics.jsonl`` record (``monitor_cos``, ``monitor_norm_ratio``,
     ``monitor_time_s``, ``monitor_exact_residual``, ``monitor_cos_<label>``,
     ``monitor_norm_ratio_<label>``). A failed exact solve gives NaN fields, never raises."""
@@ -396,9 +395,7 @@ def monitor_record(
 
     t0 = time.perf_counter()
     try:
-        res = monitor.measure_classifier(
-            model, x, y, generator=generator, label_smoothing=label_smoothing
-        )
+        res = monitor.measure(model, loss_closure, generator=generator)
     except DEQError:
         return {
             "monitor_cos": math.nan,

@@ -45,9 +45,8 @@ class ReportingMixin(TrainerState):
             return
         bar.update(1)
         deq = rec["stage"] == "deq"
-        post = {
-            "loss": f"{rec['train_loss']:.3f}",
-            "acc": f"{rec['train_acc']:.3f}",
+        post = {m: f"{rec[f'train_{m}']:.3f}" for m in self.task.metric_names}
+        post |= {
             "nstep": f"{rec['fwd_nstep']:.1f}" if deq else "unrolled",
             "res": f"{rec['fwd_residual']:.1e}" if deq else "-",
         }
@@ -62,8 +61,8 @@ class ReportingMixin(TrainerState):
             sums["skipped"] += 1
             return
         n = rec["n"]
-        sums["loss"] += rec["train_loss"] * n
-        sums["acc"] += rec["train_acc"] * n
+        for m in self.task.metric_names:
+            sums[m] = sums.get(m, 0.0) + rec[f"train_{m}"] * n
         sums["n"] += n
         sums["scaler_skipped"] += float(rec.get("scaler_skipped", 0))
         if rec["stage"] == "deq" and math.isfinite(rec["fwd_nstep"]):
@@ -77,9 +76,10 @@ class ReportingMixin(TrainerState):
         sums = self.epoch_sums
         n = max(sums["n"], 1.0)
         deq_n = sums["deq_n"]
+        first, *rest = self.task.metric_names  # the loss is NaN when no step counted
         out = {
-            "train_loss": sums["loss"] / n if sums["n"] else math.nan,
-            "train_acc": sums["acc"] / n,
+            f"train_{first}": sums.get(first, 0.0) / n if sums["n"] else math.nan,
+            **{f"train_{m}": sums.get(m, 0.0) / n for m in rest},
             "fwd_nstep": sums["nstep"] / deq_n if deq_n else math.nan,
             "fwd_residual": sums["res"] / deq_n if deq_n else math.nan,
             "fwd_converged": sums["conv"] / deq_n if deq_n else math.nan,
@@ -126,10 +126,11 @@ class ReportingMixin(TrainerState):
             f"epoch {rec['epoch']}/{self.config.train.epochs}",
             f"loss {rec['train_loss']:.4f}",
         ]
-        if "test_acc" in rec:
-            parts.append(f"test acc {100 * rec['test_acc']:.2f}%")
-            parts.append(f"fwd steps {rec['test_fwd_nstep']:.1f}")
-            parts.append(f"res {rec['test_fwd_residual']:.2e}")
+        if "test_n" in rec:
+            parts += self.task.describe(rec)
+            if math.isfinite(rec["test_fwd_nstep"]):  # a model with DEQ info
+                parts.append(f"fwd steps {rec['test_fwd_nstep']:.1f}")
+                parts.append(f"res {rec['test_fwd_residual']:.2e}")
         if rec.get("skipped_steps"):
             parts.append(f"skipped {rec['skipped_steps']} steps")
         parts.append(f"{seconds:.1f}s")
@@ -148,10 +149,15 @@ class ReportingMixin(TrainerState):
             vals = [r["fwd_nstep"] for r in rows if isinstance(r.get("fwd_nstep"), int | float)]
             if vals:
                 fwd_nstep = float(np.mean(vals))
+        primary = f"test_{self.task.primary}"
         return {
-            "test_acc": ev.get("test_acc", math.nan),
-            "best_test_acc": self.best_acc if self.best_acc >= 0 else math.nan,
-            "test_loss": ev.get("test_loss", math.nan),
+            primary: ev.get(primary, math.nan),
+            f"best_{primary}": math.nan if self.best is None else self.best,
+            **{
+                f"test_{m}": ev.get(f"test_{m}", math.nan)
+                for m in self.task.metric_names
+                if m != self.task.primary
+            },
             "test_fwd_nstep": ev.get("test_fwd_nstep", math.nan),
             "test_fwd_residual": ev.get("test_fwd_residual", math.nan),
             "test_fwd_converged": ev.get("test_fwd_converged", math.nan),

@@ -51,7 +51,18 @@ from .model_state import check_finite_weights, load_model_weights
 from .run_dir import RunFolderError
 from .trainer_state import TrainerState, fresh_sums
 
-__all__ = ["CheckpointMixin"]
+__all__ = ["CheckpointMixin", "saved_best"]
+
+
+def saved_best(state: dict[str, Any]) -> float | None:
+    """The best evaluation value of the task's primary metric a checkpoint holds (None: no
+    evaluation yet); checkpoints written before tasks hold the accuracy as ``best_acc``, -1
+    for none."""
+    if "best_metric" in state:
+        value = state["best_metric"]
+        return None if value is None else float(value)
+    legacy = float(state.get("best_acc", -1.0))
+    return legacy if legacy >= 0 else None
 
 
 class CheckpointMixin(TrainerState):
@@ -194,7 +205,7 @@ class CheckpointMixin(TrainerState):
         self.initial_loss = None if initial is None else float(initial)
         last = state.get("last_loss")
         self.last_loss = None if last is None else (int(last[0]), float(last[1]))
-        self.best_acc = float(state.get("best_acc", -1.0))
+        self.best = saved_best(state)
         self.elapsed = float(state.get("time_s", 0.0))
         self.train_time = float(state.get("train_time_s", 0.0))
         self.last_eval = dict(state.get("last_eval", {}))
@@ -216,7 +227,7 @@ class CheckpointMixin(TrainerState):
                 )
 
     def _adopt_best(self) -> None:
-        """Make ``best_acc`` the accuracy of the model in ``best.pt``: a kill between writing
+        """Make ``best`` the primary metric of the model in ``best.pt``: a kill between writing
         ``best.pt`` and ``last.pt`` leaves ``best.pt`` one epoch ahead (the checkpoint module's
         invariant); an unreadable ``best.pt`` is replaced at the next evaluation."""
         path = self.out_dir / "best.pt"
@@ -227,7 +238,7 @@ class CheckpointMixin(TrainerState):
         except CheckpointError as exc:
             if self.dist.is_main:
                 print(f"phantomdeq: {exc}; it is replaced at the next evaluation", file=sys.stderr)
-            self.best_acc = -1.0
+            self.best = None
             return
         try:
             differ = [
@@ -243,7 +254,9 @@ class CheckpointMixin(TrainerState):
                 f"run's in {', '.join(differ)}); this run would overwrite it with its own best "
                 f"model: move it out of {str(self.out_dir)!r} (or delete it), then resume"
             )
-        self.best_acc = max(self.best_acc, float(best.get("best_acc", -1.0)))
+        value = saved_best(best)
+        if value is not None and self.task.better(value, self.best):
+            self.best = value
 
     def _keep_trained_epoch(self, exc: DataError, stage: str) -> DataError:
         """A data error in the evaluation (or precise-BN recalibration) after a trained epoch:
@@ -279,7 +292,9 @@ class CheckpointMixin(TrainerState):
             "epoch_sums": dict(self.epoch_sums),
             "initial_loss": self.initial_loss,
             "last_loss": None if self.last_loss is None else list(self.last_loss),
-            "best_acc": self.best_acc,
+            "best_metric": self.best,
+            # as read before tasks: "best_acc" of a classifier, -1 before the first evaluation
+            f"best_{self.task.primary}": -1.0 if self.best is None else self.best,
             "time_s": self.elapsed,
             "train_time_s": self.train_time,
             "last_eval": self.last_eval,

@@ -13,7 +13,6 @@ from .build import (
     build_grad,
     build_model,
     build_solver,
-    info_get,
     load_data,
     make_optimizer,
     prepare_data,
@@ -28,10 +27,12 @@ from .distributed import (
     shard_batches,
 )
 from .metrics_log import MetricsLogger, missing_output_notes
+from .model_target import ModelCall, info_fields
 from .precision import MixedPrecision, check_precision
 from .run_dir import RunFolderError, prepare_run_folder
 from .schedule import LRSchedule
 from .seeds import seed_everything
+from .tasks import build_task
 from .trainer_state import TrainerState
 from .warm_start import WarmStartStore
 
@@ -132,12 +133,16 @@ class SetupMixin(TrainerState):
         train_ds, test_ds, info = load_data(cfg)
         self.train_data = Batches(train_ds, cfg.data.num_workers)
         self.test_ds = test_ds
-        self.num_classes = int(info_get(info, "num_classes"))
-        self.in_channels = int(info_get(info, "in_channels"))
+        fields = info_fields(info)
+        self.num_classes = int(fields.get("num_classes", 0))
+        self.in_channels = int(fields.get("in_channels", 0))
+        self.task = build_task(cfg, info)
 
         seed_everything(cfg.train.seed)
         self.dtype = getattr(torch, cfg.train.dtype)
-        model = build_model(cfg, self.num_classes, self.in_channels).to(self.device, self.dtype)
+        model = build_model(cfg, info=info).to(self.device, self.dtype)
+        self.call = ModelCall(model)
+        self._check_model(model)
         if cfg.train.compile:  # in place: parameter names and state_dict keys unchanged
             from .compile import compile_model
 
@@ -181,6 +186,31 @@ class SetupMixin(TrainerState):
                 f"data.batch_size: {cfg.data.batch_size} is larger than the training set "
                 f"({len(self.train_data)} samples) with drop_last; lower it or set data.drop_last: false"
             )
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """What the config's training options need from the model (a one-line error naming the
+        option): an unrolled mode for pre-training, the Jacobian regulariser, a warm start, a
+        DEQ inside for the gradient monitor."""
+        t = self.config.train
+        target = self.config.model.resolved()[0]
+        if t.pretrain_steps > 0:
+            self.call.require(
+                ("mode", "unrolled_steps"), "train.pretrain_steps", "unrolled pre-training", target
+            )
+        if t.jac_reg_weight > 0:
+            self.call.require(("jac_reg",), "train.jac_reg_weight", "the regulariser", target)
+        if t.warm_start:
+            self.call.require(("z0",), "train.warm_start", "a warm start", target)
+        if t.monitor_every > 0 or t.warm_start:
+            from .monitor import find_deq
+
+            try:
+                find_deq(model)
+            except ValueError:
+                key = "train.monitor_every" if t.monitor_every > 0 else "train.warm_start"
+                raise ConfigError(
+                    f"{key}: needs a phantomdeq.DEQ inside the model; model {target!r} has none"
+                ) from None
 
     def _make_schedule(self, epochs: int) -> LRSchedule:
         o = self.config.optim

@@ -1,9 +1,12 @@
-"""The training loop for image classifiers built on DEQ models (MDEQ).
+"""The training loop for DEQ models (the MDEQ presets or any ``model.target``).
 
 One :class:`Trainer` run: load the data set, build the model with the configured forward
 solvers and gradient estimator (paper Sec. 2: IFT eq. 4, UPG eq. 17, NPG eq. 18, ...), then for
 each epoch iterate over a deterministic per-epoch order, optionally starting with the MDEQ
-unrolled pre-training stage, evaluate, log and checkpoint.
+unrolled pre-training stage, evaluate, log and checkpoint. The loop calls the model through
+:class:`~.model_target.ModelCall` (the forward options it declares, its output read as
+predictions plus the DEQ's info) and knows no loss or metric by name: the run's
+:class:`~.tasks.Task` computes them and names the metric that selects ``best.pt``.
 
 Reproducibility: the global sample order of an epoch depends only on ``(seed, epoch)``; the
 generator that drives augmentation and the variational-dropout masks of each step is seeded
@@ -41,12 +44,11 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phantomdeq import cpu_memory
@@ -73,15 +75,15 @@ __all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "run_training"]
 
 @dataclass
 class _Forward:
-    """One step's forward pass: the loss to minimise, its cross-entropy part, the Jacobian
-    regulariser (when used this step), the DEQ solve's info, the correct predictions and, for
-    a refused solve, why."""
+    """One step's forward pass: the loss to minimise, the task's loss of the prediction (its
+    part without correction and regulariser), the Jacobian regulariser (when used this step),
+    the DEQ solve's info, the task's metric sums and, for a refused solve, why."""
 
     loss: Tensor
     ce: Tensor
     jac_loss: Tensor | None = None
     info: Any = None
-    correct: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
 
@@ -90,8 +92,9 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
 
     Files in ``out_dir`` (rank 0 only): ``config.yaml`` (resolved config), ``metrics.jsonl``,
     ``tensorboard/`` (when installed), ``last.pt`` (every epoch, every
-    ``train.checkpoint_every_steps`` steps and on SIGINT/SIGTERM), ``best.pt`` (best test
-    accuracy) and ``curves.png``. A folder that already holds a run is refused unless
+    ``train.checkpoint_every_steps`` steps and on SIGINT/SIGTERM), ``best.pt`` (the best
+    evaluation of the task's primary metric: test accuracy for a classifier) and
+    ``curves.png``. A folder that already holds a run is refused unless
     ``resume=True`` (continue from ``last.pt``; a folder without a checkpoint yet starts from the
     beginning) or ``overwrite=True`` (delete the old run's files and start afresh).
 
@@ -169,10 +172,11 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
                         "time_per_step_s": train_rec["epoch_time_s"] / max(self.steps_per_epoch, 1),
                         "lr": self.optimizer.param_groups[0]["lr"],
                     }
-                    improved = bool(eval_rec) and eval_rec["test_acc"] > self.best_acc
+                    primary = f"test_{self.task.primary}"
+                    improved = bool(eval_rec) and self.task.better(eval_rec[primary], self.best)
                     if improved:
-                        self.best_acc = eval_rec["test_acc"]
-                    rec["best_test_acc"] = self.best_acc
+                        self.best = eval_rec[primary]
+                    rec[f"best_{primary}"] = math.nan if self.best is None else self.best
                     self.logger.log("epoch", rec)
                     self._save(best=improved, at=f"after epoch {self.epoch} (step {self.step})")
                     if self.dist.is_main:
@@ -222,6 +226,9 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
                 self.train_time += dt
                 self.elapsed = elapsed0 + (time.perf_counter() - t_epoch)
                 rec["step_time_s"], rec["time_s"] = dt, self.elapsed
+                rate = self.task.throughput
+                if rate is not None and not rec.get("skipped", False) and dt > 0:
+                    rec[rate] = rec["n"] / dt  # units (e.g. tokens) per second of this step
                 stop = bool(rec.pop("stop"))
                 self._add_to_sums(rec)
                 if rec.get("skipped", False) or self.step % cfg.log.every == 0:
@@ -287,16 +294,17 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
     ) -> _Forward:
         """The forward pass and the loss (in fp32 whatever the compute precision); a DEQ solve
         refused for non-finite values is returned as ``error``, not raised."""
-        cfg = self.config
+        cfg, task = self.config, self.task
         fwd = _Forward(
-            loss=torch.zeros((), device=self.device), ce=torch.zeros((), device=self.device)
+            loss=torch.zeros((), device=self.device),
+            ce=torch.zeros((), device=self.device),
+            sums=dict.fromkeys(task.metric_names, 0.0),
         )
         try:
             with self.amp.autocast():
                 if pretrain:
-                    out = model(
-                        x, mode="unrolled", unrolled_steps=cfg.train.unrolled_steps, generator=gen
-                    )
+                    steps = cfg.train.unrolled_steps
+                    out = self.call(model, x, mode="unrolled", unrolled_steps=steps, generator=gen)
                 else:
                     store, idx = self.warm_start, getattr(self, "_batch_indices", None)
                     z0 = (
@@ -304,24 +312,20 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
                         if store is None or idx is None
                         else store.get(idx, dtype=self.dtype, device=self.device)
                     )
-                    out = model(x, mode="deq", jac_reg=use_jac, generator=gen, z0=z0)
+                    out = self.call(model, x, mode="deq", jac_reg=use_jac, generator=gen, z0=z0)
                     if store is not None and idx is not None and out.info is not None:
                         store.put(idx, as_tuple(out.info.z))
-            fwd.ce = F.cross_entropy(
-                out.logits.float(), y, label_smoothing=cfg.train.label_smoothing
-            )
+            fwd.ce = task.loss(out.prediction, y)
             fwd.loss = fwd.ce
-            if out.state_logits is not None and out.state_weights is not None:
-                # fixed-point correction: Σ_m γ^m CE(head(s_m)), the solution's CE weight 1
-                for w, logits in zip(out.state_weights[:-1], out.state_logits[:-1]):
-                    fwd.loss = fwd.loss + w * F.cross_entropy(
-                        logits.float(), y, label_smoothing=cfg.train.label_smoothing
-                    )
+            if out.state_predictions is not None and out.state_weights is not None:
+                # fixed-point correction: Σ_m γ^m loss(head(s_m)), the solution's loss weight 1
+                for w, pred in zip(out.state_weights[:-1], out.state_predictions[:-1]):
+                    fwd.loss = fwd.loss + w * task.loss(pred, y)
             if use_jac and out.jac_loss is not None:
                 fwd.jac_loss = out.jac_loss
                 fwd.loss = fwd.loss + cfg.train.jac_reg_weight * out.jac_loss
             fwd.info = out.info
-            fwd.correct = float((out.logits.detach().argmax(1) == y).sum())
+            fwd.sums = task.metrics(out.prediction, y, loss=fwd.ce)
         except DEQError as exc:
             fwd.error = f"non-finite DEQ state ({' '.join(str(exc).split())})"
         return fwd
@@ -337,39 +341,30 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
     ) -> tuple[dict[str, Any], bool]:
         """The step's statistics summed over ranks (one all-reduce, which also shares the
         stop request and the finiteness verdict), and whether every rank's loss is finite."""
-        n = float(y.numel())
+        n = float(self.task.count(y))
         nstep, res, conv = forward_stats(fwd.info)
         stop = 1.0 if self._stop.requested else 0.0
+        names = self.task.metric_names
+        values = [fwd.sums[m] for m in names]
         stats = torch.tensor(
-            [
-                float(fwd.ce.detach()) * n,
-                fwd.correct,
-                n,
-                nstep,
-                res,
-                conv,
-                float(finite),
-                1.0,
-                stop,
-            ],
-            dtype=torch.float64,
+            [*values, n, nstep, res, conv, float(finite), 1.0, stop], dtype=torch.float64
         )
         stats = all_reduce_sum(stats, self.dist)
-        total = max(float(stats[2]), 1.0)
+        n_total, nstep, res, conv, n_finite, ranks, stops = stats[len(names) :].tolist()
+        total = max(n_total, 1.0)
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
             "batch": step_in_epoch + 1,
             "step": self.step,
             "stage": "unrolled" if pretrain else "deq",
-            "stop": float(stats[8]) > 0,
-            "train_loss": float(stats[0]) / total,
-            "train_acc": float(stats[1]) / total,
-            "fwd_nstep": float(stats[3]) / total,
-            "fwd_residual": float(stats[4]) / total,
-            "fwd_converged": float(stats[5]) / total,
+            "stop": stops > 0,
+            **{f"train_{m}": float(v) / total for m, v in zip(names, stats.tolist())},
+            "fwd_nstep": nstep / total,
+            "fwd_residual": res / total,
+            "fwd_converged": conv / total,
             "n": total,
         }
-        return rec, float(stats[6]) >= float(stats[7])
+        return rec, n_finite >= ranks
 
     def _update(
         self, fwd: _Forward, rec: dict[str, Any], epoch: int, snapshot: BufferSnapshot | None
@@ -415,10 +410,13 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
         mask: ``gen`` is restored afterwards), as ``monitor_*`` fields of the step's record."""
         if self.monitor is None:
             return {}
+        net, task = self.net, self.task
+
+        def loss() -> Tensor:
+            return task.loss(self.call(net, x, mode="deq", generator=gen).prediction, y)
+
         with self.amp.autocast():  # the gradient in use, in the run's compute precision
-            return monitor_record(
-                self.monitor, self.net, x, y, gen, self.config.train.label_smoothing
-            )
+            return monitor_record(self.monitor, net, loss, gen)
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         """Precise-BN recalibration and evaluation, inside the divergence guard."""
@@ -446,6 +444,7 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
                 dist_info=self.dist,
                 num_workers=cfg.data.num_workers,
                 precision=cfg.train.precision,
+                task=self.task,
             )
         except DEQError as exc:
             raise self._diverged(
@@ -462,7 +461,10 @@ class Trainer(SetupMixin, CheckpointMixin, FailureMixin, ReportingMixin):
 def _adaptive_k(net: nn.Module) -> int | None:
     """The number of phantom-gradient steps an adaptive estimator (``k="auto"``) chose in this
     step's forward/backward pass (this rank's), None for a fixed ``k``."""
-    est = getattr(getattr(net, "deq", None), "grad", None)
+    from phantomdeq.deq import DEQ
+
+    deq = next((m for m in net.modules() if isinstance(m, DEQ)), None)
+    est = getattr(deq, "grad", None)
     if not getattr(est, "adaptive", False):
         return None
     last = getattr(est, "last_k", None)
@@ -481,7 +483,9 @@ def run_training(
 
     ``config`` is a :class:`Config`, a raw mapping or a YAML path. ``out_dir`` must not hold
     another run unless ``resume`` (continue it) or ``overwrite`` (replace it). The result holds
-    ``test_acc`` (last evaluation), ``best_test_acc``, ``test_loss``, ``test_fwd_nstep``,
+    the task's evaluation metrics (a classifier: ``test_acc`` of the last evaluation,
+    ``best_test_acc``, ``test_loss``; in general ``test_<primary>``, ``best_test_<primary>``
+    and ``test_<metric>``), ``test_fwd_nstep``,
     ``test_fwd_residual``, ``test_fwd_converged``, ``fwd_nstep`` (mean training forward steps),
     ``epochs``, ``steps``, ``skipped_steps``, ``time_s`` (training + evaluation wall time) and
     ``time_per_step_s``. Raises :class:`TrainingError` when training diverges and

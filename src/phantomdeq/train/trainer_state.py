@@ -20,9 +20,11 @@ from .stop_signals import StopSignals
 if TYPE_CHECKING:
     from .batches import Batches
     from .metrics_log import MetricsLogger
+    from .model_target import ModelCall
     from .monitor import GradientMonitor
     from .precision import MixedPrecision
     from .schedule import LRSchedule
+    from .tasks import Task
     from .warm_start import WarmStartStore
 
 __all__ = ["TrainerState", "fresh_sums"]
@@ -58,10 +60,12 @@ class TrainerState:
     amp: MixedPrecision
     train_data: Batches
     test_ds: Any
-    num_classes: int
+    num_classes: int  # from the data set's description (0 when it has none)
     in_channels: int
+    task: Task  # the loss and the metrics (the config's task section)
     net: nn.Module  # the model (what checkpoints hold)
     model: nn.Module | None  # what the loop calls: ``net`` or its DDP wrapper
+    call: ModelCall  # how the loop calls it (the forward options it takes, its output)
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     steps_per_epoch: int
@@ -80,7 +84,7 @@ class TrainerState:
     initial_loss: float | None  # training loss of the first step
     last_loss: tuple[int, float] | None  # (step, loss) of the last finite step
     last_checkpoint: tuple[int, int, int] | None  # (epoch, batch, step) of last.pt
-    best_acc: float
+    best: float | None  # the best evaluation value of the task's primary metric so far
     elapsed: float
     train_time: float
     last_eval: dict[str, float]
@@ -108,7 +112,7 @@ class TrainerState:
         self.initial_loss = None
         self.last_loss = None
         self.last_checkpoint = None
-        self.best_acc = -1.0
+        self.best = None
         self.elapsed = self.train_time = 0.0
         self.last_eval = {}
 
