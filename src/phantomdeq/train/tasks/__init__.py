@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from phantomdeq.train.config import Config
+#: the run's :class:`phantomdeq.train.config.Config` (not imported: config imports this module)
+Config = Any
 
 __all__ = ["TASKS", "Task", "build_task", "task_class"]
 
