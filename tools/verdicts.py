@@ -179,6 +179,13 @@ def _load_rows(
     return cache[study]
 
 
+def _run_minutes(study: str, row: str) -> float:
+    """Mean wall time of one run of a study's row, in minutes (as run: contended, one thread)."""
+    doc = json.loads((REPO / "results" / study / "ablation.json").read_text())
+    walls = [float(r["result"]["wall_s"]) for r in doc["runs"] if r["label"] == row]
+    return statistics.fmean(walls) / 60.0
+
+
 def _diffs(a: dict[str, Any], b: dict[str, Any], seeds: list[str], cache: dict) -> list[float]:
     """Per-seed differences in percentage points (rows averaged per seed when a side lists several)."""
 
@@ -213,6 +220,10 @@ def evaluate(spec: dict[str, Any]) -> dict[str, Any]:
         direction = DIRECTIONS[c["direction"]]
         effect_src = "paper" if "paper_effect_points" in c else "declared"
         effect = float(c.get("paper_effect_points", declared))
+        needed = seeds_needed(float(t["sd"]), effect, m, alpha, power)
+        extra = None if needed is None else max(0, needed - len(seeds))
+        rows = {(c["a"]["study"], c["a"]["row"]), (c["b"]["study"], c["b"]["row"])}
+        minutes = None if extra is None else extra * sum(_run_minutes(*r) for r in rows)
         out_claims.append(
             {
                 "id": c["id"],
@@ -229,7 +240,11 @@ def evaluate(spec: dict[str, Any]) -> dict[str, Any]:
                 "verdict": verdict(float(t["mean"]), rejected[i], direction),
                 "effect_points": effect,
                 "effect_source": effect_src,
-                "seeds_needed": seeds_needed(float(t["sd"]), effect, m, alpha, power),
+                "seeds_needed": needed,
+                # the runs the missing seeds would take, at the committed runs' mean wall time
+                # (2 shared cores, one thread per run; two runs at a time halve the wall clock)
+                "extra_seeds": extra,
+                "extra_run_minutes_est": minutes,
             }
         )
     n = len(seeds)
