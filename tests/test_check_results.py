@@ -151,6 +151,26 @@ def test_unsourced_unbound_and_unmatched_numbers_are_reported(tmp_path: Path) ->
     assert "DOC.md:6: number 90.0 matches no value of r.json" in bind
 
 
+def test_bind_keeps_bindings_that_hold_and_rebinds_edited_lines(tmp_path: Path) -> None:
+    src = {"r.json": {"a": 0.5, "b": 0.5, "c": 0.25}}
+    doc = _doc(tmp_path, "<!-- source: r.json -->\nFirst 0.5 s.\n\nSecond 0.25 s.\n", src)
+    assert _bind(tmp_path, doc) == []
+    # a reviewer's choice between equal values survives a rebind
+    path = tmp_path / cr.BINDINGS
+    doc_json = json.loads(path.read_text())
+    doc_json["documents"]["DOC.md"]["First # s."] = [["r.json#/b*1"]]
+    path.write_text(json.dumps(doc_json))
+    doc.write_text("<!-- source: r.json -->\nFirst 0.5 s.\n\nSecond, edited, 0.5 s.\n")
+    assert [str(p) for p in cr.check_document(doc, root=tmp_path)] == [
+        "DOC.md:4: number(s) 0.5 not bound to a value: run python3 tools/check_results.py "
+        "--bind (convention: results/README.md)"
+    ]
+    assert _bind(tmp_path, doc) == []
+    bound = _bindings(tmp_path)["DOC.md"]
+    assert bound["First # s."] == [["r.json#/b*1"]]
+    assert "Second # s." not in bound and len(bound["Second, edited, # s."]) == 1
+
+
 def test_a_binding_must_name_a_cited_file(tmp_path: Path) -> None:
     doc = _doc(
         tmp_path,

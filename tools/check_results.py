@@ -555,9 +555,7 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
     Among the values a number matches, it takes one at a scale its unit suggests
     (:data:`UNIT_SCALES`); then a plain number over one inside a string; then one from the record
     (``/rows/3``) that could supply the most numbers of its line, if that is at least half of
-    them and 3 (a table row); then
-    the one whose file
-    name and key share the most words with its line, the line before and its table's header;
+    them and 3 (a table row); then the one whose file name and key share the most words with its line, the line before and its table's header;
     then the key pattern (record indices masked) that the most numbers under the same source
     comment also match (a table column); then the record (``/rows/3``) that could supply the
     most numbers of its line; then the file that could; then scale 1, 100, 1000, ...; the file
@@ -573,17 +571,33 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
         name = doc.relative_to(root).as_posix() if doc.is_relative_to(root) else str(doc)
         prior = old.get(name, {})
         lines = _scan(doc, root, name, problems)
+        # the bindings that still hold; candidates only where a block has a number without one
+        held: list[list[str | None]] = []
+        for ln in lines:
+            occ = prior.get(ln.key, [])
+            kept = occ[ln.occurrence] if ln.occurrence < len(occ) else None
+            row: list[str | None] = [None] * len(ln.numbers)
+            if kept is not None and len(kept) == len(ln.numbers):
+                for j, n in enumerate(ln.numbers):
+                    single = _Line(ln.number, ln.key, ln.occurrence, [n], ln.sources)
+                    if not _check_line(single, [kept[j]], src, name):
+                        row[j] = kept[j]
+            held.append(row)
+        todo = {ln.block for ln, row in zip(lines, held, strict=True) if None in row}
         cands: dict[tuple[int, int], list[Binding]] = {}
         votes: dict[int, Counter[str]] = {}
         for li, ln in enumerate(lines):
+            if ln.block not in todo:
+                continue
             for j, n in enumerate(ln.numbers):
                 cs = src.candidates(n, ln.sources)
                 cands[(li, j)] = cs
                 votes.setdefault(ln.block, Counter()).update({_pattern(c) for c in cs})
         out: dict[str, list[list[str]]] = {}
         for li, ln in enumerate(lines):
-            occ = prior.get(ln.key, [])
-            kept = occ[ln.occurrence] if ln.occurrence < len(occ) else None
+            if None not in held[li]:
+                out.setdefault(ln.key, []).append([str(b) for b in held[li]])
+                continue
             words = _words(ln.context)
             # how many numbers of the line each record (and each file) could supply
             rec_cover: Counter[tuple[str, str]] = Counter()
@@ -597,11 +611,10 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
             strong = top if top >= max(3, (len(ln.numbers) + 1) // 2) else len(ln.numbers) + 1
             entry: list[str] = []
             for j, n in enumerate(ln.numbers):
-                if kept is not None and len(kept) == len(ln.numbers):
-                    single = _Line(ln.number, ln.key, ln.occurrence, [n], ln.sources)
-                    if not _check_line(single, [kept[j]], src, name):
-                        entry.append(kept[j])
-                        continue
+                kept_j = held[li][j]
+                if kept_j is not None:
+                    entry.append(kept_j)
+                    continue
                 cs = cands[(li, j)]
                 if not cs:
                     problems.append(
