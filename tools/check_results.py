@@ -40,6 +40,7 @@ problem: ``FILE:LINE: message``), 2 for a bad command line.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import json
 import math
@@ -332,6 +333,28 @@ class _Line:
     sources: list[str]
     context: str = ""  # the line, the line before it and its table's header: words for --bind
     block: int = 0  # lines under the same source comment share a block
+    near: list[str] = dataclasses.field(default_factory=list)  # per number: words for --bind
+
+
+def _near(line: str, header: str) -> list[str]:
+    """Per measured number, the words that name it: in a table row its column's header cell and
+    the row's first cell; in prose the text since the previous number."""
+    text, spans = _measured(line)
+    if line.lstrip().startswith("|"):
+        heads = header.strip().strip("|").split("|") if header else []
+        label = line.strip().strip("|").split("|")[0]
+        out = []
+        for _, a, _ in spans:
+            col = text[:a].count("|")  # cells before it in the cleaned row (label included)
+            out.append(label + " " + (heads[col] if col < len(heads) else ""))
+        return out
+    out, last = [], 0
+    for _, a, b in spans:
+        segment = text[last:a]
+        # the second end of a range (or any number right after another) shares the first's words
+        out.append(segment if re.search(r"[A-Za-z]", segment) or not out else out[-1])
+        last = b
+    return out
 
 
 def _scan(path: Path, root: Path, name: str, problems: list[Problem]) -> list[_Line]:
@@ -391,7 +414,8 @@ def _scan(path: Path, root: Path, name: str, problems: list[Problem]) -> list[_L
         occ = seen.get(key, 0)
         seen[key] = occ + 1
         context = " ".join((lines[i - 2] if i > 1 else "", raw, header))
-        out.append(_Line(i, key, occ, numbers, list(sources), context, block))
+        near = _near(line, header)
+        out.append(_Line(i, key, occ, numbers, list(sources), context, block, near))
     return out
 
 
@@ -554,8 +578,10 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
 
     Among the values a number matches, it takes one at a scale its unit suggests
     (:data:`UNIT_SCALES`); then a plain number over one inside a string; then one from the record
-    (``/rows/3``) that could supply the most numbers of its line, if that is at least half of
-    them and 3 (a table row); then the one whose file name and key share the most words with its line, the line before and its table's header;
+    (``/rows/3``) that could supply the most numbers of its table row, if that is at least half
+    of them and 3; then the one whose file name and key share the most words with
+    the number's own label (its column header and row label in a table, the text since the
+    previous number in prose); then the most words with its line, the line before and its table's header;
     then the key pattern (record indices masked) that the most numbers under the same source
     comment also match (a table column); then the record (``/rows/3``) that could supply the
     most numbers of its line; then the file that could; then scale 1, 100, 1000, ...; the file
@@ -571,6 +597,7 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
         name = doc.relative_to(root).as_posix() if doc.is_relative_to(root) else str(doc)
         prior = old.get(name, {})
         lines = _scan(doc, root, name, problems)
+        doc_lines = doc.read_text().splitlines()
         # the bindings that still hold; candidates only where a block has a number without one
         held: list[list[str | None]] = []
         for ln in lines:
@@ -599,6 +626,7 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
                 out.setdefault(ln.key, []).append([str(b) for b in held[li]])
                 continue
             words = _words(ln.context)
+            near_words = [_words(t) for t in ln.near]
             # how many numbers of the line each record (and each file) could supply
             rec_cover: Counter[tuple[str, str]] = Counter()
             file_cover: Counter[str] = Counter()
@@ -608,7 +636,9 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
                 file_cover.update({c.file for c in cs})
             # a table row's record: the one that supplies the most numbers, if that is most of them
             top = max(rec_cover.values(), default=0)
-            strong = top if top >= max(3, (len(ln.numbers) + 1) // 2) else len(ln.numbers) + 1
+            row = ln.context.count("|") > 1 and doc_lines[ln.number - 1].lstrip().startswith("|")
+            enough = top >= max(3, (len(ln.numbers) + 1) // 2)
+            strong = top if row and enough else len(ln.numbers) + 1
             entry: list[str] = []
             for j, n in enumerate(ln.numbers):
                 kept_j = held[li][j]
@@ -632,6 +662,7 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
                         src.preferred(n, t[1]),
                         "@" not in t[1].key,
                         rec_cover[(t[1].file, _record(t[1].key))] == strong,
+                        _overlap(t[1], near_words[j]),
                         _overlap(t[1], words),
                         votes[ln.block][_pattern(t[1])],
                         rec_cover[(t[1].file, _record(t[1].key))],

@@ -230,6 +230,43 @@ def fig3_claims() -> None:
     _write(RESULTS / "fig3_mnist" / "claims.json", {"environment": _environment(), **claims})
 
 
+def _pairs(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """For each two monitored estimators a, b (``monitor_cos_<a>``): the largest
+    ``|cos_a - cos_b|`` over the measurements and the number where ``a`` is ahead."""
+    names = sorted(
+        k[len("monitor_cos_") :]
+        for k in {k for r in records for k in r}
+        if k.startswith("monitor_cos_")
+    )
+    out: dict[str, dict[str, float]] = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d = [
+                float(r[f"monitor_cos_{a}"]) - float(r[f"monitor_cos_{b}"])
+                for r in records
+                if isinstance(r.get(f"monitor_cos_{a}"), int | float)
+                and isinstance(r.get(f"monitor_cos_{b}"), int | float)
+            ]
+            if d:
+                out[f"{a}_minus_{b}"] = {
+                    "n": len(d),
+                    "abs_max": max(abs(x) for x in d),
+                    "a_ahead": sum(x > 0 for x in d),
+                }
+    return out
+
+
+def monitored_summaries(name: str) -> None:
+    """Add ``monitor_summary`` and ``monitor_pairs`` to a committed ``results/<name>/result.json``
+    from its committed ``monitor.jsonl`` (for files collected before they existed)."""
+    dst = RESULTS / name
+    doc = json.loads((dst / "result.json").read_text())
+    monitor = _records(dst / "monitor.jsonl")
+    doc["monitor_summary"] = _summary(monitor)
+    doc["monitor_pairs"] = _pairs(monitor)
+    _write(dst / "result.json", doc)
+
+
 def collect_monitored(runs: Path, name: str) -> None:
     src = runs / name
     if not (src / "metrics.jsonl").is_file():
@@ -244,7 +281,12 @@ def collect_monitored(runs: Path, name: str) -> None:
     shutil.copyfile(src / "config.yaml", dst / "config.yaml")
     _write(
         dst / "result.json",
-        {"environment": _environment(), "epochs": epochs, "monitor_summary": _summary(monitor)},
+        {
+            "environment": _environment(),
+            "epochs": epochs,
+            "monitor_summary": _summary(monitor),
+            "monitor_pairs": _pairs(monitor),
+        },
     )
     from phantomdeq.train.plots import plot_monitor
 
