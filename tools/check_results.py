@@ -636,9 +636,9 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
                 file_cover.update({c.file for c in cs})
             # a table row's record: the one that supplies the most numbers, if that is most of them
             top = max(rec_cover.values(), default=0)
-            row = ln.context.count("|") > 1 and doc_lines[ln.number - 1].lstrip().startswith("|")
+            in_table = doc_lines[ln.number - 1].lstrip().startswith("|")
             enough = top >= max(3, (len(ln.numbers) + 1) // 2)
-            strong = top if row and enough else len(ln.numbers) + 1
+            strong = top if in_table and enough else len(ln.numbers) + 1
             entry: list[str] = []
             for j, n in enumerate(ln.numbers):
                 kept_j = held[li][j]
