@@ -171,6 +171,22 @@ def test_bind_keeps_bindings_that_hold_and_rebinds_edited_lines(tmp_path: Path) 
     assert "Second # s." not in bound and len(bound["Second, edited, # s."]) == 1
 
 
+def test_bind_takes_the_record_its_row_and_column_labels_name(tmp_path: Path) -> None:
+    # the same cosine in several records: the cell under "k = 3" in the row "0.5" takes the
+    # record whose fields k and lam are 3 and 0.5
+    recs = [{"k": k, "lam": lam, "cos": 0.95} for lam in (0.5, 0.7) for k in (2, 3)]
+    doc = _doc(
+        tmp_path,
+        "<!-- source: r.json -->\n| λ | k = 2 | k = 3 |\n|---|---|---|\n| 0.7 | 0.95 | 0.95 |\n"
+        "| 0.5 | 0.95 | 0.95 |\n",
+        {"r.json": recs},
+    )
+    assert _bind(tmp_path, doc) == []
+    bound = _bindings(tmp_path)["DOC.md"]
+    assert bound["0.7 | # | #"] == [["r.json#/2/cos*1", "r.json#/3/cos*1"]]
+    assert bound["0.5 | # | #"] == [["r.json#/0/cos*1", "r.json#/1/cos*1"]]
+
+
 def test_a_binding_must_name_a_cited_file(tmp_path: Path) -> None:
     doc = _doc(
         tmp_path,

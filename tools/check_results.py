@@ -334,6 +334,27 @@ class _Line:
     context: str = ""  # the line, the line before it and its table's header: words for --bind
     block: int = 0  # lines under the same source comment share a block
     near: list[str] = dataclasses.field(default_factory=list)  # per number: words for --bind
+    labels: list[set[float]] = dataclasses.field(default_factory=list)  # per number: see _labels
+
+
+def _labels(line: str, header: str) -> list[set[float]]:
+    """Per measured number of a table row, the numbers of its row label and column header
+    (``| 0.5 | ... |`` under ``k = 10``: {0.5, 10}), which name the record it comes from."""
+    text, spans = _measured(line)
+    if not line.lstrip().startswith("|"):
+        return [set() for _ in spans]
+    heads = header.strip().strip("|").split("|") if header else []
+    label = line.strip().strip("|").split("|")[0]
+    out = []
+    for _, a, _ in spans:
+        col = text[:a].count("|")
+        words = label + " " + (heads[col] if col < len(heads) else "")
+        out.append({_round(float(t)) for t in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", words)})
+    return out
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.9g}")
 
 
 def _near(line: str, header: str) -> list[str]:
@@ -415,7 +436,8 @@ def _scan(path: Path, root: Path, name: str, problems: list[Problem]) -> list[_L
         seen[key] = occ + 1
         context = " ".join((lines[i - 2] if i > 1 else "", raw, header))
         near = _near(line, header)
-        out.append(_Line(i, key, occ, numbers, list(sources), context, block, near))
+        labels = _labels(line, header)
+        out.append(_Line(i, key, occ, numbers, list(sources), context, block, near, labels))
     return out
 
 
@@ -426,6 +448,19 @@ class _Sources:
         self.root = root
         self.cache: dict[str, dict[str, float]] = {}
         self.sorted: dict[str, list[tuple[float, str]]] = {}
+        self.records: dict[str, dict[str, set[float]]] = {}
+
+    def fields(self, file: str, record: str) -> set[float]:
+        """The values of a record's own numeric fields (``/rows/3/k``, not deeper)."""
+        if file not in self.records:
+            by: dict[str, set[float]] = {}
+            for k, v in self.values(file).items():
+                if "@" in k:
+                    continue
+                parent, _, _ = k.rpartition("/")
+                by.setdefault(parent, set()).add(_round(v))
+            self.records[file] = by
+        return self.records[file].get(record, set())
 
     def values(self, file: str) -> dict[str, float]:
         if file not in self.cache:
@@ -577,7 +612,9 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
     sources) and notes on the numbers bound among several different values.
 
     Among the values a number matches, it takes one at a scale its unit suggests
-    (:data:`UNIT_SCALES`); then a plain number over one inside a string; then one from the record
+    (:data:`UNIT_SCALES`); then a plain number over one inside a string; then one whose record
+    has fields equal to the numbers of its row label and column header (``k``, ``lam``); then
+    one from the record
     (``/rows/3``) that could supply the most numbers of its table row, if that is at least half
     of them and 3; then the one whose file name and key share the most words with
     the number's own label (its column header and row label in a table, the text since the
@@ -661,6 +698,7 @@ def bind_documents(docs: list[Path], root: Path = REPO) -> tuple[list[Problem], 
                     key=lambda t: (
                         src.preferred(n, t[1]),
                         "@" not in t[1].key,
+                        len(ln.labels[j] & src.fields(t[1].file, _record(t[1].key))),
                         rec_cover[(t[1].file, _record(t[1].key))] == strong,
                         _overlap(t[1], near_words[j]),
                         _overlap(t[1], words),
