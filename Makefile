@@ -52,6 +52,7 @@ lint: $(STAMP)
 # (convention: results/README.md); also run by `make test` (tests/test_check_results.py)
 check-results:
 	$(PYTHON) tools/check_results.py
+	$(PYTHON) tools/verdicts.py --check
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -96,15 +96,60 @@ def _index(states, s):
     return next(i for i, u in enumerate(states) if u is s)
 
 
-def test_states_past_the_end_of_an_early_stopped_solve_are_the_solution():
+def test_an_early_stopped_solve_records_iterates_it_visited():
+    # a solve that converges long before its budget: the states are spread over the
+    # evaluations it made (earlier they were all set to the solution)
     cell, x = make_problem(False)
+    x = x[:1]  # one sample: no converged sample is held still while others iterate
     solver = pdq.FixedPoint(max_iter=200, tol=1e-6)  # stops after ~30 evaluations
-    deq = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k=2), correction=pdq.Correction(states=4))
-    z, info = deq(cell.z0(3), x)
+    deq = pdq.DEQ(
+        cell, solver=solver, grad=pdq.UPG(k=1, lam=1.0), correction=pdq.Correction(states=4)
+    )
+    z, info = deq(cell.z0(1), x)
     assert info.niter < 100
-    # evaluations 51, 101, 151: all after the solve stopped -> UPG(2) from the solution
-    ref, _ = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k=2))(cell.z0(3), x)
-    assert all(torch.equal(s.detach(), ref.detach()) for s in info.states[:-1])
+    # the plain fixed-point iterates F^j(z0); a state's UPG(1, 1) output is F(state), so a
+    # recorded iterate F^(e-1)(z0) (evaluation e's input) shows as F^e(z0)
+    h, iterates = cell.z0(1), []
+    with torch.no_grad():
+        for _ in range(info.niter + 2):
+            iterates.append(h)
+            h = cell(h, x)
+    found = []
+    for s in info.states[:-1]:
+        js = [j for j, it in enumerate(iterates) if _close(s.detach(), it)]
+        assert js, "a recorded state is not an iterate of the solve"
+        found.append(js[0])
+    # three distinct iterates in trajectory order, none of them the solution, spread out:
+    # the inputs of evaluations floor(m T / 4) + 1 of the T evaluations the solve made
+    assert found == sorted(found) and len(set(found)) == 3
+    assert all(not _close(s.detach(), z.detach()) for s in info.states[:-1])
+    assert found[0] >= 2 and found[-1] >= info.niter // 2
+
+
+def test_state_recorder_spaces_states_over_the_evaluations_made():
+    corr = pdq.Correction(states=4)
+
+    def run(t):
+        rec = corr.recorder(lambda z: z, max_iter=1000)
+        for e in range(1, t + 1):
+            rec(torch.tensor(float(e)))  # the input of evaluation e is e
+        return rec
+
+    # T = 14 <= 4 N: exactly the inputs of evaluations floor(m T / N) + 1
+    rec = run(14)
+    assert rec.evaluations() == [4, 8, 11] == corr.evaluations(14)
+    assert [float(s) for s in rec.states(torch.tensor(0.0))] == [4.0, 8.0, 11.0]
+    # T = 1000: at most 4 N inputs kept; each state the kept input nearest to its target
+    rec = run(1000)
+    assert len(rec.kept) <= 16
+    got = rec.evaluations()
+    assert got == sorted(got) and len(set(got)) == 3
+    for e, target in zip(got, corr.evaluations(1000)):
+        assert abs(e - target) <= rec.stride // 2
+        assert float(rec.kept[e]) == e  # a visited input, not the solution
+    # fewer evaluations than states: refused, naming the setting and the count
+    with pytest.raises(RuntimeError, match=r"Correction\(states=4\).*only 2 time"):
+        run(2).states(torch.tensor(0.0))
 
 
 def test_recorded_states_are_the_iterates(tuple_state):

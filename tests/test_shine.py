@@ -130,6 +130,51 @@ def test_shine_is_the_exact_gradient_where_the_inverse_estimate_is_exact():
     assert D.relative_error(grads, exact) <= 1e-10
 
 
+class _LinearND(nn.Module):
+    """F(h, x) = W h + U x with ‖W‖₂ = 0.9 and a d-dimensional state."""
+
+    def __init__(self, d: int, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(d, d, dtype=DT, generator=gen)
+        self.w = nn.Parameter(0.9 * w / torch.linalg.matrix_norm(w, 2))
+        self.u = nn.Parameter(torch.randn(d, 3, dtype=DT, generator=gen))
+
+    def forward(self, h, x):
+        return h @ self.w.T + x @ self.u.T
+
+
+@pytest.mark.parametrize("d", [5, 20])
+def test_on_a_linear_map_the_converged_inverse_estimate_is_not_the_true_inverse(d):
+    # SHINE's docstring used to say H equals the true inverse for a linear F after enough
+    # iterations with full memory. It does not: good Broyden enforces only the latest secant
+    # equation, and a linear solve converges (in at most 2d steps) before H is pinned down.
+    cell = _LinearND(d, seed=0)
+    x = torch.randn(2, 3, dtype=DT, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    deq = pdq.DEQ(cell, solver=pdq.Broyden(max_iter=200, tol=1e-12), grad=pdq.SHINE())
+    z, info = deq(torch.zeros(2, d, dtype=DT), x)
+    assert info.niter <= 2 * d + 2 and info.inverse.rank <= info.niter  # full memory, converged
+    with torch.no_grad():
+        residual = torch.linalg.vector_norm(cell(z, x) - z, dim=1) / torch.linalg.vector_norm(
+            z, dim=1
+        )
+    assert float(residual.max()) < 1e-11
+    true_inverse = torch.linalg.inv(cell.w.detach() - torch.eye(d, dtype=DT))
+    gap = torch.linalg.matrix_norm(info.inverse.dense() - true_inverse) / torch.linalg.matrix_norm(
+        true_inverse
+    )
+    assert (gap > 0.1).all(), gap  # measured: 0.14-0.19 at d = 5, 0.37-0.38 at d = 20
+    t = torch.randn(2, d, dtype=DT, generator=torch.Generator().manual_seed(3))
+    wrt = [*cell.parameters(), x]
+    grads = torch.autograd.grad(inner(z, t), wrt)
+    exact = D.exact_gradient(cell, info.z, (x,), wrt, t)
+    err = D.relative_error(grads, exact)
+    assert err > 0.1  # measured: 0.17 at d = 5, 0.47 at d = 20
+    flat = torch.cat([g.flatten() for g in grads])
+    ref = torch.cat([g.flatten() for g in exact])
+    assert float(flat @ ref / (flat.norm() * ref.norm())) > 0.8  # still a descent direction
+
+
 def test_shine_needs_a_broyden_forward_and_no_cuda_graph():
     cell, x = make_problem(False)
     with pytest.raises(TypeError, match=r"DEQ: grad=SHINE\(\) .* needs solver=Broyden"):

@@ -2,7 +2,8 @@
 Estimation", CVPR 2022): supervise several states along the forward solver's trajectory.
 
 With ``Correction(states=N, gamma=γ)`` on a :class:`~phantomdeq.DEQ`, the forward solve records
-``N − 1`` states of its trajectory (the inputs of evenly spaced evaluations of ``F``) and the DEQ
+``N − 1`` states of its trajectory (the inputs of evaluations of ``F`` evenly spaced over the
+evaluations it made, however early it stopped: :class:`StateRecorder`) and the DEQ
 returns, besides the solution, the list ``info.states = [s_1, …, s_{N−1}, h*]`` with weights
 ``info.state_weights = [γ^{N−1}, …, γ, 1]``. Each earlier state carries the unrolled phantom
 gradient from that state (``UPG`` with the estimator's ``k`` and ``λ``, eq. 17 with ``h_0 = s_m``);
@@ -52,14 +53,16 @@ class Correction:
         return [self.gamma ** (n - 1 - m) for m in range(n)]
 
     def evaluations(self, max_iter: int) -> list[int]:
-        """The (1-based) evaluations of ``F`` whose inputs are recorded: ``⌊m T / N⌋ + 1`` for
-        ``m = 1 … N − 1`` with ``T = max_iter`` (for an undamped fixed-point iteration from
-        ``z0`` the input of evaluation ``e`` is the iterate after ``e − 1`` updates)."""
+        """The (1-based) evaluations of ``F`` whose inputs are recorded by a solve that makes
+        ``max_iter`` evaluations: ``⌊m T / N⌋ + 1`` for ``m = 1 … N − 1`` with ``T = max_iter``
+        (for an undamped fixed-point iteration from ``z0`` the input of evaluation ``e`` is the
+        iterate after ``e − 1`` updates). A solve that stops early is spaced over the
+        evaluations it made (:class:`StateRecorder`)."""
         n = self.states
         return [m * max_iter // n + 1 for m in range(1, n)]
 
     def recorder(self, g: Callable[[State], Any], max_iter: int) -> StateRecorder:
-        return StateRecorder(g, self.evaluations(max_iter))
+        return StateRecorder(g, self.states, max_iter)
 
     def check(
         self, grad: GradientEstimator, solvers: Sequence[tuple[str, object]], *, cuda_graph: bool
@@ -117,25 +120,55 @@ class Correction:
 
 
 class StateRecorder:
-    """``g`` that keeps a detached copy of its input at the chosen evaluations."""
+    """``g`` that keeps detached copies of its inputs, to return ``N − 1`` states spaced over
+    the evaluations the solve actually made (``T``, known only when it stops): the inputs of
+    evaluations ``⌊m T / N⌋ + 1``, ``m = 1 … N − 1`` (:meth:`Correction.evaluations` with
+    ``T``). It holds at most ``4 N`` states during the solve: past that it keeps every
+    second one (evaluations ``1, 1 + s, 1 + 2s, …`` with the stride ``s`` doubling), so a long
+    solve gets, for each target, the kept evaluation nearest to it (exact while ``T <= 4 N``).
+    A solve with fewer than ``N`` evaluations has fewer distinct iterates than the states asked
+    for: :meth:`states` refuses it."""
 
-    def __init__(self, g: Callable[[State], Any], at: Sequence[int]) -> None:
+    def __init__(self, g: Callable[[State], Any], states: int, max_iter: int) -> None:
         self.g = g
-        self.at = set(at)
-        self.order = list(at)
+        self.n = states
+        self.max_iter = max_iter
+        self.cap = 4 * states
+        self.stride = 1
         self.count = 0
         self.kept: dict[int, State] = {}
 
     def __call__(self, z: State) -> Any:
         self.count += 1
-        if self.count in self.at:
+        if (self.count - 1) % self.stride == 0:
             self.kept[self.count] = _clone(z)
+            if len(self.kept) > self.cap:
+                self.stride *= 2
+                self.kept = {e: v for e, v in self.kept.items() if (e - 1) % self.stride == 0}
         return self.g(z)
 
+    def evaluations(self) -> list[int]:
+        """The evaluations whose inputs :meth:`states` returns (after the solve)."""
+        t = self.count
+        if t < self.n:
+            raise RuntimeError(
+                f"Correction(states={self.n}) needs {self.n - 1} iterates before the solution, "
+                f"but the forward solve evaluated F only {t} time(s) (it stopped early, e.g. "
+                f"converged at its first checks): use fewer states, a tighter solver tol, or "
+                f"Correction(states=1)"
+            )
+        kept = sorted(self.kept)
+        out = []
+        for m in range(1, self.n):
+            target = m * t // self.n + 1
+            out.append(min(kept, key=lambda e: (abs(e - target), e)))
+        return out
+
     def states(self, solution: State) -> list[State]:
-        """The recorded states in trajectory order; an evaluation the solve did not reach
-        (it stopped earlier) is replaced by the solution."""
-        return [self.kept.get(e, solution) for e in self.order]
+        """The recorded states in trajectory order (inputs of the evaluations of
+        :meth:`evaluations`, all actually visited by the solve)."""
+        del solution  # kept in the signature: every state is now a visited iterate
+        return [self.kept[e] for e in self.evaluations()]
 
 
 def _clone(z: State) -> State:
