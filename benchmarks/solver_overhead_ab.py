@@ -27,6 +27,7 @@ from _common import (  # noqa: E402
     LightCell,
     interleaved_times,
     load_baseline,
+    loadavg,
     machine,
     print_table,
     write_json,
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in before:
         fns[f"before {name}"] = lambda s=before[name]: s(g, z0)  # type: ignore[operator]
         fns[f"after {name}"] = lambda s=after[name]: s(g, z0)  # type: ignore[operator]
+    load_before = loadavg()
     times = interleaved_times(fns, repeats=args.repeats, warmup=1, sync=sync)  # type: ignore[arg-type]
     rows, records = [], []
     for stat, pick in (("median", statistics.median), ("min", min)):
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {
             "machine": machine(),
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
             "args": {**vars(args), "baseline": str(args.baseline)},
             "results": records,
         },

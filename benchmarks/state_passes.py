@@ -6,8 +6,11 @@ MiB, larger than the caches once f has run, so each pass streams it from memory.
 iteration (one read or write of a state; ``n = m = 5`` Anderson slots, Broyden iteration ``j``):
 
 * FixedPoint (damping 1): ``diff = fx - x`` (3), ``|diff|`` (1), ``|x|`` (1): **5**.
-* Anderson m=5 (beta 1): ``fx`` into its slot (2), ``G = fx - x`` (3), Gram row over the ``n``
-  slots (n + 1), ``|x|`` (1), mixing over the ``n`` image slots (n + 1): **18**.
+* Anderson m=5 (beta 1, a single-tensor state): one pass writes the slot's residual and image,
+  ``[G, Y] = [fx - x, fx]`` (read fx and x, write two: 4), Gram row over the ``n`` slots
+  (n + 1), ``|x|`` (1), mixing over the ``n`` image slots (n + 1): **17** (18 before the fused
+  pass: ``fx`` copied into its slot (2), then ``G = fx - x`` (3); still so for tuple states,
+  whose flattening copies ``fx`` anyway, and ``beta < 1``).
 * Broyden, full memory (directions form): ``x + φ w_j`` (3), ``r = fx - x`` (3), inner products
   with the ``j + 2`` directions (j + 4), ``U a`` over ``j`` directions (j + 1), ``r -= U a``
   (3), ``|x|`` (1): ``2j + 15``, **32** on average over an 18-evaluation solve.
@@ -39,7 +42,7 @@ from _common import CELLS, machine, print_table, write_json  # noqa: E402
 from phantomdeq.cpu_memory import retain_cpu_memory  # noqa: E402
 
 #: state streams per iteration (see the module docstring)
-STREAMS = {"FixedPoint": 5.0, "Anderson m=5": 18.0, "Broyden": 2 * 8.5 + 15}
+STREAMS = {"FixedPoint": 5.0, "Anderson m=5": 17.0, "Broyden": 2 * 8.5 + 15}
 
 
 def cold_ms(fn: Callable[[], object], flush: torch.Tensor, repeats: int) -> float:

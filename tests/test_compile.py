@@ -201,3 +201,69 @@ def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkey
         state["model"].keys()
         == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
     )
+
+
+class _ConvCell(torch.nn.Module):
+    """Two 3x3 convolutions, a contraction in z (float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.c1 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
+        with torch.no_grad():
+            self.c1.weight.mul_(0.3)
+            self.c2.weight.mul_(0.3)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.c2(torch.relu(self.c1(z))) + x)
+
+
+def _weight_grad_convs(run) -> int:
+    """How many convolution backward calls of ``run()`` compute a weight gradient."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        run()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name == "aten::convolution_backward" and list(e.concrete_inputs[-1])[1]
+    )
+
+
+def test_compiled_ift_backward_solve_costs_what_eager_costs():
+    """IFT with a 6-iteration FixedPoint backward on a conv cell, three training steps: the
+    compiled DEQ's parameter and input gradients equal the eager ones, the first step builds at
+    most 8 graphs and the later steps none, and the backward solve's vector-Jacobian products
+    compute no weight gradient (as in eager mode: 2 weight-gradient convolutions per step, those
+    of the final product through y = f(z*)) -- compiled into the graph of y, each product would
+    compute the gradients of all of y's inputs."""
+    cell_e, cell_c = _ConvCell(), _ConvCell()
+
+    def deq(cell):
+        grad = pdq.IFT(solver=pdq.FixedPoint(max_iter=6, tol=0.0), warn_unconverged=False)
+        return pdq.DEQ(cell, solver=pdq.Anderson(max_iter=6, tol=0.0, m=3), grad=grad)
+
+    eager, compiled = deq(cell_e), torch.compile(deq(cell_c), backend="inductor")
+    gen = torch.Generator().manual_seed(7)
+
+    def step(module, cell, x):
+        xi = x.clone().requires_grad_()
+        z, _ = module(torch.zeros_like(x), xi)
+        return torch.autograd.grad(z.square().sum(), [*cell.parameters(), xi])
+
+    built = None
+    for i in range(3):
+        x = 0.5 * torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=gen)
+        g_e, g_c = step(eager, cell_e, x), step(compiled, cell_c, x)
+        assert D.relative_error(list(g_c), list(g_e)) < 1e-10
+        if i == 0:
+            built = _graphs()
+            assert 0 < built <= 8, built
+        else:
+            assert _graphs() == built, f"step {i} compiled new graphs (recompilation)"
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=gen)
+    counts = [
+        _weight_grad_convs(lambda m=m, c=c: step(m, c, x))
+        for m, c in ((eager, cell_e), (compiled, cell_c))
+    ]
+    assert counts[1] == counts[0] == 2, counts

@@ -185,6 +185,9 @@ def make_flat_fn(g: Callable[[State], object], spec: StateSpec, *, who: str = "f
             flat = o.reshape(spec.batch, spec.dim)
             return flat if out is None else out.copy_(flat)
 
+        # without ``out`` the result is g's own output, no copy (solvers may fuse their first
+        # pass over it instead of copying it into a history slot)
+        flat_single.returns_output = True  # type: ignore[attr-defined]
         return flat_single
 
     def flat_tuple(x: Tensor, out: Tensor | None = None) -> Tensor:

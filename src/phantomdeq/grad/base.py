@@ -269,6 +269,7 @@ class _ImplicitBackward(torch.autograd.Function):
         return (None, None, *parts, *([None] * node.n_extra))
 
 
+@torch.compiler.disable
 def attach_rule(
     rule: BackwardRule,
     f: Cell,
@@ -282,6 +283,14 @@ def attach_rule(
 
     ``point_factory(vjp) -> (point, extras)`` (rules with ``needs_point``) supplies the
     rule-specific state for the ``create_graph`` backward and the extra Function inputs.
+
+    Never traced by ``torch.compile``: the rule calls ``vjp`` repeatedly (IFT's backward solve,
+    NPG's Neumann terms), and under compilation ``y = f(z*)`` would become one AOTAutograd node
+    whose compiled backward computes the gradient of *every* input of the graph -- the weights
+    of ``f`` too -- at each of those products, where eager autograd computes the state's alone
+    (``torch.autograd.grad(y, z*)`` prunes the weight gradients). Run eagerly, each product
+    costs what it costs without compilation; the one evaluation of ``f`` here is a small part
+    of a step.
     """
     z_req = tuple(t.detach().requires_grad_() for t in as_tuple(z_star))
     with torch.enable_grad():

@@ -15,9 +15,9 @@ class Anderson(SolverBase):
     """Anderson acceleration of ``z = g(z)`` with a memory of ``m`` past iterates.
 
     Each step picks weights α (Σα = 1) minimising ``||Σ α_i (g(x_i) - x_i)||² + lam ||α||²`` and
-    sets ``x = Σ α_i (beta g(x_i) + (1 - beta) x_i)``. Histories live in ring buffers of shape
-    ``(B, m, D)``; the Gram matrix is updated by one row per step (``m`` inner products per sample
-    instead of ``m²``). A singular or ill-posed small system never raises: ``solve_ex`` reports
+    sets ``x = Σ α_i (beta g(x_i) + (1 - beta) x_i)``. Histories live in one ring buffer of shape
+    ``(B, m, 2, D)`` (the residual and the mixed image of each slot side by side); the Gram
+    matrix is updated by one row per step (``m`` inner products per sample instead of ``m²``). A singular or ill-posed small system never raises: ``solve_ex`` reports
     it per sample and that sample falls back to a plain (damped) fixed-point step. Every product
     is per sample, so a sample that turns non-finite cannot reach the others. For half/bfloat16
     states the histories, Gram matrix and small solve are float32.
@@ -48,9 +48,16 @@ class Anderson(SolverBase):
         b, d = x0.shape
         m, beta = self.m, self.beta
         dtype, dev = x0.dtype, x0.device
-        # G: residual history g(x_i) - x_i ; Y: mixed images beta*g(x_i) + (1-beta)*x_i
-        G = tracker.buffer("anderson_G", b, m, d, like=x0)
-        Y = tracker.buffer("anderson_Y", b, m, d, like=x0)
+        # G: residual history g(x_i) - x_i ; Y: mixed images beta*g(x_i) + (1-beta)*x_i. One
+        # buffer, each slot the pair (G_i, Y_i) side by side: with beta = 1 a single pass over
+        # g(x) and x writes both (read 2 states, write 2) instead of a copy of g(x) into Y and a
+        # subtraction into G (read 3, write 2). The products read G and Y as strided views.
+        GY = tracker.buffer("anderson_GY", b, m, 2, d, like=x0)
+        G, Y = GY[:, :, 0], GY[:, :, 1]
+        # [g(x), g(x)] + [x, x] * [-1, 0] = [g(x) - x, g(x)] (exact: x * 0 adds a zero), when g
+        # returns its own output (a single state in the compute dtype: no copy of g(x) to save)
+        fused = beta == 1.0 and getattr(gf, "returns_output", False)
+        signs = torch.tensor([-1.0, 0.0], dtype=dtype, device=dev).view(1, 2, 1)
         gram = torch.zeros(b, m, m, dtype=dtype, device=dev)
         x = x0
         n = 0  # number of valid history slots
@@ -58,9 +65,14 @@ class Anderson(SolverBase):
         while True:
             slot = k % m
             n = min(n + 1, m)
-            # with beta = 1 the mixed image is g(x) itself, written straight into its slot
-            fx = gf(x, out=Y[:, slot]) if beta == 1.0 else gf(x)
-            into(G[:, slot], torch.sub, fx, x)
+            if fused:
+                fx = gf(x)
+                into(GY[:, slot], torch.addcmul, fx.unsqueeze(1), x.unsqueeze(1), signs)
+            else:
+                # a map that copies anyway (tuple state, low precision) writes g(x) straight
+                # into its slot (with beta = 1, the mixed image is g(x) itself)
+                fx = gf(x, out=Y[:, slot]) if beta == 1.0 else gf(x)
+                into(G[:, slot], torch.sub, fx, x)
             # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots, the
             # slot itself included (its diagonal entry is the tracker's squared residual).
             # (B, 1, D) @ (B, D, n) on a transposed view of the history: a batched GEMM over
