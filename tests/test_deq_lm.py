@@ -273,6 +273,26 @@ def test_variational_dropout_mask_is_one_per_sequence_and_shared_by_every_evalua
         assert torch.equal(model(idx).logits, model(idx).logits)
 
 
+def test_variational_dropout_1d_contract() -> None:
+    d = VariationalDropout1d(0.5).train()
+    x = torch.ones(2, 3, 4)
+    with pytest.raises(RuntimeError, match="call reset"):
+        d(x)
+    with pytest.raises(ValueError, match=r"3-d shape \[N, L, C\]"):
+        d.reset(torch.ones(2, 4))
+    mask = d.reset(x, generator=torch.Generator().manual_seed(0))
+    assert mask is not None and mask.shape == (2, 1, 4)
+    assert set(mask.unique().tolist()) <= {0.0, 2.0}
+    y = d(x)
+    assert torch.equal(y[:, 0], y[:, 2])  # one mask for every position
+    with pytest.raises(RuntimeError, match="does not match"):
+        d(torch.ones(3, 3, 4))
+    with pytest.raises(ValueError, match=r"p must be in \[0.0, 1.0\)"):
+        VariationalDropout1d(1.0)
+    d.eval()
+    assert d.reset(x) is None and torch.equal(d(x), x)
+
+
 def test_output_shapes_modes_and_options() -> None:
     model = tiny(
         correction=pdq.Correction(states=3, gamma=0.8), solver=pdq.FixedPoint(max_iter=20, tol=1e-6)
