@@ -301,6 +301,14 @@ def test_output_shapes_modes_and_options() -> None:
     out = model(idx, jac_reg=True)
     assert out.logits.shape == (2, 4, VOCAB) and out.state.shape == (2, 4, WIDTH)
     assert out.jac_loss is not None and out.jac_loss.requires_grad
+    # its gradient is second order through attention (float32: the fused CPU kernels lack it)
+    m32 = deq_lm.build(VOCAB, width=WIDTH, heads=HEADS, context=CONTEXT)
+    reg = m32(idx, jac_reg=True).jac_loss
+    assert reg is not None
+    reg.backward()
+    grads = [p.grad for p in m32.f.parameters() if p.grad is not None]
+    assert m32.f.block.attn.qkv.weight.grad is not None
+    assert all(torch.isfinite(g).all() for g in grads)
     assert out.state_logits is not None and len(out.state_logits) == 3
     assert out.state_weights == pytest.approx([0.64, 0.8, 1.0])
     unrolled = model(idx, mode="unrolled", unrolled_steps=3)

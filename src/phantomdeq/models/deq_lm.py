@@ -42,6 +42,7 @@ import contextlib
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from phantomdeq._validate import check_choice, check_float, check_int
 from phantomdeq.deq import DEQ
@@ -270,7 +271,9 @@ class DEQTransformerLM(nn.Module):
 
     def _jac_loss(self, cell: nn.Module, z: Tensor, x: Tensor) -> Tensor:
         track = torch.is_grad_enabled() and self.training
-        with torch.enable_grad():
+        # the regulariser's gradient differentiates a vector-Jacobian product: second order,
+        # which the fused CPU attention kernels lack; the math kernel has it
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             zs = z.detach().requires_grad_(True)
             fz = cell(zs, x if track else x.detach())
             loss = jacobian_frobenius_hutchinson(fz, zs, 1, create_graph=track)
