@@ -35,6 +35,7 @@ __all__ = [
     "MLP",
     "TokenEmbedding",
     "check_lm_sizes",
+    "check_tokens",
     "init_lm_weights",
     "sample_tokens",
 ]
