@@ -107,7 +107,10 @@ class DEQLMCell(nn.Module):
         super().__init__()
         self.form = check_choice("form", form, FORMS, owner="DEQLMCell")
         self.block = Block(
-            width, heads, mlp_ratio, dropout=lambda: VariationalDropout1d(var_dropout, channels_last=True)
+            width,
+            heads,
+            mlp_ratio,
+            dropout=lambda: VariationalDropout1d(var_dropout, channels_last=True),
         )
         self.ln_out = nn.LayerNorm(width) if form == "postnorm" else None
         self.norm = norm
