@@ -16,6 +16,7 @@ from .grad.base import GradientEstimator, check_estimator
 from .grad.correction import Correction
 from .nn.norms import update_norms
 from .precision import under_autocast
+from .solvers import with_options
 from .solvers.base import Solution, Solver, SolverBase, check_solver, sync_free
 from .solvers.graphed import GraphedSolves, check_graphable
 
@@ -32,6 +33,13 @@ class DEQ(nn.Module):
     :class:`~phantomdeq.Solution`. A solver is any object with ``__call__(g, z0) -> Solution``
     (the :class:`~phantomdeq.solvers.Solver` protocol); ``grad=BPTT()`` needs one that can also
     ``unroll(g, z0)`` (``FixedPoint``).
+
+    Per-call solver options (TorchDEQ's ``solver_kwargs``): ``forward(z0, *inputs,
+    solver_kwargs={"max_iter": 50})`` solves this call with a copy of the solver in use
+    (``solver`` or ``eval_solver``) whose options are replaced
+    (:func:`phantomdeq.solvers.with_options`: the keys are checked against the solver class's
+    options, a ``ValueError`` naming the unknown ones); the copy is checked as the constructor
+    checks a solver, and is never replayed as a captured CUDA graph.
 
     Gradients. In ``train()`` mode with gradients enabled, ``z`` carries the gradient chosen by
     ``grad`` to ``f``'s parameters and to every input that requires grad: ``F(z*)`` for
@@ -168,6 +176,25 @@ class DEQ(nn.Module):
         finally:
             self.solver, self.eval_solver, self.grad = saved
 
+    def _overridden(self, solver: Solver, overrides: object, attach: bool) -> Solver:
+        """This call's solver: ``solver`` with the options ``overrides`` (``solver_kwargs`` of
+        :meth:`forward`), checked as the constructor checks a solver."""
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            raise TypeError(
+                f"DEQ: solver_kwargs must be a dict of option names to values, got "
+                f"{type(overrides).__name__} {overrides!r}"
+            )
+        try:
+            new = with_options(solver, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"DEQ: solver_kwargs: {exc}") from exc
+        new = check_solver(new, "solver", owner="DEQ")
+        if attach:
+            self.grad.check_solver(new, "solver")
+            if self.correction is not None:
+                self.correction.check(self.grad, [("solver", new)], cuda_graph=False)
+        return new
+
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, grad={self.grad!r}, eval_solver={self.eval_solver!r}, "
@@ -175,14 +202,19 @@ class DEQ(nn.Module):
             + ("" if self.correction is None else f", correction={self.correction!r}")
         )
 
-    def forward(self, z0: State, *inputs: Any) -> tuple[State, Solution]:
+    def forward(
+        self, z0: State, *inputs: Any, solver_kwargs: dict[str, Any] | None = None
+    ) -> tuple[State, Solution]:
         spec = StateSpec.of(z0)
         attach = torch.is_grad_enabled() and (self.training or self.grad_in_eval)
         solver = self.solver if (self.training or self.eval_solver is None) else self.eval_solver
+        if solver_kwargs:
+            solver = self._overridden(solver, solver_kwargs, attach)
         if self.training and isinstance(self.f, nn.Module):
             update_norms(self.f)
         graphed = (
             self.cuda_graph
+            and not solver_kwargs
             and isinstance(solver, SolverBase)
             and self._graphs.supports(spec.device)
             and not sync_free()
