@@ -79,7 +79,10 @@ class DEQ(nn.Module):
     trajectory (:class:`~phantomdeq.grad.Correction`) and ``info.states`` lists them, each with
     the unrolled phantom gradient ``UPG(k, λ)`` of ``grad`` from that state, followed by the
     returned ``z``; ``info.state_weights`` are their loss weights ``[γ^{N−1}, …, γ, 1]``
-    (with ``N = 1``: ``[z]`` and ``[1.0]``, the plain estimator).
+    (with ``N = 1``: ``[z]`` and ``[1.0]``, the plain estimator). With
+    ``Correction(..., mode="sliced")`` the solve runs instead in ``N`` segments of
+    ``max_iter // N`` evaluations, each supervised, the next starting from the previous
+    state's value (TorchDEQ's ``DEQSliced``; :mod:`phantomdeq.grad.correction`).
     Minimise ``Σ_m w_m L(s_m)`` (:func:`~phantomdeq.grad.corrected_loss`). Needs ``grad`` =
     UPG or NPG and a solver with ``max_iter``; not with ``cuda_graph=True`` (a replayed graph
     records nothing).
@@ -232,6 +235,8 @@ class DEQ(nn.Module):
             sol = fp.solve()
             return sol.z, sol
         corr = self.correction
+        if corr is not None and corr.sliced and not self.grad.tracks_forward:
+            return corr.solve_sliced(self.grad, fp)
         recorder = None if corr is None else corr.record(fp, self.grad)
         z, sol = self.grad.equilibrium(fp)
         if corr is not None and recorder is not None:
