@@ -94,3 +94,45 @@ def test_eval_mode_is_one_full_solve() -> None:
         za, ia = a(torch.zeros_like(x), x)
         zb, _ = b(torch.zeros_like(x), x)
     assert torch.equal(za, zb) and ia.states is None
+
+
+def test_sliced_equals_torchdeq_deqsliced() -> None:
+    """The same gradients as TorchDEQ 0.1.0's ``core="sliced"`` on the same weights (float64).
+    TorchDEQ's ``fixed_point_iter`` returns its last output ``g^m(z)``, a ``FixedPoint``
+    the input of its last evaluation: segments of ``m + 1`` evaluations here match TorchDEQ's
+    ``m``, i.e. ``max_iter = f_max_iter + n_states``."""
+    torchdeq = pytest.importorskip("torchdeq")
+    torch.manual_seed(1)
+    cell = Cell()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    n, f_max_iter, k, tau, gamma = 3, 9, 2, 0.5, 0.7
+    ref = torchdeq.get_deq(
+        core="sliced",
+        f_solver="fixed_point_iter",
+        f_max_iter=f_max_iter,
+        f_tol=1e-300,
+        n_states=n,
+        grad=k,
+        tau=tau,
+    )
+    ref.train()
+    ref_states, _ = ref(lambda z: cell(z, x), torch.zeros_like(x))
+    weights = [gamma ** (n - 1 - m) for m in range(n)]
+    ref_grads = torch.autograd.grad(
+        sum(w * _loss(s) for w, s in zip(weights, ref_states)), list(cell.parameters())
+    )
+    deq = pdq.DEQ(
+        cell,
+        solver=pdq.FixedPoint(max_iter=f_max_iter + n, tol=0.0),
+        grad=pdq.grad.UPG(k=k, lam=tau),
+        correction=Correction(states=n, gamma=gamma, mode="sliced"),
+    )
+    _, info = deq(torch.zeros_like(x), x)
+    assert info.states is not None and info.state_weights == weights
+    grads = torch.autograd.grad(
+        corrected_loss(_loss, info.states, info.state_weights), list(cell.parameters())
+    )
+    for a, b in zip(info.states, ref_states):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
