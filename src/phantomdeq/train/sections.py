@@ -117,6 +117,10 @@ def _field_type(p: inspect.Parameter) -> Any:
         return Float
     if ann == float | None:
         return Float | None
+    try:
+        TypeAdapter(ann)
+    except pydantic.PydanticSchemaGenerationError:  # a user class's own type: it checks it
+        return Any
     return ann
 
 
