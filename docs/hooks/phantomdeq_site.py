@@ -183,6 +183,7 @@ def config_options_markdown() -> str:
     queue: list[tuple[str, type]] = [
         (name, typing.get_args(f.annotation)[0] if typing.get_args(f.annotation) else f.annotation)
         for name, f in Config.model_fields.items()
+        if name != "plugins"
     ]
     while queue:
         key, model = queue.pop(0)
@@ -195,6 +196,15 @@ def config_options_markdown() -> str:
         table, nested = _option_table(model, key, users)
         parts.append(f"### `{key}` {{#{_anchor(key)}}}\n\n{_docstring_to_markdown(doc)}\n\n{table}")
         queue[0:0] = nested
+    parts.append(
+        "### `plugins` {#plugins}\n\nModules imported before the rest of the config is parsed "
+        "(as `python -m` finds them: the working directory first), so that the solvers and "
+        "estimators they register with `phantomdeq.solvers.register` and "
+        "`phantomdeq.grad.register` can be named in `solver`, `eval_solver`, "
+        "`grad.backward_solver` and `grad`, with their own options as keys of that section.\n\n"
+        "| key | type | default | allowed |\n|---|---|---|---|\n"
+        "| `plugins` | list[str] | `[]` | importable module names |\n"
+    )
     return "\n".join(parts)
 
 

@@ -16,6 +16,7 @@ from .grad.base import GradientEstimator, check_estimator
 from .grad.correction import Correction
 from .nn.norms import update_norms
 from .precision import under_autocast
+from .solvers import with_options
 from .solvers.base import Solution, Solver, SolverBase, check_solver, sync_free
 from .solvers.graphed import GraphedSolves, check_graphable
 
@@ -32,6 +33,13 @@ class DEQ(nn.Module):
     :class:`~phantomdeq.Solution`. A solver is any object with ``__call__(g, z0) -> Solution``
     (the :class:`~phantomdeq.solvers.Solver` protocol); ``grad=BPTT()`` needs one that can also
     ``unroll(g, z0)`` (``FixedPoint``).
+
+    Per-call solver options (TorchDEQ's ``solver_kwargs``): ``forward(z0, *inputs,
+    solver_kwargs={"max_iter": 50})`` solves this call with a copy of the solver in use
+    (``solver`` or ``eval_solver``) whose options are replaced
+    (:func:`phantomdeq.solvers.with_options`: the keys are checked against the solver class's
+    options, a ``ValueError`` naming the unknown ones); the copy is checked as the constructor
+    checks a solver, and is never replayed as a captured CUDA graph.
 
     Gradients. In ``train()`` mode with gradients enabled, ``z`` carries the gradient chosen by
     ``grad`` to ``f``'s parameters and to every input that requires grad: ``F(z*)`` for
@@ -71,7 +79,10 @@ class DEQ(nn.Module):
     trajectory (:class:`~phantomdeq.grad.Correction`) and ``info.states`` lists them, each with
     the unrolled phantom gradient ``UPG(k, λ)`` of ``grad`` from that state, followed by the
     returned ``z``; ``info.state_weights`` are their loss weights ``[γ^{N−1}, …, γ, 1]``
-    (with ``N = 1``: ``[z]`` and ``[1.0]``, the plain estimator).
+    (with ``N = 1``: ``[z]`` and ``[1.0]``, the plain estimator). With
+    ``Correction(..., mode="sliced")`` the solve runs instead in ``N`` segments of
+    ``max_iter // N`` evaluations, each supervised, the next starting from the previous
+    state's value (TorchDEQ's ``DEQSliced``; :mod:`phantomdeq.grad.correction`).
     Minimise ``Σ_m w_m L(s_m)`` (:func:`~phantomdeq.grad.corrected_loss`). Needs ``grad`` =
     UPG or NPG and a solver with ``max_iter``; not with ``cuda_graph=True`` (a replayed graph
     records nothing).
@@ -168,6 +179,25 @@ class DEQ(nn.Module):
         finally:
             self.solver, self.eval_solver, self.grad = saved
 
+    def _overridden(self, solver: Solver, overrides: object, attach: bool) -> Solver:
+        """This call's solver: ``solver`` with the options ``overrides`` (``solver_kwargs`` of
+        :meth:`forward`), checked as the constructor checks a solver."""
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            raise TypeError(
+                f"DEQ: solver_kwargs must be a dict of option names to values, got "
+                f"{type(overrides).__name__} {overrides!r}"
+            )
+        try:
+            new = with_options(solver, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"DEQ: solver_kwargs: {exc}") from exc
+        new = check_solver(new, "solver", owner="DEQ")
+        if attach:
+            self.grad.check_solver(new, "solver")
+            if self.correction is not None:
+                self.correction.check(self.grad, [("solver", new)], cuda_graph=False)
+        return new
+
     def extra_repr(self) -> str:
         return (
             f"solver={self.solver!r}, grad={self.grad!r}, eval_solver={self.eval_solver!r}, "
@@ -175,14 +205,19 @@ class DEQ(nn.Module):
             + ("" if self.correction is None else f", correction={self.correction!r}")
         )
 
-    def forward(self, z0: State, *inputs: Any) -> tuple[State, Solution]:
+    def forward(
+        self, z0: State, *inputs: Any, solver_kwargs: dict[str, Any] | None = None
+    ) -> tuple[State, Solution]:
         spec = StateSpec.of(z0)
         attach = torch.is_grad_enabled() and (self.training or self.grad_in_eval)
         solver = self.solver if (self.training or self.eval_solver is None) else self.eval_solver
+        if solver_kwargs:
+            solver = self._overridden(solver, solver_kwargs, attach)
         if self.training and isinstance(self.f, nn.Module):
             update_norms(self.f)
         graphed = (
             self.cuda_graph
+            and not solver_kwargs
             and isinstance(solver, SolverBase)
             and self._graphs.supports(spec.device)
             and not sync_free()
@@ -200,6 +235,8 @@ class DEQ(nn.Module):
             sol = fp.solve()
             return sol.z, sol
         corr = self.correction
+        if corr is not None and corr.sliced and not self.grad.tracks_forward:
+            return corr.solve_sliced(self.grad, fp)
         recorder = None if corr is None else corr.record(fp, self.grad)
         z, sol = self.grad.equilibrium(fp)
         if corr is not None and recorder is not None:

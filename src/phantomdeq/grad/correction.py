@@ -10,6 +10,14 @@ gradient from that state (``UPG`` with the estimator's ``k`` and ``λ``, eq. 17 
 the last one is the DEQ's output with its own estimator. The loss to minimise is the weighted
 sum of the per-state losses, ``Σ_m w_m L(head(s_m))`` (:func:`corrected_loss`); its gradient is
 the weighted sum of the per-state phantom gradients. ``states=1`` is the plain estimator.
+
+``mode="sliced"`` is TorchDEQ's ``DEQSliced`` (DEQ-Flow's segmented solve) instead: the solve
+runs in ``N`` segments of ``max_iter // N`` evaluations each (:meth:`Correction.segments`);
+after each segment but the last, ``UPG(k, λ)`` is unrolled from its detached result, that state
+is supervised, and the next segment's solve starts from its value (detached: no gradient
+flows from one segment into the next); the last segment's result gets the DEQ's own
+estimator. The unroll steps are part of the trajectory (``max_iter + (N − 1) k`` evaluations
+in all). ``info`` is the last segment's :class:`~phantomdeq.Solution`.
 """
 
 from __future__ import annotations
@@ -19,29 +27,47 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .._state import State
-from .._validate import check_float, check_int
+from .._state import State, detach
+from .._validate import check_choice, check_float, check_int
 from ..solvers.base import Solution
 from .base import GradientEstimator
 
 if TYPE_CHECKING:
     from ..forward import ForwardPass
 
-__all__ = ["Correction", "corrected_loss"]
+__all__ = ["CORRECTION_MODES", "Correction", "corrected_loss"]
+
+#: ``sampled``: states along one solve (TorchDEQ's ``DEQIndexing``); ``sliced``: a solve in
+#: segments, each supervised (``DEQSliced``)
+CORRECTION_MODES = ("sampled", "sliced")
 
 
 class Correction:
     """Fixed-point correction: ``states`` supervised states (>= 1; 1 = off), loss weights
-    ``γ^m`` for the state ``m`` places before the solution (``0 < gamma <= 1``)."""
+    ``γ^m`` for the state ``m`` places before the solution (``0 < gamma <= 1``); ``mode``
+    ``"sampled"`` (states along one solve) or ``"sliced"`` (a solve in segments, see the
+    module docstring)."""
 
-    def __init__(self, *, states: int = 1, gamma: float = 0.8) -> None:
+    def __init__(self, *, states: int = 1, gamma: float = 0.8, mode: str = "sampled") -> None:
         self.states = check_int("states", states, minimum=1, owner="Correction")
         self.gamma = check_float(
             "gamma", gamma, owner="Correction", low=0.0, high=1.0, low_open=True
         )
+        self.mode = check_choice("mode", mode, CORRECTION_MODES, owner="Correction")
 
     def __repr__(self) -> str:
-        return f"Correction(states={self.states}, gamma={self.gamma})"
+        extra = "" if self.mode == "sampled" else f", mode={self.mode!r}"
+        return f"Correction(states={self.states}, gamma={self.gamma}{extra})"
+
+    @property
+    def sliced(self) -> bool:
+        """True for an active correction in ``"sliced"`` mode."""
+        return self.active and self.mode == "sliced"
+
+    def segments(self, max_iter: int) -> list[int]:
+        """The evaluation budget of each segment of a sliced solve: ``max_iter // N`` each (as
+        TorchDEQ's ``DEQSliced`` with ``n_states = N``)."""
+        return [max_iter // self.states] * self.states
 
     @property
     def active(self) -> bool:
@@ -85,6 +111,13 @@ class Correction:
                     f"DEQ: correction spaces its states over the {name}'s budget and needs "
                     f"a solver with an integer max_iter, got {chosen!r}"
                 )
+            if self.mode == "sliced" and budget // self.states < 2:
+                raise ValueError(
+                    f"DEQ: Correction(states={self.states}, mode='sliced') solves in "
+                    f"{self.states} segments of {name}.max_iter // {self.states} evaluations, "
+                    f"at least 2 each; {name}.max_iter={budget} gives {budget // self.states}: "
+                    f"raise max_iter to {2 * self.states} or more, or use fewer states"
+                )
 
     def record(self, fp: ForwardPass, grad: GradientEstimator) -> StateRecorder | None:
         """Record the states of the forward pass ``fp``: its solve then calls the recorder.
@@ -117,6 +150,33 @@ class Correction:
             attached = [est.attach(fp.cell, s, fp.grad_inputs, fp.spec) for s in states]
         sol.states = [*attached, z]
         sol.state_weights = self.weights()
+
+    def solve_sliced(self, grad: GradientEstimator, fp: ForwardPass) -> tuple[State, Solution]:
+        """The sliced solve of ``fp`` (``mode="sliced"``): ``N`` segments with the solver's
+        options and ``max_iter // N`` evaluations each; after each segment but the last,
+        ``UPG(k, λ)`` of ``grad`` from its detached result is a supervised state and the next
+        segment starts from that state's value; the last segment gets ``grad`` itself.
+        Returns ``(z, info)`` of the last segment with ``info.states``/``state_weights``."""
+        from ..forward import ForwardPass
+        from ..solvers import with_options
+
+        est = state_estimator(grad)
+        budget = self.segments(int(getattr(fp.solver, "max_iter", 0)))[0]
+        segment = with_options(fp.solver, max_iter=budget)
+        attached: list[State] = []
+        start = fp.z0
+        for _ in range(self.states - 1):
+            part = ForwardPass(
+                fp.f, fp.inputs, start, fp.spec, segment, on_nonfinite=fp.on_nonfinite
+            )
+            state = part.attach(est.attach, part.solve())
+            attached.append(state)
+            start = detach(state)
+        last = ForwardPass(fp.f, fp.inputs, start, fp.spec, segment, on_nonfinite=fp.on_nonfinite)
+        z, sol = grad.equilibrium(last)
+        sol.states = [*attached, z]
+        sol.state_weights = self.weights()
+        return z, sol
 
 
 class StateRecorder:

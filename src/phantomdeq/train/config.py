@@ -45,6 +45,7 @@ from .sections import (
     Section,
     SolverConfig,
     SolverSection,
+    import_plugins,
 )
 from .tasks import TASKS, task_class
 from .train_section import TrainConfig, monitor_label
@@ -268,7 +269,9 @@ class LogConfig(Section):
 
 
 class Config(Section):
-    """A whole training run. ``eval_solver: null`` evaluates with the training ``solver``."""
+    """A whole training run. ``eval_solver: null`` evaluates with the training ``solver``.
+    ``plugins``: modules imported before the rest is parsed, which register user solvers and
+    estimators (:func:`~phantomdeq.train.sections.import_plugins`)."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -279,6 +282,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    plugins: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
     def validate(self) -> None:  # type: ignore[override]
         """Cross-field checks beyond the types (ranges the classes own, combinations)."""
@@ -378,6 +382,7 @@ def _message(err: Any) -> str:
 
 def config_from_dict(raw: Any) -> Config:
     """Build and validate a :class:`Config` from a plain mapping (e.g. parsed YAML)."""
+    import_plugins(raw)
     try:
         cfg = Config.model_validate({} if raw is None else raw)
     except pydantic.ValidationError as exc:

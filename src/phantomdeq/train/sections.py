@@ -4,11 +4,16 @@ the solver and estimator classes (their keyword-only constructor parameters, exp
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
 import re
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+import sys
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import pydantic
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic_core import PydanticCustomError
 
 from phantomdeq import grad as grad_estimators
 from phantomdeq import solvers as solver_classes
@@ -29,6 +34,7 @@ __all__ = [
     "NonNegInt",
     "PosFloat",
     "PosInt",
+    "import_plugins",
     "solver_default",
 ]
 
@@ -92,22 +98,121 @@ def _option_fields(
     option also takes YAML's "1e-4" strings). An option several classes declare (``k`` of UPG
     and NPG, ``max_iter`` of every solver) is one key, typed and defaulted by the first class in
     registry order that declares it; ``defaults`` replaces class defaults."""
-    fields: dict[str, Any] = {"name": (Literal[tuple(registry)], defaults.get("name"))}
+    fields: dict[str, Any] = {"name": (str, defaults.get("name"))}
     for cls_name in registry:
         for name, p in options(cls_name).items():
             if name in NESTED_SOLVERS:
                 continue
             if name not in fields:
-                ann = p.annotation
-                if ann is float:
-                    ann = Float
-                elif ann == float | None:
-                    ann = Float | None
-                fields[name] = (ann, defaults.get(name, p.default))
+                fields[name] = (_field_type(p), defaults.get(name, p.default))
     return fields
 
 
-class SolverSection(Section):
+def _field_type(p: inspect.Parameter) -> Any:
+    """The config type of an option: its annotation, ``Float`` for ``float`` (YAML's "1e-4")."""
+    ann = p.annotation
+    if ann is inspect.Parameter.empty:
+        return Any
+    if ann is float:
+        return Float
+    if ann == float | None:
+        return Float | None
+    try:
+        TypeAdapter(ann)
+    except pydantic.PydanticSchemaGenerationError:  # a user class's own type: it checks it
+        return Any
+    return ann
+
+
+def _check_name(value: str, registry: dict[str, type]) -> str:
+    """``value`` if ``registry`` (live: user classes registered since import included) has it;
+    the error lists the allowed names as a ``Literal`` would."""
+    if value not in registry:
+        names = [repr(n) for n in registry]
+        expected = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise PydanticCustomError(
+            "literal_error", "Input should be {expected}", {"expected": expected}
+        )
+    return value
+
+
+class _Registered(Section):
+    """A section naming a registered class (``name``) whose keys are the options of the
+    library's classes (generated fields) plus, for a user class registered after import
+    (``pdq.solvers.register``, ``pdq.grad.register``), its own options: extra keys, accepted
+    only when the named class declares them, typed by their annotations in :meth:`check`."""
+
+    model_config = ConfigDict(extra="allow")
+    #: the classes this section may name
+    registry: ClassVar[dict[str, type]]
+    #: the registry's ``options(name)``
+    option_table: ClassVar[Any]
+    if TYPE_CHECKING:
+        name: str  # the field of the subclasses
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        return _check_name(value, cls.registry)
+
+    def _extra_options(self, prefix: str) -> None:
+        """Refuse extra keys the named class does not declare (as pydantic refuses unknown
+        keys) and validate the others against their annotations (strict, as the fields)."""
+        extra = self.__pydantic_extra__ or {}
+        declared = type(self).option_table(self.name)
+        for key, value in list(extra.items()):
+            p = declared.get(key)
+            if p is None or key in NESTED_SOLVERS:
+                allowed = [
+                    *type(self).model_fields,
+                    *(
+                        k
+                        for k in declared
+                        if k not in type(self).model_fields and k not in NESTED_SOLVERS
+                    ),
+                ]
+                raise ConfigError(
+                    f"{prefix}.{key}: unknown key; allowed keys in {prefix}: {', '.join(allowed)}"
+                )
+            try:
+                extra[key] = TypeAdapter(
+                    _field_type(p), config=ConfigDict(strict=True)
+                ).validate_python(value)
+            except pydantic.ValidationError as exc:
+                err = exc.errors()[0]
+                text = err["msg"][0].lower() + err["msg"][1:]
+                raise ConfigError(
+                    f"{prefix}.{key}: {text}; got {type(value).__name__} {value!r}"
+                ) from None
+
+    def _values(self, name: str) -> dict[str, Any]:
+        """The config's values of the options of class ``name`` (fields and extra keys; an
+        option the config does not set keeps the class default)."""
+        extra = self.__pydantic_extra__ or {}
+        out = {}
+        for k in type(self).option_table(name):
+            key = NESTED_SOLVERS.get(k, k) if isinstance(self, GradSection) else k
+            if key in type(self).model_fields:
+                out[k] = getattr(self, key)
+            elif key in extra:
+                out[k] = extra[key]
+        return out
+
+    def _checked_names(self) -> list[str]:
+        """The classes :meth:`check` builds: the named one first, then every class whose
+        options are all fields (those known when the section was generated: a value invalid
+        for any of them is refused, used or not)."""
+        fields = type(self).model_fields
+        names = [
+            n
+            for n in self.registry
+            if n == self.name
+            or all(k in fields or k in NESTED_SOLVERS for k in type(self).option_table(n))
+        ]
+        return sorted(names, key=lambda n: n != self.name)
+
+
+class SolverSection(_Registered):
     """A forward (or IFT backward) fixed-point solver, built with ``pdq.solvers.from_name``.
     Its keys are ``name`` and the options of every solver class (``pdq.solvers.options``);
     each option is passed only to the solvers that declare it, and every solver is built with
@@ -117,16 +222,18 @@ class SolverSection(Section):
     model_config = ConfigDict(allow_inf_nan=True)  # the solver classes check the values
     #: the solvers this section may name
     registry: ClassVar[dict[str, type]] = solver_classes.SOLVERS
+    option_table: ClassVar[Any] = staticmethod(solver_classes.options)
     name: str = "anderson"
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pdq.solvers.from_name(self.name, **kwargs)``."""
-        return {k: getattr(self, k) for k in solver_classes.options(self.name)}
+        return self._values(self.name)
 
     def check(self, prefix: str) -> None:
+        self._extra_options(prefix)
         # the named solver first, so that an error about a shared option names it
-        for name in _named_first(self.name, self.registry):
-            opts = {k: getattr(self, k) for k in solver_classes.options(name)}
+        for name in self._checked_names():
+            opts = self._values(name)
             _construct(lambda n=name, **kw: solver_classes.from_name(n, **kw), opts, prefix)
 
 
@@ -153,7 +260,7 @@ class BackwardSolverSection(SolverSection):
     registry: ClassVar[dict[str, type]] = solver_classes.BACKWARD_SOLVERS
 
 
-class GradSection(Section):
+class GradSection(_Registered):
     """The gradient estimator (paper Sec. 2): ``ift`` (eq. 4), ``upg`` (unrolled phantom
     gradient A^unr_{k,λ}, eq. 17), ``npg`` (Neumann phantom gradient A^neu_{k,λ}, eq. 18),
     ``onestep`` (= UPG(1, 1)) or ``bptt``. Its keys are ``name``, the options of every
@@ -164,17 +271,17 @@ class GradSection(Section):
     (:class:`CorrectionConfig`, fixed-point correction)."""
 
     model_config = ConfigDict(allow_inf_nan=True)  # the estimator classes check the values
+    registry: ClassVar[dict[str, type]] = grad_estimators.ESTIMATORS
+    option_table: ClassVar[Any] = staticmethod(grad_estimators.options)
     name: str = "upg"
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
 
     def kwargs(self) -> dict[str, Any]:
         """Options of ``self.name`` as config values (nested solvers as their sections)."""
-        out = {}
-        for k in grad_estimators.options(self.name):
-            out[k] = getattr(self, NESTED_SOLVERS.get(k, k))
-        return out
+        return self._values(self.name)
 
     def check(self, prefix: str) -> None:
+        self._extra_options(prefix)
         correction = self.correction
         correction.check(f"{prefix}.correction")
         if correction.states > 1 and self.name not in ("upg", "npg"):
@@ -185,16 +292,33 @@ class GradSection(Section):
             )
         for key in NESTED_SOLVERS.values():
             getattr(self, key).check(f"{prefix}.{key}")
-        for name in _named_first(self.name, grad_estimators.ESTIMATORS):
-            keys = [k for k in grad_estimators.options(name) if k not in NESTED_SOLVERS]
-            opts = {k: getattr(self, k) for k in keys}
+        for name in self._checked_names():
+            opts = {k: v for k, v in self._values(name).items() if k not in NESTED_SOLVERS}
             _construct(lambda n=name, **kw: grad_estimators.from_name(n, **kw), opts, prefix)
 
 
-def _named_first(name: str, registry: Any) -> list[str]:
-    """The registry's names with ``name`` (when registered) first."""
-    names = list(registry)
-    return sorted(names, key=lambda n: n != name)
+def import_plugins(raw: Any) -> None:
+    """Import the modules of a raw config's ``plugins`` list (``plugins: [mypkg.solvers]``)
+    before the config is parsed, so that the solvers and estimators they register
+    (``pdq.solvers.register``, ``pdq.grad.register``) are known to ``solver``, ``grad`` and
+    ``eval_solver``. Modules are found as ``python -m`` finds them: the working directory
+    first, then the installed packages and ``PYTHONPATH``. A list that is not one of strings
+    is left to the parser's type check; a module that cannot be imported is a
+    :class:`ConfigError` naming ``plugins[i]``."""
+    plugins = raw.get("plugins") if isinstance(raw, dict) else None
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        return
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for i, module in enumerate(plugins):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - whatever the import raises, in one line
+            raise ConfigError(
+                f"plugins[{i}]: cannot import module {module!r} "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from exc
 
 
 def solver_default(**values: Any) -> Any:
