@@ -43,22 +43,21 @@ def _per_sample_norms(vec, index, batch):
     return torch.zeros(batch, dtype=vec.dtype).index_add_(0, index, vec * vec).sqrt()
 
 
-def _upg_ratios_by_definition(cell, x, h0, lam, k_max):
-    """max over samples of ‖h_j − h_{j−1}‖ / ‖h_1 − h_0‖ for j = 1..k_max (damped iteration):
-    the criterion holds at the first j whose ratio is below tol."""
-    batch = x.shape[0]
-    index = _sample_index(h0)
-    h, first, ratios = h0, None, []
-    with torch.no_grad():
-        for _ in range(k_max):
-            fh = _parts(cell(h, x))
-            new = tuple(lam * a + (1 - lam) * b for a, b in zip(fh, _parts(h)))
-            new = new if isinstance(h0, tuple) else new[0]
-            change = _per_sample_norms(_flat(new) - _flat(h), index, batch)
-            first = change if first is None else first
-            h = new
-            ratios.append(float((change / first).max()))
-    return ratios
+def _series_ratios(cell, x, z, wrt, g, lam, k_max):
+    """[inf, r_1, ..., r_{k_max-1}]: r_i = max over samples of ‖(Bᵀ)^i g‖ / ‖Σ_{i'<=i} (Bᵀ)^{i'} g‖
+    with the dense Jacobian at ``z`` (B = λ ∂F/∂h + (1 − λ) I); the first term is never the
+    last. The adaptive rule (UPG and NPG) takes as many terms as the first i whose ratio is
+    below tol, plus one."""
+    J_h, J_w = D.dense_jacobians(cell, z, (x,), wrt)
+    index, batch = _sample_index(z), x.shape[0]
+    w, acc, ratios = g, g.clone(), [float("inf")]
+    Bt = lam * J_h.T + (1 - lam) * torch.eye(J_h.shape[0], dtype=J_h.dtype)
+    for _ in range(k_max - 1):
+        w = Bt @ w
+        acc = acc + w
+        ratio = _per_sample_norms(w, index, batch) / _per_sample_norms(acc, index, batch)
+        ratios.append(float(ratio.max()))
+    return ratios, J_h, J_w
 
 
 def _assert_first_step_below(ratios, tol, k, k_max, rel=1e-9):
@@ -71,15 +70,17 @@ def _assert_first_step_below(ratios, tol, k, k_max, rel=1e-9):
 
 
 def test_adaptive_upg_stops_by_its_criterion_and_equals_eq17_with_that_k(tuple_state):
+    """The number of steps is decided on the gradient series at h* (the quantity eq. (17)'s
+    truncation error is made of), and the gradient is then bit for bit UPG(k) with that k."""
     cell, x = make_problem(tuple_state)
-    # a loose solve: eq. (17)'s Jacobians along the trajectory then differ from those at h*,
-    # and the unrolled iterate keeps moving (the criterion has something to measure)
+    # a loose solve: eq. (17)'s Jacobians along the trajectory then differ from those at h*
     solver = pdq.FixedPoint(max_iter=4, tol=1e-13)
     est = pdq.UPG(k="auto", lam=0.5, tol=0.1, k_max=40)
     grads, info, t, wrt = _grads(cell, x, est, solver)
     j = est.last_k
     assert 3 <= j < 40  # neither the first step nor the cap
-    _assert_first_step_below(_upg_ratios_by_definition(cell, x, info.z, 0.5, 40), 0.1, j, 40)
+    ratios, *_ = _series_ratios(cell, x, info.z, wrt, _flat(t), 0.5, 40)
+    _assert_first_step_below(ratios, 0.1, j, 40)
     fixed, *_ = _grads(cell, x, pdq.UPG(k=j, lam=0.5), solver)
     assert all(torch.equal(a, b) for a, b in zip(grads, fixed))
     A = D.unrolled_matrix(cell, info.z, (x,), wrt, j, 0.5)
@@ -88,6 +89,68 @@ def test_adaptive_upg_stops_by_its_criterion_and_equals_eq17_with_that_k(tuple_s
     tighter = pdq.UPG(k="auto", lam=0.5, tol=1e-3, k_max=40)
     _grads(cell, x, tighter, solver)
     assert tighter.last_k > j
+
+
+def test_adaptive_upg_value_is_one_damped_step(tuple_state):
+    """The forward value is that of UPG(k=1), Φ(h*), whatever k the backward then chooses."""
+    cell, x = make_problem(tuple_state)
+    solver = pdq.FixedPoint(max_iter=4, tol=1e-13)
+    z_auto, _ = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k="auto", lam=0.5))(cell.z0(3), x)
+    z_one, _ = pdq.DEQ(cell, solver=solver, grad=pdq.UPG(k=1, lam=0.5))(cell.z0(3), x)
+    assert all(torch.equal(a, b) for a, b in zip(_parts(z_auto), _parts(z_one)))
+
+
+def test_adaptive_upg_steps_do_not_grow_with_a_tighter_forward_solve(tuple_state):
+    """Issue 23: the old rule (forward differences) ran to k_max once the forward solve had
+    converged to rounding level; the series rule takes the same order of steps whatever the
+    forward tol, well below k_max."""
+    cell, x = make_problem(tuple_state)
+    ks = {}
+    for fwd_tol in (1e-3, 1e-12):
+        est = pdq.UPG(k="auto", lam=0.5, tol=1e-3, k_max=50)
+        grads, info, t, wrt = _grads(cell, x, est, pdq.FixedPoint(max_iter=400, tol=fwd_tol))
+        assert info.result == "converged"
+        ks[fwd_tol] = est.last_k
+        fixed, *_ = _grads(
+            cell, x, pdq.UPG(k=est.last_k, lam=0.5), pdq.FixedPoint(max_iter=400, tol=fwd_tol)
+        )
+        assert all(torch.equal(a, b) for a, b in zip(grads, fixed))
+    assert ks[1e-12] < 50
+    assert abs(ks[1e-12] - ks[1e-3]) <= max(2, ks[1e-3] // 2), ks
+
+
+def test_adaptive_upg_second_order_matches_fixed_k(tuple_state):
+    """Under create_graph the adaptive UPG is the double backward of UPG(k) with its k."""
+    cell, x = make_problem(tuple_state)
+    solver = pdq.FixedPoint(max_iter=200, tol=1e-12)
+    out = []
+    for est in (pdq.UPG(k="auto", lam=0.7, tol=1e-2, k_max=50), None):
+        if est is None:
+            est = pdq.UPG(k=out[0][1], lam=0.7)
+        deq = pdq.DEQ(cell, solver=solver, grad=est)
+        z, _ = deq(cell.z0(x.shape[0]), x)
+        (gx,) = torch.autograd.grad(inner(z, state_target(z)), [x], create_graph=True)
+        (hx,) = torch.autograd.grad(gx.pow(2).sum(), [x])
+        out.append((hx, est.last_k))
+    assert 2 <= out[0][1] < 50
+    assert torch.equal(out[0][0], out[1][0])
+
+
+def test_adaptive_upg_reaches_the_parameters_of_a_closure():
+    """A cell that is a plain function capturing its parameters gets them their gradient."""
+    cell, x = make_problem(False)
+
+    def closure(z, x):
+        return cell(z, x)
+
+    solver = pdq.FixedPoint(max_iter=200, tol=1e-12)
+    wrt = [*cell.parameters(), x]
+    got = []
+    for est in (pdq.UPG(k="auto", lam=0.5), None):
+        est = est or pdq.UPG(k=got[0][1], lam=0.5)
+        z, _ = pdq.DEQ(closure, solver=solver, grad=est)(cell.z0(3), x)
+        got.append((torch.autograd.grad(inner(z, state_target(z)), wrt), est.last_k))
+    assert all(torch.equal(a, b) for a, b in zip(got[0][0], got[1][0]))
 
 
 def test_adaptive_upg_with_tiny_tol_is_the_exact_gradient(tuple_state):
@@ -106,18 +169,8 @@ def test_adaptive_npg_stops_by_its_criterion_and_equals_eq18_with_that_k(tuple_s
     lam, tol = 0.6, 1e-2
     est = pdq.NPG(k="auto", lam=lam, tol=tol, k_max=60)
     grads, info, t, wrt = _grads(cell, x, est, solver)
-    J_h, J_w = D.dense_jacobians(cell, info.z, (x,), wrt)
-    # the series terms (Bᵀ)^j g with the dense Jacobian; first j whose term is below tol times
-    # the partial sum for every sample
-    index, batch = _sample_index(info.z), x.shape[0]
+    ratios, J_h, J_w = _series_ratios(cell, x, info.z, wrt, _flat(t), lam, 60)
     g = _flat(t)
-    w, acc, ratios = g, g.clone(), [float("inf")]  # the first term is never the last
-    Bt = lam * J_h.T + (1 - lam) * torch.eye(J_h.shape[0], dtype=J_h.dtype)
-    for _ in range(59):
-        w = Bt @ w
-        acc = acc + w
-        ratio = _per_sample_norms(w, index, batch) / _per_sample_norms(acc, index, batch)
-        ratios.append(float(ratio.max()))
     terms = est.last_k
     assert 3 <= terms < 60
     _assert_first_step_below(ratios, tol, terms, 60)

@@ -3,9 +3,10 @@
 
 Both phantom gradients are truncations of the same series (paper eqs. 14/15, truncated in
 eqs. 17/18): the term after ``j`` steps is ``B^j`` applied to a vector, ``B = λ ∂F/∂h + (1−λ) I``,
-so the truncation error falls like ``‖B^j‖``. ``k="auto"`` measures that decay on the batch
-being trained and stops at the first ``j`` where it is below ``tol`` for every sample (or at
-``k_max``). Each test reads one boolean on the host, so an adaptive estimator cannot run inside
+so the truncation error falls like ``‖B^j‖``. ``k="auto"`` measures that decay in the backward
+pass on the incoming gradient ``g`` of the batch being trained, ``‖(Bᵀ)^j g‖`` against the
+partial sum, and stops at the first ``j`` where it is below ``tol`` for every sample (or at
+``k_max``); UPG then recomputes and back-propagates that many unrolled steps. Each test reads one boolean on the host, so an adaptive estimator cannot run inside
 ``torch.compile`` (refused, see :func:`refuse_when_compiling`).
 """
 

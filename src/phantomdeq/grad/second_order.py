@@ -36,7 +36,7 @@ class AdjointSolver(Protocol):
     def solve(self, op: Callable[[Tensor], Tensor], rhs: Tensor, *, what: str) -> Tensor: ...
 
 
-def _tensors_requiring_grad(obj: object, found: list[Tensor]) -> None:
+def tensors_requiring_grad(obj: object, found: list[Tensor]) -> None:
     """Append to ``found`` the tensors requiring grad inside ``obj`` (tuples, lists, dicts),
     each once. Identity tests with ``is``, not ``id()``: traced by ``torch.compile``, ``id()``
     of an input would make every new batch a recompilation."""
@@ -45,10 +45,10 @@ def _tensors_requiring_grad(obj: object, found: list[Tensor]) -> None:
             found.append(obj)
     elif isinstance(obj, tuple | list):
         for item in obj:
-            _tensors_requiring_grad(item, found)
+            tensors_requiring_grad(item, found)
     elif isinstance(obj, dict):
         for item in obj.values():
-            _tensors_requiring_grad(item, found)
+            tensors_requiring_grad(item, found)
 
 
 def _substitute(obj: Any, repl: dict[int, Tensor]) -> Any:
@@ -104,7 +104,7 @@ class ImplicitPoint:
         params = f.parameters() if isinstance(f, torch.nn.Module) else ()
         self.params = [p for p in params if p.requires_grad]
         found: list[Tensor] = []
-        _tensors_requiring_grad(self.inputs, found)
+        tensors_requiring_grad(self.inputs, found)
         self.xs = [t for t in found if not any(t is p for p in self.params)]
 
     @property

@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 from .._state import State, StateSpec, as_tuple, detach, like
 from ..solvers.base import Solution
 from .adaptive import AUTO, all_below, check_k_auto, refuse_when_compiling, row_norms
-from .base import Cell, GradientEstimator, check_lam
+from .base import Cell, GradientEstimator, VJPAt, check_lam
+from .second_order import tensors_requiring_grad
 
 
 def _damped_step(f: Cell, spec: StateSpec, lam: float, h: State, *inputs: Any) -> State:
@@ -31,19 +32,33 @@ class UPG(GradientEstimator):
     Memory O(k). With ``checkpoint=True`` each step is recomputed in the backward pass, so only
     the k step inputs are stored (O(1) activations per step).
 
-    Adaptive k (``k="auto"``, with ``tol`` and ``k_max``). The unroll stops after the first
-    step ``j >= 1`` at which, for every sample, ``‖h_j − h_{j−1}‖ < tol · ‖h_1 − h_0‖``, or after
-    ``k_max`` steps; the output is then exactly that of ``UPG(k=j)`` and ``j`` is stored in
-    :attr:`last_k`. Why this ratio: near the fixed point ``h_{j+1} − h_j ≈ B (h_j − h_{j−1})``,
-    ``B = λ ∂F/∂h + (1 − λ) I``, so it measures ``‖B^j r‖ / ‖r‖`` on the forward residual ``r``
-    -- the decay of the very series whose truncation eq. (17) is (the gradient's relative
-    truncation error), at no extra evaluation of ``F``. (The change relative to ``‖h_j‖``
-    would instead measure the forward solver's residual: it is below ``λ·tol`` of the solve
-    from the first step, and smaller the better the solve converged.) The ratio cannot fall
-    below the rounding of the state relative to the residual (about ``1e-7 / residual`` in
-    float32); a sample that is an exact fixed point (``h_1 = h_0``) gives no measurement and
-    runs to ``k_max``. Each step reads one boolean on the host (eager mode only: refused under
-    ``torch.compile``; ``DEQ(cuda_graph=True)`` captures only the solve, so it works there).
+    Adaptive k (``k="auto"``, with ``tol`` and ``k_max``). The truncation error of eq. (17)
+    is the tail of the series ``Σ_i (Bᵀ)^i g`` of the incoming gradient ``g``, ``B = λ ∂F/∂h +
+    (1 − λ) I``, so the number of steps is decided in the backward pass, on that series, by
+    the same rule as :class:`NPG`'s: the forward pass evaluates one tracked damped step
+    ``y = Φ(h_0)`` from ``h_0 = h*``; the backward pass forms ``(Bᵀ)^i g`` by vector-Jacobian
+    products on ``y``'s graph (``B`` at ``h*``) until the first ``i >= 1`` whose norm is below
+    ``tol`` times the norm of the partial sum, for every sample, or ``k_max`` terms, and takes
+    ``k = i + 1`` steps (the number of terms, as ``NPG(k="auto")`` would); it then recomputes
+    the ``k`` damped steps of ``UPG(k)`` from the same ``h_0`` and back-propagates ``g``
+    through them, so the gradient it returns for a given ``g`` is exactly (bit for bit, same
+    products on the same graphs) ``UPG(k)``'s. ``k`` is stored in :attr:`last_k` (set by the
+    backward pass: read it after ``backward()``). The forward *value* is ``Φ(h_0)``, the value
+    of ``UPG(k=1)``: ``UPG(k)``'s output ``h_k`` differs from it by the forward solve's residual
+    carried ``k − 1`` more steps (nothing at an exact fixed point; under
+    :class:`~phantomdeq.grad.Correction`, whose earlier states are not fixed points, each state
+    gets one damped step as its value and the adaptive gradient). Because the decision no
+    longer reads the forward differences, a tightly converged forward solve does not force
+    ``k_max``. Cost: one evaluation of ``F`` in the forward pass; in the backward pass ``k − 1``
+    products for the decision, ``k`` recomputed steps and their backward. Memory: the graph
+    of one step between the passes, then the ``k`` steps' activations during the backward (O(1)
+    per step with ``checkpoint=True``); never ``k_max``. Gradients go to the DEQ inputs and
+    to every leaf ``f``'s graph reaches (parameters of a module or of a closure); a tensor
+    reached both directly and through an input is refused. Under ``create_graph=True`` the
+    recomputed steps are differentiated with ``create_graph``: the double backward of
+    ``UPG(k)`` (the choice of ``k`` itself is not differentiated). One host read per product
+    (eager mode only: refused under ``torch.compile``; ``DEQ(cuda_graph=True)`` captures only
+    the solve, so it works there).
     """
 
     name = "upg"
@@ -108,34 +123,143 @@ class UPG(GradientEstimator):
 
     def _attach_auto(self, f: Cell, h: State, inputs: Sequence[Any], spec: StateSpec) -> State:
         refuse_when_compiling("UPG")
-        if self.tol is None or self.k_max is None:  # set together with k="auto"
-            raise RuntimeError("UPG: k='auto' without tol/k_max")
-        first: Tensor | None = None
-        j = 0
+        z_req = tuple(t.detach().requires_grad_() for t in as_tuple(h))
         with torch.enable_grad():
-            while j < self.k_max:
-                prev = h
-                h = self._step(f, spec, h, inputs)
-                j += 1
-                with torch.no_grad():
-                    change = row_norms(_diff(spec, h, prev))
-                if first is None:
-                    first = change
-                if all_below(change, first, self.tol, zero_stops=False):
+            ys = as_tuple(_damped_step(f, spec, self.lam, like(spec, list(z_req)), *inputs))
+        extras = _dependencies(ys, inputs, z_req)
+        node = _AutoNode(self, f, h, inputs, VJPAt(ys, z_req, spec), extras)
+        out = _AutoUnroll.apply(node, len(ys), *ys, *extras)
+        return like(spec, list(out))
+
+
+class _AutoUnroll(torch.autograd.Function):
+    """``UPG(k="auto")``'s node. Forward: identity on ``y = Φ(h_0)`` (one tracked damped step
+    from the detached ``h_0``). Backward, for the incoming gradient ``g``: the series terms
+    ``(Bᵀ)^i g`` by vector-Jacobian products on the graph of ``y`` (``B = ∂Φ/∂h`` at ``h_0``)
+    until the first ``i >= 1`` with ``‖(Bᵀ)^i g‖ < tol · ‖Σ_{i'<=i} (Bᵀ)^{i'} g‖`` for every
+    sample (or ``k_max`` terms) give ``k = i + 1``; then the ``k`` damped steps of ``UPG(k)`` are
+    recomputed from ``h_0`` and ``g`` is back-propagated through them to the Function's extra
+    inputs (the leaves and inputs ``f`` depends on). Inputs: ``(node, n_ys, *ys, *extras)``."""
+
+    @staticmethod
+    def forward(ctx: Any, node: _AutoNode, n_ys: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.node = node
+        ctx.n_ys = n_ys
+        return tuple(y.detach().clone() for y in tensors[:n_ys])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        node: _AutoNode = ctx.node
+        create_graph = torch.is_grad_enabled()
+        spec = node.vjp.spec
+        g_parts = tuple(
+            torch.zeros_like(y) if gr is None else gr for gr, y in zip(grads, node.vjp.ys)
+        )
+        k = node.choose_k(spec.flatten(like(spec, [gr.detach() for gr in g_parts])))
+        node.owner.last_k = k
+        with torch.enable_grad():
+            h = node.h0
+            for _ in range(k):
+                h = node.owner._step(node.f, spec, h, node.inputs)
+            out = as_tuple(h)
+            live = [i for i, o in enumerate(out) if o.requires_grad]
+            extras = node.extras
+            got: tuple[Tensor | None, ...]
+            if live and extras:
+                got = torch.autograd.grad(
+                    [out[i] for i in live],
+                    extras,
+                    [g_parts[i] for i in live],
+                    allow_unused=True,
+                    create_graph=create_graph,
+                )
+            else:
+                got = (None,) * len(extras)
+        return (None, None, *([None] * ctx.n_ys), *got)
+
+
+class _AutoNode:
+    """What :class:`_AutoUnroll`'s backward needs: the estimator, the cell, the start ``h_0``,
+    the inputs, the products on ``y = Φ(h_0)`` and the extra inputs."""
+
+    def __init__(
+        self,
+        owner: UPG,
+        f: Cell,
+        h0: State,
+        inputs: Sequence[Any],
+        vjp: VJPAt,
+        extras: list[Tensor],
+    ) -> None:
+        self.owner = owner
+        self.f = f
+        self.h0 = h0
+        self.inputs = inputs
+        self.vjp = vjp
+        self.extras = extras
+
+    def choose_k(self, g: Tensor) -> int:
+        """The number of unroll steps: the number of series terms ``(Bᵀ)^i g`` up to the first
+        one below ``tol`` times the partial sum (every sample), at most ``k_max``."""
+        tol, k_max = self.owner.tol, self.owner.k_max
+        if tol is None or k_max is None:  # set together with k="auto"
+            raise RuntimeError("UPG: k='auto' without tol/k_max")
+        w = g
+        acc = g.clone()
+        terms = 1
+        with torch.no_grad():
+            while terms < k_max:
+                with torch.enable_grad():
+                    w = self.vjp(w)  # w <- Bᵀ w (Φ's product: the damping is in Φ)
+                acc += w
+                terms += 1
+                if all_below(row_norms(w), row_norms(acc), tol, zero_stops=True):
                     break
-        self.last_k = j
-        return h
+        return terms
 
 
-def _diff(spec: StateSpec, a: State, b: State) -> Tensor:
-    """``a − b`` flattened to ``(B, D)`` (detached)."""
-    return torch.cat(
-        [
-            (x.detach() - y.detach()).reshape(spec.batch, -1)
-            for x, y in zip(as_tuple(a), as_tuple(b))
-        ],
-        dim=1,
-    )
+def _dependencies(
+    ys: Sequence[Tensor], inputs: Sequence[Any], z_req: Sequence[Tensor]
+) -> list[Tensor]:
+    """The tensors ``y = Φ(h_0)`` depends on, other than ``h_0``: the inputs requiring grad
+    (kept as they are: their own history continues the backward) and the leaves requiring
+    grad reached from ``y`` without passing through those inputs (``f``'s parameters, whether
+    ``f`` is a module or a closure). Refuses (``RuntimeError``) a leaf that is reached both
+    ways, whose gradient would be counted twice."""
+    xs: list[Tensor] = []
+    tensors_requiring_grad(tuple(inputs), xs)
+    stops = {id(x.grad_fn) for x in xs if x.grad_fn is not None}
+    skip = {id(t) for t in (*xs, *z_req)}
+
+    def leaves(roots: list[Any], stop: set[int]) -> list[Tensor]:
+        stack = [r for r in roots if r is not None]
+        seen: set[int] = set()
+        keep: list[Any] = []  # hold the nodes so that their ids stay unique during the walk
+        found: list[Tensor] = []
+        while stack:
+            fn = stack.pop()
+            if id(fn) in seen or id(fn) in stop:
+                continue
+            seen.add(id(fn))
+            keep.append(fn)
+            variable = getattr(fn, "variable", None)
+            if isinstance(variable, Tensor):  # AccumulateGrad
+                if id(variable) not in skip:
+                    found.append(variable)
+                continue
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+        return found
+
+    own = leaves([y.grad_fn for y in ys], stops)
+    upstream = {id(t) for t in leaves([x.grad_fn for x in xs], set())}
+    twice = [t for t in own if id(t) in upstream]
+    if twice:
+        raise RuntimeError(
+            "UPG(k='auto'): f depends on a tensor requiring grad both directly and through a "
+            f"DEQ input (shape {tuple(twice[0].shape)}); the adaptive backward would count its "
+            "gradient twice. Pass it only as an input, or use a fixed k"
+        )
+    return [*xs, *own]
 
 
 class OneStep(GradientEstimator):
