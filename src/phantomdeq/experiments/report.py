@@ -360,7 +360,7 @@ def summarize(out: Path) -> dict[str, Any]:
     return {"runs": runs, "rows": rows}
 
 
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+def paired_difference(a: dict[Any, float], b: dict[Any, float]) -> dict[str, Any] | None:
     """Paired comparison of two configurations over the seeds both finished (same seed = same
     data subset and initialisation): ``mean`` of ``a[s] - b[s]``, its standard error
     ``se = stdev / sqrt(n)`` (None for one seed), ``n`` and ``wins`` (seeds where a > b).
