@@ -256,7 +256,7 @@ def collect_monitored(runs: Path, name: str) -> None:
         dst / "result.json",
         {"environment": _environment(), "epochs": epochs, "monitor_summary": _summary(monitor)},
     )
-    from phantomdeq.train.plots import plot_monitor
+    from phantomdeq.train.metrics import plot_monitor
 
     figure, title = MONITORED[name]
     plot_monitor(dst / "monitor.jsonl", REPO / "docs" / figure, title=title)

@@ -1,6 +1,6 @@
 """Training of DEQ models: typed YAML configs, the training loop, checkpoints, metrics
 logging and multi-process data parallelism. The model is a shipped preset or any ``nn.Module``
-from ``model.target`` (:mod:`.model_target`); the ``task`` section chooses the loss and the
+from ``model.target`` (:mod:`.build`); the ``task`` section chooses the loss and the
 metrics (:mod:`.tasks`).
 
 ``phantomdeq train --config configs/X.yaml`` (see :mod:`phantomdeq.train.commands`) and
@@ -10,14 +10,7 @@ matplotlib, TensorBoard) are imported only when used.
 
 from __future__ import annotations
 
-from .atomic import OutputWriteError
-from .build import weight_decay_groups
-from .checkpoint import (
-    CheckpointError,
-    UnverifiedCheckpointWarning,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .build import LRSchedule, weight_decay_groups
 from .config import (
     Config,
     ConfigError,
@@ -32,8 +25,14 @@ from .config import (
     config_from_dict,
     load_config,
 )
-from .evaluation import evaluate
-from .schedule import LRSchedule
+from .data import evaluate
+from .run_folder import (
+    CheckpointError,
+    OutputWriteError,
+    UnverifiedCheckpointWarning,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .trainer import Trainer, TrainingError, TrainingInterrupted, run_training
 
 __all__ = [

@@ -2,7 +2,7 @@
 the run or skips the step (``train.on_nonfinite``), too many skips in a row or a diverged
 evaluation stop it with a report naming the step and the last finite checkpoint, a signal
 stops it after writing ``last.pt`` (the checks themselves are in :mod:`.guard`, the signal
-handling in :mod:`.stop_signals`)."""
+handling in :mod:`.guard`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import math
 import signal
 from typing import Any
 
-from .guard import BufferSnapshot
-from .stop_signals import TrainingInterrupted
+from .guard import BufferSnapshot, TrainingInterrupted
 from .trainer_state import TrainerState
 
 __all__ = ["FailureMixin", "TrainingError"]

@@ -13,9 +13,8 @@ import numpy as np
 
 from phantomdeq._progress import NullBar, progress_bar
 
-from .metrics_log import read_metrics
-from .plots import plot_curves
-from .schedule import replan_note
+from .build import replan_note
+from .metrics import plot_curves, read_metrics
 from .trainer_state import TrainerState
 
 __all__ = ["ReportingMixin"]

@@ -29,13 +29,6 @@ from typing import Any
 
 from phantomdeq.data import DataError
 
-from .checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
 from .config import (
     RESUMABLE_TRAIN_KEYS,
     ConfigError,
@@ -46,9 +39,17 @@ from .config import (
 from .distributed import barrier
 from .failures import TrainingError
 from .guard import nonfinite_entries
-from .metrics_log import history_gap, recorded_epochs, truncate_metrics
-from .model_state import check_finite_weights, load_model_weights
-from .run_dir import RunFolderError
+from .metrics import history_gap, recorded_epochs, truncate_metrics
+from .run_folder import (
+    CheckpointError,
+    RunFolderError,
+    capture_rng_state,
+    check_finite_weights,
+    load_checkpoint,
+    load_model_weights,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .trainer_state import TrainerState, fresh_sums
 
 __all__ = ["CheckpointMixin", "saved_best"]

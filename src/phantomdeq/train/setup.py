@@ -8,30 +8,31 @@ import sys
 
 import torch
 
-from .batches import Batches
 from .build import (
+    LRSchedule,
+    ModelCall,
     build_grad,
     build_model,
     build_solver,
+    info_fields,
     load_data,
     make_optimizer,
     prepare_data,
     resolve_device,
 )
-from .config import ConfigError, dump_config, monitor_label
+from .config import ConfigError, monitor_label
+from .data import Batches
 from .distributed import (
     cleanup,
     convert_batchnorm,
     init_distributed,
     rank0_first,
+    seed_everything,
     shard_batches,
 )
-from .metrics_log import MetricsLogger, missing_output_notes
-from .model_target import ModelCall, info_fields
+from .metrics import MetricsLogger, missing_output_notes
 from .precision import MixedPrecision, check_precision
-from .run_dir import RunFolderError, prepare_run_folder
-from .schedule import LRSchedule
-from .seeds import seed_everything
+from .run_folder import RunFolderError, dump_config, prepare_run_folder
 from .tasks import build_task
 from .trainer_state import TrainerState
 from .warm_start import WarmStartStore
@@ -144,7 +145,7 @@ class SetupMixin(TrainerState):
         self.call = ModelCall(model)
         self._check_model(model)
         if cfg.train.compile:  # in place: parameter names and state_dict keys unchanged
-            from .compile import compile_model
+            from .build import compile_model
 
             compile_model(model)
         self.net = model

@@ -4,7 +4,7 @@ One :class:`Trainer` run: load the data set, build the model with the configured
 solvers and gradient estimator (paper Sec. 2: IFT eq. 4, UPG eq. 17, NPG eq. 18, ...), then for
 each epoch iterate over a deterministic per-epoch order, optionally starting with the MDEQ
 unrolled pre-training stage, evaluate, log and checkpoint. The loop calls the model through
-:class:`~.model_target.ModelCall` (the forward options it declares, its output read as
+:class:`~.build.ModelCall` (the forward options it declares, its output read as
 predictions plus the DEQ's info) and knows no loss or metric by name: the run's
 :class:`~.tasks.Task` computes them and names the metric that selects ``best.pt``.
 
@@ -19,7 +19,7 @@ skips the batches already done in the epoch's order and restores the RNG states 
 re-seeding. Hence a run interrupted at any checkpoint and resumed with ``resume=True`` makes
 the same updates as an uninterrupted one (bit for bit on CPU).
 
-Reliability (see :mod:`.guard`, :mod:`.run_dir`, :mod:`.checkpoint`, :mod:`.stop_signals`):
+Reliability (see :mod:`.guard`, :mod:`.run_folder`, :mod:`.run_folder`, :mod:`.guard`):
 a folder holding a run is refused without ``resume`` or ``overwrite``; the loss and the gradient
 norm are checked before every ``optimizer.step`` and parameters and buffers before every save
 (``train.on_nonfinite``: stop or skip); precise-BN recalibration and evaluation failures and a
@@ -31,10 +31,10 @@ checkpoints), :meth:`Trainer._train_epoch` (the batches of one epoch) and
 :meth:`Trainer._train_step` (forward, loss, backward, update). The rest of a run lives in its
 own modules: the state it carries (:mod:`.trainer_state`), set-up from the config
 (:mod:`.setup`, :mod:`.build`), checkpoint state, save and resume (:mod:`.resume`,
-:mod:`.checkpoint`), the failure policy (:mod:`.failures`, :mod:`.guard`,
-:mod:`.stop_signals`), reporting (:mod:`.reporting`, :mod:`.metrics_log`), batches and
-augmentation (:mod:`.batches`), seeds (:mod:`.seeds`), the learning-rate schedule
-(:mod:`.schedule`), evaluation and precise BatchNorm (:mod:`.evaluation`), processes and
+:mod:`.run_folder`), the failure policy (:mod:`.failures`, :mod:`.guard`,
+:mod:`.guard`), reporting (:mod:`.reporting`, :mod:`.metrics`), batches and
+augmentation (:mod:`.data`), seeds (:mod:`.build`), the learning-rate schedule
+(:mod:`.build`), evaluation and precise BatchNorm (:mod:`.data`), processes and
 collectives (:mod:`.distributed`) and mixed precision (:mod:`.precision`).
 """
 
@@ -56,18 +56,15 @@ from phantomdeq._state import as_tuple
 from phantomdeq.data import DataError
 from phantomdeq.errors import DEQError
 
-from .batches import augment
 from .config import Config, config_from_dict, load_config
-from .distributed import all_reduce_sum, epoch_permutation, shard_batches
-from .evaluation import evaluate, forward_stats, recalibrate_batchnorm
+from .data import augment, evaluate, forward_stats, recalibrate_batchnorm
+from .distributed import all_reduce_sum, epoch_permutation, seed_of, shard_batches
 from .failures import FailureMixin, TrainingError
-from .guard import BufferSnapshot, grad_norm
+from .guard import BufferSnapshot, StopSignals, TrainingInterrupted, grad_norm
 from .monitor import monitor_record
 from .reporting import ReportingMixin
 from .resume import CheckpointMixin
-from .seeds import seed_of
 from .setup import SetupMixin
-from .stop_signals import StopSignals, TrainingInterrupted
 from .trainer_state import fresh_sums
 
 __all__ = ["Trainer", "TrainingError", "TrainingInterrupted", "run_training"]

@@ -14,16 +14,15 @@ from torch import nn
 
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum
-from .run_dir import RunFolder
-from .stop_signals import StopSignals
+from .guard import StopSignals
+from .run_folder import RunFolder
 
 if TYPE_CHECKING:
-    from .batches import Batches
-    from .metrics_log import MetricsLogger
-    from .model_target import ModelCall
+    from .build import LRSchedule, ModelCall
+    from .data import Batches
+    from .metrics import MetricsLogger
     from .monitor import GradientMonitor
     from .precision import MixedPrecision
-    from .schedule import LRSchedule
     from .tasks import Task
     from .warm_start import WarmStartStore
 

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from phantomdeq.train.config import Config
+    #: a :class:`phantomdeq.train.config.Config` (not imported: the config imports this package
+    #: to check ``task.name``)
+    Config = Any
 
 __all__ = ["TASKS", "Task", "build_task", "task_class"]
 

@@ -1,21 +1,90 @@
-"""Evaluation of a model in eval mode (the metrics of its task) and precise-BatchNorm
-recalibration before it."""
+"""Deterministic batches for training and evaluation, plus the per-step seeds and augmentation.
+
+Evaluation of a model in eval mode (the metrics of its task) and precise-BatchNorm
+recalibration before it.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .batches import Batches
-from .distributed import DistInfo, all_reduce_sum
-from .model_target import as_output
+from phantomdeq.data import BatchLoader, augment_batch
+
+from .build import as_output
+from .config import Config
+from .distributed import DistInfo, all_reduce_sum, seed_of
 from .precision import autocast_context
 from .tasks import Task
 
-__all__ = ["evaluate", "forward_stats", "recalibrate_batchnorm", "unwrap"]
+__all__ = [
+    "Batches",
+    "augment",
+    "evaluate",
+    "forward_stats",
+    "recalibrate_batchnorm",
+    "seed_of",
+    "unwrap",
+]
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def augment(x: Tensor, cfg: Config, generator: torch.Generator) -> Tensor:
+    """Batched random crop (zero padding of the normalised batch = mean padding) and flip of
+    the in-memory data sets. Image folders are returned unchanged: their ``data.augment`` is
+    the per-image random resized crop + flip applied by the loader (:class:`Batches`)."""
+    if cfg.data.name == "imagefolder":
+        return x
+    return augment_batch(
+        x, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, generator=generator
+    )
+
+
+class Batches:
+    """Deterministic batches of a data set for explicit index lists, through
+    :class:`phantomdeq.data.BatchLoader`: in-memory ``images``/``labels`` tensors are sliced
+    (no worker processes); streamed data sets (image folders) are decoded and transformed in
+    ``num_workers`` persistent ``DataLoader`` workers (pinned memory on CUDA).
+
+    Training passes give :meth:`iterate` the ``epoch`` and the run's ``seed``: each streamed
+    item is then transformed with the seed ``(seed, epoch, index)``, so an epoch's pixels do
+    not depend on ``num_workers`` or on where a resumed run starts. A data error in a worker
+    (a truncated image) reaches the caller as a one-line :class:`phantomdeq.data.DataError`.
+    """
+
+    def __init__(self, dataset: Any, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.loader = BatchLoader(dataset, num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iterate(
+        self,
+        batches: list[Tensor],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        epoch: int | None = None,
+        seed: int = 0,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch;
+        ``epoch``/``seed`` turn on the seeded per-item train transform of streamed data."""
+        return self.loader.iterate(batches, device, dtype, epoch=epoch, seed=seed)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (restarted on the next pass)."""
+        self.loader.close()
+
+
+# --- evaluation --------------------------------------------------------------------------------
 
 
 def unwrap(model: nn.Module) -> nn.Module:
