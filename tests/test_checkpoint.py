@@ -428,7 +428,7 @@ def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyP
     improving epoch writes best.pt, then last.pt. A kill between the two writes (simulated at
     the best epoch) leaves best.pt one epoch ahead; the resumed run adopts its accuracy and ends with
     the same best.pt and best accuracy as an uninterrupted run."""
-    from phantomdeq.train import resume as trainer_module  # where checkpoints are written
+    from phantomdeq.train import run_folder as trainer_module  # where checkpoints are written
 
     raw = tiny_config(
         data={"batch_size": 32, "train_size": 128, "test_size": 128},

@@ -205,7 +205,7 @@ LIFECYCLE = r"""
 import json, os, sys, time
 from pathlib import Path
 import torch.distributed as dist
-import phantomdeq.train.setup as trainer_module  # where the data is prepared
+import phantomdeq.train.trainer as trainer_module  # where the data is prepared
 from phantomdeq.train import ConfigError, Trainer, config_from_dict
 from phantomdeq.train.distributed import DistributedError
 

@@ -29,7 +29,7 @@ from phantomdeq.train import (  # noqa: E402
 )
 from phantomdeq.train.config import config_differences, config_to_dict  # noqa: E402
 from phantomdeq.train.metrics import read_metrics  # noqa: E402
-from phantomdeq.train.resume import saved_best  # noqa: E402
+from phantomdeq.train.run_folder import saved_best  # noqa: E402
 from phantomdeq.train.tasks import TASKS, build_task, task_class  # noqa: E402
 
 

@@ -72,11 +72,20 @@ from torch import Tensor, nn
 from phantomdeq.deq import DEQ
 from phantomdeq.solvers.base import Solution
 
-from .config import Config, ConfigError, GradConfig, OptimConfig, SolverConfig, SolverSection
+from .config import (
+    Config,
+    ConfigError,
+    GradConfig,
+    OptimConfig,
+    SolverConfig,
+    SolverSection,
+    TrainConfig,
+)
 from .distributed import DistInfo
 from .sections import import_target, keyword_names, takes_any_keyword, target_signature
 
 __all__ = [
+    "check_model",
     "FORWARD_OPTIONS",
     "LRSchedule",
     "ModelCall",
@@ -510,3 +519,28 @@ def replan_note(
         f"{old_epochs}-epoch plan had {plan(old_epochs).lr_at(step):.3g}) and it decays to "
         f"optim.min_lr = {optim.min_lr:g} at step {total}"
     )
+
+
+def check_model(train: TrainConfig, target: str, call: ModelCall, model: nn.Module) -> None:
+    """What the config's training options (``train``, its train section) need from the model
+    built from ``target`` (a one-line error naming the option): an unrolled mode for
+    pre-training, the Jacobian regulariser, a warm start, a DEQ inside for the gradient
+    monitor and the warm start."""
+    if train.pretrain_steps > 0:
+        call.require(
+            ("mode", "unrolled_steps"), "train.pretrain_steps", "unrolled pre-training", target
+        )
+    if train.jac_reg_weight > 0:
+        call.require(("jac_reg",), "train.jac_reg_weight", "the regulariser", target)
+    if train.warm_start:
+        call.require(("z0",), "train.warm_start", "a warm start", target)
+    if train.monitor_every > 0 or train.warm_start:
+        from .monitor import find_deq
+
+        try:
+            find_deq(model)
+        except ValueError:
+            key = "train.monitor_every" if train.monitor_every > 0 else "train.warm_start"
+            raise ConfigError(
+                f"{key}: needs a phantomdeq.DEQ inside the model; model {target!r} has none"
+            ) from None

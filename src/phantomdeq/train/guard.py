@@ -12,6 +12,10 @@
   (within three binomial standard deviations of ``1 / num_classes``); :func:`chance_divergence`
   -- the end-of-training verdict: at chance *and* a training loss above twice its first value
   (a run that merely has not learned yet keeps its loss near the first value).
+* :class:`TrainingError` and its reports: :func:`divergence_error` (a non-finite loss,
+  gradient, state or evaluation, too many skipped steps: where, after which blow-up of the loss,
+  and the last finite checkpoint, :func:`checkpoint_text`) and :func:`final_divergence_error`
+  (the task's end-of-training verdict).
 
 SIGINT (Ctrl-C) and SIGTERM (what schedulers and ``torchrun`` send) as a graceful stop.
 
@@ -30,6 +34,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -37,6 +42,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "final_divergence_error",
+    "divergence_error",
+    "checkpoint_text",
+    "TrainingError",
     "BufferSnapshot",
     "StopSignals",
     "TrainingInterrupted",
@@ -48,7 +57,7 @@ __all__ = [
 ]
 
 
-# --- guard -------------------------------------------------------------------------------------
+# --- non-finite values and divergence -------------------------------------------------------------------------------------
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> Tensor:
@@ -123,7 +132,60 @@ def chance_divergence(
     )
 
 
-# --- stop_signals ------------------------------------------------------------------------------
+class TrainingError(RuntimeError):
+    """Training diverged or cannot continue (non-finite loss, gradient or state, accuracy at
+    chance with a risen loss); the message names the step and the last finite checkpoint."""
+
+
+def checkpoint_text(out_dir: Path, last_checkpoint: tuple[int, int, int] | None) -> str:
+    """Which checkpoint a stopped run continues from: ``last_checkpoint`` is the (epoch, batch,
+    step) of the last ``last.pt`` written in ``out_dir``, None before the first."""
+    if last_checkpoint is None:
+        return "no checkpoint was written yet"
+    epoch, batch, step = last_checkpoint
+    where = f"epoch {epoch}" if batch == 0 else f"epoch {epoch} + {batch} batches"
+    return (
+        f"the last (finite) checkpoint is {str(out_dir / 'last.pt')!r} (after {where}, step {step})"
+    )
+
+
+def divergence_error(
+    what: str,
+    at: str,
+    *,
+    initial_loss: float | None,
+    last_loss: tuple[int, float] | None,
+    checkpoint: str,
+) -> TrainingError:
+    """The report of a run that diverged: ``what`` went wrong ``at`` which point, the blow-up of
+    the training loss from ``initial_loss`` (step 1) to ``last_loss`` (step, loss) when it grew
+    tenfold, the ``checkpoint`` to continue from (:func:`checkpoint_text`) and what to try."""
+    blowup = ""
+    if initial_loss is not None and last_loss is not None:
+        step, loss = last_loss
+        if loss > 10.0 * max(initial_loss, 1e-12):
+            blowup = (
+                f", after the training loss blew up from {initial_loss:.3g} (step 1) "
+                f"to {loss:.3g} (step {step})"
+            )
+    return TrainingError(
+        f"training diverged: {what} {at}{blowup}; training stopped, "
+        f"{checkpoint}. Try a lower optim.lr, optim.grad_clip > 0, more "
+        f"solver.max_iter, pretraining or train.on_nonfinite: skip."
+    )
+
+
+def final_divergence_error(verdict: str, epoch: int, step: int, out_dir: Path) -> TrainingError:
+    """The report of the task's end-of-training ``verdict`` (e.g. accuracy at chance with a
+    blown-up loss) after ``epoch`` epochs, ``step`` steps."""
+    return TrainingError(
+        f"training diverged: after epoch {epoch} (step {step}) {verdict}; "
+        f"the checkpoints in {str(out_dir)!r} hold a diverged model. Try a lower "
+        f"optim.lr, optim.grad_clip > 0 or a warm-up (optim.warmup_steps)."
+    )
+
+
+# --- SIGINT / SIGTERM ------------------------------------------------------------------------------
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 

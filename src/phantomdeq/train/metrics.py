@@ -20,16 +20,29 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from phantomdeq._extras import is_available, missing_message
 from phantomdeq._plot import saved_figure
+from phantomdeq._progress import NullBar
+from phantomdeq._progress import progress_bar as make_bar
 
 from .run_folder import atomic_write, output_write_error
 
 __all__ = [
+    "show_step",
+    "progress_bar",
+    "mean_forward_steps",
+    "fresh_sums",
+    "epoch_summary",
+    "epoch_line",
+    "draw_run_curves",
+    "add_to_sums",
     "MetricsFileError",
     "MetricsLogger",
     "history_gap",
@@ -412,3 +425,129 @@ def _draw_monitor(
     ax2.set_ylabel("||g_used|| / ||g_exact||")
     ax2.set_title("norm ratio")
     ax2.grid(alpha=0.3)
+
+
+# --- what a run reports on stderr and returns ------------------------------------------------
+
+
+def fresh_sums() -> dict[str, float]:
+    """Accumulators of one epoch's training statistics (checkpointed mid-epoch)."""
+    keys = ("loss", "acc", "n", "nstep", "res", "conv", "deq_n", "monitor_time", "skipped")
+    return dict.fromkeys((*keys, "scaler_skipped"), 0.0)
+
+
+def add_to_sums(sums: dict[str, float], rec: dict[str, Any], metric_names: tuple[str, ...]) -> None:
+    """Count one step's record into the epoch statistics ``sums``."""
+    if rec.get("skipped", False):
+        sums["skipped"] += 1
+        return
+    n = rec["n"]
+    for m in metric_names:
+        sums[m] = sums.get(m, 0.0) + rec[f"train_{m}"] * n
+    sums["n"] += n
+    sums["scaler_skipped"] += float(rec.get("scaler_skipped", 0))
+    if rec["stage"] == "deq" and math.isfinite(rec["fwd_nstep"]):
+        sums["nstep"] += rec["fwd_nstep"] * n
+        sums["res"] += rec["fwd_residual"] * n
+        sums["conv"] += rec["fwd_converged"] * n
+        sums["deq_n"] += n
+
+
+def epoch_summary(
+    sums: dict[str, float],
+    metric_names: tuple[str, ...],
+    seconds: float,
+    *,
+    monitor: bool,
+    scaling: bool,
+    skipping: bool,
+) -> dict[str, Any]:
+    """The epoch's training statistics from its ``sums`` (``seconds``: the epoch's wall time,
+    the gradient monitor's included; ``monitor``, ``scaling``, ``skipping``: whether the run
+    measures the gradient, scales fp16 losses, skips non-finite steps)."""
+    n = max(sums["n"], 1.0)
+    deq_n = sums["deq_n"]
+    first, *rest = metric_names  # the loss is NaN when no step counted
+    out = {
+        f"train_{first}": sums.get(first, 0.0) / n if sums["n"] else math.nan,
+        **{f"train_{m}": sums.get(m, 0.0) / n for m in rest},
+        "fwd_nstep": sums["nstep"] / deq_n if deq_n else math.nan,
+        "fwd_residual": sums["res"] / deq_n if deq_n else math.nan,
+        "fwd_converged": sums["conv"] / deq_n if deq_n else math.nan,
+        "epoch_time_s": seconds - sums["monitor_time"],
+        **({"monitor_time_s": sums["monitor_time"]} if monitor else {}),
+        **({"scaler_skipped_steps": sums["scaler_skipped"]} if scaling else {}),
+    }
+    if skipping:
+        out["skipped_steps"] = int(sums["skipped"])
+    return out
+
+
+def progress_bar(epoch: int, epochs: int, total: int, start: int) -> Any:
+    """A tqdm bar on stderr for the batches of ``epoch`` (None when tqdm is not installed)."""
+    bar = make_bar(
+        enabled=True,
+        auto=True,
+        total=total,
+        initial=start,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        leave=False,
+        dynamic_ncols=True,
+    )
+    return None if isinstance(bar, NullBar) else bar
+
+
+def show_step(bar: Any, rec: dict[str, Any], metric_names: tuple[str, ...], skipped: int) -> None:
+    """One step on the progress bar ``bar`` (nothing when None)."""
+    if bar is None:
+        return
+    bar.update(1)
+    deq = rec["stage"] == "deq"
+    post = {m: f"{rec[f'train_{m}']:.3f}" for m in metric_names}
+    post |= {
+        "nstep": f"{rec['fwd_nstep']:.1f}" if deq else "unrolled",
+        "res": f"{rec['fwd_residual']:.1e}" if deq else "-",
+    }
+    if skipped:
+        post["skipped"] = str(skipped)
+    bar.set_postfix(post, refresh=False)
+
+
+def epoch_line(rec: dict[str, Any], epochs: int, described: list[str], seconds: float) -> str:
+    """The one-line summary of an epoch's record ``rec`` on stderr (``described``: the task's
+    words for its evaluation metrics)."""
+    parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['train_loss']:.4f}"]
+    if "test_n" in rec:
+        parts += described
+        if math.isfinite(rec["test_fwd_nstep"]):  # a model with DEQ info
+            parts.append(f"fwd steps {rec['test_fwd_nstep']:.1f}")
+            parts.append(f"res {rec['test_fwd_residual']:.2e}")
+    if rec.get("skipped_steps"):
+        parts.append(f"skipped {rec['skipped_steps']} steps")
+    parts.append(f"{seconds:.1f}s")
+    return "  ".join(parts)
+
+
+def draw_run_curves(out_dir: Path) -> None:
+    """``curves.png`` from ``metrics.jsonl`` of the run in ``out_dir``; never raises."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    try:
+        plot_curves(path, out_dir / "curves.png")
+    except Exception as exc:  # a plot must never hide the training outcome
+        print(f"phantomdeq: could not draw curves.png: {exc}", file=sys.stderr)
+
+
+def mean_forward_steps(path: Path) -> float:
+    """The mean forward-solver steps of the trained (DEQ, not skipped) steps ``metrics.jsonl``
+    records, NaN for none."""
+    if not path.is_file():
+        return math.nan
+    rows = [
+        r
+        for r in read_metrics(path)
+        if r.get("kind") == "step" and r.get("stage") == "deq" and not r.get("skipped")
+    ]
+    vals = [float(r["fwd_nstep"]) for r in rows if isinstance(r.get("fwd_nstep"), int | float)]
+    return float(np.mean(vals)) if vals else math.nan

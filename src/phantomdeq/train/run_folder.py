@@ -88,6 +88,7 @@ import os
 import random
 import secrets
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -98,10 +99,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, config_differences, config_to_dict
+from .config import (
+    RESUMABLE_TRAIN_KEYS,
+    Config,
+    ConfigError,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+)
 from .guard import nonfinite_entries
 
 __all__ = [
+    "write_checkpoints",
+    "saved_best",
+    "resume_point",
+    "restore_objects",
+    "check_saved_config",
+    "check_resumable",
+    "adopt_best",
+    "ResumePoint",
     "dump_config",
     "CheckpointError",
     "FORMAT",
@@ -642,3 +658,226 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
     with atomic_write(path, "w") as fh:
         fh.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# --- resuming a run ----------------------------------------------------------------------------
+#
+# Where ``--resume`` starts (:func:`resume_point`), nothing lost:
+#
+# * from ``last.pt``;
+# * without it, from ``best.pt`` (said in a notice): it holds the same complete state as the
+#   ``last.pt`` written with it, so the run continues bit for bit from that epoch; the records
+#   after it in ``metrics.jsonl`` are dropped and trained again, and ``train.epochs`` may not be
+#   below the epochs the history records;
+# * with neither, from the beginning only when ``metrics.jsonl`` records at most one finished
+#   epoch (what a run killed before its first checkpoint leaves: the first epoch's record is
+#   written just before its checkpoint) and the config matches the folder's ``config.yaml``
+#   (:func:`check_saved_config`), so that the records dropped are trained again as they were;
+#   otherwise the resume is refused, nothing changed, with what to do.
+#
+# A ``best.pt`` written by another model (a config that differs beyond what a resume may change)
+# is refused rather than overwritten (:func:`adopt_best`), and a checkpoint without its hash is
+# loaded with an "unverified" note.
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resumed run continues from: its ``path``, loaded ``state``, the epochs
+    ``metrics.jsonl`` records (``train.epochs`` may not go below them when resuming from
+    ``best.pt``) and a note to print once every check has passed."""
+
+    path: Path
+    state: dict[str, Any]
+    history_epochs: int = 0
+    announce: str = ""
+
+
+def saved_best(state: dict[str, Any]) -> float | None:
+    """The best evaluation value of the task's primary metric a checkpoint holds (None: no
+    evaluation yet); checkpoints written before tasks hold the accuracy as ``best_acc``, -1
+    for none."""
+    if "best_metric" in state:
+        value = state["best_metric"]
+        return None if value is None else float(value)
+    legacy = float(state.get("best_acc", -1.0))
+    return legacy if legacy >= 0 else None
+
+
+def resume_point(
+    out_dir: Path,
+    *,
+    device: torch.device,
+    history: Callable[[], int],
+    note: Callable[[str], None],
+) -> ResumePoint | None:
+    """``last.pt``, else ``best.pt``, else None (start from the beginning); refused with a
+    :class:`RunFolderError` when neither is there but ``metrics.jsonl`` records (``history()``)
+    more than one trained epoch. ``note`` reports an unverified checkpoint."""
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    if last.is_file():
+        return ResumePoint(last, load_checkpoint(last, map_location=device, on_unverified=note))
+    epochs = history()
+    best_problem = ""
+    if best.is_file():
+        try:
+            state = load_checkpoint(best, map_location=device, on_unverified=note)
+        except CheckpointError as exc:
+            best_problem = f" and its best.pt is unreadable ({exc})"
+        else:
+            epoch, step = int(state["epoch"]), int(state["step"])
+            later = (
+                f"; the records after it in metrics.jsonl (to epoch {epochs}) are dropped "
+                f"and trained again"
+                if epochs > epoch
+                else ""
+            )
+            return ResumePoint(
+                best,
+                state,
+                history_epochs=epochs,
+                announce=f"no last.pt in {str(out_dir)!r}; resuming from best.pt, the "
+                f"complete state after epoch {epoch} (step {step}){later}",
+            )
+    if epochs > 1:  # a kill before the first checkpoint leaves one epoch at most
+        raise RunFolderError(
+            f"--resume: {str(out_dir)!r} has no last.pt{best_problem or ' nor best.pt'} "
+            f"to continue from, but its metrics.jsonl records {epochs} trained epoch(s); "
+            f"starting over would lose them, so nothing was changed: put the run's last.pt "
+            f"(or best.pt) back, or start afresh with --overwrite"
+        )
+    return None
+
+
+def check_saved_config(out_dir: Path, config: Config) -> None:
+    """Refuse to restart a run with a config that differs from its ``config.yaml`` beyond
+    what a resume may change (an unreadable ``config.yaml`` is not checked)."""
+    path = out_dir / "config.yaml"
+    try:
+        import yaml
+
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        saved = config_from_dict(raw)
+    except Exception:  # missing or unreadable: nothing to compare with
+        return
+    differ = [k for k in config_differences(saved, config) if k != "train.epochs"]
+    if differ:
+        raise ConfigError(
+            f"cannot resume the run in {str(out_dir)!r} (no checkpoint yet): the "
+            f"config differs from its config.yaml in {', '.join(differ)}; resume with "
+            f"that config, or start afresh with this one with --overwrite"
+        )
+
+
+def check_resumable(point: ResumePoint, config: Config, out_dir: Path) -> Config:
+    """The config the checkpoint was written with, after checking that ``config`` may
+    continue it: the same config but for what a resume may change, and ``train.epochs`` not
+    below what the checkpoint (and the history) has trained."""
+    path, state = point.path, point.state
+    saved = config_from_dict(state["config"])
+    differ = [k for k in config_differences(saved, config) if k != "train.epochs"]
+    if differ:
+        allowed = ", ".join(f"train.{k}" for k in RESUMABLE_TRAIN_KEYS)
+        raise ConfigError(
+            f"cannot resume from {str(path)!r}: the config differs from the checkpoint's in "
+            f"{', '.join(differ)} (only log.*, train.monitor_*, {allowed} and a larger "
+            f"train.epochs may change on resume)"
+        )
+    epochs = config.train.epochs
+    epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
+    if epochs < epoch or (epochs == epoch and batch > 0):
+        raise ConfigError(
+            f"train.epochs: the run in {str(out_dir)!r} has already trained "
+            f"{epoch} epoch(s){' and part of the next' if batch else ''}; to extend it, "
+            f"set at least {epoch + (1 if batch else 0)}, got {epochs}"
+        )
+    if epochs < point.history_epochs:
+        raise ConfigError(
+            f"train.epochs: the run in {str(out_dir)!r} has already trained "
+            f"{point.history_epochs} epoch(s) (metrics.jsonl); to extend it, set at least "
+            f"{point.history_epochs}, got {epochs}"
+        )
+    return saved
+
+
+def restore_objects(
+    point: ResumePoint,
+    *,
+    saved: Config,
+    config: Config,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    extra_state: dict[str, Any],
+) -> None:
+    """Load the checkpoint's model weights (finite), optimiser, ``extra_state`` objects and
+    schedule, and restore its RNG streams."""
+    path, state = point.path, point.state
+    load_model_weights(net, state["model"], source=str(path), stored=saved, requested=config)
+    check_finite_weights(net, source=str(path))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: the optimiser state does not match the model "
+            f"({' '.join(str(exc).split())})"
+        ) from exc
+    extra = state.get("extra", {})
+    for name, obj in extra_state.items():
+        if name not in extra:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no saved {name!r} state; resume it with the "
+                f"settings it was written with"
+            )
+        obj.load_state_dict(extra[name])
+    schedule.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+
+
+def adopt_best(
+    out_dir: Path,
+    config: Config,
+    best: float | None,
+    better: Callable[[float, float | None], bool],
+    *,
+    note: Callable[[str], None],
+    is_main: bool,
+) -> float | None:
+    """The best value of the run: that of the model in ``best.pt`` when ``better`` than
+    ``best`` -- a kill between writing ``best.pt`` and ``last.pt`` leaves ``best.pt`` one epoch
+    ahead (the invariant of :func:`write_checkpoints`); None when ``best.pt`` is unreadable (it
+    is replaced at the next evaluation). A ``best.pt`` of another model is refused."""
+    path = out_dir / "best.pt"
+    if not path.is_file():
+        return best
+    try:
+        state = load_checkpoint(path, map_location="cpu", on_unverified=note)
+    except CheckpointError as exc:
+        if is_main:
+            print(f"phantomdeq: {exc}; it is replaced at the next evaluation", file=sys.stderr)
+        return None
+    try:
+        differ = [
+            k
+            for k in config_differences(config_from_dict(state["config"]), config)
+            if k != "train.epochs"
+        ]
+    except ConfigError as exc:
+        differ = [f"a config that does not load ({exc})"]
+    if differ:
+        raise RunFolderError(
+            f"--resume: {str(path)!r} holds another model (its config differs from this "
+            f"run's in {', '.join(differ)}); this run would overwrite it with its own best "
+            f"model: move it out of {str(out_dir)!r} (or delete it), then resume"
+        )
+    value = saved_best(state)
+    if value is not None and better(value, best):
+        return value
+    return best
+
+
+def write_checkpoints(out_dir: Path, state: dict[str, Any], *, best: bool) -> None:
+    """Write ``best.pt`` (when ``best``) and then ``last.pt``: best first, so that a kill
+    between the two leaves ``best.pt`` ahead, never behind (see :func:`adopt_best`)."""
+    if best:
+        save_checkpoint(out_dir / "best.pt", state)
+    save_checkpoint(out_dir / "last.pt", state)
