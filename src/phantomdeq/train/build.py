@@ -1,5 +1,6 @@
-"""Everything a run builds from its config: solvers, the gradient estimator, the model, the data
-sets, the device and the optimiser. Shared by ``phantomdeq train`` and ``phantomdeq eval``.
+"""Everything a run builds from its config: solvers, the gradient estimator, the model (and how
+the trainer calls it), the device, the optimiser and its learning-rate schedule. Shared by
+``phantomdeq train`` and ``phantomdeq eval`` (the data sets: :mod:`.data`).
 
 ``model.target``: any ``nn.Module`` from a factory, and how the trainer calls it.
 
@@ -24,8 +25,8 @@ The shipped MDEQ sizes are presets of it: ``model.name: mdeq_tiny`` is
 ``forward`` declares by name (all of :data:`FORWARD_OPTIONS` when it takes ``**kwargs``):
 ``generator`` (a ``torch.Generator`` seeded per step, for dropout masks), ``mode``
 (``"deq"``, or ``"unrolled"`` with ``unrolled_steps`` in the pre-training stage), ``jac_reg``
-(a bool: add the Jacobian regulariser) and ``z0`` (the warm start). ``train.pretrain_steps``, ``train.jac_reg_weight``
-and ``train.warm_start`` need the options they use (:meth:`ModelCall.require`).
+(a bool: add the Jacobian regulariser) and ``z0`` (the warm start). ``train.pretrain_steps``,
+``train.jac_reg_weight`` and ``train.warm_start`` need the options they use (:meth:`ModelCall.require`).
 
 **Output.** ``forward`` returns one of (:func:`as_output`)
 
@@ -44,11 +45,6 @@ compiled on its own as well: a solve with a convergence test (``tol > 0``) runs 
 eagerly (see :meth:`phantomdeq.SolverBase.__call__`), and there the cell stays compiled; a
 fixed-budget solve (``tol = 0``) is traced whole into the model's graph.
 
-Where a run's seeds are made: :func:`seed_of` mixes integers (a run's seed, the epoch, the
-batch, the rank, ...) into a seed for a ``torch.Generator``, :func:`order_seed` is the seed of
-an epoch's sample order, :func:`seed_everything` seeds the global generators of torch,
-``random`` and NumPy.
-
 The per-iteration learning-rate schedule: linear warm-up, then cosine decay or constant.
 
 When a resumed run changes ``train.epochs`` (extending a finished run), the schedule is
@@ -63,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,17 +93,14 @@ __all__ = [
     "build_target",
     "compile_model",
     "info_fields",
-    "info_get",
-    "load_data",
     "make_optimizer",
-    "prepare_data",
     "replan_note",
     "resolve_device",
     "weight_decay_groups",
 ]
 
 
-# --- build -------------------------------------------------------------------------------------
+# --- the solvers, the estimator, the model and the optimiser ----------------------------------
 
 
 def build_solver(cfg: SolverConfig) -> Any:
@@ -164,56 +156,6 @@ def build_model(
     target, kwargs = cfg.model.resolved()
     key = "model.target" if cfg.model.target is not None else "model"
     return build_target(target, kwargs, sections=sections, info=fields, key=key)
-
-
-def prepare_data(cfg: Config) -> None:
-    """What must happen once before :func:`load_data`: the CIFAR-10 or MNIST download with
-    ``data.download`` (safe for concurrent callers; a multi-process job calls it on rank 0
-    and lets the other ranks wait at a barrier, so it is fetched once)."""
-    from phantomdeq.data import prepare_dataset
-
-    d = cfg.data
-    prepare_dataset(d.name, d.root, download=d.download)
-
-
-def load_data(cfg: Config) -> tuple[Any, Any, Any]:
-    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`); calls
-    :func:`prepare_data` first (a no-op when the data are present).
-
-    Raises:
-        ConfigError: ``data.root`` is missing or lacks the expected files.
-        phantomdeq.data.DataError: another data problem (one line naming the file or option,
-            e.g. ``data.train_size`` above the size of the set); the commands report it with
-            exit status 2.
-    """
-    from phantomdeq.data import load_dataset
-
-    d = cfg.data
-    if d.root is not None and not Path(d.root).is_dir() and not d.download:
-        raise ConfigError(f"data.root: directory {d.root!r} does not exist")
-    extra: dict[str, Any] = {}
-    if d.name == "imagefolder":
-        extra = {"image_size": d.image_size, "augment": d.augment, "flip": d.flip}
-    try:
-        prepare_data(cfg)
-        return load_dataset(
-            d.name,
-            d.root,
-            seed=cfg.train.seed,
-            train_size=d.train_size,
-            test_size=d.test_size,
-            mean=d.mean,
-            std=d.std,
-            **extra,
-        )
-    except FileNotFoundError as exc:
-        raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from exc
-
-
-def info_get(info: Any, key: str) -> Any:
-    if isinstance(info, dict):
-        return info[key]
-    return getattr(info, key)
 
 
 def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
@@ -288,7 +230,7 @@ def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     )
 
 
-# --- model_target ------------------------------------------------------------------------------
+# --- model.target: calling a factory, and calling the model -----------------------------------
 
 #: keyword arguments of ``forward`` that the trainer passes when ``forward`` declares them
 FORWARD_OPTIONS = ("mode", "unrolled_steps", "jac_reg", "generator", "z0")
@@ -418,7 +360,7 @@ class ModelCall:
             )
 
 
-# --- compile -----------------------------------------------------------------------------------
+# --- train.compile ----------------------------------------------------------------------------
 
 
 def compile_model(net: nn.Module, **options: Any) -> nn.Module:
@@ -431,7 +373,7 @@ def compile_model(net: nn.Module, **options: Any) -> nn.Module:
     return net
 
 
-# --- schedule ----------------------------------------------------------------------------------
+# --- the learning-rate schedule ---------------------------------------------------------------
 
 
 class LRSchedule:

@@ -73,7 +73,7 @@ from .run_folder import CheckpointError, OutputWriteError, check_run_folder, loa
 __all__ = ["build_eval_parser", "build_parser", "eval_main", "main"]
 
 
-# --- commands ----------------------------------------------------------------------------------
+# --- phantomdeq train -------------------------------------------------------------------------
 
 PROG = "phantomdeq train"
 
@@ -166,7 +166,7 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-# --- eval_command ------------------------------------------------------------------------------
+# --- phantomdeq eval --------------------------------------------------------------------------
 
 EVAL_PROG = "phantomdeq eval"
 #: what a run folder given instead of a checkpoint stands for, in order of preference
@@ -247,8 +247,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = build_eval_parser().parse_args(argv)
     import torch
 
-    from .build import build_model, load_data, resolve_device
-    from .data import evaluate, recalibrate_batchnorm
+    from .build import build_model, resolve_device
+    from .data import evaluate, load_data, recalibrate_batchnorm
     from .distributed import DistInfo
     from .run_folder import check_finite_weights, load_model_weights
     from .tasks import build_task

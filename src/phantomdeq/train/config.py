@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 
-# --- train_section -----------------------------------------------------------------------------
+# --- the train section ------------------------------------------------------------------------
 
 
 class TrainConfig(Section):
@@ -214,7 +214,7 @@ def monitor_label(g: GradConfig) -> str:
     return str(g.name)
 
 
-# --- data_root ---------------------------------------------------------------------------------
+# --- where the data live (data.root) ----------------------------------------------------------
 
 
 def _repo_root(start: Path) -> Path | None:
@@ -258,7 +258,7 @@ def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
     raise ConfigError(f"data.root: directory {root!r} not found (tried: {', '.join(tried)})")
 
 
-# --- config ------------------------------------------------------------------------------------
+# --- the config and its files -----------------------------------------------------------------
 
 # --------------------------------------------------------------------------- the other sections
 

@@ -1,13 +1,13 @@
-"""Deterministic batches for training and evaluation, plus the per-step seeds and augmentation.
-
-Evaluation of a model in eval mode (the metrics of its task) and precise-BatchNorm
-recalibration before it.
+"""The data of a run: the data sets of a config (:func:`load_data`), deterministic batches for
+training and evaluation with the per-step augmentation, and evaluation of a model in eval mode
+(the metrics of its task) with precise-BatchNorm recalibration before it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +16,15 @@ from torch import Tensor, nn
 from phantomdeq.data import BatchLoader, augment_batch
 
 from .build import as_output
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import DistInfo, all_reduce_sum, seed_of
 from .precision import autocast_context
 from .tasks import Task
 
 __all__ = [
+    "info_get",
+    "load_data",
+    "prepare_data",
     "Batches",
     "augment",
     "evaluate",
@@ -32,7 +35,7 @@ __all__ = [
 ]
 
 
-# --- batches -----------------------------------------------------------------------------------
+# --- batches ----------------------------------------------------------------------------------
 
 
 def augment(x: Tensor, cfg: Config, generator: torch.Generator) -> Tensor:
@@ -84,7 +87,7 @@ class Batches:
         self.loader.close()
 
 
-# --- evaluation --------------------------------------------------------------------------------
+# --- evaluation and precise BatchNorm ---------------------------------------------------------
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -222,3 +225,56 @@ def evaluate(
         "test_fwd_converged": float(sums[k + 3]) / n,
         "test_n": float(sums[k]),
     }
+
+
+# --- the data sets of a config ----------------------------------------------------------------
+
+
+def prepare_data(cfg: Config) -> None:
+    """What must happen once before :func:`load_data`: the CIFAR-10 or MNIST download with
+    ``data.download`` (safe for concurrent callers; a multi-process job calls it on rank 0
+    and lets the other ranks wait at a barrier, so it is fetched once)."""
+    from phantomdeq.data import prepare_dataset
+
+    d = cfg.data
+    prepare_dataset(d.name, d.root, download=d.download)
+
+
+def load_data(cfg: Config) -> tuple[Any, Any, Any]:
+    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`); calls
+    :func:`prepare_data` first (a no-op when the data are present).
+
+    Raises:
+        ConfigError: ``data.root`` is missing or lacks the expected files.
+        phantomdeq.data.DataError: another data problem (one line naming the file or option,
+            e.g. ``data.train_size`` above the size of the set); the commands report it with
+            exit status 2.
+    """
+    from phantomdeq.data import load_dataset
+
+    d = cfg.data
+    if d.root is not None and not Path(d.root).is_dir() and not d.download:
+        raise ConfigError(f"data.root: directory {d.root!r} does not exist")
+    extra: dict[str, Any] = {}
+    if d.name == "imagefolder":
+        extra = {"image_size": d.image_size, "augment": d.augment, "flip": d.flip}
+    try:
+        prepare_data(cfg)
+        return load_dataset(
+            d.name,
+            d.root,
+            seed=cfg.train.seed,
+            train_size=d.train_size,
+            test_size=d.test_size,
+            mean=d.mean,
+            std=d.std,
+            **extra,
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from exc
+
+
+def info_get(info: Any, key: str) -> Any:
+    if isinstance(info, dict):
+        return info[key]
+    return getattr(info, key)

@@ -145,7 +145,7 @@ __all__ = [
 ]
 
 
-# --- run_dir -----------------------------------------------------------------------------------
+# --- the folder -------------------------------------------------------------------------------
 
 try:
     import fcntl
@@ -304,7 +304,7 @@ def prepare_run_folder(path: str | Path, *, resume: bool, overwrite: bool) -> Ru
     return folder
 
 
-# --- atomic ------------------------------------------------------------------------------------
+# --- atomic writes ----------------------------------------------------------------------------
 
 #: what each environment failure means for a file a run writes, and what to do about it
 _CAUSES: dict[int, tuple[str, str]] = {
@@ -433,7 +433,7 @@ def sweep_temp_files(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
     return removed
 
 
-# --- checkpoint --------------------------------------------------------------------------------
+# --- checkpoint files -------------------------------------------------------------------------
 
 #: format tag stored in every checkpoint; bumped on incompatible changes
 FORMAT = "phantomdeq-checkpoint-v1"
@@ -575,7 +575,7 @@ def load_checkpoint(
     return state
 
 
-# --- model_state -------------------------------------------------------------------------------
+# --- a checkpoint's weights into a model ------------------------------------------------------
 
 
 def _architecture_keys(stored: Config, requested: Config) -> list[str]:

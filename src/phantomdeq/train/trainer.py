@@ -8,10 +8,11 @@ unrolled pre-training stage, evaluate, log and checkpoint. The loop calls the mo
 plus the DEQ's info) and knows no loss or metric by name: the run's :class:`~.tasks.Task`
 computes them and names the metric that selects ``best.pt``.
 
-Read it in this order: :meth:`Trainer.fit` (set up, the epochs, evaluation, epoch-end
-checkpoints, tear down), :meth:`Trainer._train_epoch` (the batches of one epoch),
-:meth:`Trainer._train_step` (forward, loss, backward, update), then the set-up and the failure
-policy. Each cross-cutting concern is one module, called at named points of the loop:
+Read it in this order: :meth:`Trainer.fit` (set up, the epochs, tear down),
+:meth:`Trainer._epoch` (train, evaluate, log, checkpoint), :meth:`Trainer._train_epoch` (the
+batches of one epoch), :meth:`Trainer._train_step` (forward, loss, backward, update), then the
+set-up, the checkpoints and the failure policy. Each cross-cutting concern is one module, called
+at named points of the loop:
 
 =====================  =========================================================================
 concern                called at
@@ -80,9 +81,7 @@ from .build import (
     check_model,
     compile_model,
     info_fields,
-    load_data,
     make_optimizer,
-    prepare_data,
     replan_note,
     resolve_device,
 )
@@ -94,7 +93,15 @@ from .config import (
     load_config,
     monitor_label,
 )
-from .data import Batches, augment, evaluate, forward_stats, recalibrate_batchnorm
+from .data import (
+    Batches,
+    augment,
+    evaluate,
+    forward_stats,
+    load_data,
+    prepare_data,
+    recalibrate_batchnorm,
+)
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -264,64 +271,14 @@ class Trainer:
         Setup, training and teardown share one ``try``/``finally``: whatever fails (a bad config
         found on a rank, a missing checkpoint, a diverged run, an interrupt), the metrics files
         are closed, the loader stopped and the process group left (:meth:`_teardown`)."""
-        cfg = self.config
         with StopSignals() as stop:
             self._stop = stop
             try:
-                self._setup()
-                stop.announce = self.dist.is_main
-                if self._any_rank(stop.requested != 0):  # a signal during the set-up
-                    if self.run_folder is not None:
-                        self.run_folder.discard()
-                    raise TrainingInterrupted(
-                        stop.requested or int(signal.SIGTERM), "stopped before training started"
-                    )
-                if self.dist.is_main and self.epoch >= cfg.train.epochs:
-                    print(
-                        f"phantomdeq: run in {str(self.out_dir)!r} already finished "
-                        f"({self.epoch} epochs)",
-                        file=sys.stderr,
-                    )
-                self._announce_resume()
+                self._setup()  # processes, precision, run folder, data, model, resume point
+                self._start()
                 train_rec: dict[str, Any] | None = None
-                while self.epoch < cfg.train.epochs:
-                    epoch = self.epoch
-                    t_start = time.perf_counter()
-                    train_rec = self._train_epoch(epoch)
-                    last = epoch + 1 == cfg.train.epochs
-                    eval_rec: dict[str, float] = {}
-                    if (epoch + 1) % cfg.train.eval_every == 0 or last:
-                        eval_rec = self._evaluate(epoch)
-                        self.elapsed += eval_rec["eval_time_s"]
-                        self.last_eval = dict(eval_rec)
-                    self.epoch = epoch + 1
-                    self.batch = 0
-                    rec = {
-                        "epoch": self.epoch,
-                        "step": self.step,
-                        **train_rec,
-                        **eval_rec,
-                        "time_s": self.elapsed,
-                        "time_per_step_s": train_rec["epoch_time_s"] / max(self.steps_per_epoch, 1),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                    }
-                    primary = f"test_{self.task.primary}"
-                    improved = bool(eval_rec) and self.task.better(eval_rec[primary], self.best)
-                    if improved:
-                        self.best = eval_rec[primary]
-                    rec[f"best_{primary}"] = math.nan if self.best is None else self.best
-                    self.logger.log("epoch", rec)
-                    self._save(best=improved, at=f"after epoch {self.epoch} (step {self.step})")
-                    if self.dist.is_main and self.progress:
-                        line = epoch_line(
-                            rec,
-                            cfg.train.epochs,
-                            self.task.describe(rec),
-                            time.perf_counter() - t_start,
-                        )
-                        print(line, file=sys.stderr)
-                    if self._any_rank(stop.requested != 0) and self.epoch < cfg.train.epochs:
-                        raise self._interrupt(save=False)
+                while self.epoch < self.config.train.epochs:
+                    train_rec = self._epoch()  # train, evaluate, log, checkpoint
                 if train_rec is not None:
                     self._check_divergence(train_rec)
             except TrainingInterrupted as exc:
@@ -334,6 +291,65 @@ class Trainer:
             finally:
                 self._teardown()
         return self._final_metrics()
+
+    def _start(self) -> None:
+        """After the set-up: stop on a signal that came during it, say when the run is
+        already finished or its schedule re-planned."""
+        stop = self._stop
+        stop.announce = self.dist.is_main
+        if self._any_rank(stop.requested != 0):  # a signal during the set-up
+            if self.run_folder is not None:
+                self.run_folder.discard()
+            raise TrainingInterrupted(
+                stop.requested or int(signal.SIGTERM), "stopped before training started"
+            )
+        if self.dist.is_main and self.epoch >= self.config.train.epochs:
+            print(
+                f"phantomdeq: run in {str(self.out_dir)!r} already finished ({self.epoch} epochs)",
+                file=sys.stderr,
+            )
+        self._announce_resume()
+
+    def _epoch(self) -> dict[str, Any]:
+        """One epoch: train it, evaluate (every ``train.eval_every`` epochs and after the last),
+        log its record, write the checkpoints, and stop here on a signal; returns its
+        training statistics."""
+        cfg = self.config
+        epoch = self.epoch
+        t_start = time.perf_counter()
+        train_rec = self._train_epoch(epoch)
+        last = epoch + 1 == cfg.train.epochs
+        eval_rec: dict[str, float] = {}
+        if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            eval_rec = self._evaluate(epoch)
+            self.elapsed += eval_rec["eval_time_s"]
+            self.last_eval = dict(eval_rec)
+        self.epoch = epoch + 1
+        self.batch = 0
+        rec = {
+            "epoch": self.epoch,
+            "step": self.step,
+            **train_rec,
+            **eval_rec,
+            "time_s": self.elapsed,
+            "time_per_step_s": train_rec["epoch_time_s"] / max(self.steps_per_epoch, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        primary = f"test_{self.task.primary}"
+        improved = bool(eval_rec) and self.task.better(eval_rec[primary], self.best)
+        if improved:
+            self.best = eval_rec[primary]
+        rec[f"best_{primary}"] = math.nan if self.best is None else self.best
+        self.logger.log("epoch", rec)
+        self._save(best=improved, at=f"after epoch {self.epoch} (step {self.step})")
+        if self.dist.is_main and self.progress:
+            seconds = time.perf_counter() - t_start
+            print(
+                epoch_line(rec, cfg.train.epochs, self.task.describe(rec), seconds), file=sys.stderr
+            )
+        if self._any_rank(self._stop.requested != 0) and self.epoch < cfg.train.epochs:
+            raise self._interrupt(save=False)
+        return train_rec
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         """Train the remaining batches of ``epoch`` (all of them, or those after ``self.batch``
