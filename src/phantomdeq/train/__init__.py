@@ -6,6 +6,14 @@ metrics (:mod:`.tasks`).
 ``phantomdeq train --config configs/X.yaml`` (see :mod:`phantomdeq.train.commands`) and
 :func:`run_training` are the entry points. Heavy optional dependencies (PyYAML, tqdm,
 matplotlib, TensorBoard) are imported only when used.
+
+The modules: :mod:`.trainer` (the loop, one class read top to bottom), and what it calls --
+:mod:`.config` and :mod:`.sections` (the YAML), :mod:`.build` (solvers, estimator, model,
+optimiser, schedule), :mod:`.data` (data sets, batches, evaluation), :mod:`.tasks` (loss and
+metrics), :mod:`.precision`, :mod:`.warm_start`, :mod:`.run_folder` (the folder, checkpoints,
+resume), :mod:`.distributed`, :mod:`.monitor`, :mod:`.guard` (non-finite values, divergence,
+signals), :mod:`.metrics` (``metrics.jsonl``, figures, reports) and :mod:`.commands` (the
+``train`` and ``eval`` commands).
 """
 
 from __future__ import annotations
