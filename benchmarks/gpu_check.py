@@ -118,7 +118,7 @@ def _machine(device: str) -> dict[str, Any]:
 
 def time_steps(args: argparse.Namespace) -> dict[str, Any]:
     from phantomdeq.train import load_config, run_training
-    from phantomdeq.train.metrics_log import read_metrics
+    from phantomdeq.train.metrics import read_metrics
 
     records = []
     base = [
@@ -177,7 +177,7 @@ def time_steps(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One training run; its result with the mean training-epoch time (evaluation excluded)."""
     from phantomdeq.train import load_config, run_training
-    from phantomdeq.train.metrics_log import read_metrics
+    from phantomdeq.train.metrics import read_metrics
 
     cfg = load_config(args.config, args.set)
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import yaml
 
 from phantomdeq.cpu_memory import minor_page_faults
 from phantomdeq.train import config_from_dict, run_training
-from phantomdeq.train.metrics_log import read_metrics
+from phantomdeq.train.metrics import read_metrics
 
 
 def _apply(raw: dict[str, Any], assignments: list[str]) -> None:

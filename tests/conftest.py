@@ -49,7 +49,7 @@ def tiny_config(
 
 def steps(run_dir: Path) -> list[dict[str, Any]]:
     """The per-step records of a run's metrics.jsonl."""
-    from phantomdeq.train.metrics_log import read_metrics
+    from phantomdeq.train.metrics import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
 

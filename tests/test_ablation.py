@@ -293,7 +293,7 @@ def test_training_interrupted_crosses_process_boundaries() -> None:
     # breaks the whole process pool (and used to hang the command on SIGTERM)
     import pickle
 
-    from phantomdeq.train.stop_signals import TrainingInterrupted
+    from phantomdeq.train.guard import TrainingInterrupted
 
     exc = pickle.loads(pickle.dumps(TrainingInterrupted(15, "stopped at step 3", immediate=True)))
     assert (exc.signum, str(exc), exc.immediate, exc.exit_code) == (

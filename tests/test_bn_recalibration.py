@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from phantomdeq.train.evaluation import recalibrate_batchnorm
+from phantomdeq.train.data import recalibrate_batchnorm
 
 
 class _Net(nn.Module):

@@ -30,17 +30,16 @@ from phantomdeq.train import (  # noqa: E402
     TrainingInterrupted,
     commands,
     config_from_dict,
-    eval_command,
     run_training,
 )
-from phantomdeq.train.checkpoint import (  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
+from phantomdeq.train.run_folder import (  # noqa: E402
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
 
 tiny_config = functools.partial(conftest.tiny_config, {"train": {"epochs": 3}})
 
@@ -164,11 +163,11 @@ def test_cli_reports_corrupted_and_missing_checkpoints(
     # a checkpoint given to eval is the user's input: exit status 2, one line
     bad = tmp_path / "best.pt"
     bad.write_bytes(b"PK\x03\x04 broken zip")
-    assert eval_command.main(["--checkpoint", str(bad)]) == 2
+    assert commands.eval_main(["--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "phantomdeq eval: error: checkpoint" in err and str(bad) in err and "corrupted" in err
     assert err.count("\n") == 1
-    assert eval_command.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert commands.eval_main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "not found" in capsys.readouterr().err
     # --resume on a run directory whose last.pt is damaged
     import yaml
@@ -388,7 +387,7 @@ def test_changed_weights_are_refused_naming_the_file(
     torch.save(raw, path)
     with pytest.raises(CheckpointError, match=r"damaged: its content does not match the sha256"):
         load_checkpoint(path)
-    assert eval_command.main(["--checkpoint", str(path), "--device", "cpu"]) == 2
+    assert commands.eval_main(["--checkpoint", str(path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "sha256" in err
 
@@ -429,7 +428,7 @@ def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyP
     improving epoch writes best.pt, then last.pt. A kill between the two writes (simulated at
     the best epoch) leaves best.pt one epoch ahead; the resumed run adopts its accuracy and ends with
     the same best.pt and best accuracy as an uninterrupted run."""
-    from phantomdeq.train import resume as trainer_module  # where checkpoints are written
+    from phantomdeq.train import run_folder as trainer_module  # where checkpoints are written
 
     raw = tiny_config(
         data={"batch_size": 32, "train_size": 128, "test_size": 128},
@@ -508,7 +507,7 @@ def test_no_space_while_appending_metrics_is_one_line_and_keeps_the_records(
     tmp_path: Path,
 ) -> None:
     from phantomdeq.train import OutputWriteError
-    from phantomdeq.train.metrics_log import MetricsLogger
+    from phantomdeq.train.metrics import MetricsLogger
 
     logger = MetricsLogger(tmp_path, tensorboard=False, append=False)
     logger.log("step", {"epoch": 1, "batch": 1, "step": 1, "train_loss": 1.0})
@@ -538,7 +537,7 @@ def test_no_space_while_appending_metrics_is_one_line_and_keeps_the_records(
 
 
 def test_damaged_metrics_line_in_the_middle_is_named(tmp_path: Path) -> None:
-    from phantomdeq.train.metrics_log import MetricsFileError
+    from phantomdeq.train.metrics import MetricsFileError
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "step", "step": 1}\n{"kind": "st\n{"kind": "step", "step": 2}\n')

@@ -170,7 +170,7 @@ def test_train_compile_option_trains_through_the_compiled_model(tmp_path, monkey
     and three more epochs compile no new graph."""
     pytest.importorskip("sklearn")
     pytest.importorskip("yaml")
-    import phantomdeq.train.compile as compile_module
+    import phantomdeq.train.trainer as compile_module  # where the trainer calls compile_model
     from conftest import steps, tiny_config
     from phantomdeq.train import run_training
 

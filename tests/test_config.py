@@ -15,11 +15,11 @@ from phantomdeq.train.config import (  # noqa: E402
     apply_overrides,
     config_from_dict,
     config_to_dict,
-    dump_config,
     load_config,
     parse_overrides,
     resolve_data_root,
 )
+from phantomdeq.train.run_folder import dump_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

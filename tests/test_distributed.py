@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 
 from phantomdeq.train import run_training  # noqa: E402
 from phantomdeq.train.distributed import DistInfo, epoch_permutation, shard_batches  # noqa: E402
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
 
 ESTIMATORS = ("ift", "npg", "upg")
 
@@ -205,7 +205,7 @@ LIFECYCLE = r"""
 import json, os, sys, time
 from pathlib import Path
 import torch.distributed as dist
-import phantomdeq.train.setup as trainer_module  # where the data is prepared
+import phantomdeq.train.trainer as trainer_module  # where the data is prepared
 from phantomdeq.train import ConfigError, Trainer, config_from_dict
 from phantomdeq.train.distributed import DistributedError
 
@@ -303,7 +303,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from phantomdeq.train.distributed import DistInfo, convert_batchnorm
-from phantomdeq.train.evaluation import recalibrate_batchnorm
+from phantomdeq.train.data import recalibrate_batchnorm
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))

@@ -15,7 +15,7 @@ import pytest
 from phantomdeq import cli
 from phantomdeq._extras import missing_message
 from phantomdeq.experiments import demo
-from phantomdeq.train import eval_command, run_training
+from phantomdeq.train import commands, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_eval_takes_a_run_folder_and_explains_its_metrics(
     assert f"{100 * report['test_fwd_converged']:.1f} %" in converged
     # without best.pt the folder stands for last.pt (--checkpoint FILE: tests/test_checkpoint.py)
     (run / "best.pt").unlink()
-    assert eval_command.main(["--checkpoint", str(run), "--device", "cpu"]) == 0
+    assert commands.eval_main(["--checkpoint", str(run), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(run / "last.pt")
 
 
@@ -129,7 +129,7 @@ def test_eval_without_a_checkpoint_is_one_line(
     argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
-    assert eval_command.main(argv) == 2
+    assert commands.eval_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("phantomdeq eval: error: ")
     assert words in err

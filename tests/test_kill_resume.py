@@ -25,8 +25,8 @@ yaml = pytest.importorskip("yaml")
 pytest.importorskip("sklearn")
 
 from phantomdeq.train import commands, run_training  # noqa: E402
-from phantomdeq.train.checkpoint import load_checkpoint  # noqa: E402
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
+from phantomdeq.train.run_folder import load_checkpoint  # noqa: E402
 
 pytestmark = [  # training processes killed and resumed: the slow tier
     pytest.mark.slow,

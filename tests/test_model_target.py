@@ -22,15 +22,14 @@ from phantomdeq.train import (  # noqa: E402
     ConfigError,
     commands,
     config_from_dict,
-    eval_command,
     load_checkpoint,
     run_training,
     save_checkpoint,
     weight_decay_groups,
 )
 from phantomdeq.train.config import config_differences, config_to_dict  # noqa: E402
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
-from phantomdeq.train.resume import saved_best  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
+from phantomdeq.train.run_folder import saved_best  # noqa: E402
 from phantomdeq.train.tasks import TASKS, build_task, task_class  # noqa: E402
 
 
@@ -80,7 +79,7 @@ def test_custom_deq_trains_checkpoints_resumes_and_evaluates(
     assert math.isfinite(full["test_fwd_residual"])
 
     capsys.readouterr()
-    rc = eval_command.main(["--checkpoint", str(tmp_path / "part" / "best.pt")])
+    rc = commands.eval_main(["--checkpoint", str(tmp_path / "part" / "best.pt")])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["test_acc"] == part["best_test_acc"]
 
@@ -100,7 +99,7 @@ def test_generator_reaches_forward_that_declares_it(monkeypatch: pytest.MonkeyPa
     """The trainer passes only the forward options a model declares: TinyDEQ takes
     ``generator`` (seeded per step), not ``mode``/``jac_reg``/``z0``."""
     import custom_models
-    from phantomdeq.train.model_target import ModelCall
+    from phantomdeq.train.build import ModelCall
 
     cfg = config_from_dict(custom_config())
     from phantomdeq.train.build import build_model

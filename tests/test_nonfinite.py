@@ -31,10 +31,10 @@ from phantomdeq.train import (  # noqa: E402
     run_training,
 )
 from phantomdeq.train import trainer as trainer_module  # noqa: E402
-from phantomdeq.train.checkpoint import load_checkpoint  # noqa: E402
 from phantomdeq.train.config import ConfigError  # noqa: E402
 from phantomdeq.train.guard import chance_divergence  # noqa: E402
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
+from phantomdeq.train.run_folder import load_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "mdeq_tiny_digits.yaml")

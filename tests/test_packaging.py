@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import phantomdeq.train.metrics_log as metrics_log
+import phantomdeq.train.metrics as metrics_log
 from phantomdeq import cli, presets
 from phantomdeq.experiments.measure import cpu_peak_memory
 from phantomdeq.train import ConfigError, load_config, run_training

@@ -25,13 +25,13 @@ from phantomdeq.models import build_model  # noqa: E402
 from phantomdeq.train import (  # noqa: E402
     ConfigError,
     Trainer,
+    commands,
     config_from_dict,
-    eval_command,
     load_checkpoint,
     load_config,
     run_training,
 )
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
 from phantomdeq.train.precision import MixedPrecision, check_precision  # noqa: E402
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "mdeq_tiny_digits.yaml"
@@ -228,7 +228,7 @@ def test_bf16_checkpoint_keeps_precision_and_eval_uses_it(
         return forward(self, x, **kw)
 
     monkeypatch.setattr(mdeq.MDEQ, "forward", recording)
-    assert eval_command.main(["--checkpoint", str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
+    assert commands.eval_main(["--checkpoint", str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
     assert seen and all(seen)
     assert '"test_acc"' in capsys.readouterr().out
 

@@ -19,8 +19,8 @@ yaml = pytest.importorskip("yaml")
 pytest.importorskip("sklearn")
 
 from phantomdeq.cli import main as cli  # noqa: E402
-from phantomdeq.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
+from phantomdeq.train.run_folder import load_checkpoint, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_a_folder_in_use_by_another_process_is_refused_until_that_process_ends(
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from phantomdeq.train.run_dir import prepare_run_folder\n"
+            "from phantomdeq.train.run_folder import prepare_run_folder\n"
             "f = prepare_run_folder(sys.argv[1], resume=True, overwrite=False)\n"
             "print('locked', flush=True)\n"
             "time.sleep(60)\n",
@@ -414,7 +414,7 @@ def _refuse_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     (the tests run as root, for whom chmod does not make a folder read-only)."""
     import os
 
-    import phantomdeq.train.run_dir as run_dir
+    import phantomdeq.train.run_folder as run_dir
 
     def refused(file: Any, *args: Any, **kwargs: Any) -> Any:
         raise OSError(code, os.strerror(code), str(file))
@@ -454,7 +454,7 @@ def test_no_space_while_rewriting_metrics_is_one_line_and_keeps_the_files(
 ) -> None:
     import errno
 
-    import phantomdeq.train.atomic as atomic
+    import phantomdeq.train.run_folder as atomic
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

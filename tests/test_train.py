@@ -22,11 +22,10 @@ from phantomdeq.train import (  # noqa: E402
     LRSchedule,
     commands,
     config_from_dict,
-    eval_command,
     load_config,
     run_training,
 )
-from phantomdeq.train.metrics_log import read_metrics  # noqa: E402
+from phantomdeq.train.metrics import read_metrics  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
 
@@ -129,7 +128,7 @@ def test_cli_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 1 and load_config(run / "config.yaml").grad.name == "onestep"
-    assert eval_command.main(["--checkpoint", str(run / "last.pt"), "--device", "cpu"]) == 0
+    assert commands.eval_main(["--checkpoint", str(run / "last.pt"), "--device", "cpu"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["epoch"] == 1 and ev["step"] == 1
     assert ev["test_acc"] == pytest.approx(out["test_acc"], abs=1e-12)

@@ -95,8 +95,8 @@ def test_truncated_image_stops_training_with_one_line(tmp_path: Path) -> None:
 
 
 def test_batched_crop_is_not_applied_on_top_of_the_per_image_transform() -> None:
-    from phantomdeq.train.batches import augment
     from phantomdeq.train.config import config_from_dict
+    from phantomdeq.train.data import augment
 
     x = torch.randn(4, 3, 8, 8)
     folder = config_from_dict({"data": {"name": "imagefolder", "root": ".", "augment": True}})

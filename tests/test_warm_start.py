@@ -149,7 +149,7 @@ def test_trainer_starts_each_sample_at_its_last_equilibrium(
 def test_warm_started_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("sklearn")
     from phantomdeq.train import Trainer, TrainingInterrupted, config_from_dict, run_training
-    from phantomdeq.train.checkpoint import load_checkpoint
+    from phantomdeq.train.run_folder import load_checkpoint
     from test_checkpoint import _stop_at, assert_same_weights, resume_config, steps
 
     cfg = config_from_dict(resume_config(warm_start=True))

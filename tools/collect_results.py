@@ -288,7 +288,7 @@ def collect_monitored(runs: Path, name: str) -> None:
             "monitor_pairs": _pairs(monitor),
         },
     )
-    from phantomdeq.train.plots import plot_monitor
+    from phantomdeq.train.metrics import plot_monitor
 
     figure, title = MONITORED[name]
     plot_monitor(dst / "monitor.jsonl", REPO / "docs" / figure, title=title)

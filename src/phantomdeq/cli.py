@@ -1,8 +1,8 @@
 """The ``phantomdeq`` command.
 
-Each sub-command lives in its own module that exposes ``main(argv: list[str]) -> int`` and
-owns its argument parser; this file only dispatches, importing the module lazily so that
-``phantomdeq --help`` stays fast and heavy optional dependencies load only when needed.
+Each sub-command is a function ``main(argv: list[str]) -> int`` of its module (or the one named
+after ``module:``), which owns its argument parser; this file only dispatches, importing the
+module lazily so that ``phantomdeq --help`` stays fast and heavy optional dependencies load only when needed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from phantomdeq._extras import OPTIONAL_MODULES, missing_message, missing_modules, top_module
 from phantomdeq.cpu_memory import cpu_memory_from_env, retain_cpu_memory
 
-#: command name -> (module path, one-line help)
+#: command name -> (module path, or ``module:function`` when not ``main``; one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("phantomdeq.experiments.demo", "run the demonstration that `make demo` runs"),
     "synthetic": (
@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "paper Fig. 1: phantom vs exact gradient cosine",
     ),
     "train": ("phantomdeq.train.commands", "train a model from a YAML config"),
-    "eval": ("phantomdeq.train.eval_command", "evaluate a checkpoint"),
+    "eval": ("phantomdeq.train.commands:eval_main", "evaluate a checkpoint"),
     "cost": ("phantomdeq.experiments.cost", "paper Table 2: time and memory of each gradient"),
     "ablate": ("phantomdeq.experiments.ablation", "paper Table 1 / Fig. 3: grid of training runs"),
     "configs": ("phantomdeq.presets", "list the shipped training configs (presets for --config)"),
@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return user_error(prog, str(exc))
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        module_name, _, function = COMMANDS[name][0].partition(":")
+        module = importlib.import_module(module_name)
+        return int(getattr(module, function or "main")(rest) or 0)
     except ModuleNotFoundError as exc:
         # an optional dependency a particular option needs (e.g. Pillow for image folders)
         if top_module(exc) not in OPTIONAL_MODULES:

@@ -272,7 +272,7 @@ def _epoch_stats(run_dir: Path) -> dict[str, float]:
     """Mean training-epoch time (evaluation and monitor excluded), mean training forward
     steps and the gradient-norm statistics (:func:`grad_norm_stats`) of the DEQ stage, from
     ``metrics.jsonl``."""
-    from phantomdeq.train.metrics_log import read_metrics
+    from phantomdeq.train.metrics import read_metrics
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -382,13 +382,13 @@ def init_worker(retain_memory: bool) -> None:
 class StopWorkers:
     """While a study runs in pool workers, SIGINT/SIGTERM to this process cancel the runs not
     started and stop the running ones: each worker that holds a run folder's lock
-    (:data:`~phantomdeq.train.run_dir.LOCK_FILE`, which names its pid) gets SIGTERM once per
+    (:data:`~phantomdeq.train.run_folder.LOCK_FILE`, which names its pid) gets SIGTERM once per
     run, so its trainer checkpoints after the current step and stops; :meth:`poke` is called
     again while waiting, for runs a worker locks after the signal. (On SIGINT the runs that
     already held their lock are left to the terminal, which sends SIGINT to every process of
     the foreground group: a second signal would stop them without the checkpoint.) The caller
     collects what the workers return and then raises
-    :class:`~phantomdeq.train.stop_signals.TrainingInterrupted` -- no worker trains on after
+    :class:`~phantomdeq.train.guard.TrainingInterrupted` -- no worker trains on after
     the command has gone."""
 
     def __init__(self, pool: Any, futures: list[Any], prog: str, runs: Path) -> None:
@@ -402,7 +402,7 @@ class StopWorkers:
 
     def _holders(self) -> set[tuple[int, str]]:
         """(pid, run folder) of this pool's workers holding a run folder's lock."""
-        from phantomdeq.train.run_dir import LOCK_FILE
+        from phantomdeq.train.run_folder import LOCK_FILE
 
         workers = set(getattr(self.pool, "_processes", None) or {})
         out = set()
@@ -505,7 +505,7 @@ def _execute(specs: list[RunSpec], out: Path, jobs: int) -> tuple[int, int]:
                         crashed += 1
                         report(i, spec, None, f"{type(exc).__name__}: {exc}")
     if stop.signum:
-        from phantomdeq.train.stop_signals import TrainingInterrupted
+        from phantomdeq.train.guard import TrainingInterrupted
 
         raise TrainingInterrupted(stop.signum, "the running runs checkpointed and stopped")
     return len(todo), crashed
@@ -547,7 +547,7 @@ def build_parser() -> Parser:
 
 def _command(args: argparse.Namespace, argv: list[str]) -> int:
     from phantomdeq.train.config import ConfigError
-    from phantomdeq.train.stop_signals import TrainingInterrupted
+    from phantomdeq.train.guard import TrainingInterrupted
 
     if args.jobs < 1:
         raise UsageError(f"--jobs: must be >= 1, got {args.jobs}")

@@ -68,7 +68,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 import phantomdeq as pdq
-from phantomdeq.train.seeds import seed_of
+from phantomdeq.train.distributed import seed_of
 
 from .command import (
     Outputs,

@@ -12,24 +12,52 @@
   (within three binomial standard deviations of ``1 / num_classes``); :func:`chance_divergence`
   -- the end-of-training verdict: at chance *and* a training loss above twice its first value
   (a run that merely has not learned yet keeps its loss near the first value).
+* :class:`TrainingError` and its reports: :func:`divergence_error` (a non-finite loss,
+  gradient, state or evaluation, too many skipped steps: where, after which blow-up of the loss,
+  and the last finite checkpoint, :func:`checkpoint_text`) and :func:`final_divergence_error`
+  (the task's end-of-training verdict).
+
+SIGINT (Ctrl-C) and SIGTERM (what schedulers and ``torchrun`` send) as a graceful stop.
+
+While a run trains, the first SIGINT or SIGTERM only sets :attr:`StopSignals.requested`; the
+training loop notices it after the current step (all ranks agree through the step's
+all-reduce), writes ``last.pt`` at that exact position (mid-epoch included) when the state is
+finite, and raises :class:`TrainingInterrupted`. A second signal raises
+:class:`TrainingInterrupted` at once (the run then resumes from the last checkpoint written).
+``phantomdeq train`` exits with ``128 + signal number``: 130 for SIGINT, 143 for SIGTERM.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 from collections.abc import Iterable
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "final_divergence_error",
+    "divergence_error",
+    "checkpoint_text",
+    "TrainingError",
     "BufferSnapshot",
+    "StopSignals",
+    "TrainingInterrupted",
     "at_chance",
     "chance_bound",
     "chance_divergence",
     "grad_norm",
     "nonfinite_entries",
 ]
+
+
+# --- non-finite values and divergence -------------------------------------------------------------------------------------
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> Tensor:
@@ -102,3 +130,128 @@ def chance_divergence(
         f"and the training loss blew up from {first_loss:.3g} (step 1) to {last_loss:.3g} "
         f"(last epoch's mean)"
     )
+
+
+class TrainingError(RuntimeError):
+    """Training diverged or cannot continue (non-finite loss, gradient or state, accuracy at
+    chance with a risen loss); the message names the step and the last finite checkpoint."""
+
+
+def checkpoint_text(out_dir: Path, last_checkpoint: tuple[int, int, int] | None) -> str:
+    """Which checkpoint a stopped run continues from: ``last_checkpoint`` is the (epoch, batch,
+    step) of the last ``last.pt`` written in ``out_dir``, None before the first."""
+    if last_checkpoint is None:
+        return "no checkpoint was written yet"
+    epoch, batch, step = last_checkpoint
+    where = f"epoch {epoch}" if batch == 0 else f"epoch {epoch} + {batch} batches"
+    return (
+        f"the last (finite) checkpoint is {str(out_dir / 'last.pt')!r} (after {where}, step {step})"
+    )
+
+
+def divergence_error(
+    what: str,
+    at: str,
+    *,
+    initial_loss: float | None,
+    last_loss: tuple[int, float] | None,
+    checkpoint: str,
+) -> TrainingError:
+    """The report of a run that diverged: ``what`` went wrong ``at`` which point, the blow-up of
+    the training loss from ``initial_loss`` (step 1) to ``last_loss`` (step, loss) when it grew
+    tenfold, the ``checkpoint`` to continue from (:func:`checkpoint_text`) and what to try."""
+    blowup = ""
+    if initial_loss is not None and last_loss is not None:
+        step, loss = last_loss
+        if loss > 10.0 * max(initial_loss, 1e-12):
+            blowup = (
+                f", after the training loss blew up from {initial_loss:.3g} (step 1) "
+                f"to {loss:.3g} (step {step})"
+            )
+    return TrainingError(
+        f"training diverged: {what} {at}{blowup}; training stopped, "
+        f"{checkpoint}. Try a lower optim.lr, optim.grad_clip > 0, more "
+        f"solver.max_iter, pretraining or train.on_nonfinite: skip."
+    )
+
+
+def final_divergence_error(verdict: str, epoch: int, step: int, out_dir: Path) -> TrainingError:
+    """The report of the task's end-of-training ``verdict`` (e.g. accuracy at chance with a
+    blown-up loss) after ``epoch`` epochs, ``step`` steps."""
+    return TrainingError(
+        f"training diverged: after epoch {epoch} (step {step}) {verdict}; "
+        f"the checkpoints in {str(out_dir)!r} hold a diverged model. Try a lower "
+        f"optim.lr, optim.grad_clip > 0 or a warm-up (optim.warmup_steps)."
+    )
+
+
+# --- SIGINT / SIGTERM ------------------------------------------------------------------------------
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal. ``signum`` is the signal, ``exit_code`` ``128 + signum``;
+    the message says where the run stopped and which checkpoint it continues from.
+    ``immediate`` marks the exception raised by a second signal wherever the run was."""
+
+    def __init__(self, signum: int, message: str, *, immediate: bool = False) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.immediate = immediate
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable with its own signature: a worker process (``phantomdeq ablate --jobs``)
+        # returns it to the parent, where a failed unpickling would break the process pool
+        return (type(self), (self.signum, str(self)), {"immediate": self.immediate})
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class StopSignals:
+    """Context manager installing the graceful handlers for SIGINT and SIGTERM (main thread
+    only; elsewhere it does nothing) and restoring the previous handlers on exit.
+
+    ``announce`` prints one line on stderr when the first signal arrives (rank 0)."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce
+        self.requested = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise TrainingInterrupted(
+                signum, f"{name} received twice; stopped at once", immediate=True
+            )
+        self.requested = signum
+        if self.announce:
+            print(
+                f"phantomdeq: {name} received; stopping after the current step "
+                f"(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in HANDLED:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -9,7 +9,8 @@ import inspect
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator
@@ -19,6 +20,14 @@ from phantomdeq import grad as grad_estimators
 from phantomdeq import solvers as solver_classes
 
 __all__ = [
+    "MDEQ_FACTORY",
+    "SECTION_ARGS",
+    "check_target",
+    "import_target",
+    "keyword_names",
+    "preset_target",
+    "takes_any_keyword",
+    "target_signature",
     "NESTED_SOLVERS",
     "BackwardSolverConfig",
     "BackwardSolverSection",
@@ -243,13 +252,20 @@ class CorrectionConfig(Section):
     estimator), the earlier ones with ``UPG(grad.k, grad.lam)`` from that state, loss weight
     ``gamma^m`` for the state ``m`` places before the solution (weight 1). The trainer
     minimises the sum of the head's weighted cross-entropies over the states; ``train_loss``
-    stays the solution's. Needs ``grad.name`` upg or npg when ``states > 1``."""
+    stays the solution's. Needs ``grad.name`` upg or npg when ``states > 1``. ``mode:
+    sliced`` solves in ``states`` segments instead, each starting detached from the previous
+    one's supervised state (TorchDEQ's ``core: sliced``)."""
 
     states: PosInt = 1
     gamma: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.8
+    mode: Literal["sampled", "sliced"] = "sampled"
 
     def check(self, prefix: str) -> None:
-        _construct(grad_estimators.Correction, {"states": self.states, "gamma": self.gamma}, prefix)
+        _construct(
+            grad_estimators.Correction,
+            {"states": self.states, "gamma": self.gamma, "mode": self.mode},
+            prefix,
+        )
 
 
 class BackwardSolverSection(SolverSection):
@@ -367,3 +383,91 @@ else:
         **_option_fields(grad_estimators.ESTIMATORS, grad_estimators.options, {"name": "upg"}),
     )
     GradConfig.__doc__ = GradSection.__doc__
+
+
+# --- model.target: the factory a config names ----------------------------------------------
+
+#: factory arguments built from the config's sections (``model.kwargs`` may not name them)
+SECTION_ARGS = ("solver", "grad", "eval_solver", "correction")
+#: the factory of the MDEQ presets (``model.name``)
+MDEQ_FACTORY = "phantomdeq.models:build_mdeq"
+
+
+def preset_target(name: str, dropout: float | None, overrides: dict[str, Any]) -> tuple[str, dict]:
+    """``(target, kwargs)`` of the preset ``model.name: name`` with ``model.dropout`` and
+    ``model.overrides``."""
+    kwargs: dict[str, Any] = {"size": name, **overrides}
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    return MDEQ_FACTORY, kwargs
+
+
+def import_target(spec: str, key: str = "model.target") -> Callable[..., Any]:
+    """The callable named by ``"package.module:attribute"`` (a dotted attribute path is
+    allowed after the colon); a one-line :class:`ConfigError` naming ``key`` otherwise."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(
+            f"{key}: expected 'package.module:factory' (e.g. 'mypkg.cells:build'), got {spec!r}"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # as `python -m`: the working directory's modules first
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - whatever the import raises is reported in one line
+        raise ConfigError(
+            f"{key}: cannot import module {module_name!r} of {spec!r} "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())})"
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}: {module_name!r} has no attribute {attr!r} ({spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key}: {spec!r} is not callable (it is a {type(obj).__name__})")
+    return obj  # type: ignore[no-any-return]
+
+
+def target_signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """The signature of a factory, None when it has none."""
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: accept any keywords
+        return None
+
+
+def keyword_names(sig: inspect.Signature | None) -> set[str] | None:
+    """The keyword-passable parameter names, or None when any keyword is accepted."""
+    if sig is None:
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n, p in sig.parameters.items() if p.kind in kinds}
+
+
+def takes_any_keyword(sig: inspect.Signature | None) -> bool:
+    """Whether a factory with this signature accepts any keyword (``**kwargs``)."""
+    return sig is None or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+    )
+
+
+def check_target(spec: str, kwargs: dict[str, Any], prefix: str = "model") -> None:
+    """Config-time checks of ``model.target`` / ``model.kwargs``: the factory imports and is
+    callable, and every ``kwargs`` key is one of its parameters and not a section argument."""
+    fn = import_target(spec, f"{prefix}.target")
+    sig = target_signature(fn)
+    named = keyword_names(sig) or set()
+    for key in kwargs:
+        if key in SECTION_ARGS:
+            section = "grad.correction" if key == "correction" else key
+            raise ConfigError(
+                f"{prefix}.kwargs.{key}: is built by the trainer from the {section} section; "
+                f"set it there"
+            )
+        if key not in named and not takes_any_keyword(sig):
+            params = ", ".join(sorted(named)) or "none"
+            raise ConfigError(
+                f"{prefix}.kwargs.{key}: not a parameter of {prefix}.target {spec!r}; "
+                f"its parameters: {params}"
+            )

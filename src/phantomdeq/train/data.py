@@ -1,21 +1,93 @@
-"""Evaluation of a model in eval mode (the metrics of its task) and precise-BatchNorm
-recalibration before it."""
+"""The data of a run: the data sets of a config (:func:`load_data`), deterministic batches for
+training and evaluation with the per-step augmentation, and evaluation of a model in eval mode
+(the metrics of its task) with precise-BatchNorm recalibration before it.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .batches import Batches
-from .distributed import DistInfo, all_reduce_sum
-from .model_target import as_output
+from phantomdeq.data import BatchLoader, augment_batch
+
+from .build import as_output
+from .config import Config, ConfigError
+from .distributed import DistInfo, all_reduce_sum, seed_of
 from .precision import autocast_context
 from .tasks import Task
 
-__all__ = ["evaluate", "forward_stats", "recalibrate_batchnorm", "unwrap"]
+__all__ = [
+    "info_get",
+    "load_data",
+    "prepare_data",
+    "Batches",
+    "augment",
+    "evaluate",
+    "forward_stats",
+    "recalibrate_batchnorm",
+    "seed_of",
+    "unwrap",
+]
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def augment(x: Tensor, cfg: Config, generator: torch.Generator) -> Tensor:
+    """Batched random crop (zero padding of the normalised batch = mean padding) and flip of
+    the in-memory data sets. Image folders are returned unchanged: their ``data.augment`` is
+    the per-image random resized crop + flip applied by the loader (:class:`Batches`)."""
+    if cfg.data.name == "imagefolder":
+        return x
+    return augment_batch(
+        x, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, generator=generator
+    )
+
+
+class Batches:
+    """Deterministic batches of a data set for explicit index lists, through
+    :class:`phantomdeq.data.BatchLoader`: in-memory ``images``/``labels`` tensors are sliced
+    (no worker processes); streamed data sets (image folders) are decoded and transformed in
+    ``num_workers`` persistent ``DataLoader`` workers (pinned memory on CUDA).
+
+    Training passes give :meth:`iterate` the ``epoch`` and the run's ``seed``: each streamed
+    item is then transformed with the seed ``(seed, epoch, index)``, so an epoch's pixels do
+    not depend on ``num_workers`` or on where a resumed run starts. A data error in a worker
+    (a truncated image) reaches the caller as a one-line :class:`phantomdeq.data.DataError`.
+    """
+
+    def __init__(self, dataset: Any, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.loader = BatchLoader(dataset, num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iterate(
+        self,
+        batches: list[Tensor],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        epoch: int | None = None,
+        seed: int = 0,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield model-ready ``(x, y)`` on ``device`` (``x`` in ``dtype``) for each index batch;
+        ``epoch``/``seed`` turn on the seeded per-item train transform of streamed data."""
+        return self.loader.iterate(batches, device, dtype, epoch=epoch, seed=seed)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (restarted on the next pass)."""
+        self.loader.close()
+
+
+# --- evaluation and precise BatchNorm ---------------------------------------------------------
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -153,3 +225,56 @@ def evaluate(
         "test_fwd_converged": float(sums[k + 3]) / n,
         "test_n": float(sums[k]),
     }
+
+
+# --- the data sets of a config ----------------------------------------------------------------
+
+
+def prepare_data(cfg: Config) -> None:
+    """What must happen once before :func:`load_data`: the CIFAR-10 or MNIST download with
+    ``data.download`` (safe for concurrent callers; a multi-process job calls it on rank 0
+    and lets the other ranks wait at a barrier, so it is fetched once)."""
+    from phantomdeq.data import prepare_dataset
+
+    d = cfg.data
+    prepare_dataset(d.name, d.root, download=d.download)
+
+
+def load_data(cfg: Config) -> tuple[Any, Any, Any]:
+    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`); calls
+    :func:`prepare_data` first (a no-op when the data are present).
+
+    Raises:
+        ConfigError: ``data.root`` is missing or lacks the expected files.
+        phantomdeq.data.DataError: another data problem (one line naming the file or option,
+            e.g. ``data.train_size`` above the size of the set); the commands report it with
+            exit status 2.
+    """
+    from phantomdeq.data import load_dataset
+
+    d = cfg.data
+    if d.root is not None and not Path(d.root).is_dir() and not d.download:
+        raise ConfigError(f"data.root: directory {d.root!r} does not exist")
+    extra: dict[str, Any] = {}
+    if d.name == "imagefolder":
+        extra = {"image_size": d.image_size, "augment": d.augment, "flip": d.flip}
+    try:
+        prepare_data(cfg)
+        return load_dataset(
+            d.name,
+            d.root,
+            seed=cfg.train.seed,
+            train_size=d.train_size,
+            test_size=d.test_size,
+            mean=d.mean,
+            std=d.std,
+            **extra,
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from exc
+
+
+def info_get(info: Any, key: str) -> Any:
+    if isinstance(info, dict):
+        return info[key]
+    return getattr(info, key)
