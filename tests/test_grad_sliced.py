@@ -136,3 +136,21 @@ def test_sliced_equals_torchdeq_deqsliced() -> None:
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_the_sliced_mode_is_a_config_key() -> None:
+    """``grad.correction.mode: sliced`` reaches :class:`Correction`; a wrong mode names the
+    key and the allowed values."""
+    pytest.importorskip("pydantic")
+    from conftest import tiny_config
+
+    from phantomdeq.train.build import build_correction
+    from phantomdeq.train.config import ConfigError, config_from_dict
+
+    raw = tiny_config(grad={"name": "upg", "k": 2, "lam": 0.5})
+    raw["grad"]["correction"] = {"states": 2, "mode": "sliced"}
+    corr = build_correction(config_from_dict(raw).grad)
+    assert corr is not None and corr.mode == "sliced" and corr.states == 2
+    raw["grad"]["correction"]["mode"] = "segments"
+    with pytest.raises(ConfigError, match=r"grad\.correction\.mode.*sampled.*sliced"):
+        config_from_dict(raw)
