@@ -7,7 +7,8 @@ Parts, in this order (each one a fresh process with its own time limit; a part t
 runs out of time is recorded as such and the others still run; the limits add up to 11 min
 10 s):
 
-* ``cuda_tests``: ``tests/test_cuda.py`` (CPU/CUDA agreement, host syncs, CUDA-graph replay);
+* ``cuda_tests``: ``tests/test_cuda.py`` (CPU/CUDA agreement, host syncs, CUDA-graph replay)
+  and ``tests/test_deq_autocast.py`` (every solver and estimator under a CUDA fp16/bf16 autocast);
 * ``solver_overhead``: ``benchmarks/solver_overhead.py`` on the MDEQ-Tiny cell (``mdeq``),
   batch 64, eager and CUDA graph, TorchDEQ's solvers beside: solve / bare f, goal ``<= 1.3``;
 * ``precision``: ``phantomdeq cost`` on MDEQ-CIFAR-10M, batch 64, UPG(5, 0.5) and IFT
@@ -69,7 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg, machine  # noqa: E402
 
 CIFAR_DIR = "cifar-10-batches-py"
-CUDA_TESTS = "tests/test_cuda.py"
+# the CUDA tests: CPU/CUDA agreement, host syncs, graph replay; DEQ under a CUDA autocast
+CUDA_TESTS = ("tests/test_cuda.py", "tests/test_deq_autocast.py")
 DRY_RUN_SLACK = 3  # the dry run's time limits: this many times the GPU ones
 HELPERS = ("make-cifar", "steps", "run")
 
@@ -279,7 +281,7 @@ def _bench(name: str) -> str:
 def _cuda_tests_cmd(ctx: Context) -> list[list[str]]:
     """The CUDA tests; in a dry run only collected (their CPU cases run in the test suite)."""
     mode = ["--collect-only"] if ctx.dry else [f"--junitxml={ctx.work / 'cuda_tests.xml'}"]
-    return [[ctx.py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *mode, CUDA_TESTS]]
+    return [[ctx.py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *mode, *CUDA_TESTS]]
 
 
 def _cuda_tests_headline(ctx: Context) -> dict[str, Any]:
