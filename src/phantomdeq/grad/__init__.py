@@ -25,8 +25,8 @@ ESTIMATORS: dict[str, type[GradientEstimator]] = {
     "shine": SHINE,
 }
 
-#: the library's own estimator names (``register`` refuses them)
 BUILTIN_NAMES = frozenset(ESTIMATORS)
+"""The library's own estimator names (:func:`register` refuses them)."""
 
 
 def register(name: str, cls: type | None = None) -> Any:

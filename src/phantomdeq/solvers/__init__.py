@@ -50,8 +50,8 @@ BACKWARD_SOLVERS: dict[str, type[SolverBase] | type[LinearSolverBase]] = {
     **SOLVERS,
     **LINEAR_SOLVERS,
 }
-#: the library's own solver names and their aliases (``register`` refuses them)
 BUILTIN_NAMES = frozenset({*BACKWARD_SOLVERS, "fixedpoint", "fp", "picard"})
+"""The library's own solver names and their aliases (:func:`register` refuses them)."""
 
 
 def register(name: str, cls: type | None = None) -> Any:
