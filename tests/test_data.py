@@ -196,8 +196,8 @@ def test_mnist_configs_default_to_the_standard_split_and_t10k_still_works(
 ) -> None:
     # The shipped MNIST configs name ../shared/data/mnist (train + t10k files, 60k/10k); a user
     # who has only the t10k files points data.root at them and gets the seeded 80/20 split.
-    from phantomdeq.train.data import load_data
     from phantomdeq.train.config import load_config
+    from phantomdeq.train.data import load_data
 
     for name in ("configs/mdeq_tiny_mnist.yaml", "configs/ablation/mnist_upg.yaml"):
         text = (REPO / name).read_text()
