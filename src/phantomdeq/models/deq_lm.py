@@ -66,13 +66,13 @@ from phantomdeq.solvers.base import Solver
 from .lm_layers import (
     NORMS,
     Block,
+    LanguageModel,
     LMHead,
     LMOutput,
     TokenEmbedding,
     check_lm_sizes,
     check_tokens,
     init_lm_weights,
-    sample_tokens,
 )
 
 __all__ = ["FORMS", "DEQLMCell", "DEQTransformerLM", "build"]
@@ -137,7 +137,7 @@ class DEQLMCell(nn.Module):
         return self.ln_out(self.block(u, u))
 
 
-class DEQTransformerLM(nn.Module):
+class DEQTransformerLM(LanguageModel):
     """A DEQ-Transformer character language model (see the module docstring for the map).
 
     Args:
@@ -310,66 +310,7 @@ class DEQTransformerLM(nn.Module):
             loss = jacobian_frobenius_hutchinson(fz, zs, 1, create_graph=track)
         return loss if track else loss.detach()
 
-    def generate(
-        self,
-        idx: Tensor,
-        tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """``idx`` ``[B, T]`` followed by ``tokens`` sampled tokens (eval mode, no gradient;
-        each step solves on the last ``context`` tokens). ``top_k`` keeps only the ``k`` most
-        likely tokens; ``generator`` makes the draw reproducible."""
-        return sample_tokens(
-            self,
-            idx,
-            tokens,
-            context=self.context,
-            vocab_size=self.vocab_size,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
-        )
 
-
-def build(
-    vocab_size: int,
-    *,
-    width: int = 128,
-    heads: int = 4,
-    context: int = 64,
-    mlp_ratio: int = 4,
-    form: str = "postnorm",
-    dropout: float = 0.0,
-    var_dropout: float = 0.0,
-    norm: str = "none",
-    lipschitz: float = 1.0,
-    tie_weights: bool = False,
-    solver: Solver | None = None,
-    grad: GradientEstimator | None = None,
-    eval_solver: Solver | None = None,
-    correction: Correction | None = None,
-    on_nonfinite: str = "raise",
-) -> DEQTransformerLM:
-    """The factory for ``model.target: "phantomdeq.models.deq_lm:build"``: a
-    :class:`DEQTransformerLM` (the trainer passes ``solver``, ``grad``, ``eval_solver`` and
-    ``correction`` from its sections and ``vocab_size`` from the data)."""
-    return DEQTransformerLM(
-        vocab_size,
-        width=width,
-        heads=heads,
-        context=context,
-        mlp_ratio=mlp_ratio,
-        form=form,
-        dropout=dropout,
-        var_dropout=var_dropout,
-        norm=norm,
-        lipschitz=lipschitz,
-        tie_weights=tie_weights,
-        solver=solver,
-        grad=grad,
-        eval_solver=eval_solver,
-        correction=correction,
-        on_nonfinite=on_nonfinite,
-    )
+build = DEQTransformerLM
+"""The factory for ``model.target`` (the class itself: the trainer passes the options its
+signature names, ``vocab_size`` from the data)."""

@@ -32,6 +32,7 @@ __all__ = [
     "CausalSelfAttention",
     "LMHead",
     "LMOutput",
+    "LanguageModel",
     "MLP",
     "TokenEmbedding",
     "check_lm_sizes",
@@ -260,3 +261,33 @@ def sample_tokens(
         return out
     finally:
         model.train(was_training)
+
+
+class LanguageModel(nn.Module):
+    """What the language models share: ``vocab_size``, ``context`` and :meth:`generate`
+    (subclasses set both attributes and return an :class:`LMOutput` from ``forward(idx)``)."""
+
+    vocab_size: int
+    context: int
+
+    def generate(
+        self,
+        idx: Tensor,
+        tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``idx`` ``[B, T]`` followed by ``tokens`` sampled tokens (eval mode, no gradient;
+        each step reads the last ``context`` tokens). ``top_k`` keeps only the ``k`` most
+        likely tokens; ``generator`` makes the draw reproducible (:func:`sample_tokens`)."""
+        return sample_tokens(
+            self,
+            idx,
+            tokens,
+            context=self.context,
+            vocab_size=self.vocab_size,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )

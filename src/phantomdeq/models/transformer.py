@@ -14,26 +14,25 @@ exactly the DEQ cell's parameters), between the same embedding and head as
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from phantomdeq._validate import check_float, check_int
 
 from .lm_layers import (
     Block,
+    LanguageModel,
     LMHead,
     LMOutput,
     TokenEmbedding,
     check_lm_sizes,
     check_tokens,
     init_lm_weights,
-    sample_tokens,
 )
 
 __all__ = ["TransformerLM", "build"]
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(LanguageModel):
     """An explicit causal pre-norm Transformer language model with ``layers`` blocks.
 
     Args:
@@ -86,49 +85,7 @@ class TransformerLM(nn.Module):
             z = block(z, z)
         return LMOutput(logits=self.head(z), state=z)
 
-    def generate(
-        self,
-        idx: Tensor,
-        tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """``idx`` ``[B, T]`` followed by ``tokens`` sampled tokens (eval mode, no gradient;
-        each step reads the last ``context`` tokens); see
-        :meth:`~phantomdeq.models.deq_lm.DEQTransformerLM.generate`."""
-        return sample_tokens(
-            self,
-            idx,
-            tokens,
-            context=self.context,
-            vocab_size=self.vocab_size,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
-        )
 
-
-def build(
-    vocab_size: int,
-    *,
-    layers: int = 4,
-    width: int = 128,
-    heads: int = 4,
-    context: int = 64,
-    mlp_ratio: int = 4,
-    dropout: float = 0.0,
-    tie_weights: bool = False,
-) -> TransformerLM:
-    """The factory for ``model.target: "phantomdeq.models.transformer:build"``: a
-    :class:`TransformerLM` (``vocab_size`` from the data)."""
-    return TransformerLM(
-        vocab_size,
-        layers=layers,
-        width=width,
-        heads=heads,
-        context=context,
-        mlp_ratio=mlp_ratio,
-        dropout=dropout,
-        tie_weights=tie_weights,
-    )
+build = TransformerLM
+"""The factory for ``model.target`` (the class itself: the trainer passes the options its
+signature names, ``vocab_size`` from the data)."""
