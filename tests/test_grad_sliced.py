@@ -143,7 +143,6 @@ def test_the_sliced_mode_is_a_config_key() -> None:
     key and the allowed values."""
     pytest.importorskip("pydantic")
     from conftest import tiny_config
-
     from phantomdeq.train.build import build_correction
     from phantomdeq.train.config import ConfigError, config_from_dict
 
