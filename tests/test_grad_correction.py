@@ -259,3 +259,29 @@ def test_trainer_minimises_the_corrected_loss(tmp_path: Path) -> None:
     }
     result = run_training(raw, tmp_path, progress=False)
     assert result["steps"] == 2 and math.isfinite(result["test_loss"])
+
+
+def test_a_solve_too_short_for_the_correction_is_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A solve that converges at its first check cannot supply the states a correction asks
+    for: the command stops with one line naming grad.correction.states, exit status 2."""
+    pytest.importorskip("yaml")
+    pytest.importorskip("sklearn")
+    import yaml
+
+    from conftest import tiny_config
+    from phantomdeq.cli import main as cli
+
+    raw = tiny_config(
+        solver={"name": "anderson", "max_iter": 6, "tol": 1e6},
+        grad={"name": "upg", "k": 2, "lam": 0.5},
+        train={"epochs": 1},
+    )
+    raw["grad"]["correction"] = {"states": 4}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = cli(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "grad.correction.states" in err and "Traceback" not in err

@@ -14,7 +14,7 @@ solvers share :class:`SolverBase`. Submodules: ``solvers``, ``grad``, ``diagnost
 
 from . import diagnostics, grad, models, nn, precision, solvers
 from .deq import DEQ
-from .errors import DEQError
+from .errors import CorrectionError, DEQError
 from .grad import (
     BPTT,
     IFT,
@@ -55,6 +55,7 @@ __all__ = [
     "BiCGStab",
     "Broyden",
     "Correction",
+    "CorrectionError",
     "DEQError",
     "FixedPoint",
     "GradientEstimator",

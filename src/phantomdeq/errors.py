@@ -14,3 +14,10 @@ class DEQError(RuntimeError):
     def __init__(self, message: str, *, solution: Any = None) -> None:
         super().__init__(message)
         self.solution = solution
+
+
+class CorrectionError(RuntimeError):
+    """A fixed-point correction (:class:`~phantomdeq.grad.Correction`) asked for more states
+    than the forward solve visited: it stopped after fewer evaluations of ``F`` than
+    ``states`` (e.g. a warm-started solve converging at its first check). Nothing is recorded
+    in place of the missing iterates."""

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .._state import State, detach
 from .._validate import check_choice, check_float, check_int
+from ..errors import CorrectionError
 from ..solvers.base import Solution
 from .base import GradientEstimator
 
@@ -211,7 +212,7 @@ class StateRecorder:
         """The evaluations whose inputs :meth:`states` returns (after the solve)."""
         t = self.count
         if t < self.n:
-            raise RuntimeError(
+            raise CorrectionError(
                 f"Correction(states={self.n}) needs {self.n - 1} iterates before the solution, "
                 f"but the forward solve evaluated F only {t} time(s) (it stopped early, e.g. "
                 f"converged at its first checks): use fewer states, a tighter solver tol, or "

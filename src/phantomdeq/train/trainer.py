@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from phantomdeq import cpu_memory
 from phantomdeq._state import as_tuple
 from phantomdeq.data import DataError
-from phantomdeq.errors import DEQError
+from phantomdeq.errors import CorrectionError, DEQError
 
 from .build import (
     LRSchedule,
@@ -497,6 +497,12 @@ class Trainer:
             fwd.sums = task.metrics(out.prediction, y, loss=fwd.ce)
         except DEQError as exc:
             fwd.error = f"non-finite DEQ state ({' '.join(str(exc).split())})"
+        except CorrectionError as exc:  # the config asks for states the solve does not visit
+            raise ConfigError(
+                f"grad.correction.states: {cfg.grad.correction.states} cannot be recorded at "
+                f"step {self.step + 1}: {exc}; lower "
+                f"grad.correction.states or the solver's tol"
+            ) from exc
         return fwd
 
     def _step_record(
