@@ -7,8 +7,8 @@ augmentation and a batch loader.
 folders :class:`~phantomdeq.data.imagefolder.ImageFolderDataset` (file names only, images decoded
 per item); ``info`` is a :class:`DataInfo`. ``prepare_dataset`` does what must happen once
 before loading (the CIFAR-10 download); :class:`BatchLoader` turns index batches into
-model-ready ``(x, y)``. Character-level text for language models: :func:`load_text`
-(:mod:`phantomdeq.data.text`). Every data problem raises :class:`DataError` (a ``ValueError``) with a
+model-ready ``(x, y)``. Character-level text for language models: :func:`load_text` and, for
+the trainer, :func:`load_text_dataset` (:mod:`phantomdeq.data.text`). Every data problem raises :class:`DataError` (a ``ValueError``) with a
 one-line message naming the file, folder or option.
 """
 
@@ -24,7 +24,16 @@ import torch
 from .base import DataInfo, ImageTensorDataset, check_mean_std, normalize_images
 from .errors import DataError, DataFileNotFoundError
 from .loader import BatchLoader, item_seed
-from .text import CharVocab, TextBatches, TextCorpus, load_text, sequential_batches
+from .text import (
+    CharVocab,
+    TextBatches,
+    TextCorpus,
+    TextInfo,
+    TextWindows,
+    load_text,
+    load_text_dataset,
+    sequential_batches,
+)
 from .transforms import augment_batch, random_crop, random_hflip
 
 if TYPE_CHECKING:
@@ -43,10 +52,13 @@ __all__ = [
     "ImageTensorDataset",
     "TextBatches",
     "TextCorpus",
+    "TextInfo",
+    "TextWindows",
     "augment_batch",
     "item_seed",
     "load_dataset",
     "load_text",
+    "load_text_dataset",
     "normalize_images",
     "prepare_dataset",
     "random_crop",

@@ -14,7 +14,14 @@ sharded over ranks) and yields normalised inputs in the model dtype. Three kinds
   decodes and transforms items in ``num_workers`` processes (persistent across epochs, with
   prefetching and pinned memory when the device is CUDA); ``uint8`` batches travel to the
   device, where they are normalised.
+* **computed** (a ``batch(index, *, epoch, seed) -> (x, y)`` method, e.g. the text windows of
+  :class:`~phantomdeq.data.text.TextWindows`): each batch is computed in this process from the
+  index tensor (and, in training, the epoch and seed).
 * anything else indexable with ``dataset[i] -> (x, y)``: a plain ``DataLoader``.
+
+Inputs: ``x`` is returned in the requested dtype, except ``int64``/``int32`` inputs (token
+ids), which keep their dtype (ids cast to float would break embeddings and lose exactness above
+2^24).
 
 Reproducibility: with ``epoch`` given, item ``i`` is loaded with the seed ``(seed, epoch, i)``
 (:func:`item_seed`), sent along with the index, so its random transform does not depend on
@@ -47,6 +54,16 @@ def item_seed(seed: int, epoch: int, index: int) -> tuple[int, int, int]:
     """The seed of sample ``index`` in ``epoch`` of a run seeded ``seed``: non-negative ints for
     ``numpy.random.default_rng`` (whose ``SeedSequence`` mixes them)."""
     return (int(seed) & _MASK64, int(epoch) & _MASK64, int(index) & _MASK64)
+
+
+#: input dtypes that hold indices (token ids), never cast to the model dtype
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _as_input(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in the model dtype, except index inputs (``int64``/``int32`` token ids), which keep
+    their dtype (``uint8`` images are cast as before)."""
+    return x if x.dtype in INDEX_DTYPES else x.to(dtype)
 
 
 class _Failure:
@@ -138,7 +155,10 @@ class BatchLoader:
         images = getattr(dataset, "images", None)
         labels = getattr(dataset, "labels", None)
         self.tensors = isinstance(images, Tensor) and isinstance(labels, Tensor)
-        self.streaming = not self.tensors and callable(getattr(dataset, "load", None))
+        self.computed = not self.tensors and callable(getattr(dataset, "batch", None))
+        self.streaming = (
+            not self.tensors and not self.computed and callable(getattr(dataset, "load", None))
+        )
         self._sampler = _EpochBatches()
         self._loader: DataLoader[Any] | None = None
         self._loader_pinned = False
@@ -148,8 +168,10 @@ class BatchLoader:
 
     @property
     def kind(self) -> str:
-        """``"tensors"``, ``"streaming"`` or ``"plain"``."""
-        return "tensors" if self.tensors else "streaming" if self.streaming else "plain"
+        """``"tensors"``, ``"computed"``, ``"streaming"`` or ``"plain"``."""
+        if self.tensors or self.computed:
+            return "tensors" if self.tensors else "computed"
+        return "streaming" if self.streaming else "plain"
 
     def _data_loader(self, pin: bool) -> DataLoader[Any]:
         if self._loader is not None and self._loader_pinned == pin:
@@ -198,6 +220,12 @@ class BatchLoader:
         if self.tensors:
             yield from self._iterate_tensors(batches, device, dtype)
             return
+        if self.computed:
+            for idx in batches:
+                index = idx if isinstance(idx, Tensor) else torch.as_tensor(idx, dtype=torch.long)
+                x, y = self.dataset.batch(index, epoch=epoch, seed=seed)
+                yield _as_input(x.to(device, non_blocking=True), dtype), y.to(device)
+            return
         lists = _index_lists(batches)
         if self.streaming:
             for pos, b in enumerate(lists):
@@ -221,7 +249,7 @@ class BatchLoader:
             y = torch.as_tensor(y).to(device, non_blocking=True)
             if callable(normalize):
                 x = normalize(x)
-            yield x.to(dtype), y
+            yield _as_input(x, dtype), y
         if failure is not None:
             # the pass cannot go on: stop the workers now rather than whenever the traceback
             # that would keep them referenced is collected
@@ -239,7 +267,7 @@ class BatchLoader:
             x = images[index].to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True)
             x = normalize(x) if callable(normalize) else x
-            yield x.to(dtype), y
+            yield _as_input(x, dtype), y
 
     def close(self) -> None:
         """Drop the ``DataLoader``; its worker processes stop once no pass still runs (they

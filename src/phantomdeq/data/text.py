@@ -9,6 +9,12 @@ and restored with the run (:meth:`TextBatches.state_dict`), so a resumed run dra
 batches as an uninterrupted one. :func:`sequential_batches` sweeps a split in consecutive
 windows (a deterministic evaluation).
 
+For a trainer that draws index batches (:mod:`phantomdeq.train`), :func:`load_text_dataset`
+gives two :class:`TextWindows` data sets: the training split as ``train_size`` random windows
+per epoch, drawn afresh each epoch from ``(seed, epoch)``, and the validation split as
+consecutive non-overlapping windows (a fixed evaluation), with a :class:`TextInfo` description
+(``vocab_size``, ``context``, the vocabulary) that a model factory reads its sizes from.
+
 The vocabulary is saved with a run (:meth:`CharVocab.to_dict`, a JSON-able dict) and given
 back to :func:`load_text` on resume: a corpus whose characters differ is refused. Every
 problem raises :class:`~phantomdeq.data.DataError` (one line naming the file or option); a
@@ -31,7 +37,10 @@ __all__ = [
     "CharVocab",
     "TextBatches",
     "TextCorpus",
+    "TextInfo",
+    "TextWindows",
     "load_text",
+    "load_text_dataset",
     "read_text",
     "sequential_batches",
 ]
@@ -358,3 +367,127 @@ def sequential_batches(
     for i in range(0, n, batch_size):
         windows = data[starts[i : i + batch_size, None] + offsets]
         yield windows[:, :-1], windows[:, 1:]
+
+
+# --- index-addressed windows for the trainer --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    """What a model and trainer need to know about a text data set.
+
+    Attributes:
+        vocab_size: tokens in the vocabulary (a language model's input and output size).
+        context: tokens per window (the longest input the model sees in training).
+        vocab: the :class:`CharVocab` (saved with a run; needed to encode a prompt).
+        name: the data set's name (``"text"``).
+        num_chars: characters in the corpus (both splits).
+    """
+
+    vocab_size: int
+    context: int
+    vocab: CharVocab
+    name: str = "text"
+    num_chars: int = 0
+
+
+class TextWindows:
+    """A token split as a data set of ``len(self)`` windows of ``context`` tokens, addressed by
+    index in batches (:meth:`batch`; :class:`phantomdeq.data.BatchLoader` calls it): ``x`` the
+    window, ``y`` the same window shifted by one token.
+
+    Args:
+        data: a split's token ids (1-d ``torch.long``).
+        context: tokens per window (``context + 1 <= len(data)``).
+        size: the number of windows; default (None): as many non-overlapping windows as the
+            split holds, ``(len(data) - 1) // context``.
+        random: True: each epoch's windows start at ``size`` positions drawn uniformly (with
+            replacement, as the well-known character-level setups sample) from a generator
+            seeded with ``(seed, epoch)`` -- a new set every epoch, the same for the same
+            epoch wherever a run resumes. False: window ``i`` is the ``i``-th of ``size``
+            non-overlapping windows spread evenly over the split (all of them when ``size`` is
+            None), the same at every call (an evaluation set).
+        split: the split's name in error messages.
+    """
+
+    def __init__(
+        self,
+        data: Tensor,
+        *,
+        context: int,
+        size: int | None = None,
+        random: bool = False,
+        split: str = "train",
+    ) -> None:
+        _check_window(data, 1, context, split)
+        blocks = (int(data.numel()) - 1) // context
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise DataError(f"{split} windows: size must be None or an int >= 1, got {size!r}")
+        if size is not None and not random and size > blocks:
+            raise DataError(
+                f"{split} windows: {size} requested but the split holds {blocks} "
+                f"non-overlapping windows of {context} tokens; use at most {blocks} (or null)"
+            )
+        self.data = data
+        self.context = context
+        self.random = random
+        self.split = split
+        self.size = blocks if size is None else size
+        self._offsets = torch.arange(context + 1)
+        if not random:  # evenly spread non-overlapping blocks (all of them by default)
+            picked = (torch.arange(self.size, dtype=torch.float64) * (blocks / self.size)).long()
+            self._fixed = picked * context
+        self._epoch_starts: tuple[tuple[int, int], Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def starts(self, epoch: int | None = None, seed: int = 0) -> Tensor:
+        """The start position of every window (``[len(self)]``) in ``epoch`` (random
+        windows; None: epoch 0)."""
+        if not self.random:
+            return self._fixed
+        key = (int(seed), 0 if epoch is None else int(epoch))
+        if self._epoch_starts is None or self._epoch_starts[0] != key:
+            import numpy as np
+
+            words = np.random.SeedSequence([key[0] % 2**64, key[1], 0x7E47]).generate_state(2)
+            mixed = (int(words[0]) | int(words[1]) << 32) & (2**63 - 1)
+            gen = torch.Generator().manual_seed(mixed)
+            positions = int(self.data.numel()) - self.context
+            self._epoch_starts = (key, torch.randint(positions, (self.size,), generator=gen))
+        return self._epoch_starts[1]
+
+    def batch(self, index: Tensor, *, epoch: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """The windows ``index`` (``x``, ``y``: ``[len(index), context]`` ``torch.long``)."""
+        s = self.starts(epoch, seed)[index]
+        windows = self.data[s[:, None] + self._offsets]
+        return windows[:, :-1], windows[:, 1:]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.batch(torch.tensor([int(i)]))
+        return x[0], y[0]
+
+
+def load_text_dataset(
+    path: str | Path,
+    *,
+    context: int,
+    train_fraction: float = 0.9,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    vocab: CharVocab | Mapping[str, Any] | None = None,
+) -> tuple[TextWindows, TextWindows, TextInfo]:
+    """``(train, val, info)`` of a UTF-8 text file for a trainer: ``train`` draws
+    ``train_size`` random windows per epoch (default: as many as the training split holds
+    non-overlapping windows, i.e. about one pass over its tokens), ``val`` is ``test_size``
+    evenly spread non-overlapping windows of the validation split (default: all of them).
+    ``vocab``: the vocabulary saved with a run (a mismatch raises :class:`DataError`); see
+    :func:`load_text` for the split and the other errors."""
+    corpus = load_text(path, train_fraction=train_fraction, vocab=vocab)
+    train = TextWindows(corpus.train, context=context, split="train", random=True)
+    if train_size is not None:
+        train = TextWindows(corpus.train, context=context, size=train_size, random=True)
+    val = TextWindows(corpus.val, context=context, size=test_size, split="validation")
+    info = TextInfo(corpus.vocab_size, context, corpus.vocab, "text", corpus.num_chars)
+    return train, val, info

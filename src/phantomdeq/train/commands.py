@@ -197,8 +197,10 @@ def explain(result: dict[str, float], solver: object) -> dict[str, str]:
     n = int(result.get("test_n", 0))
     converged = result.get("test_fwd_converged", float("nan"))
     return {
-        "test_acc": f"fraction of the {n} test samples classified correctly",
-        "test_loss": "mean cross-entropy loss over the test samples",
+        "test_acc": f"fraction of the {n} test units predicted correctly (images classified, "
+        "or next characters of a language model)",
+        "test_loss": "mean cross-entropy loss (nats) over the test units (images, or tokens)",
+        "test_bpc": "bits per character: the language model's test loss / ln 2",
         "test_fwd_nstep": (
             f"mean forward-solver iterations per sample (eval solver {name}, at most {max_iter})"
         ),
@@ -209,7 +211,7 @@ def explain(result: dict[str, float], solver: object) -> dict[str, str]:
             f"{100 * converged:.1f} %. The others are scored at their best iterate (raise "
             "eval_solver.max_iter with --set to solve further)"
         ),
-        "test_n": "number of test samples",
+        "test_n": "number of test units (images, or tokens)",
         "epoch": "epochs completed when the checkpoint was written",
         "step": "optimiser steps taken when the checkpoint was written",
     }
@@ -284,7 +286,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         problem = check_precision(cfg.train.precision, cfg.train.dtype, device.type)
         if problem is not None:
             raise ConfigError(problem)
-        train_ds, test_ds, info = load_data(cfg)
+        train_ds, test_ds, info = load_data(cfg, vocab=state.get("vocab"))
         task = build_task(cfg, info)
         model = build_model(cfg, info=info)
         load_model_weights(model, state["model"], source=source, stored=stored, requested=cfg)

@@ -225,20 +225,8 @@ def _repo_root(start: Path) -> Path | None:
     return None
 
 
-def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
-    """Find the data directory ``root``.
-
-    An absolute path must exist. A relative one is tried against the working directory, the
-    config file's directory, the repository root (found above the config file, the working
-    directory or this package) and the repository's parent (so ``../shared/data/mnist-t10k``
-    and ``shared/data/mnist-t10k`` both find a ``shared`` folder next to the repository).
-    Raises :class:`ConfigError` naming ``data.root`` and every path tried.
-    """
-    p = Path(root).expanduser()
-    if p.is_absolute():
-        if p.is_dir():
-            return p
-        raise ConfigError(f"data.root: directory {str(p)!r} does not exist")
+def _search_bases(config_dir: Path | None) -> list[Path]:
+    """Where a relative data path is looked up, in order (see :func:`resolve_data_root`)."""
     bases: list[Path] = [Path.cwd()]
     if config_dir is not None:
         bases.append(config_dir)
@@ -248,15 +236,44 @@ def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
         repo = _repo_root(start)
         if repo is not None:
             bases += [repo, repo.parent]
+    return bases
+
+
+def _resolve(path: str, key: str, kind: str, config_dir: Path | None) -> Path:
+    want = Path.is_dir if kind == "directory" else Path.is_file
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        if want(p):
+            return p
+        raise ConfigError(f"{key}: {kind} {str(p)!r} does not exist")
     tried: list[str] = []
-    for base in bases:
+    for base in _search_bases(config_dir):
         cand = (base / p).resolve()
         if str(cand) in tried:
             continue
         tried.append(str(cand))
-        if cand.is_dir():
+        if want(cand):
             return cand
-    raise ConfigError(f"data.root: directory {root!r} not found (tried: {', '.join(tried)})")
+    raise ConfigError(f"{key}: {kind} {path!r} not found (tried: {', '.join(tried)})")
+
+
+def resolve_data_root(root: str, *, config_dir: Path | None = None) -> Path:
+    """Find the data directory ``root``.
+
+    An absolute path must exist. A relative one is tried against the working directory, the
+    config file's directory, the repository root (found above the config file, the working
+    directory or this package) and the repository's parent (so ``../shared/data/mnist-t10k``
+    and ``shared/data/mnist-t10k`` both find a ``shared`` folder next to the repository).
+    Raises :class:`ConfigError` naming ``data.root`` and every path tried.
+    """
+    return _resolve(root, "data.root", "directory", config_dir)
+
+
+def resolve_data_file(path: str, *, config_dir: Path | None = None) -> Path:
+    """Find the data file ``path`` (``data.path`` of a text corpus) the way
+    :func:`resolve_data_root` finds a directory; :class:`ConfigError` naming ``data.path`` and
+    every path tried when it is not found."""
+    return _resolve(path, "data.path", "file", config_dir)
 
 
 # --- the config and its files -----------------------------------------------------------------
@@ -329,8 +346,10 @@ class ModelConfig(Section):
 
 class TaskConfig(Section):
     """What the run minimises and measures (:mod:`phantomdeq.train.tasks`):
-    ``image_classification`` -- cross-entropy on class scores, accuracy (which picks
-    ``best.pt``) and the chance-level divergence check."""
+    ``image_classification`` (the default) -- cross-entropy on class scores, accuracy (which
+    picks ``best.pt``) and the chance-level divergence check; ``language_modelling`` (with
+    ``data.name: text``) -- per-token cross-entropy, bits per character and next-character
+    accuracy, the validation loss picking ``best.pt``, tokens per second."""
 
     name: str = "image_classification"
 
@@ -358,10 +377,20 @@ class DataConfig(Section):
     ``augment`` gives the ImageNet random resized crop to ``image_size`` (default 224) plus the
     flip (``flip``), evaluation resizes the shorter side to ``image_size * 256/224`` and crops
     the centre; ``crop_padding`` does not apply.
+
+    ``text`` (a language-model corpus, :func:`phantomdeq.data.load_text_dataset`): ``path`` is a
+    UTF-8 text file (looked up like ``root``), its characters the vocabulary (saved with the
+    run), the first ``train_fraction`` of it the training split and the rest validation;
+    ``context`` tokens per window. An epoch draws ``train_size`` random windows (default: about
+    one pass over the training tokens); evaluation reads ``test_size`` evenly spread
+    non-overlapping validation windows (default: all of them).
     """
 
-    name: Literal["digits", "mnist", "cifar10", "imagefolder"] = "digits"
+    name: Literal["digits", "mnist", "cifar10", "imagefolder", "text"] = "digits"
     root: str | None = None
+    path: str | None = None
+    context: PosInt | None = None
+    train_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.9
     download: bool = False
     train_size: PosInt | None = None
     test_size: PosInt | None = None
@@ -377,6 +406,22 @@ class DataConfig(Section):
     num_workers: NonNegInt = 0
 
     def check(self, prefix: str) -> None:
+        text_keys = ("path", "context")
+        if self.name == "text":
+            for key in text_keys:
+                if getattr(self, key) is None:
+                    raise ConfigError(f"{prefix}.{key}: required for data set 'text'")
+            for key in ("root", "download", "augment", "mean", "std"):
+                if getattr(self, key) not in (None, False):
+                    raise ConfigError(
+                        f"{prefix}.{key}: applies to the image data sets, not 'text'"
+                    )
+            return
+        for key in text_keys:
+            if getattr(self, key) is not None:
+                raise ConfigError(f"{prefix}.{key}: applies to data set 'text' only")
+        if self.train_fraction != 0.9:
+            raise ConfigError(f"{prefix}.train_fraction: applies to data set 'text' only")
         if self.image_size is not None and self.name != "imagefolder":
             raise ConfigError(f"{prefix}.image_size: applies to name 'imagefolder' only")
         if self.download and self.name not in DOWNLOADABLE:
@@ -643,6 +688,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
     raw = apply_overrides(raw, parse_overrides(overrides or []))
     cfg = config_from_dict(raw)
+    if cfg.data.path is not None:
+        cfg.data.path = str(resolve_data_file(cfg.data.path, config_dir=p.resolve().parent))
     if cfg.data.root is not None:
         try:
             cfg.data.root = str(resolve_data_root(cfg.data.root, config_dir=p.resolve().parent))

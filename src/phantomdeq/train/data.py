@@ -95,14 +95,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def forward_stats(info: Any) -> tuple[float, float, float]:
-    """Sums over the batch of forward steps, relative residual and converged flags."""
+def forward_stats(info: Any, units: int | None = None) -> tuple[float, float, float]:
+    """Sums over the batch of forward steps, relative residual and converged flags, each
+    sample weighted by its ``units`` / batch-size share of the batch's units (a sequence of T
+    tokens counts T times when a task averages over tokens; None: once)."""
     if info is None:
         return math.nan, math.nan, math.nan
+    samples = max(int(info.nstep.numel()), 1)
+    weight = 1.0 if units is None else units / samples
     return (
-        float(info.nstep.float().sum()),
-        float(info.rel_residual.float().sum()),
-        float(info.converged.float().sum()),
+        weight * float(info.nstep.float().sum()),
+        weight * float(info.rel_residual.float().sum()),
+        weight * float(info.converged.float().sum()),
     )
 
 
@@ -209,8 +213,9 @@ def evaluate(
             batch = task.metrics(out.prediction, y)
             for i, m in enumerate(names):
                 sums[i] += batch[m]
-            sums[k] += task.count(y)
-            nstep, res, conv = forward_stats(out.info)
+            units = task.count(y)
+            sums[k] += units
+            nstep, res, conv = forward_stats(out.info, units)
             sums[k + 1] += nstep
             sums[k + 2] += res
             sums[k + 3] += conv
@@ -237,12 +242,16 @@ def prepare_data(cfg: Config) -> None:
     from phantomdeq.data import prepare_dataset
 
     d = cfg.data
+    if d.name == "text":  # a local file: nothing to prepare
+        return
     prepare_dataset(d.name, d.root, download=d.download)
 
 
-def load_data(cfg: Config) -> tuple[Any, Any, Any]:
-    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`); calls
-    :func:`prepare_data` first (a no-op when the data are present).
+def load_data(cfg: Config, *, vocab: Any = None) -> tuple[Any, Any, Any]:
+    """``(train, test, info)`` for ``cfg.data`` (:func:`phantomdeq.data.load_dataset`, or
+    :func:`phantomdeq.data.load_text_dataset` for ``data.name: text``, given the ``vocab``
+    saved with a resumed run); calls :func:`prepare_data` first (a no-op when the data are
+    present).
 
     Raises:
         ConfigError: ``data.root`` is missing or lacks the expected files.
@@ -253,6 +262,19 @@ def load_data(cfg: Config) -> tuple[Any, Any, Any]:
     from phantomdeq.data import load_dataset
 
     d = cfg.data
+    if d.name == "text":
+        from phantomdeq.data import load_text_dataset
+
+        if d.path is None or d.context is None:  # validated configs always have both
+            raise ConfigError("data.path and data.context: required for data set 'text'")
+        return load_text_dataset(
+            d.path,
+            context=d.context,
+            train_fraction=d.train_fraction,
+            train_size=d.train_size,
+            test_size=d.test_size,
+            vocab=vocab,
+        )
     if d.root is not None and not Path(d.root).is_dir() and not d.download:
         raise ConfigError(f"data.root: directory {d.root!r} does not exist")
     extra: dict[str, Any] = {}

@@ -81,6 +81,8 @@ inf, naming the tensor.
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 import errno
 import hashlib
@@ -156,7 +158,9 @@ except ImportError:  # pragma: no cover - not POSIX: no folder lock
 #: files whose presence means a folder holds a run
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")
 #: everything a run writes (what ``overwrite`` deletes)
-OUTPUT_FILES = (*RUN_FILES, "curves.png", "tensorboard")
+OUTPUT_FILES = (*RUN_FILES, "curves.png", "tensorboard", "vocab.json")
+#: the vocabulary of a language-model run (written when the data set has one)
+VOCAB_FILE = "vocab.json"
 #: the lock file of a folder in use (it holds the pid of the process using the folder)
 LOCK_FILE = ".phantomdeq.lock"
 
@@ -650,6 +654,31 @@ def check_finite_weights(model: nn.Module, *, source: str) -> None:
             f"checkpoint {source!r} holds non-finite values (NaN/inf) in {bad[0]!r}{more}; "
             f"it is a diverged model and cannot be evaluated, use an earlier checkpoint"
         )
+
+
+def write_vocab(out_dir: Path, vocab: dict[str, Any]) -> None:
+    """Write a run's vocabulary (a ``to_dict()`` of :class:`phantomdeq.data.CharVocab`) to
+    :data:`VOCAB_FILE`, atomically."""
+    with atomic_write(out_dir / VOCAB_FILE, "w") as fh:
+        json.dump(vocab, fh, ensure_ascii=False)
+        fh.write("\n")
+
+
+def read_vocab(out_dir: Path) -> dict[str, Any] | None:
+    """The vocabulary saved in ``out_dir`` (None when the run has none); an unreadable file
+    raises :class:`phantomdeq.data.DataError` naming it."""
+    from phantomdeq.data import DataError
+
+    path = out_dir / VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{str(path)!r}: cannot read the run's vocabulary ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{str(path)!r}: expected a mapping, got {type(data).__name__}")
+    return data
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

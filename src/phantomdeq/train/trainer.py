@@ -153,10 +153,12 @@ from .run_folder import (
     check_saved_config,
     dump_config,
     prepare_run_folder,
+    read_vocab,
     restore_objects,
     resume_point,
     saved_best,
     write_checkpoints,
+    write_vocab,
 )
 from .tasks import Task, build_task
 from .warm_start import WarmStartStore
@@ -214,6 +216,7 @@ class Trainer:
     test_ds: Any
     num_classes: int  # from the data set's description (0 when it has none)
     in_channels: int
+    vocab: dict[str, Any] | None  # a language model's vocabulary (CharVocab.to_dict())
     task: Task  # the loss and the metrics (the config's task section)
     net: nn.Module  # the model (what checkpoints hold)
     model: nn.Module | None  # what the loop calls: ``net`` or its DDP wrapper
@@ -237,7 +240,8 @@ class Trainer:
     last_checkpoint: tuple[int, int, int] | None  # (epoch, batch, step) of last.pt
     best: float | None  # the best evaluation value of the task's primary metric so far
     elapsed: float
-    train_time: float
+    train_time: float  # seconds in training steps (wall clock; no evaluation, no monitor)
+    train_cpu: float  # CPU seconds of this process in training steps (all its threads)
     last_eval: dict[str, float]
 
     def __init__(
@@ -332,6 +336,8 @@ class Trainer:
             **train_rec,
             **eval_rec,
             "time_s": self.elapsed,
+            "train_time_s": self.train_time,
+            "train_cpu_s": self.train_cpu,
             "time_per_step_s": train_rec["epoch_time_s"] / max(self.steps_per_epoch, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
@@ -371,6 +377,7 @@ class Trainer:
             )
             for i, (x, y) in enumerate(stream, start):
                 t0, step_before = time.perf_counter(), self.step
+                c0 = time.process_time()
                 rec = self._train_step(x, y, batches[i], epoch, i)
                 self.batch = i + 1
                 if self.device.type == "cuda":
@@ -380,8 +387,11 @@ class Trainer:
                 self.epoch_sums["monitor_time"] += monitor_time
                 dt = time.perf_counter() - t0 - monitor_time
                 self.train_time += dt
+                # CPU time (a clock other processes on a shared machine barely disturb)
+                self.train_cpu += max(time.process_time() - c0 - monitor_time, 0.0)
                 self.elapsed = elapsed0 + (time.perf_counter() - t_epoch)
                 rec["step_time_s"], rec["time_s"] = dt, self.elapsed
+                rec["train_time_s"], rec["train_cpu_s"] = self.train_time, self.train_cpu
                 rate = self.task.throughput
                 if rate is not None and not rec.get("skipped", False) and dt > 0:
                     rec[rate] = rec["n"] / dt  # units (e.g. tokens) per second of this step
@@ -516,8 +526,9 @@ class Trainer:
     ) -> tuple[dict[str, Any], bool]:
         """The step's statistics summed over ranks (one all-reduce, which also shares the
         stop request and the finiteness verdict), and whether every rank's loss is finite."""
-        n = float(self.task.count(y))
-        nstep, res, conv = forward_stats(fwd.info)
+        units = self.task.count(y)
+        n = float(units)
+        nstep, res, conv = forward_stats(fwd.info, units)
         stop = 1.0 if self._stop.requested else 0.0
         names = self.task.metric_names
         values = [fwd.sums[m] for m in names]
@@ -731,7 +742,13 @@ class Trainer:
         cfg = self.config
         # rank 0 prepares (downloads) the data while the other ranks wait, then all load it
         rank0_first(lambda: prepare_data(cfg), self.dist)
-        train_ds, test_ds, info = load_data(cfg)
+        # a resumed language model must read its corpus with the vocabulary it was trained on
+        saved_vocab = read_vocab(self.out_dir) if self.resume else None
+        train_ds, test_ds, info = load_data(cfg, vocab=saved_vocab)
+        vocab = getattr(info, "vocab", None)
+        self.vocab = vocab.to_dict() if hasattr(vocab, "to_dict") else None
+        if self.vocab is not None and saved_vocab is None and self.dist.is_main:
+            write_vocab(self.out_dir, self.vocab)
         self.train_data = Batches(train_ds, cfg.data.num_workers)
         self.test_ds = test_ds
         fields = info_fields(info)
@@ -823,7 +840,7 @@ class Trainer:
         self.last_loss = None
         self.last_checkpoint = None
         self.best = None
-        self.elapsed = self.train_time = 0.0
+        self.elapsed = self.train_time = self.train_cpu = 0.0
         self.last_eval = {}
 
     def _resume(self) -> None:
@@ -874,6 +891,7 @@ class Trainer:
         self.best = saved_best(state)
         self.elapsed = float(state.get("time_s", 0.0))
         self.train_time = float(state.get("train_time_s", 0.0))
+        self.train_cpu = float(state.get("train_cpu_s", 0.0))
         self.last_eval = dict(state.get("last_eval", {}))
         self.last_checkpoint = (self.epoch, self.batch, self.step)
         self._saved_epochs = saved.train.epochs
@@ -924,9 +942,11 @@ class Trainer:
             f"best_{self.task.primary}": -1.0 if self.best is None else self.best,
             "time_s": self.elapsed,
             "train_time_s": self.train_time,
+            "train_cpu_s": self.train_cpu,
             "last_eval": self.last_eval,
             "num_classes": self.num_classes,
             "in_channels": self.in_channels,
+            "vocab": self.vocab,
             "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
         }
 

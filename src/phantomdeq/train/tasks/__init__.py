@@ -29,6 +29,7 @@ __all__ = ["TASKS", "Task", "build_task", "task_class"]
 #: module and one line here)
 TASKS: dict[str, str] = {
     "image_classification": "phantomdeq.train.tasks.classification:ImageClassification",
+    "language_modelling": "phantomdeq.train.tasks.language_modelling:LanguageModelling",
 }
 
 

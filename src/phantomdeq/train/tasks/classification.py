@@ -34,6 +34,15 @@ class ImageClassification(Task):
     def from_config(cls, cfg: Any, info: Any) -> ImageClassification:
         return cls(int(getattr(info, "num_classes", 0)), cfg.train.label_smoothing)
 
+    @classmethod
+    def check(cls, cfg: Any) -> str | None:
+        if cfg.data.name == "text":
+            return (
+                "task.name: 'image_classification' cannot train on data.name: text; set "
+                "task.name: language_modelling"
+            )
+        return None
+
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(prediction.float(), target, label_smoothing=self.label_smoothing)
 
