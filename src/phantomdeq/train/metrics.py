@@ -252,9 +252,15 @@ def truncate_metrics(
 # --- figures ----------------------------------------------------------------------------------
 
 
-def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Draw loss, accuracy and forward residual against the step into ``out_path`` (PNG), plus
-    the gradient-quality monitor's cosine (``monitor_cos``) when the run recorded it.
+def plot_curves(
+    metrics_path: str | Path,
+    out_path: str | Path,
+    metrics: tuple[str, ...] = ("loss", "acc"),
+) -> Path | None:
+    """Draw the task's ``metrics`` (train per step, test per evaluation; ``loss`` first, e.g.
+    ``("loss", "acc")`` of a classifier, ``("loss", "bpc", "acc")`` of a language model) and
+    the forward residual against the step into ``out_path`` (PNG), plus the gradient-quality
+    monitor's cosine (``monitor_cos``) when the run recorded it.
 
     Returns None (and draws nothing) when matplotlib is missing or there are no records.
     """
@@ -265,10 +271,12 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         return None
 
     monitor = _series(steps, "monitor_cos")
-    size = (18.5 if monitor[0] else 14, 3.8)
+    names = ("loss", *[m for m in metrics if m != "loss"])
+    panels = len(names) + 1 + (1 if monitor[0] else 0)
+    size = (4.6 * panels, 3.8)
     try:
-        with saved_figure(out_path, 1, 4 if monitor[0] else 3, figsize=size) as (_, axes):
-            _draw_curves(axes, steps, epochs, monitor)
+        with saved_figure(out_path, 1, panels, figsize=size) as (_, axes):
+            _draw_curves(axes, steps, epochs, monitor, names)
     except ImportError:  # matplotlib is optional (the `plots` extra)
         return None
     return Path(out_path)
@@ -289,22 +297,19 @@ def _draw_curves(
     steps: list[dict[str, Any]],
     epochs: list[dict[str, Any]],
     monitor: tuple[list[float], list[float]],
+    names: tuple[str, ...] = ("loss", "acc"),
 ) -> None:
     series = _series
-    ax = axes[0]
-    ax.plot(*series(steps, "train_loss"), lw=0.8, label="train (step)")
-    ax.plot(*series(epochs, "test_loss"), "o-", label="test (epoch)")
-    ax.set_title("loss")
-    ax.set_xlabel("step")
-    ax.legend()
-    ax = axes[1]
-    ax.plot(*series(steps, "train_acc"), lw=0.8, alpha=0.6, label="train (step)")
-    ax.plot(*series(epochs, "test_acc"), "o-", label="test (epoch)")
-    ax.set_title("accuracy")
-    ax.set_xlabel("step")
-    ax.set_ylim(0.0, 1.0)
-    ax.legend()
-    ax = axes[2]
+    titles = {"acc": "accuracy", "bpc": "bits per character"}
+    for ax, name in zip(axes, names):
+        ax.plot(*series(steps, f"train_{name}"), lw=0.8, alpha=0.7, label="train (step)")
+        ax.plot(*series(epochs, f"test_{name}"), "o-", label="test (epoch)")
+        ax.set_title(titles.get(name, name))
+        ax.set_xlabel("step")
+        if name == "acc":
+            ax.set_ylim(0.0, 1.0)
+        ax.legend()
+    ax = axes[len(names)]
     xs, ys = series(steps, "fwd_residual")
     if xs:
         ax.semilogy(xs, [max(y, 1e-12) for y in ys], lw=0.8, label="train forward")
@@ -317,7 +322,7 @@ def _draw_curves(
         ax.legend()
     if monitor[0]:
         # the gradient-quality monitor (paper Fig. 2): cosine of the used vs the exact gradient
-        ax = axes[3]
+        ax = axes[len(names) + 1]
         ax.plot(*monitor, "o-", ms=3, label="cos(used, exact)")
         ax.axhline(0.0, color="k", lw=0.6)
         ax.set_ylim(min(-0.05, min(monitor[1]) - 0.05), 1.02)
@@ -528,13 +533,14 @@ def epoch_line(rec: dict[str, Any], epochs: int, described: list[str], seconds: 
     return "  ".join(parts)
 
 
-def draw_run_curves(out_dir: Path) -> None:
-    """``curves.png`` from ``metrics.jsonl`` of the run in ``out_dir``; never raises."""
+def draw_run_curves(out_dir: Path, metrics: tuple[str, ...] = ("loss", "acc")) -> None:
+    """``curves.png`` from ``metrics.jsonl`` of the run in ``out_dir`` (the task's ``metrics``,
+    :func:`plot_curves`); never raises."""
     path = out_dir / "metrics.jsonl"
     if not path.is_file():
         return
     try:
-        plot_curves(path, out_dir / "curves.png")
+        plot_curves(path, out_dir / "curves.png", metrics)
     except Exception as exc:  # a plot must never hide the training outcome
         print(f"phantomdeq: could not draw curves.png: {exc}", file=sys.stderr)
 

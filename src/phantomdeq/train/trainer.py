@@ -823,7 +823,8 @@ class Trainer:
         dist_info = getattr(self, "dist", None)
         if dist_info is not None:
             if dist_info.is_main and self.config.log.plot:
-                draw_run_curves(self.out_dir)
+                task = getattr(self, "task", None)
+                draw_run_curves(self.out_dir, task.metric_names if task else ("loss", "acc"))
             if self.model is not None and self.model is not getattr(self, "net", None):
                 self.model = getattr(self, "net", None)  # drop the DDP wrapper
             cleanup(dist_info)
