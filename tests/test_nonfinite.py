@@ -450,3 +450,51 @@ def test_ranks_agree_on_a_nonfinite_loss_of_one_rank(tmp_path: Path) -> None:
     assert "non-finite loss on another rank at epoch 1, step 2" in e0
     assert "non-finite loss (nan) at epoch 1, step 2" in e1
     assert "(after epoch 0 + 1 batches, step 1)" in e0 and "(after epoch 0 + 1 batches" in e1
+
+
+def _backward_refused_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """The ``call``-th training step's backward pass raises :class:`phantomdeq.DEQError`, as an
+    IFT backward solve does when its iterates turn non-finite (a fixed point that stopped
+    attracting)."""
+    from phantomdeq.errors import DEQError
+
+    original = Trainer._train_step
+    count = {"n": 0}
+
+    def refuse(grad: torch.Tensor) -> torch.Tensor:
+        raise DEQError("IFT backward solve produced non-finite values after 3 iterations")
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        count["n"] += 1
+        if count["n"] != call:
+            return original(self, *args, **kwargs)
+        handle = next(self.net.parameters()).register_hook(refuse)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+
+
+def test_a_refused_backward_solve_stops_the_run_with_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backward solve refused at step 2 (on_nonfinite: stop): a divergence report naming the
+    step and the cause, no update applied, no checkpoint written (was a traceback)."""
+    _backward_refused_at(monkeypatch, 2)
+    with pytest.raises(TrainingError, match=r"non-finite backward solve \(IFT backward.*step 2"):
+        run_training(tiny_config(), tmp_path, progress=False)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_refused_backward_solve_is_skipped_under_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _backward_refused_at(monkeypatch, 2)
+    raw = tiny_config(train={"on_nonfinite": "skip"})  # 2 epochs of 2 batches
+    result = run_training(raw, tmp_path, progress=False)
+    assert result["skipped_steps"] == 1 and result["steps"] == 3
+    skipped = [r for r in conftest.steps(tmp_path) if r.get("skipped")]
+    assert len(skipped) == 1 and "non-finite backward solve" in skipped[0]["skip_reason"]
+    assert finite_checkpoint(tmp_path / "last.pt")["step"] == 3

@@ -196,6 +196,25 @@ def measurements(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def parameter_counts(vocab_size: int = 65, context: int = 64) -> dict[str, int]:
+    """Parameters of the two presets' models (Tiny Shakespeare has 65 characters)."""
+    from phantomdeq.models.deq_lm import DEQTransformerLM
+    from phantomdeq.models.transformer import TransformerLM
+
+    def count(m: Any) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    deq = DEQTransformerLM(vocab_size, width=128, heads=4, context=context)
+    exp = TransformerLM(vocab_size, layers=4, width=128, heads=4, context=context)
+    return {
+        "deq_total": count(deq),
+        "deq_cell": count(deq.deq),
+        "explicit_total": count(exp),
+        "explicit_blocks": count(exp.blocks),
+        "embedding_and_head": count(exp.embed) + count(exp.head),
+    }
+
+
 def draw(runs: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -266,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     claims = yaml.safe_load((OUT / "claims.yaml").read_text())
     study = {
         "command": "bash tools/lm_study.sh runs/lm_study && python tools/lm_study.py runs/lm_study",
+        "parameters": parameter_counts(),
         "runs": runs,
         "measurements": measurements(runs),
     }

@@ -558,7 +558,14 @@ class Trainer:
         """Backward, the gradient guard, clipping, the schedule and the optimiser step."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        self.amp.backward(fwd.loss)
+        backward_error = ""
+        try:
+            self.amp.backward(fwd.loss)
+        except DEQError as exc:  # e.g. an IFT backward solve refused for non-finite values
+            backward_error = f"non-finite backward solve ({' '.join(str(exc).split())})"
+        if self._any_rank(bool(backward_error)):
+            what = backward_error or "non-finite backward solve on another rank"
+            return self._skip_or_stop(what, epoch, snapshot, rec)
         grad_k = _adaptive_k(self.net) if rec["stage"] == "deq" else None
         if grad_k is not None:
             rec["grad_k"] = grad_k
