@@ -1,7 +1,8 @@
 """Small MNIST training runs side by side, one per variant of a base config: per epoch the mean
-forward solver iterations (``fwd_nstep``), the fraction of converged samples, the mean step time
-(training steps only, evaluation excluded), the adaptive k (``grad_k``) when logged, and the
-test accuracy. Used for the warm-start and adaptive-k measurements in EXPERIMENTS.md.
+forward solver iterations (``fwd_nstep``), the fraction of converged samples, the forward
+residual (each step's batch mean of the relative residual; mean and max over the steps), the
+mean step time (training steps only, evaluation excluded), the adaptive k (``grad_k``) when
+logged, and the test accuracy. Used for the warm-start and adaptive-k measurements in EXPERIMENTS.md.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mnist_train_variants.py \\
         --config configs/ablation/mnist_upg.yaml --set data.root=../shared/data/mnist \\
@@ -62,6 +63,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
             "steps": len(rs),
             "fwd_nstep": statistics.fmean(r["fwd_nstep"] for r in rs),
             "fwd_converged": statistics.fmean(r["fwd_converged"] for r in rs),
+            "fwd_residual": statistics.fmean(r["fwd_residual"] for r in rs),
+            "fwd_residual_max": max(r["fwd_residual"] for r in rs),
             "step_time_s": statistics.fmean(r["step_time_s"] for r in rs),
             "step_time_median_s": statistics.median(r["step_time_s"] for r in rs),
         }

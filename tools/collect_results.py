@@ -9,10 +9,14 @@ Reads (each part is skipped with a message when its run folder is missing):
   ``runs/fig3_upg_mnist``, ``runs/fig3_npg_mnist``) -> ``results/<name>/ablation.json`` (rows,
   per-run results, paired differences by seed) and ``table.md``; then ``docs/fig3_mnist.png``
   drawn from the two Fig. 3 studies' files;
-* the monitored runs (``phantomdeq train`` with ``train.monitor_compare``; :data:`MONITORED`:
-  ``runs/fig2_mnist``, ``runs/shine_monitor_mnist``) -> ``results/<name>/monitor.jsonl`` (the
-  monitor records), ``config.yaml`` and ``result.json``, then ``docs/<name>.png`` drawn from
-  them;
+* the Fig. 2 runs (:data:`FIG2`: ``runs/fig2_mnist/<row>``, one ``phantomdeq train`` run per
+  trained estimator with the gradient monitor on) -> ``results/fig2_mnist/<row>/monitor.jsonl``
+  (the monitor records), ``config.yaml`` and ``result.json``; then
+  ``results/fig2_mnist/summary.json`` and ``docs/fig2_mnist.png``, drawn from the committed
+  files (so both are remade from ``results/`` alone);
+* the other monitored runs (``train.monitor_compare``; :data:`MONITORED`:
+  ``runs/shine_monitor_mnist``) -> ``results/<name>/monitor.jsonl``, ``config.yaml`` and
+  ``result.json``, then ``docs/<name>.png`` drawn from them;
 * ``runs/digits_demo``, ``runs/digits_nobn`` (the digits demo config with and without precise
   BN) -> ``results/digits/*.json`` (per-epoch records, the ``eval_solver.max_iter=60``
   re-evaluation).
@@ -61,7 +65,12 @@ def _records(path: Path) -> list[dict[str, Any]]:
 def _write(path: Path, doc: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {_shown(path)}")
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it is inside it."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 #: ablation studies (``phantomdeq ablate`` output folders under runs/) and how they were run
@@ -77,12 +86,26 @@ STUDIES = {
     ),
 }
 
-#: monitored training runs (``train.monitor_compare``): figure and title
+#: Fig. 2: one monitored run per trained estimator (the Table 1 preset
+#: ``configs/ablation/mnist_<row>.yaml``, seed 0) -> its title in the figure. In each run the
+#: monitor measures the gradient in use and the other phantom gradient(s) against the exact one.
+FIG2 = {
+    "ift": "IFT-trained (Anderson x10 backward)",
+    "upg": "UPG A_{5,0.5}-trained",
+    "npg": "NPG A_{5,0.5}-trained",
+}
+#: what each Fig. 2 run measures beside the gradient in use (``train.monitor_compare``)
+FIG2_COMPARE = {
+    "ift": "[{name: upg, k: 5, lam: 0.5}, {name: npg, k: 5, lam: 0.5}]",
+    "upg": "[{name: npg, k: 5, lam: 0.5}]",
+    "npg": "[{name: upg, k: 5, lam: 0.5}]",
+}
+#: an exact (monitor) backward solve that ended above this residual did not give the exact
+#: gradient: its measurement is drawn as such and left out of the summary statistics
+UNCONVERGED = 1e-3
+
+#: other monitored training runs (``train.monitor_compare``): figure and title
 MONITORED = {
-    "fig2_mnist": (
-        "fig2_mnist.png",
-        "MNIST, IFT-trained run: UPG / NPG A_{5,0.5} vs exact gradient",
-    ),
     "shine_monitor_mnist": (
         "shine_monitor_mnist.png",
         "MNIST, IFT training, Broyden forward: SHINE / UPG / NPG vs exact",
@@ -267,15 +290,15 @@ def monitored_summaries(name: str) -> None:
     _write(dst / "result.json", doc)
 
 
-def collect_monitored(runs: Path, name: str) -> None:
-    src = runs / name
+def _collect_monitored_run(src: Path, dst: Path) -> bool:
+    """Copy a monitored run's monitor records, config and per-epoch results from ``src`` (a run
+    folder) to ``dst``; False (and a message) when the run is missing."""
     if not (src / "metrics.jsonl").is_file():
         print(f"skip: {src}/metrics.jsonl missing")
-        return
+        return False
     recs = _records(src / "metrics.jsonl")
     monitor = [r for r in recs if r.get("kind") == "step" and "monitor_cos" in r]
     epochs = [r for r in recs if r.get("kind") == "epoch"]
-    dst = RESULTS / name
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in monitor))
     shutil.copyfile(src / "config.yaml", dst / "config.yaml")
@@ -288,11 +311,325 @@ def collect_monitored(runs: Path, name: str) -> None:
             "monitor_pairs": _pairs(monitor),
         },
     )
+    return True
+
+
+def collect_monitored(runs: Path, name: str) -> None:
+    dst = RESULTS / name
+    if not _collect_monitored_run(runs / name, dst):
+        return
     from phantomdeq.train.metrics import plot_monitor
 
     figure, title = MONITORED[name]
     plot_monitor(dst / "monitor.jsonl", REPO / "docs" / figure, title=title)
     print(f"wrote docs/{figure}")
+
+
+def _used_label(config_path: Path) -> str:
+    """The monitor label (``upg_k5_lam0.5``, ``ift``) of the estimator a run trained with."""
+    import yaml
+
+    from phantomdeq.train import config_from_dict
+    from phantomdeq.train.config import monitor_label
+
+    return monitor_label(config_from_dict(yaml.safe_load(config_path.read_text())).grad)
+
+
+def _stats(vals: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {
+        "min": min(vals),
+        "mean": statistics.fmean(vals),
+        "median": statistics.median(vals),
+        "max": max(vals),
+    }
+
+
+def _estimator_stats(records: list[dict[str, Any]], used: str) -> dict[str, Any]:
+    """Per estimator (the gradient in use under its own label, then the compared ones): min /
+    mean / median / max of its cosine to the exact gradient and of its norm ratio."""
+    labels = sorted(
+        {k[len("monitor_cos_") :] for r in records for k in r if k.startswith("monitor_cos_")}
+    )
+    keys = {used: ("monitor_cos", "monitor_norm_ratio")}
+    keys.update({a: (f"monitor_cos_{a}", f"monitor_norm_ratio_{a}") for a in labels})
+    out: dict[str, Any] = {}
+    for label, (cos_key, ratio_key) in keys.items():
+        cos = [float(r[cos_key]) for r in records if isinstance(r.get(cos_key), int | float)]
+        ratio = [float(r[ratio_key]) for r in records if isinstance(r.get(ratio_key), int | float)]
+        if cos:
+            out[label] = {
+                "in_use": label == used,
+                "n": len(cos),
+                "cos": _stats(cos),
+                "norm_ratio": _stats(ratio) if ratio else None,
+                "cos_below_0.9": sum(c < 0.9 for c in cos),
+            }
+    return out
+
+
+def fig2_run_summary(records: list[dict[str, Any]], used: str) -> dict[str, Any]:
+    """One Fig. 2 run's measurements: which steps, how many exact solves did not converge
+    (residual above :data:`UNCONVERGED`), and per estimator the cosine and norm-ratio statistics
+    over the measurements whose exact solve converged -- all of them, and those from the
+    first step the IFT-trained run measures (after its pretraining) on."""
+    res = [_num_or_nan(r.get("monitor_exact_residual")) for r in records]
+    good = [r for r, v in zip(records, res) if v <= UNCONVERGED]
+    bad = [r for r, v in zip(records, res) if not v <= UNCONVERGED]
+    good_res = [v for v in res if v <= UNCONVERGED]
+    fwd = [float(r["fwd_residual"]) for r in good if isinstance(r.get("fwd_residual"), int | float)]
+    out: dict[str, Any] = {
+        "in_use": used,
+        "measurements": len(records),
+        "first_step": min(int(r["step"]) for r in records),
+        "last_step": max(int(r["step"]) for r in records),
+        "exact_unconverged": len(bad),
+        "exact_unconverged_steps": [int(r["step"]) for r in bad],
+        "exact_unconverged_residual_max": max(
+            (_num_or_nan(r.get("monitor_exact_residual")) for r in bad), default=None
+        ),
+        "converged": len(good),
+        "first_converged_step": min((int(r["step"]) for r in good), default=None),
+        "exact_residual_max": max(good_res, default=None),
+        "fwd_residual": _stats(fwd) if fwd else None,
+        "estimators": _estimator_stats(good, used),
+        # every two estimators, the one in use included (under its own label)
+        "pairs": _pairs([{f"monitor_cos_{used}": r.get("monitor_cos"), **r} for r in good]),
+        "monitor_time_s": _stats([float(r["monitor_time_s"]) for r in records]),
+        "step_time_s": _stats([float(r["step_time_s"]) for r in records]),
+    }
+    return out
+
+
+def _num_or_nan(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) else float("nan")
+
+
+def fig2_summary() -> dict[str, Any] | None:
+    """``results/fig2_mnist/summary.json`` from the committed Fig. 2 runs
+    (``results/fig2_mnist/<row>/``); None when none is committed."""
+    runs: dict[str, Any] = {}
+    for row in FIG2:
+        src = RESULTS / "fig2_mnist" / row
+        if not (src / "monitor.jsonl").is_file():
+            continue
+        records = _records(src / "monitor.jsonl")
+        summary = fig2_run_summary(records, _used_label(src / "config.yaml"))
+        epochs = json.loads((src / "result.json").read_text()).get("epochs", [])
+        runs[row] = {
+            "title": FIG2[row],
+            "config": f"configs/ablation/mnist_{row}.yaml",
+            "monitor_compare": FIG2_COMPARE[row],
+            "test_acc": epochs[-1].get("test_acc") if epochs else None,
+            "monitor_time_total_s": epochs[-1].get("monitor_time_s") if epochs else None,
+            **summary,
+        }
+    if not runs:
+        print("skip: no Fig. 2 run in results/fig2_mnist/")
+        return None
+    if "ift" in runs:  # the steps the IFT-trained run measures (after its pretraining)
+        start_step = runs["ift"]["first_step"]
+        for row, doc in runs.items():
+            records = _records(RESULTS / "fig2_mnist" / row / "monitor.jsonl")
+            late = fig2_run_summary(
+                [r for r in records if int(r["step"]) >= start_step], doc["in_use"]
+            )
+            doc[f"from_step_{start_step}"] = {
+                k: late[k]
+                for k in (
+                    "measurements",
+                    "exact_unconverged",
+                    "exact_residual_max",
+                    "fwd_residual",
+                    "estimators",
+                    "pairs",
+                )
+            }
+            # the measurements before it, one by one (the phantom-trained runs' first steps)
+            doc[f"before_step_{start_step}"] = [
+                {
+                    "step": int(r["step"]),
+                    "exact_residual": _num_or_nan(r.get("monitor_exact_residual")),
+                    "fwd_residual": _num_or_nan(r.get("fwd_residual")),
+                    f"cos_{doc['in_use']}": _num_or_nan(r.get("monitor_cos")),
+                    **{
+                        k[len("monitor_") :]: _num_or_nan(v)
+                        for k, v in r.items()
+                        if k.startswith("monitor_cos_")
+                    },
+                }
+                for r in records
+                if int(r["step"]) < start_step
+            ]
+    doc = {
+        "about": (
+            "Fig. 2 on MNIST: per trained estimator (seed 0), the cosine and norm ratio "
+            "||g|| / ||g_exact|| of the gradient in use and of the compared phantom gradients "
+            "against the exact implicit gradient (IFT, Broyden 60 iterations, tol 1e-6), every "
+            "5 steps; statistics over the measurements whose exact backward solve converged "
+            f"(residual <= {UNCONVERGED:g}); written by tools/collect_results.py from "
+            "results/fig2_mnist/<row>/"
+        ),
+        "unconverged_residual": UNCONVERGED,
+        "command": (
+            "phantomdeq train --config configs/ablation/mnist_<row>.yaml --out "
+            "runs/fig2_mnist/<row> --set data.root=/work/shared/data/mnist "
+            "--set train.num_threads=1 --set train.monitor_every=5 "
+            "--set 'train.monitor_compare=<monitor_compare>' (OMP_NUM_THREADS=1, one run at a time)"
+        ),
+        "runs": runs,
+    }
+    _write(RESULTS / "fig2_mnist" / "summary.json", doc)
+    return doc
+
+
+#: colour of each estimator in the Fig. 2 figure (monitor label -> matplotlib colour)
+FIG2_COLORS = {"ift": "C0", "upg_k5_lam0.5": "C3", "npg_k5_lam0.5": "C2"}
+FIG2_NAMES = {"ift": "IFT", "upg_k5_lam0.5": "UPG A_{5,0.5}", "npg_k5_lam0.5": "NPG A_{5,0.5}"}
+
+
+def draw_fig2(out: Path | None = None) -> Path | None:
+    """``docs/fig2_mnist.png`` from the committed Fig. 2 runs: one column per trained estimator,
+    the cosine to the exact gradient (top) and the norm ratio (bottom) of the gradient in use
+    (filled circles, thick) and of the compared phantom gradients (squares); measurements whose
+    exact backward solve did not converge are crossed out (there the reference is not exact),
+    and a run's unrolled pretraining steps (not measured) are shaded.
+    Returns the path, or None when no run is committed or matplotlib is missing."""
+    import yaml
+
+    out = REPO / "docs" / "fig2_mnist.png" if out is None else out
+    panels = []
+    for row, title in FIG2.items():
+        src = RESULTS / "fig2_mnist" / row
+        if (src / "monitor.jsonl").is_file():
+            config = yaml.safe_load((src / "config.yaml").read_text())
+            pretrain = int(config.get("train", {}).get("pretrain_steps", 0) or 0)
+            used = _used_label(src / "config.yaml")
+            panels.append((title, used, pretrain, _records(src / "monitor.jsonl")))
+    if not panels:
+        return None
+    try:
+        from phantomdeq._plot import saved_figure
+
+        with saved_figure(
+            out,
+            2,
+            len(panels),
+            figsize=(4.2 * len(panels), 6.4),
+            sharex="all",
+            sharey="row",
+            squeeze=False,
+        ) as (fig, axes):
+            for col, (title, used, pretrain, records) in enumerate(panels):
+                _draw_fig2_column(axes[0][col], axes[1][col], title, used, pretrain, records)
+            fig.suptitle(
+                "Fig. 2 on MNIST (MDEQ-Tiny at 14x14, 125 steps, seed 0): "
+                "gradients vs the exact implicit gradient",
+                fontsize=10,
+            )
+    except ImportError:  # matplotlib is optional (the `plots` extra)
+        return None
+    print(f"wrote {_shown(out)}")
+    return out
+
+
+def _draw_fig2_column(
+    ax: Any, ax2: Any, title: str, used: str, pretrain: int, records: list[dict[str, Any]]
+) -> None:
+    steps = [int(r["step"]) for r in records]
+    bad = [
+        i
+        for i, r in enumerate(records)
+        if not _num_or_nan(r.get("monitor_exact_residual")) <= UNCONVERGED
+    ]
+    labels = sorted(
+        {k[len("monitor_cos_") :] for r in records for k in r if k.startswith("monitor_cos_")}
+    )
+    series = [(used, "monitor_cos", "monitor_norm_ratio", True)] + [
+        (a, f"monitor_cos_{a}", f"monitor_norm_ratio_{a}", False) for a in labels
+    ]
+    for label, cos_key, ratio_key, in_use in series:
+        cos = [_num_or_nan(r.get(cos_key)) for r in records]
+        ratio = [_num_or_nan(r.get(ratio_key)) for r in records]
+        name = FIG2_NAMES.get(label, label) + (" (in use)" if in_use else "")
+        style: dict[str, Any] = (
+            {"marker": "o", "lw": 2.2, "ms": 5, "zorder": 3}
+            if in_use
+            else {"marker": "s", "lw": 1.0, "ms": 3, "zorder": 4}
+        )
+        color = FIG2_COLORS.get(label)
+        ax.plot(steps, cos, color=color, label=name, **style)
+        ax2.semilogy(steps, ratio, color=color, label=name, **style)
+        if bad:
+            ax.plot([steps[i] for i in bad], [cos[i] for i in bad], "kx", ms=8, zorder=5)
+    if bad:
+        ax.plot([], [], "kx", ms=8, label=f"exact solve not converged (res. > {UNCONVERGED:g})")
+    for a in (ax, ax2):
+        if pretrain:
+            a.axvspan(0, pretrain, color="0.85", zorder=0)
+        a.axhline(1.0, color="k", lw=0.6)
+        a.set_xlabel("training step")
+        a.grid(alpha=0.3)
+    if pretrain:
+        ax.text(
+            pretrain / 2,
+            0.5,
+            "unrolled\npretraining\n(not measured)",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="0.3",
+        )
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("cosine to the exact gradient")
+    ax.legend(loc="lower right", fontsize=7)
+    ax2.set_ylabel("||g|| / ||g_exact||")
+    ax2.legend(loc="lower right", fontsize=7)
+
+
+def collect_fig2(runs: Path) -> None:
+    """The Fig. 2 runs (``runs/fig2_mnist/<row>``) -> ``results/fig2_mnist/<row>/``, and the
+    check that the monitor changes no update (``runs/fig2_mnist/upg_unmonitored``, the UPG run
+    without the monitor) -> ``results/fig2_mnist/unmonitored_check.json``."""
+    for row in FIG2:
+        _collect_monitored_run(runs / "fig2_mnist" / row, RESULTS / "fig2_mnist" / row)
+    doc = monitor_transparency(
+        runs / "fig2_mnist" / "upg" / "metrics.jsonl",
+        runs / "fig2_mnist" / "upg_unmonitored" / "metrics.jsonl",
+    )
+    if doc is not None:
+        doc["command"] = (
+            "phantomdeq train --config configs/ablation/mnist_upg.yaml --out "
+            "runs/fig2_mnist/upg_unmonitored --set data.root=/work/shared/data/mnist "
+            "--set train.num_threads=1 (the UPG Fig. 2 run without train.monitor_*)"
+        )
+        _write(RESULTS / "fig2_mnist" / "unmonitored_check.json", doc)
+
+
+def monitor_transparency(monitored: Path, unmonitored: Path) -> dict[str, Any] | None:
+    """Step by step, a monitored run's training loss against the same run without the monitor
+    (the monitor must change no update), and both runs' final test accuracy; None when either
+    metrics file is missing."""
+    if not (monitored.is_file() and unmonitored.is_file()):
+        print(f"skip: {monitored} or {unmonitored} missing")
+        return None
+    a, b = _records(monitored), _records(unmonitored)
+    sa = {int(r["step"]): r for r in a if r.get("kind") == "step"}
+    sb = {int(r["step"]): r for r in b if r.get("kind") == "step"}
+    common = sorted(set(sa) & set(sb))
+    diffs = [abs(float(sa[s]["train_loss"]) - float(sb[s]["train_loss"])) for s in common]
+    ends = [[r for r in recs if r.get("kind") == "epoch"] for recs in (a, b)]
+    return {
+        "steps_monitored": len(sa),
+        "steps_unmonitored": len(sb),
+        "steps_compared": len(common),
+        "steps_identical_train_loss": sum(d == 0.0 for d in diffs),
+        "max_abs_train_loss_diff": max(diffs, default=None),
+        "test_acc_monitored": ends[0][-1].get("test_acc") if ends[0] else None,
+        "test_acc_unmonitored": ends[1][-1].get("test_acc") if ends[1] else None,
+    }
 
 
 def collect_digits(runs: Path) -> None:
@@ -323,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         collect_study(runs, name)
     draw_fig3()
     fig3_claims()
+    collect_fig2(runs)
+    fig2_summary()
+    draw_fig2()
     for name in MONITORED:
         collect_monitored(runs, name)
     collect_digits(runs)

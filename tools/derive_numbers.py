@@ -218,6 +218,16 @@ def derive() -> list[dict[str, Any]]:
                 "eager solve_ms / torchdeq solve_ms",
                 [name],
             )
+    # appended last: the entries' positions above are bound in results/bindings.json
+    for row in _load("adaptive_synthetic.json")["table"]:
+        if row["method"] == "npg" and row["fixed_k"] > 1:  # k = 1: the rule never picks it
+            add(
+                f"synthetic adaptive k: NPG lam={row['lam']:g} target {row['target_cos_p10']:g}: "
+                "auto mean VJPs vs the fixed k (%)",
+                100 * (row["auto_mean_vjps"] / row["fixed_vjps"] - 1),
+                "100 * (auto_mean_vjps / fixed_vjps - 1)",
+                ["adaptive_synthetic.json"],
+            )
     return out
 
 
