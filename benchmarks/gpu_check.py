@@ -22,8 +22,12 @@ runs out of time is recorded as such and the others still run; the limits add up
 * ``digits_bf16``: the digits recipe (``configs/mdeq_tiny_digits.yaml``), 2 epochs in fp32 and in
   bf16: test accuracies within 2 points (the criterion the CPU suite checks on a subset,
   ``tests/test_precision.py``);
-* ``lm_tokens``: tokens per second of the DEQ-LM preset (skipped, with the reason, while no
-  ``deq_lm*`` preset ships).
+* ``lm_tokens``: training tokens per second of the DEQ language model's GPU preset
+  (``configs/deq_lm_shakespeare_gpu.yaml``: width 384, context 256, UPG(5, 0.5), the trainer
+  itself) at its batch of 64, in fp32 and in bf16 autocast (the preset's precision): the median
+  of the trainer's per-step ``tokens_per_s``, and bf16 / fp32 step time (no goal). Another
+  ``deq_lm*`` preset stands in when the GPU one is absent; skipped, with the reason, when none
+  ships.
 
 The JSON holds the machine, and per part its command, exit status, wall time, the headline
 numbers against their goals, the part's own full JSON and the tail of its output. Exit status
@@ -145,16 +149,19 @@ def time_steps(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
         times = [float(r["step_time_s"]) for r in rows][2:]
+        # a task with a throughput (language modelling: tokens_per_s) logs it per step
+        rates = [float(r["tokens_per_s"]) for r in rows[2:] if "tokens_per_s" in r]
         rec = {
             "precision": precision,
             "steps": len(rows),
             "median_step_s": statistics.median(times) if times else float("nan"),
+            **({"median_tokens_per_s": statistics.median(rates)} if rates else {}),
             "min_step_s": min(times) if times else float("nan"),
             "train_loss_first_last": [rows[0]["train_loss"], rows[-1]["train_loss"]],
             "fwd_nstep_mean": statistics.fmean(float(r["fwd_nstep"]) for r in rows),
             "scaler_skipped": sum(int(r.get("scaler_skipped", 0)) for r in rows),
             "run_wall_s": wall,
-            "test_acc": result["test_acc"],
+            "test_acc": result.get("test_acc"),
         }
         records.append(rec)
         print(json.dumps(rec), flush=True)
@@ -481,40 +488,65 @@ def _digits_results(ctx: Context) -> dict[str, Any]:
 
 # lm_tokens ----------------------------------------------------------------
 
+LM_GPU_PRESET = "deq_lm_shakespeare_gpu.yaml"
+# the dry run: the GPU preset's code paths (Anderson, UPG, bf16 autocast, the text windows)
+# at a CPU-sized width and context
+LM_DRY_SHRINK = (
+    "model.kwargs.width=32",
+    "model.kwargs.heads=2",
+    "data.context=32",
+    "solver.max_iter=4",
+    "eval_solver.max_iter=4",
+)
+
 
 def _lm_preset() -> Path | None:
+    """The DEQ-LM preset to time: the GPU one when it ships, else the first ``deq_lm*``."""
+    gpu = ROOT / "configs" / LM_GPU_PRESET
+    if gpu.is_file():
+        return gpu
     found = sorted((ROOT / "configs").glob("deq_lm*.yaml"))
     return found[0] if found else None
+
+
+def _lm_batch(preset: Path) -> int:
+    import yaml
+
+    data = yaml.safe_load(preset.read_text()).get("data") or {}
+    return int(data.get("batch_size") or 32)
 
 
 def _lm_cmd(ctx: Context) -> list[list[str]]:
     preset = _lm_preset()
     assert preset is not None
-    steps = "3" if ctx.dry else "20"
+    steps, batch = ("3", "2") if ctx.dry else ("20", str(_lm_batch(preset)))
+    shrink = [arg for s in LM_DRY_SHRINK for arg in ("--set", s)] if ctx.dry else []
     return [
-        [ctx.py, _bench("gpu_check.py"), "steps", "--config", str(preset), "--precisions", "fp32"]
-        + ["--steps", steps, "--batch", "2" if ctx.dry else "32", "--device", ctx.device]
-        + ["--work", str(ctx.work / "lm_runs"), "--out", str(ctx.work / "lm_tokens.json")]
+        [ctx.py, _bench("gpu_check.py"), "steps", "--config", str(preset)]
+        + ["--precisions", "fp32,bf16", "--steps", steps, "--batch", batch]
+        + ["--device", ctx.device, "--work", str(ctx.work / "lm_runs")]
+        + ["--out", str(ctx.work / "lm_tokens.json"), *shrink]
     ]
 
 
 def _lm_headline(ctx: Context) -> dict[str, Any]:
-    """Median step time; tokens/s = batch x the preset's ``data.seq_len`` / step time."""
-    import yaml
-
+    """Per precision: median step time and median training tokens/s (the trainer's own
+    ``tokens_per_s`` of each step); bf16 / fp32 step time."""
     data = _read(ctx.work / "lm_tokens.json") or {}
-    recs = data.get("records") or []
-    preset = _lm_preset()
-    if not recs or preset is None:
+    recs = {r["precision"]: r for r in data.get("records") or []}
+    if not recs:
         return {}
-    seq_len = (yaml.safe_load(preset.read_text()).get("data") or {}).get("seq_len")
-    step = recs[0]["median_step_s"]
-    tokens = data["batch"] * seq_len if isinstance(seq_len, int) else None
-    return {"step_s": step, "tokens_per_s": tokens / step if tokens else None}
+    out: dict[str, Any] = {"preset": Path(str(data.get("config", ""))).name}
+    for p, r in recs.items():
+        out[f"{p}_step_s"] = r["median_step_s"]
+        out[f"{p}_tokens_per_s"] = r.get("median_tokens_per_s")
+    if "fp32" in recs and "bf16" in recs:
+        out["bf16_over_fp32_step"] = recs["bf16"]["median_step_s"] / recs["fp32"]["median_step_s"]
+    return out
 
 
 def _lm_skip(ctx: Context) -> str | None:
-    return None if _lm_preset() else "no DEQ-LM preset ships yet (configs/deq_lm*.yaml)"
+    return None if _lm_preset() else "no DEQ-LM preset ships (configs/deq_lm*.yaml)"
 
 
 PARTS: tuple[Part, ...] = (

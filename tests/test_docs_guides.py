@@ -60,6 +60,7 @@ def test_the_guides_exist_and_each_runs_code() -> None:
         "speed",
         "second-order",
         "train-your-own-deq",
+        "train-a-deq-language-model",
     } <= names
     for page in PAGES:
         assert python_blocks(page.read_text(encoding="utf-8")), f"{page.name}: no tested code"

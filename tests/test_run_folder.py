@@ -265,7 +265,8 @@ def _files(run: Path) -> dict[str, bytes]:
 
 
 def _epoch_records(run: Path) -> list[dict[str, Any]]:
-    timing = ("time", "eval_time_s", "epoch_time_s", "time_s", "time_per_step_s")
+    # wall-clock and CPU-time fields (train_cpu_s) differ between any two runs
+    timing = ("time", "cpu_s", "eval_time_s", "epoch_time_s", "time_s", "time_per_step_s")
     return [
         {k: v for k, v in r.items() if not any(t in k for t in timing)}
         for r in read_metrics(run / "metrics.jsonl")

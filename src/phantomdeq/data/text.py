@@ -458,7 +458,9 @@ class TextWindows:
             self._epoch_starts = (key, torch.randint(positions, (self.size,), generator=gen))
         return self._epoch_starts[1]
 
-    def batch(self, index: Tensor, *, epoch: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def batch(
+        self, index: Tensor, *, epoch: int | None = None, seed: int = 0
+    ) -> tuple[Tensor, Tensor]:
         """The windows ``index`` (``x``, ``y``: ``[len(index), context]`` ``torch.long``)."""
         s = self.starts(epoch, seed)[index]
         windows = self.data[s[:, None] + self._offsets]

@@ -77,11 +77,16 @@ def apply_norm(
         norm_type: ``"weight_norm"`` (TorchDEQ's default), ``"spectral_norm"`` or ``"none"``.
         prefix_filter_out: skip modules whose qualified name starts with this (or any of these).
         filter_out: skip modules whose qualified name contains this (or any of these).
-        learn_scale, target_norm, clip, clip_value: TorchDEQ's options, same defaults; see
-            :func:`~phantomdeq.nn.weight_norm` and :func:`~phantomdeq.nn.spectral_norm`
-            (``target_norm`` is its ``lipschitz``).
-        n_power_iterations, eps, init: spectral norm only (``init="random"`` is TorchDEQ's
-            start of the power iteration, ``"warm"`` this library's 15-step warm start).
+        learn_scale: TorchDEQ's option, same default (see :func:`~phantomdeq.nn.weight_norm`
+            and :func:`~phantomdeq.nn.spectral_norm`, as for the next three).
+        target_norm: TorchDEQ's option, same default (spectral norm's ``lipschitz``).
+        clip: TorchDEQ's option, same default.
+        clip_value: TorchDEQ's option, same default.
+        n_power_iterations: spectral norm only: power-iteration steps per update (TorchDEQ's
+            option, same default).
+        eps: spectral norm only: the normalisation's epsilon (TorchDEQ's option, same default).
+        init: spectral norm only: ``"random"`` is TorchDEQ's start of the power iteration,
+            ``"warm"`` this library's 15-step warm start.
         targets: ``type -> (tensor name, dim)`` replacing :data:`NORM_TARGETS`.
 
     Returns the qualified names of the modules normalised, in ``named_modules()`` order.

@@ -413,9 +413,7 @@ class DataConfig(Section):
                     raise ConfigError(f"{prefix}.{key}: required for data set 'text'")
             for key in ("root", "download", "augment", "mean", "std"):
                 if getattr(self, key) not in (None, False):
-                    raise ConfigError(
-                        f"{prefix}.{key}: applies to the image data sets, not 'text'"
-                    )
+                    raise ConfigError(f"{prefix}.{key}: applies to the image data sets, not 'text'")
             return
         for key in text_keys:
             if getattr(self, key) is not None:

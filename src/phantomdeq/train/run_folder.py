@@ -81,11 +81,10 @@ inf, naming the tensor.
 
 from __future__ import annotations
 
-import json
-
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import random
 import secrets

@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument(
-        "run", type=Path, metavar="RUN", help="a run folder (its best.pt, else last.pt) or a checkpoint"
+        "run",
+        type=Path,
+        metavar="RUN",
+        help="a run folder (its best.pt, else last.pt) or a checkpoint",
     )
     p.add_argument("--prompt", default="\n", help="the text to continue")
     p.add_argument("--tokens", type=int, default=300, help="characters to generate (>= 0)")

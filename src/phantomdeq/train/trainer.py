@@ -752,8 +752,8 @@ class Trainer:
         # a resumed language model must read its corpus with the vocabulary it was trained on
         saved_vocab = read_vocab(self.out_dir) if self.resume else None
         train_ds, test_ds, info = load_data(cfg, vocab=saved_vocab)
-        vocab = getattr(info, "vocab", None)
-        self.vocab = vocab.to_dict() if hasattr(vocab, "to_dict") else None
+        to_dict = getattr(getattr(info, "vocab", None), "to_dict", None)
+        self.vocab = to_dict() if callable(to_dict) else None
         if self.vocab is not None and saved_vocab is None and self.dist.is_main:
             write_vocab(self.out_dir, self.vocab)
         self.train_data = Batches(train_ds, cfg.data.num_workers)

@@ -21,6 +21,7 @@ from . import Task
 
 __all__ = ["LanguageModelling"]
 
+
 class LanguageModelling(Task):
     """Per-token cross-entropy of logits ``[B, T, V]`` against the next tokens ``[B, T]``
     (``train.label_smoothing`` in training; plain cross-entropy in evaluation), bits per
