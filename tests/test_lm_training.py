@@ -156,6 +156,7 @@ def test_task_divergence_verdict_needs_a_loss_above_the_uniform_guess_and_rising
     assert "uniform guess" in task.divergence({"test_loss": 2.2}, 2.0, 3.0)  # ln 8 = 2.079
     assert task.divergence({"test_loss": 1.5}, 2.0, 3.0) == ""
     assert task.divergence({"test_loss": 2.2}, 3.0, 2.5) == ""
+    assert task.divergence({"test_loss": 2.2}, 3.0, 3.2) == ""  # a rise within noise
 
 
 def test_solver_statistics_are_per_sequence_weighted_by_tokens() -> None:

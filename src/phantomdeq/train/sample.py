@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="a run folder (its best.pt, else last.pt) or a checkpoint",
     )
-    p.add_argument("--prompt", default="\n", help="the text to continue")
+    p.add_argument(
+        "--prompt", default=None, help="the text to continue (default: a newline character)"
+    )
     p.add_argument("--tokens", type=int, default=300, help="characters to generate (>= 0)")
     p.add_argument(
         "--temperature", type=float, default=0.8, help="divides the logits (> 0; lower: safer)"
@@ -74,6 +76,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--temperature: must be > 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1 (or left out for all), got {args.top_k}")
+    if args.prompt is None:
+        args.prompt = "\n"
     if not args.prompt:
         raise ConfigError("--prompt: must not be empty (the model needs a first character)")
 
