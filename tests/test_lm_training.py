@@ -25,7 +25,22 @@ from phantomdeq.train.data import forward_stats
 from phantomdeq.train.sample import main as sample_main
 from phantomdeq.train.tasks.language_modelling import LanguageModelling
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex ".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+]
 
 
 def corpus_text(n_lines: int = 60) -> str:
@@ -128,7 +143,9 @@ def test_token_ids_are_not_cast_to_the_model_dtype(corpus: Path) -> None:
     assert loader.kind == "computed"
     ((x, y),) = list(loader.iterate([torch.arange(8)], "cpu", torch.float64, epoch=0))
     assert x.dtype == torch.long and y.dtype == torch.long
-    images = SimpleNamespace(images=torch.zeros(4, 1, 2, 2, dtype=torch.uint8), labels=torch.zeros(4))
+    images = SimpleNamespace(
+        images=torch.zeros(4, 1, 2, 2, dtype=torch.uint8), labels=torch.zeros(4)
+    )
     ((xi, _),) = list(BatchLoader(images).iterate([torch.arange(4)], "cpu", torch.float64))
     assert xi.dtype == torch.float64  # images still arrive in the model dtype
 
