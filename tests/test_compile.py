@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 # the functions holding a solver loop (or called from inside one)
-LOOP_FRAMES = {"_solve", "_solve_directions", "_solve_pairs", "update", "_weights", "_unroll_loop"}
+LOOP_FRAMES = {"_solve", "_solve_residuals", "_solve_pairs", "update", "_weights", "_unroll_loop"}
 
 
 @functools.cache

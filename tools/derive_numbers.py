@@ -228,6 +228,31 @@ def derive() -> list[dict[str, Any]]:
                 "100 * (auto_mean_vjps / fixed_vjps - 1)",
                 ["adaptive_synthetic.json"],
             )
+    # (appended after the adaptive-k entries) the floors of the 2-thread runs above (quiet
+    # machine) with the streams counted on the code (state_passes.py --baseline: this version
+    # and the one before the residuals form)
+    counted_name = "state_passes_broyden_residuals_1thread_cpu_clock.json"
+    counted = {(r["cell"], r["solver"]): r["streams"] for r in _load(counted_name)["floors"]}
+    per_solve = {
+        (r["cell"], r["solver"]): r["streams_per_solve"] for r in _load(counted_name)["floors"]
+    }
+    add(
+        "light Broyden: state streams per solve, fewer than before (%)",
+        100 * (1 - per_solve[("light", "Broyden")] / per_solve[("light", "baseline Broyden")]),
+        "100 * (1 - streams_per_solve / baseline streams_per_solve)",
+        [counted_name],
+    )
+    for run in (1, 2, 3):
+        name = f"state_passes_run{run}.json"
+        doc = _load(name)
+        f_ms = {r["cell"]: r["f_ms"] for r in doc["floors"]}
+        for (cell, solver), streams in counted.items():
+            add(
+                f"traffic floor, 2 threads, run {run}, counted streams: {cell} {solver}",
+                1.0 + streams * doc["ms_per_stream"] / f_ms[cell],
+                "1 + counted streams per evaluation * ms_per_stream / f_ms",
+                [name, counted_name],
+            )
     return out
 
 

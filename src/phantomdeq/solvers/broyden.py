@@ -27,12 +27,15 @@ class Broyden(SolverBase):
 
     Cost per iteration. While no pair is evicted (``memory=None``, or ``memory >= max_iter - 2``)
     the pairs are not stored as vectors: every ``u_i`` is a multiple of the step direction
-    that followed it and every ``v_i`` a combination of the step directions, so one buffer of
-    directions ``W`` (one state per iteration, half the memory of ``U`` and ``V``) and small
-    coefficient matrices represent ``H`` exactly, and an iteration makes two passes over ``W``
-    (one batched product for all the inner products it needs, one for the new direction) plus
-    four vector passes. With evictions the pairs are stored (four passes over them per
-    iteration). For half/bfloat16 states the pairs and updates are float32.
+    that followed it, every ``v_i`` a combination of the step directions, and every direction a
+    combination of the residuals ``r_i``, so the residuals themselves (one state per iteration,
+    half the memory of ``U`` and ``V``, each written once when ``r = g(x) - x`` is formed) and
+    small coefficient matrices represent ``H`` exactly. An iteration then makes two passes over
+    the stored residuals (one batched product for all the inner products it needs, one that
+    forms the next iterate) beside forming the residual and the norm of ``x`` (the tracker's):
+    ``2j + 11`` state reads and writes at iteration ``j``. With evictions the pairs are stored
+    (four passes over them per iteration). For half/bfloat16 states the pairs and updates are
+    float32.
 
     :meth:`solve_with_inverse` also returns the final ``H`` (``Solution.inverse``, a
     :class:`~phantomdeq.solvers.LowRankInverse`), the estimate ``grad=SHINE()`` reuses.
@@ -74,74 +77,100 @@ class Broyden(SolverBase):
     def _solve(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
         # a solve makes at most max_iter - 2 pairs (none after the first and the last evaluation)
         if self.memory is None or self.memory >= self.max_iter - 2:
-            self._solve_directions(gf, x0, tracker)
+            self._solve_residuals(gf, x0, tracker)
         else:
             self._solve_pairs(gf, x0, tracker)
 
-    def _solve_directions(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
-        """Good Broyden without evictions, ``H`` kept in the basis of its step directions.
+    def _solve_residuals(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
+        """Good Broyden without evictions, ``H`` kept in the basis of the residuals.
 
-        Directions ``w_0 = r_0`` and ``w_{j+1} = q_j = -H_j r_{j+1}``; step ``j`` is
-        ``p_j = φ_j w_j`` (``φ_0 = 1``, ``φ_{j+1}`` = the factor below). The pair made at step
-        ``j`` is ``u_j = β_j w_{j+1}`` with ``β_j = 1 / vᵀy`` (0 for a skipped pair) and
-        ``v_j = Σ_{i<=j} C[j, i] w_i``. With ``ρ = Wᵀ r_{j+1}`` and the Gram column
-        ``γ_i = <w_i, w_j>`` (both from one product of ``[w_j; r_{j+1}]`` with ``W``):
-        ``a = Vᵀ r = C ρ``, ``q = r - Σ_i a_i β_i w_{i+1}``, ``c_i = u_iᵀ p_j = β_i φ_j
-        γ_{i+1}``, ``v_j = -p_j + Σ_i c_i v_i`` (row ``C[j] = -φ_j e_j + cᵀ C``),
-        ``vᵀ r_{j+1} = C[j]·ρ`` and ``vᵀ r_j = sᵀ H r_j = -|p_j|² = -φ_j² γ_j``. The same
-        iterates as :meth:`_solve_pairs` without evictions, to rounding.
+        The step directions are ``w_0 = r_0`` and ``w_{j+1} = q_j = -H_j r_{j+1}``; step ``j``
+        is ``p_j = φ_j w_j`` (``φ_0 = 1``, ``φ_{j+1}`` = the factor below). The pair made at step
+        ``j`` is ``u_j = β_j w_{j+1}`` (``β_j = 1 / vᵀy``, 0 for a skipped pair) and
+        ``v_j = Σ_{i<=j} C[j, i] w_i``. Every direction is a combination of the residuals,
+        ``w_k = Σ_{l<=k} T[k, l] r_l`` (``T`` unit lower triangular: ``q = r - Σ_i a_i β_i
+        w_{i+1}``), so only the residuals are stored, each written once by ``r = g(x) - x``,
+        with their Gram matrix ``<r_l, r_k>`` (one new row per step) and ``T``.
+
+        At step ``j``, one product of ``r_{j+1}`` with the stored residuals gives ``ρ = Rᵀ r``
+        (and ``|r|²``, the tracker's residual); then ``<w_i, r> = (T ρ)_i``, the Gram column
+        ``γ_i = <w_i, w_j> = (T Gram Tᵀ)[i, j]``, ``a = Vᵀ r = C T ρ``, ``c_i = u_iᵀ p_j =
+        β_i φ_j γ_{i+1}``, ``v_j = -p_j + Σ_i c_i v_i`` (``C[j] = -φ_j e_j + cᵀ C``),
+        ``vᵀ r_{j+1} = C[j]·Tρ`` and ``vᵀ r_j = -|p_j|² = -φ_j² γ_j`` are small per-sample
+        products, and a second product with the residuals makes the next iterate,
+        ``x + φ_{j+1} w_{j+1} = x + Σ_l φ_{j+1} T[j+1, l] r_l``. State streams at step ``j``
+        (each operand of a product counted): ``r = g(x) - x`` into its slot 3, the first
+        product ``j + 3``, ``|x|`` 1, the second product ``j + 4``: ``2j + 11``, four fewer than
+        with the directions stored (their update ``q = r - U a`` in place, then ``x + φ q``).
+        The same iterates as :meth:`_solve_pairs` without evictions, to rounding.
         """
         b, d = x0.shape
-        slots = self.max_iter  # w_0 .. w_{max_iter - 1}: one per evaluation of g
+        slots = self.max_iter  # r_0 .. r_{max_iter - 1}: one per evaluation of g
         dtype, dev = x0.dtype, x0.device
         # slot j is written before it is read: no zero fill of max_iter x (B, D)
-        W = tracker.buffer("broyden_W", b, slots, d, like=x0)
+        R = tracker.buffer("broyden_R", b, slots, d, like=x0)
+        gram = torch.zeros(b, slots, slots, dtype=dtype, device=dev)  # <r_l, r_k>
+        T = torch.zeros(b, slots, slots, dtype=dtype, device=dev)  # w_k = Σ T[k, l] r_l
         C = torch.zeros(b, slots, slots, dtype=dtype, device=dev)  # v_i = Σ C[i, l] w_l
         beta = torch.empty(b, slots, dtype=dtype, device=dev)  # u_i = beta_i w_{i+1}
         tiny = torch.finfo(dtype).eps ** 2
         x = x0
         fx = gf(x)
-        into(W[:, 0], torch.sub, fx, x)  # w_0 = r_0, the first step (H = -I)
-        if tracker.update(x, fx, diff=W[:, 0]):
-            _keep_directions(tracker, W, C, beta, 0)
+        r = into(R[:, 0], torch.sub, fx, x)  # r_0 = w_0, the first step (H = -I)
+        res = torch.linalg.vector_norm(r, dim=1)
+        if tracker.update(x, fx, abs_res=res):
+            _keep_residuals(tracker, R, T, C, beta, 0)
             return
+        gram[:, 0, 0] = res * res
+        T[:, 0, 0] = 1.0
         phi = torch.ones(b, 1, dtype=dtype, device=dev)
+        x = torch.add(x, r)  # x_1 = x_0 + w_0
         j = 0
         while True:
-            x = torch.addcmul(x, W[:, j], phi)  # x + p_j
             fx = gf(x)
-            r_new = into(W[:, j + 1], torch.sub, fx, x)
-            if tracker.last:  # no new direction after the final evaluation
-                tracker.update(x, fx, diff=r_new)
-                _keep_directions(tracker, W, C, beta, j)
+            r = into(R[:, j + 1], torch.sub, fx, x)  # r_{j+1}
+            if tracker.last:  # no new step after the final evaluation
+                tracker.update(x, fx, diff=r)
+                _keep_residuals(tracker, R, T, C, beta, j)
                 return
-            # [<w_j, w_i>; <r, w_i>] for i <= j, and <w_j, r>, |r|² (the tracker's residual):
-            # (B, 2, D) @ (B, D, j + 2) on a transposed view, one pass over the directions
-            dots = torch.bmm(W[:, j : j + 2], W[:, : j + 2].transpose(1, 2))
-            if tracker.update(x, fx, abs_res=dots[:, 1, j + 1].sqrt()):
-                _keep_directions(tracker, W, C, beta, j)
+            # <r_l, r_{j+1}> for l <= j + 1: (B, 1, D) @ (B, D, j + 2) on a transposed view,
+            # one pass over the stored residuals; the last entry is |r|², the tracker's residual
+            rho = torch.bmm(R[:, j + 1 : j + 2], R[:, : j + 2].transpose(1, 2)).squeeze(1)
+            if tracker.update(x, fx, abs_res=rho[:, j + 1].sqrt()):
+                _keep_residuals(tracker, R, T, C, beta, j)
                 return
-            gamma = dots[:, 0, : j + 1]  # <w_i, w_j>, i <= j
-            rho = dots[:, 1, : j + 1].unsqueeze(2)  # <w_i, r>, (B, j + 1, 1)
+            gram[:, j + 1, : j + 2] = rho
+            gram[:, : j + 2, j + 1] = rho
+            Tj = T[:, : j + 1, : j + 1]
+            rho_w = torch.bmm(Tj, rho[:, : j + 1, None])  # <w_i, r>, i <= j: (B, j + 1, 1)
+            # <w_i, w_j> = Σ_{l,k} T[i, l] <r_l, r_k> T[j, k], i <= j
+            gw = torch.bmm(gram[:, : j + 1, : j + 1], T[:, j, : j + 1, None])
+            gamma = torch.bmm(Tj, gw).squeeze(2)
+            t_new = torch.zeros(b, 1, j + 2, dtype=dtype, device=dev)  # w_{j+1} in residuals
+            t_new[:, 0, j + 1] = 1.0
             row = torch.zeros(b, 1, j + 1, dtype=dtype, device=dev)
             if j:
                 Cj = C[:, :j, : j + 1]
-                a = torch.bmm(Cj, rho).squeeze(2)  # Vᵀ r over the stored pairs
-                # q = r - U a, written over r in its slot (becomes w_{j+1}); a plain bmm and a
-                # subtraction (an in-place baddbmm_ on the strided slot runs per sample on CPU)
-                ua = torch.bmm((beta[:, :j] * a).unsqueeze(1), W[:, 1 : j + 1]).squeeze(1)
-                r_new.sub_(ua)
+                a = torch.bmm(Cj, rho_w).squeeze(2)  # Vᵀ r over the stored pairs
+                # q = r - U a: w_{j+1} = r_{j+1} - Σ_i a_i beta_i w_{i+1}
+                t_new[:, :, : j + 1] -= torch.bmm(
+                    (beta[:, :j] * a).unsqueeze(1), T[:, 1 : j + 1, : j + 1]
+                )
                 c = beta[:, :j] * phi * gamma[:, 1:]  # u_iᵀ p_j
                 row = torch.bmm(c.unsqueeze(1), Cj)  # Σ c_i C[i]
             row[:, 0, j] -= phi[:, 0]
-            vr_new = torch.bmm(row, rho).view(b, 1)  # vᵀ r_{j+1}
+            vr_new = torch.bmm(row, rho_w).view(b, 1)  # vᵀ r_{j+1}
             denom = vr_new + phi * phi * gamma[:, j : j + 1]  # vᵀ y = vᵀ r_{j+1} + |p_j|²
             ok = denom.abs() > tiny
             safe = torch.where(ok, denom, torch.ones_like(denom))
             inv = torch.where(ok, 1.0 / safe, 0.0)
             beta[:, j : j + 1] = inv
             C[:, j, : j + 1] = row.squeeze(1) * ok
+            T[:, j + 1, : j + 2] = t_new.squeeze(1)
             phi = torch.where(ok, 1.0 - vr_new * inv, 1.0)
+            # x + p_{j+1} = x + φ_{j+1} Σ_l T[j+1, l] r_l: the second pass over the residuals
+            step = t_new * phi.unsqueeze(2)
+            x = torch.baddbmm(x.unsqueeze(1), step, R[:, : j + 2]).squeeze(1)
             j += 1
 
     def _solve_pairs(self, gf: FlatFn, x0: Tensor, tracker: Tracker) -> None:
@@ -200,15 +229,19 @@ class Broyden(SolverBase):
             r = r_new
 
 
-def _keep_directions(tracker: Tracker, W: Tensor, C: Tensor, beta: Tensor, n: int) -> None:
-    """With ``tracker.keep_inverse``: ``H`` over the first ``n`` pairs of the directions form,
-    ``u_i = β_i w_{i+1}``, ``v_i = Σ_l C[i, l] w_l`` (``l <= i``), i.e. ``H = -I + L K Rᵀ``
-    with ``L = [w_1 .. w_n]``, ``K = diag(β) C[:n, :n]``, ``R = [w_0 .. w_{n-1}]``."""
+def _keep_residuals(
+    tracker: Tracker, R: Tensor, T: Tensor, C: Tensor, beta: Tensor, n: int
+) -> None:
+    """With ``tracker.keep_inverse``: ``H`` over the first ``n`` pairs of the residuals form,
+    ``u_i = β_i w_{i+1}``, ``v_i = Σ_l C[i, l] w_l`` with ``w_k = Σ_l T[k, l] r_l``, i.e.
+    ``H = -I + L K Rᵀ`` with ``L = [w_1 .. w_n]`` (made here: one product), ``K = diag(β)
+    C[:n, :n] T[:n, :n+1]`` and ``R = [r_0 .. r_n]`` (a copy: the buffer is reused)."""
     if not tracker.keep_inverse:
         return
-    w = W[:, : n + 1].clone()  # W is a reused buffer
-    core = beta[:, :n, None] * C[:, :n, :n]
-    tracker.inverse = LowRankInverse(left=w[:, 1:], right=w[:, :n], core=core)
+    q = n + 1 if n else 0
+    left = torch.bmm(T[:, 1 : n + 1, :q], R[:, :q])
+    core = torch.bmm(beta[:, :n, None] * C[:, :n, :n], T[:, :n, :q])
+    tracker.inverse = LowRankInverse(left=left, right=R[:, :q].clone(), core=core)
 
 
 def _keep_pairs(tracker: Tracker, U: Tensor, V: Tensor, n: int) -> None:
