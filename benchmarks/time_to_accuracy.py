@@ -544,18 +544,24 @@ def summarise(records: list[dict[str, Any]], cap_s: float) -> dict[str, Any]:
                 over[f"{m}_cpu_ratio"] = (
                     means[m]["cpu_s_to_target"] / td_means[best_m]["cpu_s_to_target"]
                 )
-    # step time side by side (every step of each run, whatever the target)
-    step_ratio: dict[str, Any] = {}
-    for lib_m, td_m in (("pdq_upg", "td_upg"), ("pdq_ift", "td_ift")):
-        pairs = [
-            (a["step_time_median_s"], b["step_time_median_s"])
-            for a in records
-            for b in records
-            if a["method"] == lib_m and b["method"] == td_m and a["seed"] == b["seed"]
-        ]
-        if pairs and all(p[0] and p[1] for p in pairs):
-            step_ratio[f"{lib_m}_over_{td_m}"] = statistics.fmean(a / b for a, b in pairs)
-    over["step_time_median_ratio"] = step_ratio
+    # step cost side by side (every step of each run, whatever the target): the median wall
+    # time of a step and the process CPU time per step, phantomdeq over TorchDEQ's same
+    # estimator, averaged over the seeds
+    for key, field in (
+        ("step_time_median_ratio", "step_time_median_s"),
+        ("cpu_per_step_ratio", "cpu_per_step_s"),
+    ):
+        ratios: dict[str, float] = {}
+        for lib_m, td_m in (("pdq_upg", "td_upg"), ("pdq_ift", "td_ift")):
+            pairs = [
+                (a[field], b[field])
+                for a in records
+                for b in records
+                if a["method"] == lib_m and b["method"] == td_m and a["seed"] == b["seed"]
+            ]
+            if pairs and all(p[0] and p[1] for p in pairs):
+                ratios[f"{lib_m}_over_{td_m}"] = statistics.fmean(a / b for a, b in pairs)
+        over[key] = ratios
     return {"per_seed": per_seed, "over_seeds": over}
 
 
@@ -567,6 +573,25 @@ def _fmt_ratio(r: dict[str, Any] | None) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def _git_head() -> str | None:
+    """The commit of the script's tree (``+dirty`` with uncommitted changes), if git says."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['train_s_to_target'] / 60:.2f}" if r["reached"] else "not reached",
                 f"{r['cpu_s_to_target'] / 60:.2f}" if r["reached"] else "-",
                 r["step_time_median_s"] or float("nan"),
+                r["cpu_per_step_s"] or float("nan"),
                 r["best_test_acc"] if r["best_test_acc"] is not None else float("nan"),
                 _fmt_ratio(ps.get(f"{r['method']}_time_ratio")),
             ]
@@ -669,13 +695,18 @@ def main(argv: list[str] | None = None) -> int:
             "train min",
             "CPU min",
             "step s (median)",
+            "CPU s/step",
             "best acc",
             "time / TorchDEQ best",
         ],
         rows,
     )
-    for k, v in summary["over_seeds"]["step_time_median_ratio"].items():
-        print(f"median step time {k.replace('_over_', ' / ')}: {v:.3f}")
+    for key, what in (
+        ("step_time_median_ratio", "median step time"),
+        ("cpu_per_step_ratio", "CPU time per step"),
+    ):
+        for k, v in summary["over_seeds"][key].items():
+            print(f"{what} {k.replace('_over_', ' / ')}: {v:.3f}")
     try:
         import torchdeq
 
@@ -689,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:])
         if argv is None
         else "main(" + repr(argv) + ")",
+        "git": _git_head(),
         "schedule": "interleaved: one step of each method in turn, one process per seed",
         "machine": {**machine(), "load_before": load0, "loadavg_end": loadavg()},
         "torchdeq": td_version,
