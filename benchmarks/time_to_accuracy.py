@@ -279,6 +279,7 @@ class Run:
         self.cpu_s = 0.0
         self.eval_s = 0.0
         self.step_times: list[float] = []
+        self.step_cpu: list[float] = []
         self.fwd_nsteps: list[float] = []
         self.losses: list[float] = []
         self.curve: list[dict[str, Any]] = []
@@ -343,6 +344,7 @@ class Run:
         self.train_s += dt
         self.cpu_s += dc
         self.step_times.append(dt)
+        self.step_cpu.append(dc)
         self.losses.append(float(loss.detach()))
         if out.info is not None:
             self.fwd_nsteps.append(float(out.info.nstep.float().mean()))
@@ -385,7 +387,19 @@ class Run:
             self.stopped = "target"
         return acc
 
-    def record(self) -> dict[str, Any]:
+    def side_by_side(self, steps: int) -> dict[str, Any]:
+        """Step cost over steps 2..``steps``: the steps during which every method of the seed
+        was still training, one step each in turn, so all of them ran under the same load
+        (after a method stops, the others run on under whatever load follows)."""
+        times, cpu = self.step_times[1:steps], self.step_cpu[1:steps]
+        return {
+            "steps": len(times),
+            "step_time_median_s": statistics.median(times) if times else None,
+            "step_time_mean_s": statistics.fmean(times) if times else None,
+            "cpu_per_step_s": statistics.fmean(cpu) if cpu else None,
+        }
+
+    def record(self, common_steps: int) -> dict[str, Any]:
         library, estimator = METHODS[self.method]
         times = self.step_times[1:] or self.step_times  # the first step warms caches up
         return {
@@ -409,6 +423,7 @@ class Run:
             "train_s": self.train_s,
             "cpu_s": self.cpu_s,
             "eval_s": self.eval_s,
+            "side_by_side": self.side_by_side(common_steps),
             "step_time_mean_s": statistics.fmean(times) if times else None,
             "step_time_median_s": statistics.median(times) if times else None,
             "cpu_per_step_s": self.cpu_s / self.step if self.step else None,
@@ -470,7 +485,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             if run.reached is not None or capped:
                 run.stopped = run.stopped or "cap"
                 active.remove(run)
-    return [r.record() for r in runs]
+    common = min(r.step for r in runs)
+    return [r.record(common) for r in runs]
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -544,9 +560,9 @@ def summarise(records: list[dict[str, Any]], cap_s: float) -> dict[str, Any]:
                 over[f"{m}_cpu_ratio"] = (
                     means[m]["cpu_s_to_target"] / td_means[best_m]["cpu_s_to_target"]
                 )
-    # step cost side by side (every step of each run, whatever the target): the median wall
-    # time of a step and the process CPU time per step, phantomdeq over TorchDEQ's same
-    # estimator, averaged over the seeds
+    # step cost side by side (the steps of a seed during which all its methods were running,
+    # the first excluded): the median wall time of a step and the process CPU time per step,
+    # phantomdeq over TorchDEQ's same estimator, averaged over the seeds
     for key, field in (
         ("step_time_median_ratio", "step_time_median_s"),
         ("cpu_per_step_ratio", "cpu_per_step_s"),
@@ -554,7 +570,7 @@ def summarise(records: list[dict[str, Any]], cap_s: float) -> dict[str, Any]:
         ratios: dict[str, float] = {}
         for lib_m, td_m in (("pdq_upg", "td_upg"), ("pdq_ift", "td_ift")):
             pairs = [
-                (a[field], b[field])
+                (a["side_by_side"][field], b["side_by_side"][field])
                 for a in records
                 for b in records
                 if a["method"] == lib_m and b["method"] == td_m and a["seed"] == b["seed"]
@@ -681,8 +697,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["steps_to_target"] if r["reached"] else f"> {r['steps']}",
                 f"{r['train_s_to_target'] / 60:.2f}" if r["reached"] else "not reached",
                 f"{r['cpu_s_to_target'] / 60:.2f}" if r["reached"] else "-",
-                r["step_time_median_s"] or float("nan"),
-                r["cpu_per_step_s"] or float("nan"),
+                r["side_by_side"]["step_time_median_s"] or float("nan"),
+                r["side_by_side"]["cpu_per_step_s"] or float("nan"),
                 r["best_test_acc"] if r["best_test_acc"] is not None else float("nan"),
                 _fmt_ratio(ps.get(f"{r['method']}_time_ratio")),
             ]
@@ -694,12 +710,17 @@ def main(argv: list[str] | None = None) -> int:
             "steps",
             "train min",
             "CPU min",
-            "step s (median)",
-            "CPU s/step",
+            "step s (median)*",
+            "CPU s/step*",
             "best acc",
             "time / TorchDEQ best",
         ],
         rows,
+    )
+    common = {r["seed"]: r["side_by_side"]["steps"] for r in records}
+    print(
+        "* side by side: steps 2.. of each seed while all its methods were training "
+        f"({', '.join(f'seed {k}: {v} steps' for k, v in common.items())})"
     )
     for key, what in (
         ("step_time_median_ratio", "median step time"),

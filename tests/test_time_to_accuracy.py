@@ -38,8 +38,11 @@ def _record(method: str, seed: int, t: float | None, steps: int = 400) -> dict[s
         "train_s_to_target": t,
         "cpu_s_to_target": None if t is None else 2 * t,
         "steps_to_target": None if t is None else steps,
-        "step_time_median_s": 0.4,
-        "cpu_per_step_s": 0.3 if method.startswith("pdq") else 0.5,
+        "side_by_side": {
+            "steps": 100,
+            "step_time_median_s": 0.4,
+            "cpu_per_step_s": 0.3 if method.startswith("pdq") else 0.5,
+        },
     }
 
 
@@ -190,6 +193,8 @@ def test_end_to_end_tiny_two_seeds_in_two_processes(tmp_path: Path) -> None:
         assert 0 < r["train_s_to_target"] == r["train_s"]
         assert r["cpu_s_to_target"] > 0 and r["eval_s"] > 0
         assert r["step_time_median_s"] > 0 and r["fwd_nstep_mean"] > 0
+        assert r["side_by_side"]["steps"] == 1  # step 2, the one after the warm-up step
+        assert r["side_by_side"]["cpu_per_step_s"] > 0
         assert math.isfinite(r["first_loss"])
         (point,) = r["curve"]
         assert point["step"] == 2 and point["test_n"] == 32 and point["at_cap"] is False
@@ -223,6 +228,7 @@ def test_end_to_end_tiny_two_seeds_in_two_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert len(runs) == 4
+    assert {r["side_by_side"]["steps"] for r in runs} == {2}
     for r in runs:
         assert not r["reached"] and r["steps"] == 3 and r["steps_to_target"] is None
         assert r["result"] == "not reached within cap (cap)"
