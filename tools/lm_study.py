@@ -1,8 +1,10 @@
 """Collect the DEQ language-model study (tools/lm_study.sh) into results/lm_shakespeare/.
 
-    python tools/lm_study.py [RUNS_DIR] [--no-eval]
+    python tools/lm_study.py [RUNS_DIR ...] [--no-eval]
 
-For every run folder in RUNS_DIR (default runs/lm_study): its last checkpoint evaluated on the
+For every run folder in the RUNS_DIRs (default runs/lm_study; the exploratory runs made after
+the study's results were seen, e.g. runs/lm_explore, may be given too -- they are drawn and
+tabulated, never part of a verdict): its last checkpoint evaluated on the
 WHOLE validation split (``phantomdeq eval --checkpoint RUN/last.pt --set data.test_size=null``,
 cached in results/lm_shakespeare/full_val.json), the evaluation curve (every 250 steps, 500
 validation windows), CPU and wall seconds per step, tokens per CPU-second, forward iterations.
@@ -16,8 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,8 @@ from verdicts import holm, paired_test, seeds_needed, verdict  # noqa: E402
 OUT = ROOT / "results" / "lm_shakespeare"
 FIGURE = ROOT / "docs" / "lm_shakespeare.png"
 GROUPS = {  # run-name prefix -> (label, colour)
+    "deq_upg_jr": ("DEQ, UPG(5, 0.5) + Jacobian reg. (exploratory)", "tab:purple"),
+    "deq_ift_jr": ("DEQ, IFT + Jacobian reg. (exploratory)", "tab:brown"),
     "deq_upg": ("DEQ, UPG(5, 0.5)", "tab:blue"),
     "deq_npg": ("DEQ, NPG(5, 0.5)", "tab:green"),
     "deq_ift": ("DEQ, IFT", "tab:red"),
@@ -62,14 +69,14 @@ def full_validation(run: Path, cache: dict[str, Any], evaluate: bool) -> dict[st
         sys.executable, "-m", "phantomdeq", "eval", "--checkpoint", str(run / "last.pt"),
         "--set", "data.test_size=null", "--device", "cpu",
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         print(f"{key}: eval failed: {done.stderr.strip()}", file=sys.stderr)
         return hit
     report = json.loads(done.stdout)
     report.pop("meaning", None)
     report["last_pt_mtime_ns"] = stamp
-    cache[key] = report
     return report
 
 
@@ -83,6 +90,7 @@ def summarise(run: Path, full: dict[str, Any] | None) -> dict[str, Any]:
     tokens = n_steps * cfg["data"]["batch_size"] * cfg["data"]["context"]
     cpu, wall = float(last.get("train_cpu_s", math.nan)), float(last.get("train_time_s", math.nan))
     deq = [r["fwd_nstep"] for r in steps if isinstance(r.get("fwd_nstep"), int | float)]
+    conv = [r["fwd_converged"] for r in steps if isinstance(r.get("fwd_converged"), int | float)]
     return {
         "group": group_of(run.name),
         "seed": cfg["train"]["seed"],
@@ -99,6 +107,8 @@ def summarise(run: Path, full: dict[str, Any] | None) -> dict[str, Any]:
         "tokens_per_cpu_s": tokens / cpu if cpu > 0 else math.nan,
         "fwd_nstep_first_100": _mean(deq[:10]),
         "fwd_nstep_last_100": _mean(deq[-10:]),
+        "fwd_converged_last_50_min": min(conv[-5:]) if conv else None,
+        "fwd_converged_last_50_max": max(conv[-5:]) if conv else None,
         "val_loss_500_windows": [
             {
                 "step": r["step"],
@@ -166,18 +176,46 @@ def decide(claims: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str,
     return {"alpha": claims["alpha"], "family_size": len(testable), "claims": out}
 
 
+def _common_cpu(a: str, b: str) -> tuple[int, tuple[float, float]]:
+    """The last step both runs recorded (every 50th step is kept) and each run's training CPU
+    seconds up to it."""
+    rec = {
+        name: {
+            r["step"]: r["train_cpu_s"]
+            for r in read_jsonl(OUT / "runs" / f"{name}.jsonl")
+            if r["kind"] == "step" and "train_cpu_s" in r
+        }
+        for name in (a, b)
+    }
+    common = max(set(rec[a]) & set(rec[b]))
+    return common, (rec[a][common], rec[b][common])
+
+
 def measurements(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     def first(group: str) -> dict[str, Any] | None:
         return next((r for r in runs.values() if r["group"] == group and r["seed"] == 0), None)
 
     upg, ift, npg, ref = first("deq_upg"), first("deq_ift"), first("deq_npg"), first("explicit_ref")
     out: dict[str, Any] = {}
-    if upg and ift:
+    if upg and ift:  # over the steps both trained (the IFT run stopped early)
+        common, cpu = _common_cpu("deq_upg_s0", "deq_ift_s0")
         out["lm_upg_vs_ift_step_time"] = {
-            "upg_cpu_s_per_step": upg["cpu_s_per_step"],
-            "ift_cpu_s_per_step": ift["cpu_s_per_step"],
-            "ratio": upg["cpu_s_per_step"] / ift["cpu_s_per_step"],
+            "steps_compared": common,
+            "upg_cpu_s_per_step": cpu[0] / common,
+            "ift_cpu_s_per_step": cpu[1] / common,
+            "ratio": cpu[0] / cpu[1],
             "n": 1,
+        }
+    jr_upg, jr_ift = first("deq_upg_jr"), first("deq_ift_jr")
+    if jr_upg and jr_ift:  # exploratory: both with Jacobian regularisation, all 2,000 steps
+        common, cpu = _common_cpu("deq_upg_jr_s0", "deq_ift_jr_s0")
+        out["lm_upg_vs_ift_step_time_jacobian_regularised"] = {
+            "steps_compared": common,
+            "upg_cpu_s_per_step": cpu[0] / common,
+            "ift_cpu_s_per_step": cpu[1] / common,
+            "ratio": cpu[0] / cpu[1],
+            "n": 1,
+            "exploratory": True,
         }
     if upg and npg and upg["val_loss_full"] is not None and npg["val_loss_full"] is not None:
         out["lm_npg_vs_upg_val_loss"] = {
@@ -194,6 +232,29 @@ def measurements(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "n": 1,
         }
     return out
+
+
+def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed gaps and ratios the text quotes (seeds 0, 1, 2)."""
+    ref = runs.get("explicit_ref_s0")
+    gaps_steps, gaps_time, step_ratio, deq_min, exp_min = [], [], [], [], []
+    for s in (0, 1, 2):
+        deq, exp = runs.get(f"deq_upg_s{s}"), runs.get(f"explicit_s{s}")
+        if deq is None or exp is None or deq["val_loss_full"] is None:
+            continue
+        if ref is not None and ref["val_loss_full"] is not None:
+            gaps_steps.append(deq["val_loss_full"] - ref["val_loss_full"])
+        gaps_time.append(deq["val_loss_full"] - exp["val_loss_full"])
+        step_ratio.append(deq["cpu_s_per_step"] / exp["cpu_s_per_step"])
+        deq_min.append(deq["train_cpu_s"] / 60)
+        exp_min.append(exp["train_cpu_s"] / 60)
+    return {
+        "deq_upg_minus_explicit_reference_2000_steps": gaps_steps,
+        "deq_upg_minus_explicit_same_seed": gaps_time,
+        "deq_upg_over_explicit_cpu_s_per_step": step_ratio,
+        "deq_upg_cpu_minutes": deq_min,
+        "explicit_cpu_minutes": exp_min,
+    }
 
 
 def parameter_counts(vocab_size: int = 65, context: int = 64) -> dict[str, int]:
@@ -263,15 +324,30 @@ def draw(runs: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="?", type=Path, default=ROOT / "runs" / "lm_study")
+    p.add_argument("runs", nargs="*", type=Path, default=[ROOT / "runs" / "lm_study"])
     p.add_argument("--no-eval", action="store_true", help="use cached full-validation numbers only")
+    p.add_argument("--jobs", type=int, default=2, help="evaluations run at a time")
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     cache_path = OUT / "full_val.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     runs: dict[str, dict[str, Any]] = {}
-    for run in sorted(d for d in args.runs.iterdir() if (d / "metrics.jsonl").is_file()):
-        full = full_validation(run, cache, not args.no_eval)
+    folders = [d for r in args.runs for d in sorted(r.iterdir()) if (d / "metrics.jsonl").is_file()]
+    lock = threading.Lock()
+
+    def evaluated(run: Path) -> dict[str, Any] | None:
+        with lock:
+            known = dict(cache)
+        full = full_validation(run, known, not args.no_eval)
+        with lock:  # keep what is done: a long evaluation pass may be cut short
+            if full is not None:
+                cache[run.name] = full
+            cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        return full
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        fulls = list(pool.map(evaluated, folders))
+    for run, full in zip(folders, fulls):
         runs[run.name] = summarise(run, full)
         keep = [
             r
@@ -284,10 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     claims = yaml.safe_load((OUT / "claims.yaml").read_text())
     study = {
-        "command": "bash tools/lm_study.sh runs/lm_study && python tools/lm_study.py runs/lm_study",
+        "command": "bash tools/lm_study.sh runs/lm_study && python tools/lm_study.py runs/lm_study "
+        "runs/lm_explore",
+        "exploratory_command": "phantomdeq train --config configs/deq_lm_shakespeare.yaml --out "
+        "runs/lm_explore/deq_{upg,ift}_jr_s0 --set train.seed=0 --set train.epochs=8 --set "
+        "train.num_threads=1 --set data.test_size=500 --set grad.name={upg,ift} --set "
+        "train.jac_reg_weight=2.0",
         "parameters": parameter_counts(),
         "runs": runs,
         "measurements": measurements(runs),
+        "derived": derived(runs),
     }
     (OUT / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     (OUT / "verdicts.json").write_text(json.dumps(decide(claims, runs), indent=1) + "\n")
