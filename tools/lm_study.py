@@ -197,26 +197,24 @@ def measurements(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
     upg, ift, npg, ref = first("deq_upg"), first("deq_ift"), first("deq_npg"), first("explicit_ref")
     out: dict[str, Any] = {}
+
+    def step_time(a: str, b: str, **extra: Any) -> dict[str, Any]:
+        common, cpu = _common_cpu(a, b)
+        return {
+            "steps_compared": common,
+            "upg_cpu_s_per_step": cpu[0] / common,
+            "ift_cpu_s_per_step": cpu[1] / common,
+            "ratio": cpu[0] / cpu[1],
+            "n": 1,
+            **extra,
+        }
+
     if upg and ift:  # over the steps both trained (the IFT run stopped early)
-        common, cpu = _common_cpu("deq_upg_s0", "deq_ift_s0")
-        out["lm_upg_vs_ift_step_time"] = {
-            "steps_compared": common,
-            "upg_cpu_s_per_step": cpu[0] / common,
-            "ift_cpu_s_per_step": cpu[1] / common,
-            "ratio": cpu[0] / cpu[1],
-            "n": 1,
-        }
-    jr_upg, jr_ift = first("deq_upg_jr"), first("deq_ift_jr")
-    if jr_upg and jr_ift:  # exploratory: both with Jacobian regularisation, all 2,000 steps
-        common, cpu = _common_cpu("deq_upg_jr_s0", "deq_ift_jr_s0")
-        out["lm_upg_vs_ift_step_time_jacobian_regularised"] = {
-            "steps_compared": common,
-            "upg_cpu_s_per_step": cpu[0] / common,
-            "ift_cpu_s_per_step": cpu[1] / common,
-            "ratio": cpu[0] / cpu[1],
-            "n": 1,
-            "exploratory": True,
-        }
+        out["lm_upg_vs_ift_step_time"] = step_time("deq_upg_s0", "deq_ift_s0")
+    if first("deq_upg_jr") and first("deq_ift_jr"):  # exploratory, both Jacobian-regularised
+        out["lm_upg_vs_ift_step_time_jacobian_regularised"] = step_time(
+            "deq_upg_jr_s0", "deq_ift_jr_s0", exploratory=True
+        )
     if upg and npg and upg["val_loss_full"] is not None and npg["val_loss_full"] is not None:
         out["lm_npg_vs_upg_val_loss"] = {
             "npg": npg["val_loss_full"],
