@@ -487,9 +487,7 @@ def load_text_dataset(
     ``vocab``: the vocabulary saved with a run (a mismatch raises :class:`DataError`); see
     :func:`load_text` for the split and the other errors."""
     corpus = load_text(path, train_fraction=train_fraction, vocab=vocab)
-    train = TextWindows(corpus.train, context=context, split="train", random=True)
-    if train_size is not None:
-        train = TextWindows(corpus.train, context=context, size=train_size, random=True)
+    train = TextWindows(corpus.train, context=context, size=train_size, random=True)
     val = TextWindows(corpus.val, context=context, size=test_size, split="validation")
     info = TextInfo(corpus.vocab_size, context, corpus.vocab, "text", corpus.num_chars)
     return train, val, info

@@ -997,7 +997,10 @@ class Trainer:
     # --- the failure policy --------------------------------------------------------------------
 
     def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (one all-reduce under DDP)."""
+        """Whether ``flag`` holds on any rank (one all-reduce under DDP; a single process
+        answers at once, without a tensor or a host sync)."""
+        if not self.dist.enabled:
+            return flag
         value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.device)
         return bool(float(all_reduce_sum(value, self.dist)[0]) > 0)
 
