@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import phantomdeq as pdq
-from phantomdeq.solvers import residual_kernel as native
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _streams import StreamCounter, count_solve  # noqa: E402
@@ -72,53 +71,29 @@ def test_fixed_point_streams_five_states_per_iteration():
     assert got == [5.0] * 9
 
 
-@pytest.fixture(params=["native", "eager"])
-def path(request, monkeypatch):
-    """Each solver count twice: with the CPU kernel of ``solvers.residual_kernel`` (one pass for
-    the residual, its products with the history and |x|) and with ``PHANTOMDEQ_NATIVE=0``
-    (ATen operations only, the path of a GPU or of a machine without a C compiler)."""
-    monkeypatch.setenv(native.ENV_VAR, "1" if request.param == "native" else "0")
-    if request.param == "native" and native.unavailable_reason() is not None:
-        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
-    return request.param
-
-
-def test_anderson_streams_14_states_per_iteration_with_5_slots(path):
-    # native: one pass reads f(x), x and the n - 1 other residual slots and writes the residual
-    # and image slots, with the Gram row and |x| (n + 3); mixing over the n image slots into the
-    # next x (n + 1): 2n + 4, 14 once the 5 slots are full. After the first evaluation (n = 1)
-    # the next x is a copy of the image slot (2): 4 + 2 = 6.
-    # eager: [G, Y] = [f(x) - x, f(x)] (4), Gram row over the n slots (n + 1), |x| (1), mixing
-    # (n + 1): 2n + 7, 17 with 5 slots; 4 + 2 + 1 + 2 = 9 after the first evaluation
+def test_anderson_streams_17_states_per_iteration_with_5_slots():
+    # [G, Y] = [f(x) - x, f(x)] (4), Gram row over the n slots (n + 1), |x| (1), mixing over the
+    # n image slots into the next x (n + 1): 2n + 7, 17 once the 5 slots are full. After the
+    # first evaluation (n = 1) the next x is a copy of the image slot (2): 4 + 2 + 1 + 2 = 9
     got = _per_iteration(pdq.Anderson(max_iter=12, tol=0.0, m=5))
     n = [min(k + 1, 5) for k in range(11)]
-    if path == "native":
-        assert got == [6.0] + [2.0 * k + 4 for k in n[1:]]
-    else:
-        assert got == [9.0] + [2.0 * k + 7 for k in n[1:]]
+    assert got == [9.0] + [2.0 * k + 7 for k in n[1:]]
 
 
-def test_broyden_full_memory_streams_2j_plus_8_states_at_iteration_j(path):
-    # native: after evaluation 0, r_0 into its slot with |r_0| and |x_0| (3), x_1 = x_0 + r_0
-    # (3): 6; iteration j: r_{j+1} into its slot with its products with the j + 1 other stored
-    # residuals and |x| (j + 4), x + Σ c_l r_l over the j + 2 residuals (j + 4): 2j + 8.
-    # eager: after evaluation 0: r_0 (3), |r_0| and |x_0| (2), x_1 (3): 8; iteration j: r_{j+1}
-    # (3), one product of r_{j+1} with the j + 2 stored residuals (j + 3), |x| (1), the next
-    # iterate (j + 4): 2j + 11
+def test_broyden_full_memory_streams_2j_plus_11_states_at_iteration_j():
+    # after evaluation 0: r_0 into its slot (3), |r_0| and |x_0| (2), x_1 = x_0 + r_0 (3): 8.
+    # iteration j: r_{j+1} = f(x) - x into its slot (3), one product of r_{j+1} with the j + 2
+    # stored residuals (j + 3), |x| (1), x + Σ c_l r_l over the j + 2 residuals (j + 4)
     got = _per_iteration(pdq.Broyden(max_iter=14, tol=0.0))
-    if path == "native":
-        assert got == [6.0] + [2.0 * j + 8 for j in range(12)]
-    else:
-        assert got == [8.0] + [2.0 * j + 11 for j in range(12)]
+    assert got == [8.0] + [2.0 * j + 11 for j in range(12)]
 
 
 @pytest.mark.parametrize("memory", [None, 3])
-def test_broyden_last_evaluation_and_setup(memory, path):
+def test_broyden_last_evaluation_and_setup(memory):
     # setup: the flat copy of z0 (read 1, write 1); after the last evaluation: its residual
-    # (3) and the two norms (2) eagerly, or the three in one pass (3) in the residuals form
-    # with the native kernel; no new step
+    # (3) and the two norms (2), no new step
     f, z0 = _problem()
     counter = count_solve(pdq.Broyden(max_iter=8, tol=0.0, memory=memory), f, z0)
     assert len(counter.segments) == 9
     assert counter.segments[0] == 2.0
-    assert counter.segments[-1] == (3.0 if path == "native" and memory is None else 5.0)
+    assert counter.segments[-1] == 5.0

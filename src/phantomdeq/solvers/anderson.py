@@ -8,7 +8,6 @@ from torch import Tensor
 from .._state import FlatFn
 from .._validate import check_float, check_int
 from .base import SolverBase, into
-from .residual_kernel import residual_products
 from .tracker import Tracker
 
 
@@ -68,27 +67,18 @@ class Anderson(SolverBase):
             n = min(n + 1, m)
             if fused:
                 fx = gf(x)
+                into(GY[:, slot], torch.addcmul, fx.unsqueeze(1), x.unsqueeze(1), signs)
             else:
                 # a map that copies anyway (tuple state, low precision) writes g(x) straight
                 # into its slot (with beta = 1, the mixed image is g(x) itself)
                 fx = gf(x, out=Y[:, slot]) if beta == 1.0 else gf(x)
-            # the residual into its slot (with its image, fused) and one new row/column of the
-            # Gram matrix: <G_i, G_slot> for the valid slots, the slot itself included (its
-            # diagonal entry is the tracker's squared residual), and |x|: one pass on the CPU
-            native = residual_products(fx, x, G[:, :n], slot, Y[:, slot] if fused else None)
-            if native is not None:
-                row, xx = native
-                xnorm: Tensor | None = xx.sqrt()
-            else:
-                if fused:
-                    into(GY[:, slot], torch.addcmul, fx.unsqueeze(1), x.unsqueeze(1), signs)
-                else:
-                    into(G[:, slot], torch.sub, fx, x)
-                # (B, 1, D) @ (B, D, n) on a transposed view of the history: a batched GEMM
-                # over contiguous rows, several times faster on CPU than (B, n, D) @ (B, D, 1)
-                row = torch.bmm(G[:, slot].unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)
-                xnorm = None
-            if tracker.update(x, fx, abs_res=row[:, slot].sqrt(), xnorm=xnorm):
+                into(G[:, slot], torch.sub, fx, x)
+            # one new row/column of the Gram matrix: <G_i, G_slot> for the valid slots, the
+            # slot itself included (its diagonal entry is the tracker's squared residual).
+            # (B, 1, D) @ (B, D, n) on a transposed view of the history: a batched GEMM over
+            # contiguous rows, several times faster on CPU than the (B, n, D) @ (B, D, 1) form
+            row = torch.bmm(G[:, slot].unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)
+            if tracker.update(x, fx, abs_res=row[:, slot].sqrt()):
                 return
             k += 1
             if beta != 1.0:

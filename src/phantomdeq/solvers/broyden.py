@@ -12,7 +12,6 @@ from .._state import FlatFn, State, StateSpec
 from .._validate import check_int
 from .base import Solution, SolverBase, into, sync_free
 from .inverse import LowRankInverse
-from .residual_kernel import residual_products
 from .tracker import Tracker
 
 
@@ -117,28 +116,27 @@ class Broyden(SolverBase):
         tiny = torch.finfo(dtype).eps ** 2
         x = x0
         fx = gf(x)
-        rr, xnorm = _residual(fx, x, R, 0, 0)  # r_0 = w_0, the first step (H = -I)
-        res = rr[:, 0].sqrt()
-        if tracker.update(x, fx, abs_res=res, xnorm=xnorm):
+        r = into(R[:, 0], torch.sub, fx, x)  # r_0 = w_0, the first step (H = -I)
+        res = torch.linalg.vector_norm(r, dim=1)
+        if tracker.update(x, fx, abs_res=res):
             _keep_residuals(tracker, R, T, C, beta, 0)
             return
-        gram[:, 0, 0] = rr[:, 0]
-        r = R[:, 0]
+        gram[:, 0, 0] = res * res
         T[:, 0, 0] = 1.0
         phi = torch.ones(b, 1, dtype=dtype, device=dev)
         x = torch.add(x, r)  # x_1 = x_0 + w_0
         j = 0
         while True:
             fx = gf(x)
-            if tracker.last:  # no new step after the final evaluation: |r_{j+1}| alone
-                rr, xnorm = _residual(fx, x, R, j + 1, 0)
-                tracker.update(x, fx, abs_res=rr[:, 0].sqrt(), xnorm=xnorm)
+            r = into(R[:, j + 1], torch.sub, fx, x)  # r_{j+1}
+            if tracker.last:  # no new step after the final evaluation
+                tracker.update(x, fx, diff=r)
                 _keep_residuals(tracker, R, T, C, beta, j)
                 return
-            # r_{j+1} into its slot and <r_l, r_{j+1}> for l <= j + 1, one pass over the
-            # stored residuals; the last entry is |r|², the tracker's residual
-            rho, xnorm = _residual(fx, x, R, j + 1, j + 2)
-            if tracker.update(x, fx, abs_res=rho[:, j + 1].sqrt(), xnorm=xnorm):
+            # <r_l, r_{j+1}> for l <= j + 1: (B, 1, D) @ (B, D, j + 2) on a transposed view,
+            # one pass over the stored residuals; the last entry is |r|², the tracker's residual
+            rho = torch.bmm(R[:, j + 1 : j + 2], R[:, : j + 2].transpose(1, 2)).squeeze(1)
+            if tracker.update(x, fx, abs_res=rho[:, j + 1].sqrt()):
                 _keep_residuals(tracker, R, T, C, beta, j)
                 return
             gram[:, j + 1, : j + 2] = rho
@@ -229,24 +227,6 @@ class Broyden(SolverBase):
             factor = torch.where(ok, 1.0 - vr_new / safe, 1.0)
             p = q * factor if evicted is None else torch.addcmul(evicted, q, factor)
             r = r_new
-
-
-def _residual(fx: Tensor, x: Tensor, R: Tensor, slot: int, n: int) -> tuple[Tensor, Tensor | None]:
-    """``R[:, slot] = fx - x`` and ``rho[:, l] = <R[:, l], R[:, slot]>`` for ``l < max(n, 1)``
-    (``n = 0``: the row ``slot`` alone, ``rho[:, 0] = |r|²``), with ``|x|`` where it comes in
-    the same pass (the CPU kernel of :mod:`.residual_kernel`; None otherwise). Eagerly: the
-    subtraction into the slot, then ``(B, 1, D) @ (B, D, n)`` on a transposed view of the
-    residuals (one pass over them; several times faster on CPU than ``(B, n, D) @ (B, D, 1)``)."""
-    rows = R[:, slot : slot + 1] if n == 0 else R[:, :n]
-    row = 0 if n == 0 else slot
-    native = residual_products(fx, x, rows, row)
-    if native is not None:
-        rho, xx = native
-        return rho, xx.sqrt()
-    r = into(R[:, slot], torch.sub, fx, x)
-    if n == 0:
-        return torch.linalg.vector_norm(r, dim=1).square().unsqueeze(1), None
-    return torch.bmm(r.unsqueeze(1), rows.transpose(1, 2)).squeeze(1), None
 
 
 def _keep_residuals(

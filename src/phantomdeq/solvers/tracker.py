@@ -109,13 +109,11 @@ class Tracker:
         diff: Tensor | None = None,
         *,
         abs_res: Tensor | None = None,
-        xnorm: Tensor | None = None,
         evals: int = 1,
     ) -> bool:
         """Record iterate ``x`` with image ``fx = g(x)``; a solver that has ``diff = fx - x``
         or its per-sample norm ``abs_res`` (e.g. from a Gram matrix) passes it instead, and
-        ``fx`` may then be None; one that has the per-sample norm of ``x`` passes ``xnorm``.
-        ``evals``: the evaluations spent since the previous record
+        ``fx`` may then be None. ``evals``: the evaluations spent since the previous record
         (a linear solver records an iterate after several products, or one for free).
         Returns True when the solve must stop: ``max_iter`` evaluations, or every sample
         converged or non-finite at a convergence test. About fifteen kernels on ``(B,)``
@@ -129,8 +127,7 @@ class Tracker:
                     self._diff = self.buffer("tracker_diff", *x.shape, like=x)
                 diff = torch.sub(fx, x, out=self._diff)
             abs_res = torch.linalg.vector_norm(diff, dim=1)
-        if xnorm is None:
-            xnorm = torch.linalg.vector_norm(x, dim=1)
+        xnorm = torch.linalg.vector_norm(x, dim=1)
         tol = self.solver.tol
         best_res = self.best_pair[:, self.column]
         # a sample is non-finite once its iterate or its image holds inf/NaN before it has
