@@ -374,13 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     draw(runs, FIGURE)
     print(f"{'run':<18} {'steps':>6} {'cpu s':>7} {'cpu s/step':>10} {'tok/cpu-s':>9} "
           f"{'val(500)':>8} {'val(full)':>9} {'it first/last':>13}")  # fmt: skip
-    for name, r in runs.items():
-        last = r["val_loss_500_windows"][-1]["val_loss"] if r["val_loss_500_windows"] else math.nan
-        full = r["val_loss_full"] if r["val_loss_full"] is not None else math.nan
+    for name, rec in runs.items():
+        windows = rec["val_loss_500_windows"]
+        last_val = windows[-1]["val_loss"] if windows else math.nan
+        full_val = rec["val_loss_full"] if rec["val_loss_full"] is not None else math.nan
         print(
-            f"{name:<18} {r['steps']:>6} {r['train_cpu_s']:>7.0f} {r['cpu_s_per_step']:>10.3f} "
-            f"{r['tokens_per_cpu_s']:>9.0f} {last:>8.4f} {full:>9.4f} "
-            f"{r['fwd_nstep_first_100']:>6.1f}/{r['fwd_nstep_last_100']:<6.1f}"
+            f"{name:<18} {rec['steps']:>6} {rec['train_cpu_s']:>7.0f} "
+            f"{rec['cpu_s_per_step']:>10.3f} {rec['tokens_per_cpu_s']:>9.0f} {last_val:>8.4f} "
+            f"{full_val:>9.4f} {rec['fwd_nstep_first_100']:>6.1f}/{rec['fwd_nstep_last_100']:<6.1f}"
         )
     return 0
 
