@@ -164,3 +164,50 @@ def test_monitor_transparency_compares_the_runs_step_by_step(tmp_path: Path) -> 
     assert doc["max_abs_train_loss_diff"] == pytest.approx(0.25)
     assert (doc["test_acc_monitored"], doc["test_acc_unmonitored"]) == (0.9, 0.8)
     assert cr.monitor_transparency(a, tmp_path / "missing.jsonl") is None
+
+
+def test_seeds_summary_pools_complete_seeds_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("yaml")
+    monkeypatch.setattr(cr, "RESULTS", tmp_path / "results")
+    assert cr.fig2_seeds_summary() is None
+
+    def commit(seed: int, row: str, shift: float) -> None:
+        dst = cr._fig2_dir(seed, row)
+        dst.mkdir(parents=True)
+        shutil.copyfile(REPO / f"configs/ablation/mnist_{row}.yaml", dst / "config.yaml")
+        first = 6 if row == "ift" else 1  # the IFT run measures from step 6 on
+        recs = [
+            {**r, "monitor_cos": r["monitor_cos"] + shift} for r in RECORDS if r["step"] >= first
+        ]
+        if row == "ift":  # the IFT run compares both phantom gradients
+            recs = [{**r, "monitor_cos_upg_k5_lam0.5": 0.65} for r in recs]
+        (dst / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (dst / "result.json").write_text(json.dumps({"epochs": [{"test_acc": 0.8 + shift}]}))
+
+    for row in ("ift", "upg", "npg"):
+        commit(0, row, 0.0)
+        commit(1, row, 0.02)
+    commit(2, "ift", 0.0)  # seed 2 incomplete: left out
+    doc = cr.fig2_seeds_summary()
+    assert doc is not None and set(doc["seeds"]) == {"0", "1"}
+    s0 = doc["seeds"]["0"]
+    assert s0["from_step"] == 6
+    upg = s0["runs"]["upg"]
+    # from step 6 on, converged exact solves only: steps 6 and 11 (16 has no residual)
+    assert upg["measurements"] == 3 and upg["exact_unconverged"] == 1
+    assert upg["estimators"]["upg_k5_lam0.5"]["cos_min"] == pytest.approx(0.5)
+    assert upg["estimators"]["upg_k5_lam0.5"]["cos_mean"] == pytest.approx(0.7)
+    # NPG (0.6, 0.7) against UPG in use (0.5, 0.9): closer once of two
+    assert (upg["npg_closer_than_upg"], upg["npg_upg_compared"]) == (1, 2)
+    pooled = doc["pooled"]["upg"]
+    assert pooled["seeds"] == 2
+    assert pooled["test_acc_mean"] == pytest.approx(0.81)
+    assert pooled["cos_mean_over_seeds"]["upg_k5_lam0.5"] == pytest.approx(
+        statistics.fmean([0.7, 0.72])
+    )
+    assert pooled["npg_closer_than_upg"] == 1 + 1 and pooled["npg_upg_compared"] == 4
+    # the IFT run: NPG (0.6, 0.7) against the compared UPG (0.65): closer once per seed
+    ift = doc["pooled"]["ift"]
+    assert (ift["npg_closer_than_upg"], ift["npg_upg_compared"]) == (2, 4)

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -336,8 +337,6 @@ def _used_label(config_path: Path) -> str:
 
 
 def _stats(vals: list[float]) -> dict[str, float]:
-    import statistics
-
     return {
         "min": min(vals),
         "mean": statistics.fmean(vals),
@@ -481,6 +480,111 @@ def fig2_summary() -> dict[str, Any] | None:
         "runs": runs,
     }
     _write(RESULTS / "fig2_mnist" / "summary.json", doc)
+    return doc
+
+
+#: the seeds of the Fig. 2 runs beyond seed 0 (``runs/fig2_mnist_seeds/s<seed>/<row>`` ->
+#: ``results/fig2_mnist/seeds/s<seed>/<row>/``; seed 0 is ``results/fig2_mnist/<row>/``)
+FIG2_SEEDS = (1, 2)
+
+
+def _fig2_dir(seed: int, row: str) -> Path:
+    base = RESULTS / "fig2_mnist"
+    return base / row if seed == 0 else base / "seeds" / f"s{seed}" / row
+
+
+def collect_fig2_seeds(runs: Path) -> None:
+    """The Fig. 2 runs at the seeds of :data:`FIG2_SEEDS` -> ``results/fig2_mnist/seeds/``."""
+    for seed in FIG2_SEEDS:
+        for row in FIG2:
+            _collect_monitored_run(
+                runs / "fig2_mnist_seeds" / f"s{seed}" / row, _fig2_dir(seed, row)
+            )
+
+
+def fig2_seeds_summary() -> dict[str, Any] | None:
+    """``results/fig2_mnist/seeds.json``: for every seed whose three Fig. 2 runs are committed,
+    per run the cosine statistics of each measured gradient from the first step the IFT-trained
+    run of that seed measures (after its pretraining) on, over the measurements whose exact
+    solve converged, how often NPG was closer to the exact gradient than UPG, and the test
+    accuracy; over the seeds, the same pooled. None when no seed is complete."""
+    seeds: dict[str, Any] = {}
+    for seed in (0, *FIG2_SEEDS):
+        dirs = {row: _fig2_dir(seed, row) for row in FIG2}
+        if not all((d / "monitor.jsonl").is_file() for d in dirs.values()):
+            continue
+        start = min(int(r["step"]) for r in _records(dirs["ift"] / "monitor.jsonl"))
+        runs: dict[str, Any] = {}
+        for row, d in dirs.items():
+            used = _used_label(d / "config.yaml")
+            records = [r for r in _records(d / "monitor.jsonl") if int(r["step"]) >= start]
+            summary = fig2_run_summary(records, used)
+            epochs = json.loads((d / "result.json").read_text()).get("epochs", [])
+            pair = summary["pairs"].get("npg_k5_lam0.5_minus_upg_k5_lam0.5")
+            runs[row] = {
+                "in_use": used,
+                "test_acc": epochs[-1].get("test_acc") if epochs else None,
+                "measurements": summary["measurements"],
+                "exact_unconverged": summary["exact_unconverged"],
+                "exact_residual_max": summary["exact_residual_max"],
+                "fwd_residual": summary["fwd_residual"],
+                "estimators": {
+                    label: {
+                        "in_use": est["in_use"],
+                        "n": est["n"],
+                        "cos_min": est["cos"]["min"],
+                        "cos_mean": est["cos"]["mean"],
+                        "norm_ratio_mean": (est["norm_ratio"] or {}).get("mean"),
+                        "cos_below_0.9": est["cos_below_0.9"],
+                    }
+                    for label, est in summary["estimators"].items()
+                },
+                "npg_closer_than_upg": None if pair is None else pair["a_ahead"],
+                "npg_upg_compared": None if pair is None else pair["n"],
+            }
+        seeds[str(seed)] = {"from_step": start, "runs": runs}
+    if not seeds:
+        print("skip: no seed with all three Fig. 2 runs committed")
+        return None
+    pooled: dict[str, Any] = {}
+    for row in FIG2:
+        rows = [seeds[s]["runs"][row] for s in seeds]
+        labels = sorted({label for r in rows for label in r["estimators"]})
+        pooled[row] = {
+            "seeds": len(rows),
+            "test_acc_mean": statistics.fmean(r["test_acc"] for r in rows),
+            "cos_mean_over_seeds": {
+                label: statistics.fmean(
+                    r["estimators"][label]["cos_mean"] for r in rows if label in r["estimators"]
+                )
+                for label in labels
+            },
+            "cos_min_over_seeds": {
+                label: min(
+                    r["estimators"][label]["cos_min"] for r in rows if label in r["estimators"]
+                )
+                for label in labels
+            },
+            "npg_closer_than_upg": sum(r["npg_closer_than_upg"] or 0 for r in rows),
+            "npg_upg_compared": sum(r["npg_upg_compared"] or 0 for r in rows),
+        }
+    doc = {
+        "about": (
+            "Fig. 2 on MNIST over seeds: per seed and trained estimator, the cosine to the exact "
+            "implicit gradient (IFT, Broyden 60 iterations, tol 1e-6) of the gradient in use and "
+            "of the compared phantom gradients, from the first step the seed's IFT-trained run "
+            f"measures on, over the measurements whose exact solve converged (residual <= "
+            f"{UNCONVERGED:g}); written by tools/collect_results.py from results/fig2_mnist/"
+            "<row>/ (seed 0) and results/fig2_mnist/seeds/s<seed>/<row>/"
+        ),
+        "command": (
+            "the seed-0 command of results/fig2_mnist/summary.json with --set train.seed=<seed> "
+            "--out runs/fig2_mnist_seeds/s<seed>/<row> (two runs at a time, one thread each)"
+        ),
+        "seeds": seeds,
+        "pooled": pooled,
+    }
+    _write(RESULTS / "fig2_mnist" / "seeds.json", doc)
     return doc
 
 
@@ -663,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     collect_fig2(runs)
     fig2_summary()
     draw_fig2()
+    collect_fig2_seeds(runs)
+    fig2_seeds_summary()
     for name in MONITORED:
         collect_monitored(runs, name)
     collect_digits(runs)
