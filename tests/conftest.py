@@ -7,14 +7,18 @@ expensive twin of a property a fast test already proves. Naming a test file or i
 of it (:func:`pytest_configure`).
 
 The training helpers are plain functions (test modules import them: ``from conftest import
-tiny_config``), one definition each instead of a copy per module.
+tiny_config``), one definition each instead of a copy per module; so is :func:`load_file`,
+which imports a script or tool that is not part of the package.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -67,3 +71,22 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(params=[False, True], ids=["tensor", "tuple"])
 def tuple_state(request):
     return request.param
+
+
+def load_file(path: Path, name: str, *, sibling_imports: bool = False) -> ModuleType:
+    """Import the file ``path`` (a benchmark script, a tool) as the module ``name``, registered
+    in ``sys.modules`` (its dataclasses look their module up there). ``sibling_imports``: its
+    folder is on ``sys.path`` while it loads, for a file that imports the files beside it."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    folder = str(Path(path).parent)
+    if sibling_imports:
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if sibling_imports:
+            sys.path.remove(folder)
+    return mod

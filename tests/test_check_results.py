@@ -9,25 +9,20 @@ errors are planted in copies of the real documents, and the checker must catch e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from conftest import load_file
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _checker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_results", REPO / "tools/check_results.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["check_results"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(REPO / "tools/check_results.py", "check_results")
 
 
 cr = _checker()

@@ -4,28 +4,21 @@ label) and the figure drawn from committed run folders."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from conftest import load_file
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _collector() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "collect_results", REPO / "tools/collect_results.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["collect_results"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(REPO / "tools/collect_results.py", "collect_results")
 
 
 cr = _collector()

@@ -5,7 +5,6 @@ the completeness check finds a public object the API reference leaves out. (`mak
 
 from __future__ import annotations
 
-import importlib.util
 import typing
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 import phantomdeq.nn as nn_mod
+from conftest import load_file
 from phantomdeq.train.config import Config
 
 pytest.importorskip("mkdocs")
@@ -23,11 +23,7 @@ HOOKS = Path(__file__).resolve().parents[1] / "docs" / "hooks" / "phantomdeq_sit
 
 
 def _hooks() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("phantomdeq_site_hooks", HOOKS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(HOOKS, "phantomdeq_site_hooks")
 
 
 def _keys(model: type[BaseModel], prefix: str) -> list[str]:

@@ -4,7 +4,6 @@ tiny sizes and writes the one JSON (so the script cannot rot between GPU session
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from types import ModuleType
 import pytest
 import yaml
 
+from conftest import load_file
 from phantomdeq.train import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +81,7 @@ def test_unknown_parts_are_refused(tmp_path: Path) -> None:
 
 
 def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(SCRIPT, "gpu_check_under_test")
 
 
 def test_lm_part_times_the_gpu_preset_at_its_batch(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ refused before any measurement."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,21 +14,15 @@ from types import ModuleType
 
 import pytest
 
+from conftest import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "lm_memory_vs_context.py"
 DEQ = ("deq_ift", "deq_npg", "deq_upg_ckpt", "deq_upg")
 
 
 def _script() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("lm_memory_vs_context", SCRIPT)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return mod
+    return load_file(SCRIPT, "lm_memory_vs_context", sibling_imports=True)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ to end run on a tiny setting, and a clean skip when TorchDEQ is absent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +12,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from conftest import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vs_torchdeq.py"
 
 
 def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vs_torchdeq_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(SCRIPT, "vs_torchdeq_under_test")
 
 
 @pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])

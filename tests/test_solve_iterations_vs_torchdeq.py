@@ -4,14 +4,14 @@ without TorchDEQ, and bad options refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from conftest import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "solve_iterations_vs_torchdeq.py"
@@ -19,12 +19,7 @@ DIGITS = ["--set", "data.name=digits", "--set", "data.root=null"]
 
 
 def _load() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("solve_iterations_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(SCRIPT, "solve_iterations_under_test", sibling_imports=True)
 
 
 def test_records_training_solves_and_counts_both_libraries(tmp_path: Path) -> None:

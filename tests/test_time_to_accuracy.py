@@ -5,7 +5,6 @@ run, and a clean skip when TorchDEQ is absent."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -17,17 +16,15 @@ from typing import Any
 
 import pytest
 
+from conftest import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "time_to_accuracy.py"
 DIGITS = ["--set", "data.name=digits", "--set", "data.root=null"]
 
 
 def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("time_to_accuracy_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(SCRIPT, "time_to_accuracy_under_test")
 
 
 def _record(method: str, seed: int, t: float | None, steps: int = 400) -> dict[str, Any]:
